@@ -1,0 +1,108 @@
+"""Graph helpers shared by passes: node iteration, constants, names, provenance."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "PROVENANCE_KEY",
+    "constant_array",
+    "constant_input",
+    "is_float_dtype",
+    "iter_nodes",
+    "op_counts",
+    "parameter_count",
+    "tag",
+    "unique_name",
+]
+
+PROVENANCE_KEY = "pkg.onnxopt.pass"
+
+
+def iter_nodes(
+    model: ir.Model, op_types: Iterable[str] | None = None, *, subgraphs: bool = True
+) -> Iterator[ir.Node]:
+    """Yield the nodes of the main graph (and its subgraphs), default ONNX domain only if filtered.
+
+    The list is materialised first, so the caller may edit the graph while iterating.
+    """
+    wanted = frozenset(op_types) if op_types is not None else None
+    nodes = list(model.graph.all_nodes()) if subgraphs else list(model.graph)
+    for node in nodes:
+        if wanted is None or (node.op_type in wanted and node.domain in ("", "ai.onnx")):
+            yield node
+
+
+def constant_input(node: ir.Node, index: int) -> ir.Value | None:
+    """Return input ``index`` of ``node`` if it is an initializer with a value, else ``None``.
+
+    Graph inputs that are also initializers (overridable at run time) are not constants.
+    """
+    if index >= len(node.inputs):
+        return None
+    value = node.inputs[index]
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    if value.is_graph_input():
+        return None
+    return value
+
+
+def constant_array(value: ir.Value) -> np.ndarray:
+    """The numpy array of a constant value (raises if it has none)."""
+    if value.const_value is None:
+        raise ValueError(f"value {value.name!r} is not a constant")
+    return value.const_value.numpy()
+
+
+def is_float_dtype(dtype: ir.DataType | None) -> bool:
+    """True for float32/float16/bfloat16/float64."""
+    return dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str] | None = None) -> str:
+    """A value name derived from ``base`` that no value in ``graph`` (or ``taken``) uses yet."""
+    used = taken if taken is not None else _value_names(graph)
+    name = base
+    i = 1
+    while name in used:
+        name = f"{base}_{i}"
+        i += 1
+    used.add(name)
+    return name
+
+
+def _value_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs if v.name}
+    names |= set(graph.initializers)
+    for node in graph.all_nodes():
+        names |= {v.name for v in node.outputs if v.name}
+    return names
+
+
+def tag(node: ir.Node, pass_name: str) -> ir.Node:
+    """Mark ``node`` as created by ``pass_name`` (read back by ``onnxopt inspect``)."""
+    node.metadata_props[PROVENANCE_KEY] = pass_name
+    return node
+
+
+def op_counts(model: ir.Model) -> collections.Counter[str]:
+    """Counter of op types over the main graph and all subgraphs."""
+    return collections.Counter(n.op_type for n in model.graph.all_nodes())
+
+
+def parameter_count(model: ir.Model) -> tuple[int, int]:
+    """(number of parameters, bytes) over the main graph's initializers."""
+    params = 0
+    nbytes = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        params += tensor.size
+        nbytes += tensor.nbytes
+    return params, nbytes

@@ -1,0 +1,199 @@
+"""The Python entry points: :func:`optimize` and :func:`validate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxopt import config as _config
+from onnxopt import data as _data
+from onnxopt import io as _io
+from onnxopt import pipeline, recipes, report, validation
+from onnxopt.context import Metric, PassContext, Target
+from onnxopt.errors import DataError, OnnxOptError
+
+__all__ = ["OptimizeResult", "optimize", "parse_pass_spec", "validate"]
+
+logger = logging.getLogger(__name__)
+
+PassSpec = str | tuple[str, dict[str, Any]] | recipes.Step
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """What :func:`optimize` produced."""
+
+    output: pathlib.Path
+    model: ir.Model
+    reports: list
+    validation: validation.ValidationReport | None
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        """True when the final model met every threshold asked for."""
+        return not self.failures
+
+    @property
+    def report(self) -> list[dict[str, Any]]:
+        """Per pass: what changed, bytes, time, measured error (JSON-ready)."""
+        return [r.to_json() for r in self.reports]
+
+
+def parse_pass_spec(spec: PassSpec) -> recipes.Step:
+    """``"name"``, ``"name:k=v,k2=v2"``, ``("name", {...})`` or a Step -> Step."""
+    if isinstance(spec, recipes.Step):
+        return spec
+    if isinstance(spec, tuple):
+        return recipes.Step(spec[0], dict(spec[1]))
+    name, _, opts = spec.partition(":")
+    return recipes.Step(name.strip(), _config.parse_options(opts) if opts else {})
+
+
+def optimize(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    recipe: str | None = None,
+    passes: Sequence[PassSpec] = (),
+    calibration: Any = None,
+    evaluation: Any = None,
+    target: Target = "cpu",
+    min_cosine: float | None = None,
+    max_error: float | None = None,
+    metric: Metric | None = None,
+    min_metric: float | None = None,
+    report_path: str | os.PathLike | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    external_data: bool | None = None,
+    check: bool = True,
+    strict: bool = False,
+) -> OptimizeResult:
+    """Optimize ``model`` and write the result to ``output``; the input file is never modified.
+
+    Args:
+        model: input ``.onnx`` path.
+        output: output ``.onnx`` path (its folder must exist); written whole or not at all.
+        recipe: a built-in recipe name or a ``.toml`` recipe file; default "simplify" when
+            ``passes`` is empty too.
+        passes: extra passes after the recipe's: ``"name"``, ``"name:k=v,..."`` or
+            ``("name", {options})``.
+        calibration: calibration data (any form :func:`onnxopt.data.load_data` takes).
+        evaluation: held-out data for checks and the final validation (default: calibration).
+        target: cpu, cuda or tensorrt.
+        min_cosine: budget: smallest allowed output cosine to the input model.
+        max_error: budget: largest allowed max-abs output error.
+        metric: from Python, a score callable (reference outputs, candidate outputs) -> float.
+        min_metric: the budget for ``metric``.
+        report_path: write the report as JSON or HTML (by suffix).
+        seed: for anything random.
+        quiet: no progress bars.
+        external_data: force external data on (True) / off (False); None: only above 2 GB.
+        check: check the model after every pass (checker + numerics).
+        strict: raise on a failing pass instead of rolling it back.
+
+    Raises:
+        OnnxOptError: bad model, data or output path (typed subclasses).
+        ValueError / KeyError: unknown pass, recipe or option.
+    """
+    steps: list[recipes.Step] = []
+    if recipe is not None or not passes:
+        steps += list(recipes.get_recipe(recipe or "simplify").steps)
+    steps += [parse_pass_spec(s) for s in passes]
+    # Options are validated before the model is touched.
+    recipes.build(steps, PassContext())
+    out_path = _io.check_output_path(output, inputs=(model,))
+    if report_path is not None:
+        _io.check_output_path(report_path, inputs=(model,))
+    original = _io.load_model(model)
+    signature = _data.input_signature(original)
+    calib = _data.load_data(calibration, signature) if calibration is not None else None
+    evald = _data.load_data(evaluation, signature) if evaluation is not None else None
+    context = PassContext(
+        calibration=calib,
+        evaluation=evald,
+        target=target,
+        min_cosine=min_cosine,
+        max_error=max_error,
+        metric=metric,
+        min_metric=min_metric,
+        seed=seed,
+        quiet=quiet,
+    )
+    pass_objs = recipes.build(steps, context)
+    for p in pass_objs:
+        if p.needs_calibration and calib is None:
+            raise DataError(f"pass {p.name!r} needs calibration data (--calib)")
+    work = _io.load_model(model)
+    result = pipeline.run(work, pass_objs, check=check, strict=strict)
+    check_data = context.check_data
+    final = validation.compare(model, result.model, check_data, seed=seed)
+    failures = final.failures(min_cosine=min_cosine, max_abs=max_error)
+    if min_cosine is None and max_error is None:
+        failures = [f for f in failures if "non-finite" in f]
+    if metric is not None and min_metric is not None and check_data is not None:
+        score = _score(metric, original, result.model, check_data)
+        if not score >= min_metric:
+            failures.append(f"metric {score:.6g} < {min_metric}")
+    _io.save_model(result.model, out_path, external_data=external_data, inputs=(model,))
+    if report_path is not None:
+        report.write_report(
+            report_path,
+            {
+                "input": str(model),
+                "output": str(out_path),
+                "passes": result.to_json(),
+                "validation": final.to_json(),
+                "failures": failures,
+            },
+        )
+    return OptimizeResult(out_path, result.model, result.reports, final, failures)
+
+
+def _score(metric: Metric, ref: ir.Model, cand: ir.Model, data: _data.Dataset) -> float:
+    from onnxopt import runtime
+
+    with runtime.session(ref) as r, runtime.session(cand) as c:
+        feeds = list(data)
+        return float(metric(runtime.run_all(r, feeds), runtime.run_all(c, feeds)))
+
+
+def validate(
+    reference: str | os.PathLike | ir.Model,
+    candidate: str | os.PathLike | ir.Model,
+    data: Any = None,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    require_providers: bool = False,
+    min_cosine: float | None = None,
+    max_abs: float | None = None,
+    latency_runs: int = 30,
+    threads: int | None = None,
+    opt_level: str = "disable",
+    seed: int = 0,
+) -> validation.ValidationReport:
+    """Compare ``candidate`` with ``reference`` on ``data`` on each provider.
+
+    Returns the report; check ``report.failures(min_cosine=..., max_abs=...)`` or call
+    ``report.assert_ok(...)`` to raise :class:`onnxopt.errors.ValidationFailed`.
+    """
+    if isinstance(reference, (str, os.PathLike)) and not pathlib.Path(reference).exists():
+        raise OnnxOptError(f"{reference}: model file not found")
+    return validation.compare(
+        reference,
+        candidate,
+        data,
+        providers=providers,
+        require_providers=require_providers,
+        latency_runs=latency_runs,
+        threads=threads,
+        opt_level=opt_level,  # type: ignore[arg-type]
+        seed=seed,
+    )

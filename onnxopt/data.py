@@ -1,0 +1,374 @@
+"""Calibration and evaluation data: every form DESIGN.md lists, checked against the model inputs.
+
+Forms accepted by :func:`load_data`:
+    - ``.npz`` whose keys are input names and whose first axis indexes samples (an optional
+      ``label`` key holds labels); arrays of the model's rank are cut into batches along axis 0,
+      arrays of rank + 1 give one feed per entry;
+    - a folder of ``.npz`` files, one feed each (shapes may differ between files), sorted order;
+    - a folder of ``.npy`` files named after the inputs (samples on axis 0, like an ``.npz``);
+    - a folder of onnx ``test_data_set_*`` folders holding ``input_*.pb`` (and ``output_*.pb``);
+    - from Python: an iterable of ``{input_name: array}`` dicts, or an
+      ``onnxruntime.quantization.CalibrationDataReader`` (anything with ``get_next()``).
+
+Each feed is checked against the model's inputs: names, dtype, rank and static dimensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import DataError
+
+__all__ = [
+    "LABEL_KEYS",
+    "Dataset",
+    "Feed",
+    "InputSpec",
+    "check_feed",
+    "input_signature",
+    "load_data",
+    "random_data",
+]
+
+Feed = dict[str, np.ndarray]
+DataSource = Union[str, os.PathLike, Iterable[Mapping[str, np.ndarray]], Any, "Dataset"]
+LABEL_KEYS = ("label", "labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype, and dims (int for static, str/None for symbolic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    def describe(self) -> str:
+        """For error messages: ``input[batch,64] float32``."""
+        dims = "?" if self.shape is None else ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}[{dims}] {self.dtype}"
+
+
+def input_signature(model: ir.Model) -> list[InputSpec]:
+    """The model's real inputs (graph inputs that are not initializers)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+    return specs
+
+
+class Dataset:
+    """A re-iterable collection of feeds, with optional labels and expected outputs.
+
+    Iterating twice reads the source twice (files are not all held in memory).
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], Iterator[Feed]],
+        length: int,
+        source: str,
+        *,
+        labels: np.ndarray | None = None,
+        expected: list[list[np.ndarray]] | None = None,
+    ) -> None:
+        self._factory = factory
+        self._length = length
+        self.source = source
+        self.labels = labels
+        self.expected = expected
+
+    def __iter__(self) -> Iterator[Feed]:
+        return self._factory()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.source!r}, {self._length} feeds)"
+
+    def take(self, n: int) -> Dataset:
+        """The first ``n`` feeds (labels and expected outputs are dropped)."""
+        n = min(n, self._length)
+
+        def factory() -> Iterator[Feed]:
+            for i, feed in enumerate(self._factory()):
+                if i >= n:
+                    return
+                yield feed
+
+        return Dataset(factory, n, f"{self.source}[:{n}]")
+
+    @classmethod
+    def from_feeds(cls, feeds: Sequence[Feed], source: str = "<feeds>", **kw: Any) -> Dataset:
+        """A dataset over feeds already in memory."""
+        feeds = list(feeds)
+        return cls(lambda: iter(feeds), len(feeds), source, **kw)
+
+
+def load_data(
+    source: DataSource,
+    signature: Sequence[InputSpec] | None = None,
+    *,
+    batch_size: int = 32,
+) -> Dataset:
+    """Open ``source`` as a :class:`Dataset`, checked against ``signature`` when given.
+
+    Raises:
+        DataError: missing path, unknown format, or data that does not fit the model's inputs.
+    """
+    if isinstance(source, Dataset):
+        feeds = list(source)
+        for feed in feeds:
+            if signature is not None:
+                check_feed(feed, signature, source.source)
+        return Dataset.from_feeds(feeds, source.source, labels=source.labels, expected=source.expected)
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(pathlib.Path(source), signature, batch_size)
+    if hasattr(source, "get_next"):
+        feeds = []
+        while (item := source.get_next()) is not None:
+            feeds.append(dict(item))
+        return _from_memory(feeds, signature, type(source).__name__)
+    if isinstance(source, Mapping):
+        raise DataError("data: expected an iterable of {input_name: array} dicts, got one dict")
+    if isinstance(source, Iterable):
+        return _from_memory([dict(item) for item in source], signature, "<iterable>")
+    raise DataError(f"data: unsupported source of type {type(source).__name__}")
+
+
+def _from_memory(feeds: list[Feed], signature: Sequence[InputSpec] | None, where: str) -> Dataset:
+    if not feeds:
+        raise DataError(f"{where}: no feeds")
+    feeds = [{k: np.asarray(v) for k, v in feed.items()} for feed in feeds]
+    if signature is not None:
+        for i, feed in enumerate(feeds):
+            check_feed(feed, signature, f"{where} item {i}")
+    return Dataset.from_feeds(feeds, where)
+
+
+def _load_path(path: pathlib.Path, signature: Sequence[InputSpec] | None, batch_size: int) -> Dataset:
+    if not path.exists():
+        raise DataError(f"{path}: data not found")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise DataError(f"{path}: expected an .npz file or a folder, got a {path.suffix or 'plain'} file")
+        arrays, labels = _read_npz(path)
+        return _from_sample_arrays(arrays, labels, signature, batch_size, str(path))
+    npz_files = sorted(path.glob("*.npz"))
+    if npz_files:
+        return _feed_files(npz_files, signature, str(path))
+    pb_dirs = sorted(p for p in path.glob("test_data_set_*") if p.is_dir())
+    if not pb_dirs and any(path.glob("input_*.pb")):
+        pb_dirs = [path]
+    if pb_dirs:
+        return _pb_sets(pb_dirs, signature, str(path))
+    npy_files = sorted(path.glob("*.npy"))
+    if npy_files:
+        arrays = {p.stem: _read_npy(p) for p in npy_files}
+        labels = None
+        for key in LABEL_KEYS:
+            if key in arrays:
+                labels = arrays.pop(key)
+        return _from_sample_arrays(arrays, labels, signature, batch_size, str(path))
+    raise DataError(f"{path}: folder holds no .npz, .npy or test_data_set_* data")
+
+
+def _read_npz(path: pathlib.Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:  # zipfile, pickle and format errors all mean "not a usable npz"
+        raise DataError(f"{path}: cannot read .npz ({err})") from err
+    labels = None
+    for key in LABEL_KEYS:
+        if key in arrays:
+            labels = arrays.pop(key)
+    return arrays, labels
+
+
+def _read_npy(path: pathlib.Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as err:  # any read failure is a data error for the user
+        raise DataError(f"{path}: cannot read .npy ({err})") from err
+
+
+def _from_sample_arrays(
+    arrays: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    signature: Sequence[InputSpec] | None,
+    batch_size: int,
+    where: str,
+) -> Dataset:
+    if not arrays:
+        raise DataError(f"{where}: no input arrays")
+    if signature is None:
+        spec_by_name: dict[str, InputSpec] = {}
+        per_sample = False
+        batch = batch_size
+    else:
+        _check_names(arrays, signature, where)
+        spec_by_name = {s.name: s for s in signature}
+        per_sample = all(
+            s.shape is not None and arrays[s.name].ndim == len(s.shape) + 1 for s in signature
+        )
+        batch = batch_size
+        for spec in signature:
+            if spec.shape and isinstance(spec.shape[0], int) and not per_sample:
+                batch = spec.shape[0]
+    counts = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"{where}: inputs have different numbers of samples: {counts}")
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise DataError(f"{where}: no samples (first axis has length 0)")
+    if labels is not None and len(labels) != n:
+        raise DataError(f"{where}: {len(labels)} labels for {n} samples")
+    starts = list(range(n)) if per_sample else list(range(0, n, batch))
+
+    def cut(i: int) -> Feed:
+        if per_sample:
+            return {k: v[i] for k, v in arrays.items()}
+        return {k: v[i : i + batch] for k, v in arrays.items()}
+
+    if spec_by_name:
+        for key, arr in arrays.items():
+            check_array(key, arr[0] if per_sample else arr, spec_by_name[key], where, batch_axis_free=True)
+        if not per_sample and n % batch and isinstance(signature[0].shape[0] if signature[0].shape else None, int):
+            raise DataError(f"{where}: {n} samples do not fill batches of the model's static batch {batch}")
+    return Dataset(lambda: (cut(i) for i in starts), len(starts), where, labels=labels)
+
+
+def _feed_files(files: list[pathlib.Path], signature: Sequence[InputSpec] | None, where: str) -> Dataset:
+    def read(p: pathlib.Path) -> Feed:
+        arrays, _ = _read_npz(p)
+        if signature is not None:
+            check_feed(arrays, signature, str(p))
+        return arrays
+
+    read(files[0])  # fail early on the first file
+
+    def factory() -> Iterator[Feed]:
+        for p in files:
+            yield read(p)
+
+    return Dataset(factory, len(files), where)
+
+
+def _pb_sets(dirs: list[pathlib.Path], signature: Sequence[InputSpec] | None, where: str) -> Dataset:
+    feeds: list[Feed] = []
+    expected: list[list[np.ndarray]] = []
+    for d in dirs:
+        inputs = sorted(d.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
+        feed: Feed = {}
+        for i, p in enumerate(inputs):
+            tensor = _read_pb(p)
+            name = tensor.name or (signature[i].name if signature and i < len(signature) else f"input_{i}")
+            feed[name] = onnx.numpy_helper.to_array(tensor)
+        if signature is not None:
+            check_feed(feed, signature, str(d))
+        feeds.append(feed)
+        outputs = sorted(d.glob("output_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
+        expected.append([onnx.numpy_helper.to_array(_read_pb(p)) for p in outputs])
+    return Dataset.from_feeds(feeds, where, expected=expected)
+
+
+def _read_pb(path: pathlib.Path) -> onnx.TensorProto:
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(path.read_bytes())
+    except Exception as err:  # protobuf decode errors
+        raise DataError(f"{path}: not a TensorProto ({err})") from err
+    return tensor
+
+
+def _check_names(feed: Mapping[str, Any], signature: Sequence[InputSpec], where: str) -> None:
+    names = [s.name for s in signature]
+    for spec in signature:
+        if spec.name not in feed:
+            raise DataError(
+                f"{where}: missing input {spec.name!r} (has: {', '.join(sorted(feed)) or 'nothing'};"
+                f" model inputs: {', '.join(names)})"
+            )
+    extra = sorted(set(feed) - set(names))
+    if extra:
+        raise DataError(f"{where}: {extra[0]!r} is not a model input (model inputs: {', '.join(names)})")
+
+
+def check_feed(feed: Mapping[str, Any], signature: Sequence[InputSpec], where: str) -> None:
+    """Raise :class:`DataError` unless ``feed`` has exactly the model's inputs with fitting arrays."""
+    _check_names(feed, signature, where)
+    for spec in signature:
+        check_array(spec.name, np.asarray(feed[spec.name]), spec, where)
+
+
+def check_array(
+    name: str, arr: np.ndarray, spec: InputSpec, where: str, *, batch_axis_free: bool = False
+) -> None:
+    """Check one array's dtype, rank and static dims (axis 0 free when ``batch_axis_free``)."""
+    if arr.dtype != spec.dtype:
+        raise DataError(f"{where}: input {name!r} has dtype {arr.dtype}, model expects {spec.dtype}")
+    if spec.shape is None:
+        return
+    if arr.ndim != len(spec.shape):
+        raise DataError(
+            f"{where}: input {name!r} has shape {list(arr.shape)} (rank {arr.ndim}), model expects "
+            f"rank {len(spec.shape)} {spec.describe()}"
+        )
+    for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
+        if batch_axis_free and axis == 0:
+            continue
+        if isinstance(want, int) and got != want:
+            raise DataError(
+                f"{where}: input {name!r} has shape {list(arr.shape)}, model expects {spec.describe()} "
+                f"(dim {axis} is {got}, expected {want})"
+            )
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
+        raise DataError(f"{where}: input {name!r} contains NaN or inf")
+
+
+def random_data(
+    signature: Sequence[InputSpec],
+    n: int = 8,
+    *,
+    seed: int = 0,
+    dims: Mapping[str, int] | None = None,
+) -> Dataset:
+    """``n`` seeded random feeds from the input signature, for smoke runs.
+
+    Symbolic dims take their size from ``dims`` (by dim name), else 1.
+    """
+    dims = dict(dims or {})
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for spec in signature:
+            shape = tuple(
+                d if isinstance(d, int) else dims.get(d or "", 1) for d in (spec.shape or ())
+            )
+            if np.issubdtype(spec.dtype, np.floating):
+                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype == np.bool_:
+                feed[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
+            elif np.issubdtype(spec.dtype, np.integer):
+                feed[spec.name] = rng.integers(0, 4, shape).astype(spec.dtype)
+            else:
+                raise DataError(f"cannot generate random data for input {spec.name!r} of dtype {spec.dtype}")
+        feeds.append(feed)
+    return Dataset.from_feeds(feeds, f"random(seed={seed})")

@@ -1,0 +1,190 @@
+"""Load and save models on onnx-ir: external data, the 2 GB limit, safe paths, atomic writes.
+
+Guarantees:
+    - ``load_model`` never writes; it refuses external-data locations that are absolute or
+      escape the model's folder, and files that are not ONNX models, with one-line errors.
+    - ``save_model`` writes into a temporary folder beside the destination and renames the
+      finished files into place, so a failure leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import tempfile
+
+import google.protobuf.message
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import ModelLoadError, OutputPathError
+
+__all__ = [
+    "PROTOBUF_LIMIT",
+    "external_tensors",
+    "load_model",
+    "model_nbytes",
+    "check_output_path",
+    "save_model",
+]
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Leave head room for the graph itself: above this many weight bytes we save external data.
+_AUTO_EXTERNAL_BYTES = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model (with its external data, memory-mapped lazily) from ``path``.
+
+    Raises:
+        ModelLoadError: missing file, not a protobuf, not an ONNX model, or unsafe/missing
+            external data.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: model file not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, expected an .onnx file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (google.protobuf.message.DecodeError, RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"{path}: not a valid ONNX protobuf ({_first_line(err)})") from err
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
+        raise ModelLoadError(
+            f"{path}: not an ONNX model (no graph, IR version or opset import; "
+            "truncated or not a model file?)"
+        )
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as err:
+        raise ModelLoadError(f"{path}: cannot read model ({_first_line(err)})") from err
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    _check_external_data(model, path)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """Every tensor of the model (initializers in all graphs) stored as external data."""
+    found = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                found.append(value.const_value)
+    for node in model.graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                found.append(attr.value)
+    return found
+
+
+def _check_external_data(model: ir.Model, path: pathlib.Path) -> None:
+    base = path.parent.resolve()
+    for tensor in external_tensors(model):
+        location = tensor.location
+        name = tensor.name or "<unnamed>"
+        if os.path.isabs(location) or pathlib.PurePath(location).anchor:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} has an absolute external-data location {location!r}; "
+                "only paths inside the model's folder are allowed"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} external-data location {location!r} escapes the "
+                "model's folder"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} external-data file {location!r} not found"
+            )
+        needed = tensor.offset + tensor.length if tensor.length is not None else tensor.offset
+        if target.stat().st_size < needed:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} needs bytes up to {needed} of {location!r}, "
+                f"file has {target.stat().st_size}"
+            )
+
+
+def _internalize(model: ir.Model) -> None:
+    """Read external tensors into memory so that the saved file stands on its own."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Bytes of all initializers in all graphs."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def check_output_path(path: str | os.PathLike, *, inputs: tuple[os.PathLike | str, ...] = ()) -> pathlib.Path:
+    """Resolve ``path`` for writing; refuse a missing folder or overwriting one of ``inputs``."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path}: output path is a folder, expected a file name")
+    parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"{path}: output folder {str(parent)!r} does not exist")
+    for other in inputs:
+        if pathlib.Path(other).exists() and path.exists() and path.samefile(other):
+            raise OutputPathError(f"{path}: output would overwrite the input model")
+    return path
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+    inputs: tuple[os.PathLike | str, ...] = (),
+) -> pathlib.Path:
+    """Write ``model`` to ``path`` atomically.
+
+    Args:
+        model: the model; it is not changed.
+        path: destination ``.onnx`` file; its folder must exist.
+        external_data: ``True`` stores tensors of ``size_threshold`` bytes or more in
+            ``<name>.data`` beside the model; ``None`` does so only above the 2 GB limit.
+        size_threshold: smallest tensor (bytes) moved to external data.
+        inputs: paths that must not be overwritten (the input model).
+
+    Returns:
+        The path written.
+    """
+    path = check_output_path(path, inputs=inputs)
+    if external_data is None:
+        external_data = model_nbytes(model) > _AUTO_EXTERNAL_BYTES
+    data_name = path.name + ".data" if external_data else None
+    if not external_data:
+        _internalize(model)
+    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        ir.save(
+            model,
+            tmp_model,
+            external_data=data_name,
+            size_threshold_bytes=size_threshold,
+        )
+        if data_name is not None and (tmp_dir / data_name).exists():
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp_dir)
+    return path

@@ -1,0 +1,150 @@
+"""Run passes in order; after each one check the model and roll back a pass that broke it.
+
+After every pass: ``onnx.checker`` (full check, which includes strict shape inference) on the
+result; for passes declared lossless, outputs compared with the pass's input on the context's
+data (or seeded random feeds) at the pass's tolerance; for lossy passes, the error against the
+pass's input is measured and recorded. A pass that raises or fails a check is rolled back: the
+model goes on as it was before that pass, and the report says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import onnx
+import onnx_ir as ir
+import tqdm
+
+from onnxopt import _ir_utils, data, runtime, validation
+from onnxopt import io as _io
+from onnxopt.pass_base import OptPass, PassReport
+
+__all__ = ["PipelineResult", "check_model", "model_stats", "run"]
+
+logger = logging.getLogger(__name__)
+
+# Feeds used to check each pass (a few are enough to catch a broken rewrite).
+CHECK_FEEDS = 8
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The final model and one report per pass, in order."""
+
+    model: ir.Model
+    reports: list[PassReport]
+
+    def to_json(self) -> list[dict]:
+        """The reports as JSON-serialisable dicts."""
+        return [r.to_json() for r in self.reports]
+
+
+def model_stats(model: ir.Model) -> dict[str, int]:
+    """Nodes, parameters and weight bytes (main graph and subgraphs)."""
+    params, nbytes = _ir_utils.parameter_count(model)
+    return {"nodes": sum(1 for _ in model.graph.all_nodes()), "parameters": params, "weight_bytes": nbytes}
+
+
+def check_model(model: ir.Model) -> None:
+    """``onnx.checker`` with full_check (strict shape inference); raises on an invalid model."""
+    if _io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT:
+        # The protobuf cannot hold it; check the graph structure without the weights.
+        proto = ir.to_proto(model)
+        onnx.checker.check_model(proto, full_check=False)
+        return
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def run(
+    model: ir.Model,
+    passes: Sequence[OptPass],
+    *,
+    check: bool = True,
+    strict: bool = False,
+) -> PipelineResult:
+    """Run ``passes`` on ``model`` (in place where a pass succeeds) and return the result.
+
+    Args:
+        model: the model; passes edit it in place, so pass a copy to keep the original.
+        passes: pass instances, sharing one context.
+        check: run the checker and numerical comparison after every pass.
+        strict: re-raise a pass's exception instead of rolling back.
+    """
+    reports: list[PassReport] = []
+    bar = tqdm.tqdm(passes, desc="passes", unit="pass", disable=_quiet(passes) or len(passes) < 2, leave=False)
+    for p in bar:
+        bar.set_postfix_str(p.name)
+        before_stats = model_stats(model)
+        snapshot = model.clone()
+        t0 = time.perf_counter()
+        try:
+            report = p(model)
+            if not isinstance(report, PassReport):
+                report = _wrap(p, report)
+            if report.model is not model:
+                model = report.model
+            if check and report.modified:
+                check_model(model)
+                _check_numerics(p, snapshot, model, report)
+        except Exception as err:
+            if strict:
+                raise
+            cause = err.__cause__ if isinstance(err, ir.passes.PassError) and err.__cause__ else err
+            message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            logger.warning("%s: rolled back: %s", p.name, message)
+            model = snapshot
+            report = p.new_report(model)
+            report.status = "rolled-back"
+            report.error = f"{type(cause).__name__}: {message}"
+            report.modified = False
+        else:
+            if not report.modified:
+                report.status = "unchanged"
+        report.seconds = time.perf_counter() - t0
+        report.before = before_stats
+        report.after = model_stats(model)
+        report.model = model
+        logger.info("%s: %s", p.name, report.summary())
+        reports.append(report)
+    return PipelineResult(model, reports)
+
+
+def _quiet(passes: Sequence[OptPass]) -> bool:
+    return any(p.context.quiet for p in passes)
+
+
+def _wrap(p: OptPass, result: ir.passes.PassResult) -> PassReport:
+    report = p.new_report(result.model)
+    report.modified = result.modified
+    return report
+
+
+def _check_numerics(p: OptPass, before: ir.Model, after: ir.Model, report: PassReport) -> None:
+    """Lossless: outputs must match the pass input at its tolerance. Lossy: record the error."""
+    feeds = p.context.check_data
+    signature = data.input_signature(before)
+    if feeds is None:
+        feeds = data.random_data(signature, 2, seed=p.context.seed)
+    elif len(feeds) > CHECK_FEEDS:
+        feeds = feeds.take(CHECK_FEEDS)
+    rtol, atol = p.tolerance
+    result = validation.compare(before, after, feeds, rtol=rtol, atol=atol)
+    worst_cos = result.worst("cosine")
+    report.fidelity = {
+        "max_abs": result.worst("max_abs"),
+        "rel_l2": result.worst("rel_l2"),
+        "cosine": worst_cos,
+        "feeds": result.num_feeds,
+    }
+    if p.lossless:
+        missed = result.failures()
+        if missed:
+            raise AssertionError(f"lossless pass changed the outputs: {missed[0]}")
+    else:
+        nonfinite = result.worst("nonfinite")
+        if nonfinite:
+            raise AssertionError(f"pass produced {int(nonfinite)} non-finite output values")

@@ -1,0 +1,109 @@
+"""Recipes: named pipelines written as data, also loadable from a TOML file.
+
+A TOML recipe::
+
+    description = "simplify, then INT8"
+    [[passes]]
+    name = "simplify"
+    [[passes]]
+    name = "quantize"
+    per_tensor = true          # any other key is an option of that pass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from onnxopt import pass_base
+from onnxopt.context import PassContext
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["RECIPES", "Recipe", "Step", "add_recipe", "build", "get_recipe", "load_toml"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One pass of a recipe and its options."""
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named list of steps."""
+
+    name: str
+    description: str
+    steps: tuple[Step, ...]
+    needs_calibration: bool = False
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def add_recipe(recipe: Recipe) -> Recipe:
+    """Register a built-in recipe (raises on a duplicate name)."""
+    if recipe.name in RECIPES:
+        raise ValueError(f"recipe {recipe.name!r} is defined twice")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+add_recipe(Recipe("simplify", "exact clean-ups: constant folding, dead code, CSE, BatchNorm folding",
+                  (Step("simplify"),)))
+
+
+def get_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a recipe read from a ``.toml`` file.
+
+    Raises:
+        KeyError: unknown recipe name (the known ones are listed).
+        ValueError: a malformed TOML recipe.
+    """
+    if name_or_path.endswith(".toml"):
+        return load_toml(name_or_path)
+    pass_base.all_passes()  # importing the passes also registers their recipes
+    try:
+        return RECIPES[name_or_path]
+    except KeyError:
+        raise KeyError(f"unknown recipe {name_or_path!r}; known: {', '.join(sorted(RECIPES))}") from None
+
+
+def load_toml(path: str | pathlib.Path) -> Recipe:
+    """Read a recipe from a TOML file (see the module docstring)."""
+    path = pathlib.Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: recipe file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML ({err})") from None
+    unknown = sorted(set(doc) - {"description", "passes", "name"})
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; valid: name, description, passes")
+    passes = doc.get("passes")
+    if not isinstance(passes, list) or not passes:
+        raise ValueError(f"{path}: a recipe needs a non-empty [[passes]] list")
+    steps = []
+    for i, entry in enumerate(passes):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError(f"{path}: passes[{i}] needs a 'name'")
+        options = {k: v for k, v in entry.items() if k != "name"}
+        steps.append(Step(str(entry["name"]), options))
+    recipe = Recipe(str(doc.get("name", path.stem)), str(doc.get("description", "")), tuple(steps))
+    build(recipe.steps, PassContext())  # validate pass names and options now
+    return recipe
+
+
+def build(steps: Sequence[Step], context: PassContext) -> list[pass_base.OptPass]:
+    """Instantiate every step's pass with validated options, sharing ``context``."""
+    return [pass_base.make(step.name, step.options, context) for step in steps]

@@ -1,0 +1,168 @@
+"""onnxruntime sessions: provider names, threads, optimisation level, models of any size."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt import io as _io
+from onnxopt.errors import ProviderError
+
+__all__ = [
+    "PROVIDER_ALIASES",
+    "OptLevel",
+    "SessionHandle",
+    "available_providers",
+    "make_session",
+    "resolve_providers",
+    "run_all",
+]
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+OptLevel = Literal["disable", "basic", "extended", "all"]
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Above this many weight bytes a model cannot go through one protobuf; it is saved to a temp folder.
+_IN_MEMORY_LIMIT = 1_500_000_000
+
+
+def available_providers() -> list[str]:
+    """Execution providers of the installed onnxruntime build."""
+    return list(ort.get_available_providers())
+
+
+def resolve_providers(names: Iterable[str], *, require: bool = False) -> tuple[list[str], list[str]]:
+    """Map short names (cpu, cuda, tensorrt) to provider names; split into (available, skipped).
+
+    Raises:
+        ProviderError: an unknown name, or (``require=True``) a provider that is not available.
+    """
+    have = set(available_providers())
+    ok, skipped = [], []
+    for name in names:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if not full.endswith("ExecutionProvider"):
+            raise ProviderError(
+                f"unknown execution provider {name!r}; use one of {', '.join(PROVIDER_ALIASES)}"
+            )
+        if full in have:
+            ok.append(full)
+        elif require:
+            raise ProviderError(
+                f"execution provider {full} is not available (installed onnxruntime has: "
+                f"{', '.join(sorted(have))})"
+            )
+        else:
+            skipped.append(full)
+    return ok, skipped
+
+
+class SessionHandle:
+    """An InferenceSession plus the temp folder (if any) that holds its model file."""
+
+    def __init__(self, session: ort.InferenceSession, tmp_dir: pathlib.Path | None) -> None:
+        self.session = session
+        self._tmp_dir = tmp_dir
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one feed; outputs by name."""
+        return dict(zip(self.output_names, self.session.run(None, feed)))
+
+    def close(self) -> None:
+        """Drop the session and its temp files."""
+        self.session = None  # type: ignore[assignment]
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+
+    def __enter__(self) -> SessionHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_session(
+    model: ir.Model | str | os.PathLike | bytes,
+    provider: str = "CPUExecutionProvider",
+    *,
+    threads: int | None = None,
+    opt_level: OptLevel = "disable",
+    optimized_model_path: str | os.PathLike | None = None,
+) -> SessionHandle:
+    """An onnxruntime session on ``model`` (an ir.Model, a path or serialized bytes).
+
+    ``opt_level`` defaults to "disable" so that validation compares the graphs as written;
+    "all" measures what a deployment gets.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[opt_level]
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    tmp_dir = None
+    target: str | bytes
+    if isinstance(model, ir.Model):
+        if _io.model_nbytes(model) > _IN_MEMORY_LIMIT:
+            tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix="onnxopt-session-"))
+            _io.save_model(model, tmp_dir / "model.onnx", external_data=True)
+            target = str(tmp_dir / "model.onnx")
+        else:
+            target = ir.to_proto(model).SerializeToString()
+    elif isinstance(model, bytes):
+        target = model
+    else:
+        target = str(model)
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(target, options, providers=providers)
+    except Exception:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return SessionHandle(session, tmp_dir)
+
+
+def run_all(handle: SessionHandle, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Run every feed; a list of output dicts."""
+    return [handle.run(feed) for feed in feeds]
+
+
+@contextlib.contextmanager
+def session(model: ir.Model | str | os.PathLike | bytes, provider: str = "CPUExecutionProvider", **kw):
+    """Context-managed :func:`make_session`."""
+    handle = make_session(model, provider, **kw)
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def output_names(model: ir.Model) -> Sequence[str]:
+    """Names of the graph outputs."""
+    return [v.name for v in model.graph.outputs]

@@ -1,0 +1,311 @@
+"""Reference vs candidate on onnxruntime execution providers: fidelity, latency and size.
+
+Both models run on the same feeds on each requested provider (``ORT_DISABLE_ALL`` by default,
+so the graphs are compared as written). Per output: max abs, mean abs, max rel, relative L2,
+cosine, the fraction of elements outside ``atol + rtol * |ref|``, non-finite values, and top-1
+agreement for class-score outputs ([batch, classes]); with labels, the task accuracy of both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import data as _data
+from onnxopt import io as _io
+from onnxopt import runtime
+from onnxopt.errors import ValidationFailed
+
+__all__ = [
+    "OutputMetrics",
+    "ValidationReport",
+    "compare",
+    "file_size",
+    "measure_latency",
+    "output_metrics",
+]
+
+ModelLike = ir.Model | str | os.PathLike
+
+
+@dataclasses.dataclass
+class OutputMetrics:
+    """Fidelity of one output, over all feeds."""
+
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    rel_l2: float
+    cosine: float
+    mismatch_frac: float
+    nonfinite: int
+    top1: float | None = None
+    ref_accuracy: float | None = None
+    cand_accuracy: float | None = None
+
+
+def output_metrics(
+    ref: Sequence[np.ndarray],
+    cand: Sequence[np.ndarray],
+    *,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    labels: np.ndarray | None = None,
+) -> OutputMetrics:
+    """Metrics of ``cand`` against ``ref``; each a list of per-feed arrays of the same shapes."""
+    for r, c in zip(ref, cand):
+        if np.shape(r) != np.shape(c):
+            raise ValueError(f"output shapes differ: reference {np.shape(r)}, candidate {np.shape(c)}")
+    a = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in ref]) if ref else np.zeros(0)
+    b = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in cand]) if cand else np.zeros(0)
+    nonfinite = int(np.count_nonzero(~np.isfinite(b)))
+    if a.size == 0:
+        return OutputMetrics(0.0, 0.0, 0.0, 0.0, 1.0, 0.0, nonfinite)
+    with np.errstate(all="ignore"):
+        diff = np.abs(a - b)
+        diff[np.isnan(diff) & (np.isnan(a) & np.isnan(b))] = 0.0  # NaN in both: agree
+        max_abs = float(np.max(diff))
+        mean_abs = float(np.mean(diff))
+        max_rel = float(np.max(diff / np.maximum(np.abs(a), 1e-12)))
+        norm_a = float(np.linalg.norm(a))
+        norm_b = float(np.linalg.norm(b))
+        rel_l2 = float(np.linalg.norm(a - b) / norm_a) if norm_a > 0 else (0.0 if norm_b == 0 else math.inf)
+        if norm_a == 0 and norm_b == 0:
+            cosine = 1.0
+        elif norm_a == 0 or norm_b == 0:
+            cosine = 0.0
+        else:
+            cosine = float(np.dot(a, b) / (norm_a * norm_b))
+        mismatch = float(np.mean(~(diff <= atol + rtol * np.abs(a))))
+    metrics = OutputMetrics(max_abs, mean_abs, max_rel, rel_l2, cosine, mismatch, nonfinite)
+    if all(np.ndim(r) == 2 and np.shape(r)[1] >= 2 for r in ref) and np.issubdtype(
+        np.asarray(ref[0]).dtype, np.floating
+    ):
+        top_ref = np.concatenate([np.argmax(r, axis=1) for r in ref])
+        top_cand = np.concatenate([np.argmax(c, axis=1) for c in cand])
+        metrics.top1 = float(np.mean(top_ref == top_cand))
+        if labels is not None and len(labels) == len(top_ref):
+            metrics.ref_accuracy = float(np.mean(top_ref == labels))
+            metrics.cand_accuracy = float(np.mean(top_cand == labels))
+    return metrics
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """Per provider and output: fidelity; per provider: latency; and file sizes."""
+
+    outputs: dict[str, dict[str, OutputMetrics]]  # provider -> output name -> metrics
+    latency: dict[str, dict[str, float]]  # provider -> {ref_median_ms, ref_p90_ms, cand_..., ratio}
+    skipped_providers: list[str]
+    sizes: dict[str, int]
+    num_feeds: int
+    rtol: float
+    atol: float
+
+    def worst(self, field: str) -> float:
+        """Worst value of a metric over providers and outputs (max for errors, min for cosine)."""
+        values = [getattr(m, field) for per in self.outputs.values() for m in per.values()]
+        values = [v for v in values if v is not None]
+        if not values:
+            return math.nan
+        if field in ("cosine", "top1", "cand_accuracy"):
+            return min(values, key=lambda v: -math.inf if math.isnan(v) else v)
+        return max(values, key=lambda v: math.inf if math.isnan(v) else v)
+
+    def failures(self, *, min_cosine: float | None = None, max_abs: float | None = None) -> list[str]:
+        """Thresholds missed (and tolerance mismatches when neither threshold is given)."""
+        missed = []
+        for provider, per in self.outputs.items():
+            for name, m in per.items():
+                if m.nonfinite:
+                    missed.append(f"{provider} output {name!r}: {m.nonfinite} non-finite values")
+                if min_cosine is not None and not m.cosine >= min_cosine:
+                    missed.append(f"{provider} output {name!r}: cosine {m.cosine:.6f} < {min_cosine}")
+                if max_abs is not None and not m.max_abs <= max_abs:
+                    missed.append(f"{provider} output {name!r}: max abs {m.max_abs:.3g} > {max_abs}")
+                if min_cosine is None and max_abs is None and m.mismatch_frac > 0:
+                    missed.append(
+                        f"{provider} output {name!r}: {m.mismatch_frac:.2%} of elements outside "
+                        f"rtol={self.rtol}, atol={self.atol} (max abs {m.max_abs:.3g})"
+                    )
+        return missed
+
+    def assert_ok(self, *, min_cosine: float | None = None, max_abs: float | None = None) -> None:
+        """Raise :class:`ValidationFailed` listing every missed threshold."""
+        missed = self.failures(min_cosine=min_cosine, max_abs=max_abs)
+        if missed:
+            raise ValidationFailed("; ".join(missed))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable dict."""
+        return {
+            "num_feeds": self.num_feeds,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "sizes": self.sizes,
+            "skipped_providers": self.skipped_providers,
+            "latency": self.latency,
+            "outputs": {
+                p: {n: dataclasses.asdict(m) for n, m in per.items()} for p, per in self.outputs.items()
+            },
+        }
+
+    def table(self) -> str:
+        """Human-readable summary, one line per provider and output."""
+        lines = []
+        s = self.sizes
+        if s:
+            lines.append(
+                f"size: reference {s['reference_bytes']:,} B, candidate {s['candidate_bytes']:,} B "
+                f"({s['candidate_bytes'] / max(s['reference_bytes'], 1):.3f}x)"
+            )
+        for provider, per in self.outputs.items():
+            for name, m in per.items():
+                extra = f" top1={m.top1:.4f}" if m.top1 is not None else ""
+                if m.ref_accuracy is not None:
+                    extra += f" acc ref={m.ref_accuracy:.4f} cand={m.cand_accuracy:.4f}"
+                lines.append(
+                    f"{provider} {name}: max_abs={m.max_abs:.3g} mean_abs={m.mean_abs:.3g} "
+                    f"rel_l2={m.rel_l2:.3g} cosine={m.cosine:.6f}{extra}"
+                )
+            lat = self.latency.get(provider)
+            if lat:
+                lines.append(
+                    f"{provider} latency ms: reference median {lat['ref_median_ms']:.3f} "
+                    f"p90 {lat['ref_p90_ms']:.3f}, candidate median {lat['cand_median_ms']:.3f} "
+                    f"p90 {lat['cand_p90_ms']:.3f} (ratio {lat['ratio']:.3f})"
+                )
+        for provider in self.skipped_providers:
+            lines.append(f"{provider}: skipped (not available in this onnxruntime build)")
+        return "\n".join(lines)
+
+
+def file_size(model: ModelLike) -> int:
+    """Bytes on disk of a model file plus its external data, or serialized bytes of an ir.Model."""
+    if isinstance(model, ir.Model):
+        if _io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT:
+            return _io.model_nbytes(model)
+        return ir.to_proto(model).ByteSize()
+    path = pathlib.Path(model)
+    total = path.stat().st_size
+    locations = {t.location for t in _io.external_tensors(_io.load_model(path))}
+    for loc in locations:
+        total += (path.parent / loc).stat().st_size
+    return total
+
+
+def measure_latency(
+    handle: runtime.SessionHandle, feed: dict[str, np.ndarray], *, runs: int = 30, warmup: int = 5
+) -> tuple[float, float]:
+    """(median, p90) wall time in ms of ``runs`` runs of one feed after ``warmup`` runs."""
+    for _ in range(warmup):
+        handle.run(feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        handle.run(feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def _as_model(model: ModelLike) -> ir.Model:
+    return model if isinstance(model, ir.Model) else _io.load_model(model)
+
+
+def compare(
+    reference: ModelLike,
+    candidate: ModelLike,
+    data: Any = None,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    require_providers: bool = False,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    latency_runs: int = 0,
+    warmup: int = 5,
+    threads: int | None = None,
+    opt_level: runtime.OptLevel = "disable",
+    max_feeds: int | None = None,
+    seed: int = 0,
+) -> ValidationReport:
+    """Run ``reference`` and ``candidate`` on ``data`` and measure how far apart they are.
+
+    Args:
+        reference: the original model (ir.Model or path).
+        candidate: the optimized model.
+        data: anything :func:`onnxopt.data.load_data` takes; ``None`` uses 4 seeded random feeds.
+        providers: execution providers (short names allowed); unavailable ones are reported
+            as skipped, or raise with ``require_providers``.
+        require_providers: make a missing provider an error.
+        rtol: relative tolerance for ``mismatch_frac``.
+        atol: absolute tolerance for ``mismatch_frac``.
+        latency_runs: if > 0, time each model on the first feed (median and p90 in ms).
+        warmup: runs before timing.
+        threads: intra-op threads (None: onnxruntime's default).
+        opt_level: onnxruntime graph optimisation level for both sessions.
+        max_feeds: use at most this many feeds.
+        seed: for random data.
+    """
+    ref_model = _as_model(reference)
+    cand_model = _as_model(candidate)
+    signature = _data.input_signature(ref_model)
+    if data is None:
+        dataset = _data.random_data(signature, 4, seed=seed)
+    else:
+        dataset = _data.load_data(data, signature)
+    labels = dataset.labels
+    if max_feeds is not None and len(dataset) > max_feeds:
+        dataset = dataset.take(max_feeds)
+        labels = None
+    feeds = list(dataset)
+    available, skipped = runtime.resolve_providers(providers, require=require_providers)
+    outputs: dict[str, dict[str, OutputMetrics]] = {}
+    latency: dict[str, dict[str, float]] = {}
+    ref_bytes = ir.to_proto(ref_model).SerializeToString() if _small(ref_model) else ref_model
+    cand_bytes = ir.to_proto(cand_model).SerializeToString() if _small(cand_model) else cand_model
+    for provider in available:
+        kw = {"threads": threads, "opt_level": opt_level}
+        with runtime.session(ref_bytes, provider, **kw) as ref_s, runtime.session(
+            cand_bytes, provider, **kw
+        ) as cand_s:
+            ref_out = runtime.run_all(ref_s, feeds)
+            cand_out = runtime.run_all(cand_s, feeds)
+            per: dict[str, OutputMetrics] = {}
+            for name in ref_s.output_names:
+                if name not in cand_s.output_names:
+                    raise ValidationFailed(f"candidate has no output {name!r}")
+                per[name] = output_metrics(
+                    [o[name] for o in ref_out],
+                    [o[name] for o in cand_out],
+                    rtol=rtol,
+                    atol=atol,
+                    labels=labels,
+                )
+            outputs[provider] = per
+            if latency_runs > 0:
+                r_med, r_p90 = measure_latency(ref_s, feeds[0], runs=latency_runs, warmup=warmup)
+                c_med, c_p90 = measure_latency(cand_s, feeds[0], runs=latency_runs, warmup=warmup)
+                latency[provider] = {
+                    "ref_median_ms": r_med,
+                    "ref_p90_ms": r_p90,
+                    "cand_median_ms": c_med,
+                    "cand_p90_ms": c_p90,
+                    "ratio": c_med / r_med if r_med > 0 else math.nan,
+                }
+    sizes = {
+        "reference_bytes": file_size(reference),
+        "candidate_bytes": file_size(candidate),
+    }
+    return ValidationReport(outputs, latency, skipped, sizes, len(feeds), rtol, atol)
+
+
+def _small(model: ir.Model) -> bool:
+    return _io.model_nbytes(model) <= runtime._IN_MEMORY_LIMIT

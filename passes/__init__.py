@@ -1,0 +1,8 @@
+"""The passes, one per module; importing this package registers them all."""
+
+from __future__ import annotations
+
+from onnxopt.pass_base import all_passes, get, make
+from onnxopt.passes import shape_inference, simplify
+
+__all__ = ["all_passes", "get", "make", "shape_inference", "simplify"]
