@@ -24,6 +24,7 @@ __all__ = [
     "available_providers",
     "make_session",
     "resolve_providers",
+    "capture",
     "run_all",
 ]
 
@@ -166,3 +167,52 @@ def session(model: ir.Model | str | os.PathLike | bytes, provider: str = "CPUExe
 def output_names(model: ir.Model) -> Sequence[str]:
     """Names of the graph outputs."""
     return [v.name for v in model.graph.outputs]
+
+
+def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` whose graph also outputs the main-graph values ``names``.
+
+    Raises:
+        KeyError: a name that is not a value of the main graph.
+    """
+    clone = model.clone()
+    values = {v.name: v for v in clone.graph.inputs}
+    for node in clone.graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    existing = {v.name for v in clone.graph.outputs}
+    for name in names:
+        if name in existing or name in {v.name for v in clone.graph.inputs}:
+            continue
+        if name not in values:
+            raise KeyError(f"no value named {name!r} in the main graph")
+        clone.graph.outputs.append(values[name])
+        existing.add(name)
+    return clone
+
+
+def capture(
+    model: ir.Model,
+    feeds: Iterable[dict[str, np.ndarray]],
+    names: Sequence[str],
+    *,
+    provider: str = "CPUExecutionProvider",
+    threads: int | None = None,
+) -> Iterable[dict[str, np.ndarray]]:
+    """Yield, per feed, the values ``names`` (intermediate tensors, inputs or outputs).
+
+    The model is instrumented in memory (values exposed as extra outputs on a clone); nothing
+    is written to disk for models under the protobuf limit. One session serves every feed, and
+    only one feed's tensors are alive at a time, so memory stays bounded by the model.
+    """
+    wanted = list(dict.fromkeys(names))
+    instrumented = with_outputs(model, wanted)
+    with session(instrumented, provider, threads=threads) as handle:
+        fetch = [n for n in wanted if n in handle.output_names]
+        for feed in feeds:
+            outs = dict(zip(fetch, handle.session.run(fetch, feed)))
+            for n in wanted:
+                if n not in outs and n in feed:
+                    outs[n] = feed[n]
+            yield outs
