@@ -217,20 +217,17 @@ def _from_sample_arrays(
 ) -> Dataset:
     if not arrays:
         raise DataError(f"{where}: no input arrays")
-    if signature is None:
-        spec_by_name: dict[str, InputSpec] = {}
-        per_sample = False
-        batch = batch_size
-    else:
+    spec_by_name = {s.name: s for s in signature or ()}
+    if signature is not None:
         _check_names(arrays, signature, where)
-        spec_by_name = {s.name: s for s in signature}
-        per_sample = all(
-            s.shape is not None and arrays[s.name].ndim == len(s.shape) + 1 for s in signature
-        )
-        batch = batch_size
-        for spec in signature:
-            if spec.shape and isinstance(spec.shape[0], int) and not per_sample:
-                batch = spec.shape[0]
+    per_sample = bool(spec_by_name) and all(
+        s.shape is not None and arrays[s.name].ndim == len(s.shape) + 1 for s in spec_by_name.values()
+    )
+    # A static leading dim fixes the batch size; symbolic batch dims take ``batch_size``.
+    static_batch = next(
+        (s.shape[0] for s in spec_by_name.values() if s.shape and isinstance(s.shape[0], int)), None
+    )
+    batch = static_batch if static_batch is not None and not per_sample else batch_size
     counts = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
     if len(set(counts.values())) != 1:
         raise DataError(f"{where}: inputs have different numbers of samples: {counts}")
@@ -249,7 +246,7 @@ def _from_sample_arrays(
     if spec_by_name:
         for key, arr in arrays.items():
             check_array(key, arr[0] if per_sample else arr, spec_by_name[key], where, batch_axis_free=True)
-        if not per_sample and n % batch and isinstance(signature[0].shape[0] if signature[0].shape else None, int):
+        if not per_sample and static_batch is not None and n % batch:
             raise DataError(f"{where}: {n} samples do not fill batches of the model's static batch {batch}")
     return Dataset(lambda: (cut(i) for i in starts), len(starts), where, labels=labels)
 

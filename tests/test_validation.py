@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from onnxopt import validation
+from onnxopt.errors import ValidationFailed
+from tests.builders import conv_bn_feeds, conv_bn_model
+
+
+def test_metrics_match_hand_computed_values():
+    ref = [np.array([[1.0, 2.0], [3.0, 0.0]], np.float32)]
+    cand = [np.array([[1.0, 2.5], [2.0, 0.5]], np.float32)]
+    m = validation.output_metrics(ref, cand, rtol=0.0, atol=0.4, labels=np.array([1, 1]))
+    # diffs: 0, 0.5, 1.0, 0.5
+    assert m.max_abs == pytest.approx(1.0)
+    assert m.mean_abs == pytest.approx(0.5)
+    assert m.rel_l2 == pytest.approx(math.sqrt(0.25 + 1.0 + 0.25) / math.sqrt(1 + 4 + 9))
+    cos = (1 * 1 + 2 * 2.5 + 3 * 2 + 0) / (math.sqrt(14) * math.sqrt(1 + 6.25 + 4 + 0.25))
+    assert m.cosine == pytest.approx(cos)
+    assert m.mismatch_frac == pytest.approx(0.75)
+    assert m.max_rel == pytest.approx(0.5 / 1e-12)  # |0 - 0.5| / max(|0|, 1e-12)
+    # argmax ref: [1, 0]; cand: [1, 0] -> agree; labels [1, 1] -> both 50 %
+    assert m.top1 == 1.0 and m.ref_accuracy == 0.5 and m.cand_accuracy == 0.5
+
+
+def test_zero_outputs_and_nonfinite_values():
+    zero = [np.zeros((2, 3), np.float32)]
+    assert validation.output_metrics(zero, zero).cosine == 1.0
+    bad = [np.array([[np.nan, 1.0, np.inf]], np.float32)]
+    m = validation.output_metrics([np.ones((1, 3), np.float32)], bad)
+    assert m.nonfinite == 2
+
+
+def test_compare_models_and_thresholds(tmp_path):
+    ref = tmp_path / "ref.onnx"
+    onnx.save(conv_bn_model(0), ref)
+    other = tmp_path / "other.onnx"
+    onnx.save(conv_bn_model(1), other)  # different weights: a wrong model
+    np.savez(tmp_path / "d.npz", **conv_bn_feeds())
+    same = onnxopt.validate(ref, ref, tmp_path / "d.npz", latency_runs=3)
+    assert same.worst("max_abs") == 0.0 and same.worst("cosine") == pytest.approx(1.0)
+    assert same.latency["CPUExecutionProvider"]["ref_median_ms"] > 0
+    assert same.sizes["reference_bytes"] == ref.stat().st_size
+    same.assert_ok(min_cosine=0.9999, max_abs=0.0)
+    wrong = onnxopt.validate(ref, other, tmp_path / "d.npz", latency_runs=0)
+    assert wrong.worst("cosine") < 0.99
+    with pytest.raises(ValidationFailed, match="cosine"):
+        wrong.assert_ok(min_cosine=0.99)
+
+
+def test_unavailable_provider_is_skipped_or_required(tmp_path):
+    from onnxopt.errors import ProviderError
+
+    ref = tmp_path / "ref.onnx"
+    onnx.save(conv_bn_model(0), ref)
+    rep = onnxopt.validate(ref, ref, providers=["cpu", "tensorrt"], latency_runs=0)
+    assert "TensorrtExecutionProvider" in rep.skipped_providers or "TensorrtExecutionProvider" in rep.outputs
+    if "TensorrtExecutionProvider" in rep.skipped_providers:
+        with pytest.raises(ProviderError, match="not available"):
+            onnxopt.validate(ref, ref, providers=["tensorrt"], require_providers=True)
