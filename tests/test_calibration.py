@@ -1,0 +1,139 @@
+"""Calibration: streamed ranges through onnxruntime, histogram thresholds, table I/O, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxopt import calibration, runtime
+from onnxopt.calibration import CalibrationTable, collect_ranges, threshold_from_histogram
+from onnxopt.context import PassContext
+from onnxopt.data import Dataset
+from onnxopt.errors import DataError
+
+TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[N, 16] x) => (float[N, 8] y) <float[16, 8] w = {%s}> {
+    h = MatMul(x, w)
+    r = Relu(h)
+    y = Mul(r, r)
+}
+"""
+
+
+def _model(rng: np.random.Generator) -> ir.Model:
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    return ir.from_onnx_text(TEXT % ",".join(f"{v:.6f}" for v in w.ravel()))
+
+
+def _feeds(rng: np.random.Generator, n: int = 6) -> list[dict[str, np.ndarray]]:
+    return [{"x": rng.standard_normal((4 + i, 16)).astype(np.float32)} for i in range(n)]
+
+
+def _reference_minmax(model: ir.Model, feeds, name: str) -> tuple[float, float]:
+    arrays = [got[name] for got in runtime.capture(model, feeds, [name])]
+    return min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
+
+
+def test_minmax_matches_the_tensors_onnxruntime_computes(rng):
+    model = _model(rng)
+    feeds = _feeds(rng)
+    table = collect_ranges(model, feeds, quiet=True)
+    assert set(table.ranges) == {"x", "h", "r", "y"}
+    assert table.num_samples == len(feeds) and table.method == "minmax"
+    for name in ("x", "h", "r", "y"):
+        np.testing.assert_allclose(table.ranges[name], _reference_minmax(model, feeds, name), rtol=1e-6)
+    assert table.ranges["r"][0] == 0.0
+    assert table.absmax("h") == max(abs(v) for v in table.ranges["h"])
+
+
+def test_iterators_readers_and_lists_give_the_same_table(rng):
+    model = _model(rng)
+    feeds = _feeds(rng)
+
+    class Reader:  # the onnxruntime CalibrationDataReader protocol
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    base = collect_ranges(model, feeds, ["h", "y"], "percentile", quiet=True)
+    assert collect_ranges(model, iter(feeds), ["h", "y"], "percentile", quiet=True) == base
+    assert collect_ranges(model, Reader(), ["h", "y"], "percentile", quiet=True) == base
+    assert collect_ranges(model, Dataset.from_feeds(feeds), ["h", "y"], "percentile", quiet=True) == base
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_methods_clip_inside_minmax_and_chunking_does_not_change_them(rng, method):
+    model = _model(rng)
+    feeds = _feeds(rng)
+    mm = collect_ranges(model, feeds, quiet=True)
+    big = collect_ranges(model, feeds, method=method, quiet=True)
+    small = collect_ranges(model, feeds, method=method, quiet=True, max_chunk_bytes=1)
+    assert big == small
+    for name, (lo, hi) in big.ranges.items():
+        assert mm.ranges[name][0] <= lo <= 0.0 or lo == mm.ranges[name][0]
+        assert hi <= mm.ranges[name][1]
+        assert hi > 0.3 * mm.ranges[name][1]  # clipping, not collapse
+
+
+def test_thresholds_on_hand_made_histograms():
+    uniform = np.ones(1000, dtype=np.int64)
+    assert threshold_from_histogram(uniform, 10.0, "percentile", percentile=50.0) == pytest.approx(5.0, abs=0.02)
+    assert threshold_from_histogram(uniform, 10.0, "percentile", percentile=100.0) == pytest.approx(10.0)
+    # A lone outlier at the top bin: MSE clips it, percentile 99.99 keeps 1 value in 1e4.
+    spiky = np.zeros(2048, dtype=np.int64)
+    spiky[:200] = 1000
+    spiky[-1] = 1
+    t = threshold_from_histogram(spiky, 100.0, "mse")
+    assert 200 * 100.0 / 2048 * 0.9 < t < 50.0
+    assert threshold_from_histogram(np.zeros(16, dtype=np.int64), 3.0, "mse") == 3.0
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        threshold_from_histogram(uniform, 1.0, "kl")
+
+
+def test_mse_threshold_of_a_gaussian_is_a_few_sigma(rng):
+    x = np.abs(rng.standard_normal(200_000))
+    top = float(x.max())
+    hist = np.bincount(np.minimum((x * 2048 / top).astype(int), 2047), minlength=2048)
+    t = threshold_from_histogram(hist, top, "mse")
+    assert 2.5 < t < top
+
+
+def test_bad_arguments_are_one_line_errors(rng):
+    model = _model(rng)
+    feeds = _feeds(rng, 1)
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
+        collect_ranges(model, feeds, method="kl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="percentile must be in"):
+        collect_ranges(model, feeds, method="percentile", percentile=0)
+    with pytest.raises(KeyError, match="nope"):
+        collect_ranges(model, feeds, ["nope"])
+    with pytest.raises(DataError, match="no feeds"):
+        collect_ranges(model, [], ["h"])
+
+
+def test_table_round_trips_through_json(tmp_path, rng):
+    table = collect_ranges(_model(rng), _feeds(rng), quiet=True)
+    path = tmp_path / "calib.json"
+    table.save(path)
+    assert CalibrationTable.load(path) == table
+    (tmp_path / "bad.json").write_text('{"ranges": {}}')
+    with pytest.raises(DataError, match="invalid calibration table"):
+        CalibrationTable.load(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="not found"):
+        CalibrationTable.load(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="low > high"):
+        CalibrationTable({"a": (1.0, 0.0)})
+
+
+def test_cached_ranges_are_reused(rng):
+    model = _model(rng)
+    ctx = PassContext(calibration=Dataset.from_feeds(_feeds(rng)), quiet=True)
+    first = calibration.cached_ranges(ctx, model, ["h"], "minmax")
+    assert calibration.cached_ranges(ctx, model, ["h"], "minmax") is first
+    assert ("calibration", "minmax", ("h",)) in ctx.cache
+    with pytest.raises(DataError, match="calibration data is needed"):
+        calibration.cached_ranges(PassContext(), model, ["h"])
