@@ -1,0 +1,188 @@
+"""Transformer fusions through onnxruntime's maintained transformer optimizer.
+
+``onnxruntime-tools`` is deprecated upstream; its transformer optimizer lives on, maintained, as
+``onnxruntime.transformers.optimizer.optimize_model``. This pass runs it with ``opt_level=0``:
+only the Python pattern fusions run, none of onnxruntime's own load-time graph optimizations
+are baked into the file (those are provider-specific above level 1 and onnxruntime redoes them
+when it loads the model anyway).
+
+Algebra: each fusion replaces a subgraph by one contrib kernel computing the same function:
+Attention = softmax(Q K^T / sqrt(d) + mask) V with the Q/K/V projections packed into one
+weight; SkipLayerNormalization = LayerNorm(x + skip + bias); BiasGelu = Gelu(x + bias);
+LayerNormalization = the ReduceMean/Sub/Pow/Sqrt/Div chain. Outputs change only by float
+re-association (tolerance "reassociate_fp32", 1e-4 / 1e-5 in tests/tolerances.py), provided the
+attention mask holds 0/1 values (the fused kernel reads mask > 0 as "attend").
+
+Portability: the fused ops (Attention, SkipLayerNormalization, BiasGelu, FastGelu,
+EmbedLayerNormalization, ...) live in the ``com.microsoft`` domain. onnxruntime has kernels for
+them on CPU and CUDA (see ``onnxopt inspect --ep``); other runtimes do not, and TensorRT builds
+its own fusions, so the pass refuses ``target="tensorrt"``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Literal
+
+import onnx
+import onnx.version_converter
+import onnx_ir as ir
+
+from onnxopt import _ir_utils
+from onnxopt import io as _io
+from onnxopt.config import option
+from onnxopt.pass_base import OptPass, PassReport, register
+
+__all__ = ["FUSED_OPS", "FuseConfig", "FusePass"]
+
+logger = logging.getLogger(__name__)
+
+ModelType = Literal["auto", "bert", "bert_tf", "bert_keras", "vit", "swin", "gpt2", "gpt2_tf", "bart", "t5",
+                    "tnlr", "clip", "unet", "vae", "conformer", "phi", "sam2", "mmdit"]
+MaskFormat = Literal["raw", "index_end", "none"]
+# Fused op types counted in the report (onnxruntime's get_fused_operator_statistics list).
+FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "Gelu", "FastGelu",
+             "BiasGelu", "GemmFastGelu", "LayerNormalization", "SimplifiedLayerNormalization",
+             "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
+_MS_DOMAIN = "com.microsoft"
+# The fused LayerNormalization is written in the default domain, a standard op from opset 17.
+_MIN_OPSET = 17
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseConfig:
+    """Options of the fuse pass."""
+
+    model_type: ModelType = option("auto", "onnxruntime.transformers model type; auto: bert "
+                                   "(encoders: BERT/ViT-like) when the graph has attention or layer norm")
+    num_heads: int = option(0, "attention heads; 0: inferred from the Reshape shapes in the graph")
+    hidden_size: int = option(0, "hidden size; 0: inferred from the graph")
+    attention: bool = option(True, "fuse self-attention into Attention")
+    layer_norm: bool = option(True, "fuse LayerNormalization and SkipLayerNormalization")
+    gelu: bool = option(True, "fuse Gelu and BiasGelu")
+    embed_layer_norm: bool = option(True, "fuse embeddings + LayerNorm into EmbedLayerNormalization")
+    mask_format: MaskFormat = option("raw", "attention mask given to Attention: raw (exact for any 0/1 "
+                                     "mask), index_end (faster, assumes right padding), none")
+    upgrade_opset: bool = option(True, f"convert models below opset {_MIN_OPSET} to {_MIN_OPSET} first "
+                                 "(needed for a standard LayerNormalization)")
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 0 or self.hidden_size < 0:
+            raise ValueError(f"num_heads and hidden_size must be >= 0, got {self.num_heads}, {self.hidden_size}")
+        if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+@register("fuse")
+class FusePass(OptPass[FuseConfig]):
+    """Fuse transformer subgraphs (attention, layer norms, GELU) into onnxruntime contrib ops.
+
+    Changes: replaces matched subgraphs by com.microsoft Attention/SkipLayerNormalization/
+        BiasGelu/... and default-domain LayerNormalization nodes (tagged ``fuse``); adds the
+        com.microsoft opset import; may upgrade the default opset to 17.
+    Preserves: graph input/output names, dtypes and shapes; producer name; other nodes.
+    Guarantees: counts per fused op type in the report; a model where nothing matches (or that
+        is not a transformer) is returned unchanged with the reason as a skip.
+    Not exact: float re-association only (1e-4 / 1e-5), for 0/1 attention masks; with
+        ``mask_format=index_end`` the mask must be right-padded.
+    """
+
+    config_class = FuseConfig
+    lossless = True
+    tolerance = (1e-4, 1e-5)
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = self.new_report(model)
+        reason = self._refusal(model)
+        if reason is not None:
+            report.skip(reason)
+            return report
+        model_type = "bert" if self.config.model_type == "auto" else self.config.model_type
+        proto = ir.to_proto(model)
+        opset = model.opset_imports.get("", 0)
+        if opset < _MIN_OPSET:
+            proto = onnx.version_converter.convert_version(proto, _MIN_OPSET)
+        before = _fused_counts(proto)
+        names_before = {n.name for n in proto.graph.node}
+        fused = _optimize(proto, model_type, self.config)
+        delta = {op: n - before.get(op, 0) for op, n in _fused_counts(fused).items()}
+        delta = {op: n for op, n in delta.items() if n > 0}
+        if not delta:
+            report.skip(f"no {model_type} fusion pattern matched")
+            return report
+        if any(n.domain == _MS_DOMAIN for n in fused.graph.node) and not any(
+            o.domain == _MS_DOMAIN for o in fused.opset_import
+        ):
+            fused.opset_import.append(onnx.helper.make_opsetid(_MS_DOMAIN, 1))
+        fused.producer_name = model.producer_name or ""
+        fused.producer_version = model.producer_version or ""
+        new = ir.serde.deserialize_model(fused)
+        _transplant(new, model)
+        for node in model.graph:
+            if node.name not in names_before:
+                _ir_utils.tag(node, self.name)
+        if opset < _MIN_OPSET:
+            report.note(f"default opset upgraded from {opset} to {_MIN_OPSET}")
+        for op, n in sorted(delta.items()):
+            report.count(op, n)
+        for node in model.graph:
+            if node.op_type in ("Attention", "MultiHeadAttention") and node.domain == _MS_DOMAIN:
+                report.record(node.name, op=node.op_type, num_heads=node.attributes.get_int("num_heads", 0))
+        return report
+
+    def _refusal(self, model: ir.Model) -> str | None:
+        """Why the pass leaves ``model`` alone, or None."""
+        if self.context.target == "tensorrt":
+            return "target tensorrt: TensorRT fuses attention itself and has no com.microsoft kernels"
+        if _io.model_nbytes(model) > _io.PROTOBUF_LIMIT // 2:
+            return "model over 1 GB: onnxruntime's optimizer works on one in-memory protobuf"
+        ops = collections.Counter(n.op_type for n in model.graph if n.domain in ("", "ai.onnx"))
+        if self.config.model_type == "auto" and not (ops["Softmax"] or ops["LayerNormalization"] or ops["ReduceMean"]):
+            return "not a transformer: no Softmax, LayerNormalization or ReduceMean in the main graph"
+        opset = model.opset_imports.get("", 0)
+        if opset < _MIN_OPSET and not self.config.upgrade_opset:
+            return f"default opset {opset} < {_MIN_OPSET} and upgrade_opset is off"
+        return None
+
+
+def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig) -> onnx.ModelProto:
+    """onnxruntime's Python fusions only (opt_level=0); ``proto`` is consumed."""
+    # Imported here: it pulls in many fusion modules and is only needed when the pass runs.
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(model_type)
+    options.enable_attention = cfg.attention
+    options.enable_layer_norm = cfg.layer_norm
+    options.enable_skip_layer_norm = cfg.layer_norm
+    options.enable_bias_skip_layer_norm = cfg.layer_norm
+    options.enable_gelu = cfg.gelu
+    options.enable_bias_gelu = cfg.gelu
+    options.enable_embed_layer_norm = cfg.embed_layer_norm
+    if cfg.mask_format == "none":
+        options.disable_attention_mask()
+    else:
+        options.use_raw_attention_mask(cfg.mask_format == "raw")
+    optimizer = optimize_model(
+        proto,
+        model_type=model_type,
+        num_heads=cfg.num_heads,
+        hidden_size=cfg.hidden_size,
+        optimization_options=options,
+        opt_level=0,
+    )
+    return optimizer.model
+
+
+def _fused_counts(proto: onnx.ModelProto) -> collections.Counter[str]:
+    return collections.Counter(n.op_type for n in proto.graph.node if n.op_type in FUSED_OPS)
+
+
+def _transplant(source: ir.Model, target: ir.Model) -> None:
+    """Make ``target`` (the pass's in-place model) hold ``source``'s graph and opsets."""
+    target.graph = source.graph
+    target.ir_version = max(target.ir_version, source.ir_version)
+    target.functions.clear()
+    target.functions.update(source.functions)

@@ -1,0 +1,145 @@
+"""fuse: onnxruntime transformer fusions on a BERT-style encoder and the bundled transformer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxopt import data, pipeline
+from onnxopt.context import PassContext
+from onnxopt.pass_base import make
+from onnxopt.validation import compare
+from tests.bert_builder import bert_feeds, make_bert
+from tests.conftest import from_text, load_model, model_path, op_counts
+from tests.tolerances import TOL
+
+
+def bert(**kw) -> ir.Model:
+    return ir.serde.deserialize_model(make_bert(**kw))
+
+
+def fuse(model: ir.Model, context: PassContext | None = None, **options):
+    return make("fuse", options, context)(model)
+
+
+def test_bert_fuses_attention_layer_norm_and_gelu():
+    model = bert()
+    report = fuse(model)
+    assert dict(report.counts) == {
+        "Attention": 2,
+        "SkipLayerNormalization": 4,
+        "LayerNormalization": 1,
+        "BiasGelu": 2,
+    }
+    ops = op_counts(model)
+    assert ops["Softmax"] == 0 and ops["Erf"] == 0 and ops["ReduceMean"] == 0
+    assert model.opset_imports["com.microsoft"] == 1
+    fused = [n for n in model.graph if n.op_type in ("Attention", "SkipLayerNormalization", "BiasGelu")]
+    assert all(n.metadata_props.get("pkg.onnxopt.pass") == "fuse" for n in fused)
+    assert [r["num_heads"] for r in report.records] == [4, 4]  # inferred from the Reshape shapes
+    assert model.producer_name == "pytorch"
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_bert_outputs_match_fp32(rng):
+    ref, model = bert(), bert()
+    fuse(model)
+    compare(ref, model, bert_feeds(6), **TOL["reassociate_fp32"]).assert_ok()
+    # A raw 0/1 mask that is not right-padded: the fused Attention keeps its meaning.
+    holes = [{"input_ids": rng.integers(0, 100, (3, 12)), "attention_mask": rng.integers(0, 2, (3, 12))}]
+    holes[0]["attention_mask"][:, 0] = 1
+    compare(ref, model, holes, **TOL["reassociate_fp32"]).assert_ok()
+
+
+def test_opset_13_model_is_upgraded_then_fused():
+    ref, model = bert(opset=13, layers=1), bert(opset=13, layers=1)
+    report = fuse(model)
+    assert report.counts["Attention"] == 1
+    assert model.opset_imports[""] == 17
+    assert any("upgraded from 13 to 17" in n for n in report.notes)
+    compare(ref, model, bert_feeds(3), **TOL["reassociate_fp32"]).assert_ok()
+    kept = bert(opset=13, layers=1)
+    report = fuse(kept, upgrade_opset=False)
+    assert not report.modified and "upgrade_opset is off" in next(iter(report.skipped))
+
+
+def test_through_pipeline_with_random_and_real_data():
+    for context in (PassContext(), PassContext(calibration=data.load_data(bert_feeds(4)))):
+        result = pipeline.run(bert(), [make("fuse", {}, context)])
+        report = result.reports[0]
+        assert report.status == "ok", report.error
+        assert report.fidelity["max_abs"] < 1e-4
+
+
+def test_non_transformer_is_left_unchanged():
+    model = from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        mlp (float[N, 4] x) => (float[N, 2] y) <float[4, 2] w = {1,2,3,4,5,6,7,8}> {
+            h = MatMul(x, w)
+            y = Relu(h)
+        }
+        """
+    )
+    before = ir.to_proto(model).SerializeToString()
+    report = fuse(model)
+    assert report.modified is False
+    assert "not a transformer" in next(iter(report.skipped))
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_transformer_without_matching_pattern_is_left_unchanged():
+    # Softmax present, but no attention/layer-norm pattern onnxruntime recognises.
+    model = from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y) {
+            y = Softmax<axis=-1>(x)
+        }
+        """
+    )
+    before = ir.to_proto(model).SerializeToString()
+    report = fuse(model)
+    assert report.modified is False and report.skipped == {"no bert fusion pattern matched": 1}
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_tensorrt_target_is_refused():
+    model = bert(layers=1)
+    report = fuse(model, PassContext(target="tensorrt"))
+    assert report.modified is False and "tensorrt" in next(iter(report.skipped))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_heads": -1}, "num_heads and hidden_size must be >= 0"),
+        ({"num_heads": 3, "hidden_size": 64}, "not divisible"),
+        ({"model_type": "resnet"}, "expected one of"),
+        ({"mask": "raw"}, "unknown option 'mask' for fuse"),
+    ],
+)
+def test_config_rejected(options, message):
+    with pytest.raises(ValueError, match=message):
+        make("fuse", options)
+
+
+def test_options_disable_fusions():
+    model = bert(layers=1)
+    report = fuse(model, attention=False, gelu=False)
+    assert "Attention" not in report.counts and "BiasGelu" not in report.counts
+    assert report.counts["SkipLayerNormalization"] == 2
+
+
+@pytest.mark.slow
+def test_bundled_transformer_fuses_layer_norms():
+    ref, model = load_model("digits_transformer.onnx"), load_model("digits_transformer.onnx")
+    report = fuse(model)
+    # Packed QKV (one MatMul, split by Gather) is not a pattern onnxruntime's attention fusion
+    # matches; the layer norms and GELUs fuse.
+    assert report.counts["SkipLayerNormalization"] == 4 and report.counts["BiasGelu"] == 2
+    evald = np.load(model_path("digits_transformer_eval.npz"))
+    feeds = [{"input": evald["input"][i : i + 16]} for i in range(0, 64, 16)]
+    compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
