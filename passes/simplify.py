@@ -155,18 +155,11 @@ def _fold_batchnorm(graph: ir.Graph, bn: ir.Node, pass_name: str) -> str | None:
         producer.resize_inputs(3)
         producer.replace_input_with(2, b_value)
     _ir_utils.tag(producer, pass_name)
-    ir.convenience.replace_all_uses_with(bn.outputs[0], producer.outputs[0])
-    if bn.outputs[0].is_graph_output():
-        _replace_graph_output(graph, bn.outputs[0], producer.outputs[0])
+    old, new = bn.outputs[0], producer.outputs[0]
+    keep_name = old.name if old.is_graph_output() else None
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if keep_name is not None:  # a graph output keeps its name
+        old.name = None
+        new.name = keep_name
     graph.remove(bn, safe=True)
     return None
-
-
-def _replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Keep the graph output's name: ``new`` takes over ``old``'s name and slot."""
-    name = old.name
-    for i, out in enumerate(graph.outputs):
-        if out is old:
-            graph.outputs[i] = new
-    old.name = None
-    new.name = name

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxopt import data, validation
+from onnxopt.pass_base import make
+from onnxopt.passes.simplify import SimplifyConfig, SimplifyPass
+from tests.builders import conv_bn_feeds, conv_bn_model
+from tests.conftest import load_model, model_path, op_counts
+from tests.tolerances import REAL_MODEL_MIN_COSINE, TOL
+
+
+def _model() -> ir.Model:
+    return ir.serde.deserialize_model(conv_bn_model())
+
+
+def test_structure_batchnorm_folded_identity_removed():
+    model = _model()
+    report = SimplifyPass()(model)
+    assert report.counts["batchnorm_folded"] == 1
+    assert op_counts(model) == {"Conv": 1, "Relu": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.metadata_props["pkg.onnxopt.pass"] == "simplify"
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_numerics_match_within_reassociation_tolerance():
+    ref, model = _model(), _model()
+    SimplifyPass()(model)
+    feeds = data.Dataset.from_feeds([conv_bn_feeds(1)])
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+def test_gemm_batchnorm_fold_with_beta():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 3] y) <
+        float[3, 4] W = {1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.},
+        float[3] c = {0.5, -1., 2.},
+        float[3] s = {1.5, 0.5, 2.}, float[3] b = {0.1, 0.2, 0.3},
+        float[3] m = {1., -1., 0.5}, float[3] v = {0.5, 2., 1.}
+    > {
+        h = Gemm <transB = 1, beta = 0.5> (x, W, c)
+        y = BatchNormalization (h, s, b, m, v)
+    }
+    """
+    ref, model = ir.from_onnx_text(text), ir.from_onnx_text(text)
+    report = SimplifyPass()(model)
+    assert report.counts["batchnorm_folded"] == 1 and op_counts(model) == {"Gemm": 1}
+    feeds = data.random_data(data.input_signature(ref), 2, dims={"N": 5})
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+def test_no_op_on_a_graph_with_nothing_to_simplify():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y) {
+        y = Relu (x)
+    }
+    """
+    model = ir.from_onnx_text(text)
+    before = ir.to_proto(model).SerializeToString()
+    report = SimplifyPass()(model)
+    assert report.modified is False
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_batchnorm_with_shared_conv_output_is_skipped_with_reason():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 1, 4, 4] x) => (float[1, 1, 4, 4] y, float[1, 1, 4, 4] z) <
+        float[1, 1, 1, 1] W = {2.}, float[1] s = {1.}, float[1] b = {0.}, float[1] m = {0.}, float[1] v = {1.}
+    > {
+        c = Conv (x, W)
+        y = BatchNormalization (c, s, b, m, v)
+        z = Relu (c)
+    }
+    """
+    model = ir.from_onnx_text(text)
+    report = SimplifyPass()(model)
+    assert report.counts["batchnorm_folded"] == 0
+    assert report.skipped["BatchNormalization not folded: Conv/Gemm output has other users"] == 1
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="max_fold_elements must be >= 0"):
+        SimplifyConfig(max_fold_elements=-1)
+    with pytest.raises(ValueError, match="unknown option 'fold' for simplify"):
+        make("simplify", {"fold": True})
+
+
+@pytest.mark.slow
+def test_bundled_cnn_simplified_matches_and_is_smaller():
+    ref = load_model("digits_cnn.onnx")
+    model = load_model("digits_cnn.onnx")
+    report = SimplifyPass()(model)
+    assert report.counts["batchnorm_folded"] == 3
+    assert "BatchNormalization" not in op_counts(model)
+    assert sum(1 for _ in model.graph) < sum(1 for _ in ref.graph)
+    result = validation.compare(ref, model, model_path("digits_cnn_eval.npz"), atol=1e-5, rtol=0)
+    assert result.worst("max_abs") <= 1e-5
+    assert result.worst("cosine") >= REAL_MODEL_MIN_COSINE and result.worst("top1") == 1.0
