@@ -1,0 +1,1 @@
+"""Conformance harness: every pass over the ONNX backend test cases (see harness.py)."""
