@@ -60,6 +60,9 @@ def add_recipe(recipe: Recipe) -> Recipe:
 
 add_recipe(Recipe("simplify", "exact clean-ups: constant folding, dead code, CSE, BatchNorm folding",
                   (Step("simplify"),)))
+add_recipe(Recipe("lowrank", "simplify, then split MatMul/Gemm/1x1 Conv weights by SVD (activation-aware "
+                  "with --calib), removing 50% of the split layers' parameters where it costs least",
+                  (Step("simplify"), Step("lowrank", {"rank_mode": "global", "target": 0.5}))))
 
 
 def get_recipe(name_or_path: str) -> Recipe:

@@ -1,0 +1,226 @@
+"""Graph side of the low-rank split: which nodes qualify, their weight as a [K, N] matrix,
+their activations as rows, and the in-place rewrite into two thinner nodes.
+
+Every rewrite keeps the original node (and so its output name and its users) as the second,
+``V`` half, and inserts the ``U`` half before it:
+
+- ``MatMul(x, W)`` -> ``MatMul(MatMul(x, U), V)`` for x of any rank (rows are x's last axis).
+- ``Gemm(A, B, C)`` with ``W = alpha * op(B)`` -> ``Gemm(MatMul(A, U), V, C)`` (transA=1: the
+  first node is ``Gemm(A, U, transA=1)``); alpha is folded into ``U V``, beta and C stay, so a
+  broadcast bias is handled by Gemm itself.
+- 1x1 ``Conv(x, W, b)`` (group 1; W [N, C, 1, ...]) -> ``Conv(Conv(x, U'), V', b)``: the first
+  conv keeps strides, pads and dilations, the second is a plain 1x1 conv. Zero padding stays
+  exact because the first conv has no bias.
+- k x k 2-D ``Conv`` (Jaderberg et al. 2014, scheme 2): the weight as a [C*kh, kw*N] matrix,
+  split into a [r, C, kh, 1] vertical conv (vertical strides/pads/dilations) followed by a
+  [N, r, 1, kw] horizontal conv (horizontal ones, and the bias). Weight-based SVD only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import _ir_utils
+
+__all__ = ["Candidate", "apply_split", "find_candidate", "rows_of"]
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A node that can be split.
+
+    Attributes:
+        node: the MatMul/Gemm/Conv node.
+        kind: "matmul", "gemm", "conv1x1" or "conv-spatial".
+        weight: the constant weight value.
+        matrix: the weight as [K, N] float64 (Gemm alpha folded in).
+        activation: the value whose rows multiply ``matrix`` (None: not available).
+        layout: how :func:`rows_of` turns a captured activation into [rows, K].
+    """
+
+    node: ir.Node
+    kind: str
+    weight: ir.Value
+    matrix: np.ndarray
+    activation: ir.Value | None
+    layout: tuple
+
+    @property
+    def label(self) -> str:
+        """The node's name, or its weight's name when the node is anonymous."""
+        return self.node.name or str(self.weight.name)
+
+    @property
+    def stats_key(self) -> tuple:
+        """Key of the activation statistics this candidate needs (shared by equal inputs)."""
+        return (self.activation.name if self.activation is not None else None, self.layout)
+
+
+def find_candidate(node: ir.Node, *, min_elements: int, spatial: bool) -> Candidate | str:
+    """A :class:`Candidate` for ``node``, or the reason it cannot be split."""
+    weight = _ir_utils.constant_input(node, 1)
+    if weight is None:
+        return f"{node.op_type} weight is not a constant initializer"
+    if not _ir_utils.is_float_dtype(weight.dtype):
+        return f"{node.op_type} weight dtype {weight.dtype} is not floating point"
+    if len(weight.uses()) > 1:
+        return f"{node.op_type} weight is shared by {len(weight.uses())} uses"
+    w = _ir_utils.constant_array(weight)
+    if w.size < min_elements:
+        return f"weight has fewer than min_elements={min_elements} elements"
+    if node.op_type == "MatMul":
+        if w.ndim != 2:
+            return f"MatMul weight is {w.ndim}-D, not 2-D"
+        return Candidate(node, "matmul", weight, w.astype(np.float64), node.inputs[0], ("rows",))
+    if node.op_type == "Gemm":
+        return _gemm(node, weight, w)
+    if node.op_type == "Conv":
+        return _conv(node, weight, w, spatial)
+    return f"op {node.op_type} is not supported"
+
+
+def _gemm(node: ir.Node, weight: ir.Value, w: np.ndarray) -> Candidate | str:
+    if w.ndim != 2:
+        return "Gemm weight is not 2-D"
+    alpha = node.attributes.get_float("alpha", 1.0)
+    mat = (w.T if node.attributes.get_int("transB", 0) else w).astype(np.float64) * alpha
+    layout = ("cols",) if node.attributes.get_int("transA", 0) else ("rows",)
+    return Candidate(node, "gemm", weight, mat, node.inputs[0], layout)
+
+
+def _conv(node: ir.Node, weight: ir.Value, w: np.ndarray, spatial: bool) -> Candidate | str:
+    if node.attributes.get_int("group", 1) != 1:
+        return "Conv has group > 1"
+    if w.ndim < 3:
+        return "Conv weight has no spatial axes"
+    kernel = w.shape[2:]
+    if all(k == 1 for k in kernel):
+        mat = w.reshape(w.shape[0], w.shape[1]).T.astype(np.float64)  # [C, N]
+        strides = tuple(node.attributes.get_ints("strides", [1] * len(kernel)))
+        pads = tuple(node.attributes.get_ints("pads", [0] * 2 * len(kernel)))
+        plain = node.attributes.get_string("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+        # Strided 1x1 conv without padding reads exactly every s-th pixel; otherwise all pixels.
+        step = strides if plain and not any(pads) else (1,) * len(kernel)
+        return Candidate(node, "conv1x1", weight, mat, node.inputs[0], ("channels", step))
+    if not spatial:
+        return "spatial k x k Conv splitting is off (spatial=false)"
+    if len(kernel) != 2 or 1 in kernel:
+        return "spatial split needs a 2-D kernel with both sides > 1"
+    if node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
+        return "spatial split needs explicit pads (auto_pad is set)"
+    n, c, kh, kw = w.shape
+    mat = w.transpose(1, 2, 3, 0).reshape(c * kh, kw * n).astype(np.float64)  # [(c,i), (j,n)]
+    return Candidate(node, "conv-spatial", weight, mat, None, ("none",))
+
+
+def rows_of(array: np.ndarray, layout: tuple) -> np.ndarray:
+    """The captured activation as [rows, K] (the rows that multiply the [K, N] matrix)."""
+    if layout[0] == "cols":
+        return array.T
+    if layout[0] == "channels":
+        step = layout[1]
+        sliced = array[(slice(None), slice(None), *(slice(None, None, s) for s in step))]
+        return np.moveaxis(sliced, 1, -1).reshape(-1, array.shape[1])
+    return array.reshape(-1, array.shape[-1])
+
+
+def split_cost(cand: Candidate, rank: int) -> tuple[int, int]:
+    """(parameters before, parameters after) of a split at ``rank``."""
+    k, n = cand.matrix.shape
+    return k * n, rank * (k + n)
+
+
+def apply_split(
+    graph: ir.Graph, cand: Candidate, u: np.ndarray, v: np.ndarray, pass_name: str, taken: set[str]
+) -> None:
+    """Rewrite ``cand.node`` in place as the two nodes described in the module docstring."""
+    node = cand.node
+    dtype = cand.weight.const_value.dtype.numpy()
+    base = str(cand.weight.name)
+    k, n = cand.matrix.shape
+    r = u.shape[1]
+    if cand.kind in ("matmul", "gemm"):
+        u_arr, v_arr = u, v
+    elif cand.kind == "conv1x1":
+        spatial_ones = (1,) * (cand.weight.const_value.numpy().ndim - 2)
+        u_arr = u.T.reshape((r, k, *spatial_ones))
+        v_arr = v.T.reshape((n, r, *spatial_ones))
+    else:
+        nw, c, kh, kw = cand.weight.const_value.shape
+        u_arr = u.reshape(c, kh, r).transpose(2, 0, 1)[..., None]  # [r, C, kh, 1]
+        v_arr = v.reshape(r, kw, nw).transpose(2, 0, 1)[:, :, None, :]  # [N, r, 1, kw]
+    u_val = _initializer(graph, f"{base}.lr_u", u_arr.astype(dtype), taken)
+    v_val = _initializer(graph, f"{base}.lr_v", v_arr.astype(dtype), taken)
+    x = node.inputs[0]
+    mid = ir.Value(name=_ir_utils.unique_name(graph, f"{base}.lr_mid", taken))
+    mid.dtype = cand.weight.dtype  # MatMul/Gemm/Conv: activation dtype = weight dtype
+    first = _first_node(cand, x, u_val, mid)
+    _ir_utils.tag(first, pass_name)
+    graph.insert_before(node, first)
+    node.replace_input_with(0, mid)
+    node.replace_input_with(1, v_val)
+    if cand.kind == "gemm":
+        node.attributes["transA"] = ir.AttrInt64("transA", 0)
+        node.attributes["transB"] = ir.AttrInt64("transB", 0)
+        node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+    elif cand.kind == "conv1x1":
+        for key in ("strides", "pads", "dilations", "auto_pad"):
+            node.attributes.pop(key, None)
+    elif cand.kind == "conv-spatial":
+        _conv_attrs(node, node, axis=1)
+        node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [1, v_arr.shape[3]])
+    _ir_utils.tag(node, pass_name)
+    weight = cand.weight
+    if not weight.uses() and weight.name in graph.initializers and not weight.is_graph_output():
+        graph.initializers.pop(weight.name)
+
+
+def _first_node(cand: Candidate, x: ir.Value, u_val: ir.Value, mid: ir.Value) -> ir.Node:
+    node = cand.node
+    name = f"{node.name}.lr_u" if node.name else None
+    if cand.kind == "matmul" or (cand.kind == "gemm" and cand.layout[0] == "rows"):
+        return ir.node("MatMul", [x, u_val], outputs=[mid], name=name)
+    if cand.kind == "gemm":
+        return ir.node("Gemm", [x, u_val], {"transA": 1}, outputs=[mid], name=name)
+    attrs = {key: attr.value for key, attr in node.attributes.items()}
+    first = ir.node("Conv", [x, u_val], attrs, outputs=[mid], name=name)
+    if cand.kind == "conv-spatial":
+        _conv_attrs(node, first, axis=0)
+        first.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [u_val.shape[2], 1])
+    return first
+
+
+def _conv_attrs(source: ir.Node, target: ir.Node, axis: int) -> None:
+    """Keep only spatial ``axis`` (0 = height, 1 = width) of strides, dilations and pads."""
+    strides = list(source.attributes.get_ints("strides", [1, 1]))
+    dilations = list(source.attributes.get_ints("dilations", [1, 1]))
+    pads = list(source.attributes.get_ints("pads", [0, 0, 0, 0]))
+    keep = [1, 1]
+    keep[axis] = strides[axis]
+    dil = [1, 1]
+    dil[axis] = dilations[axis]
+    pad = [0, 0, 0, 0]
+    pad[axis], pad[axis + 2] = pads[axis], pads[axis + 2]
+    target.attributes["strides"] = ir.AttrInt64s("strides", keep)
+    target.attributes["dilations"] = ir.AttrInt64s("dilations", dil)
+    target.attributes["pads"] = ir.AttrInt64s("pads", pad)
+
+
+def _initializer(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str]) -> ir.Value:
+    name = _ir_utils.unique_name(graph, base, taken)
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def breakeven_rank(k: int, n: int, min_saving: float) -> int:
+    """Largest r with ``r * (K + N) < (1 - min_saving) * K * N`` (0 if none)."""
+    bound = (1.0 - min_saving) * k * n / (k + n)
+    r = math.ceil(bound) - 1
+    return max(0, min(r, min(k, n)))

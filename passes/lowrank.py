@@ -1,0 +1,233 @@
+"""Low-rank split of MatMul/Gemm/Conv weights: W[K,N] ~= U[K,r] @ V[r,N], plain or activation-aware.
+
+The algebra (plain SVD, whitening by the activations' second moment, the exact output-error
+curve, the least-squares re-fit) is in :mod:`onnxopt.lowrank_math`; the graph rewrite in
+:mod:`onnxopt.lowrank_graph`. This module picks the candidates, streams the calibration
+activations through onnxruntime into ``X^T X`` per input (never all activations at once),
+chooses the ranks and records what each split costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import tqdm
+
+from onnxopt import _ir_utils, runtime
+from onnxopt import lowrank_graph as lg
+from onnxopt import lowrank_math as lm
+from onnxopt.config import option
+from onnxopt.pass_base import OptPass, PassReport, register
+
+__all__ = ["LowRankConfig", "LowRankPass"]
+
+logger = logging.getLogger(__name__)
+
+_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankConfig:
+    """Options of the lowrank pass."""
+
+    method: Literal["auto", "aware", "plain"] = option(
+        "auto", "aware: whiten by calibration X^T X; plain: SVD of W; auto: aware if data is given"
+    )
+    rank_mode: Literal["ratio", "energy", "error", "global"] = option(
+        "ratio", "rank rule: fixed ratio, kept energy, per-layer error budget, or global target"
+    )
+    rank_ratio: float = option(0.25, "ratio mode: keep ceil(rank_ratio * min(K, N)) singular values")
+    energy: float = option(0.99, "energy mode: keep this fraction of sum(sigma^2)")
+    max_rel_error: float = option(0.05, "error mode: largest relative output error per layer")
+    target: float = option(0.5, "global mode: fraction of the candidate layers' cost to remove")
+    target_metric: Literal["params", "flops"] = option("params", "global mode: what target counts")
+    min_saving: float = option(0.1, "split only if r*(K+N) < (1 - min_saving)*K*N; < 0 allows growth")
+    min_elements: int = option(4096, "leave weights with fewer elements alone")
+    damping: float = option(1e-4, "aware: add damping * mean(diag X^T X) to the diagonal")
+    refit: bool = option(False, "least-squares re-fit of V on calibration data after choosing U")
+    spatial: bool = option(False, "also split k x k Conv into k x 1 then 1 x k (weight SVD)")
+    op_types: frozenset[str] = option(frozenset(_OPS), "ops to split: MatMul, Gemm, Conv")
+    max_feeds: int = option(256, "calibration feeds used for activation statistics")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rank_ratio": (0.0 < self.rank_ratio <= 1.0, "(0, 1]"),
+            "energy": (0.0 < self.energy <= 1.0, "(0, 1]"),
+            "max_rel_error": (0.0 <= self.max_rel_error < 1.0, "[0, 1)"),
+            "target": (0.0 < self.target < 1.0, "(0, 1)"),
+            "min_saving": (self.min_saving < 1.0, "(-inf, 1)"),
+            "min_elements": (self.min_elements >= 0, ">= 0"),
+            "damping": (0.0 <= self.damping < 1.0, "[0, 1)"),
+            "max_feeds": (self.max_feeds >= 1, ">= 1"),
+        }
+        for name, (ok, valid) in checks.items():
+            if not ok:
+                raise ValueError(f"{name} must be in {valid}, got {getattr(self, name)}")
+        unknown = sorted(set(self.op_types) - _OPS)
+        if unknown:
+            raise ValueError(f"op_types: unsupported {unknown[0]!r}; valid: {', '.join(sorted(_OPS))}")
+
+
+@register("lowrank")
+class LowRankPass(OptPass[LowRankConfig]):
+    """Replace MatMul(x, W) / Gemm(x, W, C) / 1x1 Conv by two thinner nodes of rank r (+ bias).
+
+    Changes: per split node adds initializers ``<W>.lr_u``, ``<W>.lr_v`` and one node before
+        it (the original node becomes the ``V`` half and keeps its output name); drops W once
+        it has no users. Optional k x k Conv -> k x 1, 1 x k (``spatial``).
+    Preserves: graph input/output names, dtypes and shapes; opset imports; nodes in subgraphs
+        (only the main graph is split); weights shared by several nodes.
+    Guarantees: splits only where r*(K+N) < (1 - min_saving)*K*N; per layer the report records
+        K, N, r, parameter and FLOP reduction, weight error and (with calibration data) the
+        relative output error on that data; at full rank the layer is reproduced up to fp32
+        rounding, and a weight of rank <= r is split exactly (tolerance "reassociate_fp32").
+    Not exact: a truncated split changes outputs by the reported ``output_rel_error``
+        (relative L2 of the layer output without its bias, on calibration data).
+    """
+
+    config_class = LowRankConfig
+    lossless = False
+
+    def requires(self, model: ir.Model) -> None:
+        if self.config.method == "aware" and self.context.calibration is None:
+            raise ir.passes.PreconditionError("lowrank method='aware' needs calibration data (--calib)")
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = self.new_report(model)
+        cfg = self.config
+        cands: list[lg.Candidate] = []
+        for node in _ir_utils.iter_nodes(model, cfg.op_types, subgraphs=False):
+            found = lg.find_candidate(node, min_elements=cfg.min_elements, spatial=cfg.spatial)
+            if isinstance(found, str):
+                report.skip(found)
+            else:
+                cands.append(found)
+        if not cands:
+            return report
+        stats = self._statistics(model, cands)
+        aware = cfg.method == "aware" or (cfg.method == "auto" and stats)
+        if cfg.method == "auto" and not stats:
+            report.note("no calibration data: plain SVD of the weights")
+        plans = []
+        bar = tqdm.tqdm(cands, desc="lowrank svd", unit="layer", disable=self.context.quiet, leave=False)
+        for cand in bar:
+            gram, rows = stats.get(cand.stats_key, (None, 0.0))
+            dec = lm.decompose(cand.matrix, gram if aware else None, damping=cfg.damping)
+            if aware and gram is not None and dec.note:
+                report.count("aware_fallback_to_plain")
+                report.note(f"{cand.label}: {dec.note}; used plain SVD")
+            elif aware and gram is None and cand.kind != "conv-spatial":
+                report.note(f"{cand.label}: no activation statistics; used plain SVD")
+            k, n = cand.matrix.shape
+            plans.append((cand, dec, gram, rows, dec.error_curve(gram), lg.breakeven_rank(k, n, cfg.min_saving)))
+        ranks = self._ranks(plans, report)
+        taken = _names(model.graph)
+        for (cand, dec, gram, rows, _curve, limit), rank in zip(plans, ranks):
+            if rank is None:
+                report.skip("global target: layer left unsplit")
+                continue
+            if rank > limit:
+                report.skip("split would not pay: r*(K+N) >= (1 - min_saving)*K*N")
+                continue
+            self._split(model.graph, cand, dec, gram, rows, rank, taken, report)
+        return report
+
+    def _statistics(self, model: ir.Model, cands: list[lg.Candidate]) -> dict[tuple, tuple[np.ndarray, float]]:
+        """Per activation key: (X^T X in float64, mean rows per feed), streamed feed by feed."""
+        data = self.context.calibration
+        keys = {c.stats_key for c in cands if c.activation is not None and c.activation.name}
+        if data is None or not keys:
+            return {}
+        if len(data) > self.config.max_feeds:
+            data = data.take(self.config.max_feeds)
+        names = sorted({name for name, _ in keys})
+        grams: dict[tuple, np.ndarray] = {}
+        rows: dict[tuple, int] = dict.fromkeys(keys, 0)
+        feeds = tqdm.tqdm(data, desc="lowrank stats", unit="feed", disable=self.context.quiet, leave=False)
+        count = 0
+        for captured in runtime.capture(model, feeds, names):
+            count += 1
+            for key in keys:
+                x = lg.rows_of(np.asarray(captured[key[0]]), key[1]).astype(np.float64)
+                grams[key] = grams[key] + x.T @ x if key in grams else x.T @ x
+                rows[key] += x.shape[0]
+        return {key: (grams[key], rows[key] / max(count, 1)) for key in grams}
+
+    def _ranks(self, plans: list, report: PassReport) -> list[int | None]:
+        cfg = self.config
+        if cfg.rank_mode != "global":
+            out: list[int | None] = []
+            for cand, dec, _gram, _rows, curve, _limit in plans:
+                k, n = cand.matrix.shape
+                if cfg.rank_mode == "ratio":
+                    out.append(min(lm.rank_for_ratio(cfg.rank_ratio, k, n), dec.max_rank))
+                elif cfg.rank_mode == "energy":
+                    out.append(lm.rank_for_energy(dec.sigma, cfg.energy))
+                else:
+                    out.append(lm.rank_for_error(curve, cfg.max_rel_error))
+            return out
+        flops = cfg.target_metric == "flops"
+        if flops and any(rows <= 0 for _c, _d, _g, rows, _cu, _l in plans):
+            report.note("target_metric=flops needs activation statistics for every layer; counted parameters")
+            flops = False
+        budgets = [
+            lm.LayerBudget(curve, *cand.matrix.shape, limit, rows if flops else 1.0)
+            for cand, _dec, _gram, rows, curve, limit in plans
+        ]
+        ranks, removed = lm.allocate_ranks(budgets, cfg.target)
+        what = "FLOPs" if flops else "parameters"
+        report.note(f"global target: removed {removed:.1%} of the candidate layers' {what} (target {cfg.target:.1%})")
+        return ranks
+
+    def _split(
+        self,
+        graph: ir.Graph,
+        cand: lg.Candidate,
+        dec: lm.Decomposition,
+        gram: np.ndarray | None,
+        rows: float,
+        rank: int,
+        taken: set[str],
+        report: PassReport,
+    ) -> None:
+        u, v = dec.factors(rank)
+        refit = self.config.refit and gram is not None
+        if refit:
+            v = lm.refit_v(cand.matrix, u, gram)
+        dtype = cand.weight.const_value.dtype.numpy()
+        u, v = u.astype(dtype), v.astype(dtype)
+        k, n = cand.matrix.shape
+        before, after = lg.split_cost(cand, rank)
+        out_err = lm.output_rel_error(cand.matrix, u, v, gram) if gram is not None else None
+        lg.apply_split(graph, cand, u, v, self.name, taken)
+        report.count("split")
+        report.count(f"split_{cand.kind}")
+        report.record(
+            cand.label,
+            op=cand.node.op_type,
+            kind=cand.kind,
+            K=k,
+            N=n,
+            rank=rank,
+            method=dec.method,
+            refit=refit,
+            params_before=before,
+            params_after=after,
+            param_reduction=1.0 - after / before,
+            flops_per_sample_before=2.0 * rows * before if rows else None,
+            flops_per_sample_after=2.0 * rows * after if rows else None,
+            flop_reduction=1.0 - after / before,
+            weight_rel_error=lm.weight_rel_error(cand.matrix, u, v),
+            output_rel_error=out_err,
+        )
+        logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
+
+
+def _names(graph: ir.Graph) -> set[str]:
+    taken = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    taken |= {v.name for node in graph.all_nodes() for v in node.outputs if v.name}
+    return taken
