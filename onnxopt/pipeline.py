@@ -132,7 +132,14 @@ def _check_numerics(p: OptPass, before: ir.Model, after: ir.Model, report: PassR
     elif len(feeds) > CHECK_FEEDS:
         feeds = feeds.take(CHECK_FEEDS)
     rtol, atol = p.tolerance
-    result = validation.compare(before, after, feeds, rtol=rtol, atol=atol)
+    try:
+        result = validation.compare(before, after, feeds, rtol=rtol, atol=atol)
+    except Exception:
+        if p.context.check_data is None and not _runs(before, feeds):
+            # Random feeds can be invalid for the model (indices out of range, ...): no check.
+            report.note("numerical check skipped: the input model does not run on random feeds")
+            return
+        raise
     worst_cos = result.worst("cosine")
     report.fidelity = {
         "max_abs": result.worst("max_abs"),
@@ -148,3 +155,13 @@ def _check_numerics(p: OptPass, before: ir.Model, after: ir.Model, report: PassR
         nonfinite = result.worst("nonfinite")
         if nonfinite:
             raise AssertionError(f"pass produced {int(nonfinite)} non-finite output values")
+
+
+def _runs(model: ir.Model, feeds: data.Dataset) -> bool:
+    """Whether ``model`` itself runs on ``feeds`` in onnxruntime."""
+    try:
+        with runtime.session(model) as handle:
+            runtime.run_all(handle, feeds)
+    except Exception:  # any onnxruntime failure means "does not run"
+        return False
+    return True
