@@ -1,0 +1,241 @@
+"""Data-aware repair of compressed linear layers: least squares on calibration activations.
+
+Every supported layer is seen as ``y = X @ Wm (+ b)`` with ``Wm`` of shape [K, N]: Gemm (either
+transB), MatMul with a 2-D weight, and group-1 2-D Conv on im2col patches. The original model
+is the teacher: for a replacement ``V`` of ``Wm`` the layer's output error on the calibration
+inputs is ``tr((Wm - V)^T H (Wm - V))`` with ``H = E[x x^T]``, so one streaming pass that
+accumulates ``H`` and the input mean ``mu`` (:func:`collect_stats`) is enough to
+
+    - refit codebook centroids (:func:`refit_codebook`): V is linear in the centroids, and the
+      normal equations have k unknowns per tensor or per channel (one unknown, the scale, for a
+      power-of-two codebook);
+    - refit the kept weights of a pruned layer (:func:`refit_rows`): least squares on the kept
+      input rows with an intercept, which absorbs the mean of the removed inputs;
+    - correct the bias for the mean output shift ``mu @ (Wm - V)`` (:func:`bias_shift`).
+
+Activations are never held for more than one feed; memory is O(K^2) per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import tqdm
+
+from onnxopt import _ir_utils, runtime
+from onnxopt.codebook import Codebook
+
+__all__ = [
+    "Layer",
+    "LayerStats",
+    "as_layer",
+    "bias_shift",
+    "collect_stats",
+    "output_error",
+    "refit_codebook",
+    "refit_rows",
+]
+
+logger = logging.getLogger(__name__)
+# Columns of a codebook refit processed at once (bounds the one-hot tensor to K * 256 * k).
+_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A linear node with a constant weight, in the ``y = X @ Wm`` view."""
+
+    node: ir.Node
+    weight: ir.Value
+    kind: str  # gemm | gemm_t | matmul | conv
+    out_axis: int  # axis of the weight that indexes output features N
+
+    @property
+    def in_features(self) -> int:
+        """K, the number of rows of Wm."""
+        shape = self.weight.const_value.shape.numpy()
+        if self.kind == "conv":
+            return int(np.prod(shape[1:]))
+        return int(shape[1] if self.kind == "gemm_t" else shape[0])
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """The weight (or any array of its shape) as Wm [K, N]."""
+        if self.kind == "conv":
+            return w.reshape(w.shape[0], -1).T
+        return w.T if self.kind == "gemm_t" else w
+
+    def unmatrix(self, wm: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`matrix`."""
+        shape = self.weight.const_value.shape.numpy()
+        if self.kind == "conv":
+            return wm.T.reshape(shape)
+        return wm.T if self.kind == "gemm_t" else wm
+
+
+def as_layer(node: ir.Node) -> Layer | str:
+    """The layer view of ``node``, or the reason it has none."""
+    weight = _ir_utils.constant_input(node, 1)
+    if weight is None:
+        return "weight is not a constant initializer"
+    rank = len(weight.const_value.shape)
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1"
+        t = node.attributes.get_int("transB", 0)
+        return Layer(node, weight, "gemm_t" if t else "gemm", 0 if t else 1)
+    if node.op_type == "MatMul":
+        if rank != 2:
+            return f"MatMul weight of rank {rank}"
+        return Layer(node, weight, "matmul", 1)
+    if node.op_type == "Conv":
+        if rank != 4:
+            return f"Conv of rank {rank} (only 2-D Conv)"
+        if node.attributes.get_int("group", 1) != 1:
+            return "grouped Conv"
+        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            return "Conv with auto_pad"
+        return Layer(node, weight, "conv", 0)
+    return f"{node.op_type} is not a linear layer"
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Streaming E[x x^T] and E[x] of a layer's input rows (float64)."""
+
+    xtx: np.ndarray
+    total: np.ndarray
+    count: int = 0
+
+    @property
+    def h(self) -> np.ndarray:
+        """E[x x^T]."""
+        return self.xtx / max(self.count, 1)
+
+    @property
+    def mu(self) -> np.ndarray:
+        """E[x]."""
+        return self.total / max(self.count, 1)
+
+    def add(self, rows: np.ndarray) -> None:
+        """Accumulate a [n, K] block of input rows."""
+        r = rows.astype(np.float64, copy=False)
+        self.xtx += r.T @ r
+        self.total += r.sum(axis=0)
+        self.count += r.shape[0]
+
+
+def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """The layer input ``x`` as rows of X (im2col patches for Conv)."""
+    if layer.kind != "conv":
+        return x.reshape(-1, x.shape[-1])
+    kh, kw = layer.weight.const_value.shape.numpy()[2:]
+    a = layer.node.attributes
+    pads = a.get_ints("pads", [0, 0, 0, 0])
+    sh, sw = a.get_ints("strides", [1, 1])
+    dh, dw = a.get_ints("dilations", [1, 1])
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, Ho, Wo, kh, kw]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+
+def collect_stats(
+    model: ir.Model, layers: Sequence[Layer], feeds: Iterable[dict[str, np.ndarray]], *, quiet: bool = False
+) -> list[LayerStats]:
+    """One onnxruntime pass over ``feeds``: input statistics of every layer (in order)."""
+    names = [lay.node.inputs[0].name for lay in layers]
+    stats = []
+    for lay in layers:
+        k = lay.in_features
+        stats.append(LayerStats(np.zeros((k, k)), np.zeros(k)))
+    total = len(feeds) if hasattr(feeds, "__len__") else None
+    captured = runtime.capture(model, feeds, names)
+    for outs in tqdm.tqdm(captured, total=total, desc="repair stats", unit="feed", disable=quiet, leave=False):
+        for lay, st, name in zip(layers, stats, names):
+            st.add(_rows(lay, outs[name]))
+    return stats
+
+
+def output_error(h: np.ndarray, wo: np.ndarray, wn: np.ndarray) -> float:
+    """Relative output error ||X (wo - wn)||^2 / ||X wo||^2 from H = E[x x^T]."""
+    d = wo - wn
+    den = float(np.einsum("kn,kn->", wo, h @ wo))
+    return float(np.einsum("kn,kn->", d, h @ d)) / max(den, 1e-30)
+
+
+def bias_shift(mu: np.ndarray, wo: np.ndarray, wn: np.ndarray) -> np.ndarray:
+    """Per output feature, the mean output lost by replacing ``wo`` with ``wn``: mu @ (wo - wn)."""
+    return mu @ (wo - wn)
+
+
+def refit_codebook(layer: Layer, book: Codebook, stats: LayerStats, wo: np.ndarray, *, scale_only: bool = False) -> None:
+    """Re-fit ``book``'s centroids in place to minimise the layer's output error.
+
+    ``scale_only`` keeps the codebook's shape and fits one scale per group (power-of-two
+    codebooks stay powers of two). Fixed centroids (zero of pruned weights) never move.
+    """
+    if book.axis is not None and book.axis != layer.out_axis:
+        raise ValueError("per-channel codebook must be along the layer's output axis")
+    h = stats.h
+    wm = layer.matrix(wo).astype(np.float64)
+    idx = layer.matrix(book.indices.reshape(book.shape) if book.axis is None else np.moveaxis(book.indices, 0, book.axis))
+    k = book.k
+    hw = h @ wm
+    n_cols = wm.shape[1]
+    per_channel = book.axis is not None
+    a_sum = np.zeros((k, k))
+    b_sum = np.zeros(k)
+    for lo in range(0, n_cols, _CHUNK):
+        hi = min(lo + _CHUNK, n_cols)
+        onehot = (idx[:, lo:hi, None] == np.arange(k)).astype(np.float64)  # [K, n, k]
+        ho = (h @ onehot.reshape(h.shape[0], -1)).reshape(onehot.shape)
+        a_n = np.einsum("kni,knj->nij", onehot, ho)
+        b_n = np.einsum("kni,kn->ni", onehot, hw[:, lo:hi])
+        if per_channel:
+            for j, n in enumerate(range(lo, hi)):
+                book.centroids[n] = _solve(a_n[j], b_n[j], book.centroids[n], book.fixed[n], scale_only)
+        else:
+            a_sum += a_n.sum(axis=0)
+            b_sum += b_n.sum(axis=0)
+    if not per_channel:
+        book.centroids[0] = _solve(a_sum, b_sum, book.centroids[0], book.fixed[0], scale_only)
+
+
+def _solve(a: np.ndarray, b: np.ndarray, c0: np.ndarray, fixed: np.ndarray, scale_only: bool) -> np.ndarray:
+    """Minimise c^T A c - 2 b^T c over free entries (ridge towards c0 keeps empty ones put)."""
+    if scale_only:
+        den = float(c0 @ a @ c0)
+        return c0 * (float(c0 @ b) / den) if den > 0 else c0
+    free = ~fixed
+    if not free.any():
+        return c0
+    af = a[np.ix_(free, free)]
+    rhs = b[free] - a[np.ix_(free, fixed)] @ c0[fixed]
+    lam = 1e-6 * float(np.mean(np.diag(af))) + 1e-12
+    sol = np.linalg.solve(af + lam * np.eye(af.shape[0]), rhs + lam * c0[free])
+    out = c0.copy()
+    out[free] = sol
+    return out
+
+
+def refit_rows(stats: LayerStats, wo: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares weights on the kept input rows ``keep`` (bool [K]) plus a bias change.
+
+    Minimises E||x @ wo - (x[keep] @ v + d)||^2; returns (v [sum(keep), N], d [N]).
+    """
+    h, mu = stats.h, stats.mu
+    idx = np.flatnonzero(keep)
+    aug = np.empty((idx.size + 1, idx.size + 1))
+    aug[:-1, :-1] = h[np.ix_(idx, idx)]
+    aug[:-1, -1] = mu[idx]
+    aug[-1, :-1] = mu[idx]
+    aug[-1, -1] = 1.0
+    wm = wo.astype(np.float64)
+    rhs = np.vstack((h[idx] @ wm, (mu @ wm)[None, :]))
+    lam = 1e-6 * float(np.mean(np.diag(aug))) + 1e-12
+    sol = np.linalg.solve(aug + lam * np.eye(aug.shape[0]), rhs)
+    return sol[:-1], sol[-1]

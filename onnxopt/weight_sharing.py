@@ -1,0 +1,214 @@
+"""The driver shared by the codebook passes (cluster, logquant): select, fit, repair, store.
+
+A pass supplies a fit function ``(w, axis) -> Codebook`` and its options; this module picks the
+weights (op type, name pattern, size, first/last layer), collects calibration statistics once
+when repair is on, re-fits the centroids and the bias (:mod:`onnxopt.repair`), and writes the
+result baked or packed (:mod:`onnxopt.codebook`), recording per tensor what it did.
+
+Repair without calibration data is not an error: the weights are still clustered, and the
+report says in a note that repair was skipped (so a ``compress`` recipe run without ``--calib``
+still compresses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import _ir_utils, repair
+from onnxopt.codebook import Codebook, IndexDType, write_weight
+from onnxopt.context import PassContext
+from onnxopt.pass_base import PassReport
+
+__all__ = ["SUPPORTED_OPS", "SharingOptions", "Target", "apply", "select"]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_OPS = frozenset({"Conv", "Gemm", "MatMul", "ConvTranspose"})
+FitFn = Callable[[np.ndarray, "int | None"], Codebook]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharingOptions:
+    """The selection/storage options common to the codebook passes."""
+
+    per_channel: bool
+    op_types: frozenset[str]
+    include: str
+    exclude: str
+    min_elements: int
+    skip_first: bool
+    skip_last: bool
+    repair: bool
+    bias_correction: bool
+    pack: bool
+    index_dtype: IndexDType
+    scale_only: bool = False
+
+
+def check_options(op_types: frozenset[str], include: str, exclude: str, min_elements: int) -> None:
+    """Config validation shared by the passes (raises ValueError naming the field)."""
+    unknown = sorted(set(op_types) - SUPPORTED_OPS)
+    if unknown:
+        raise ValueError(f"op_types: unsupported {unknown[0]!r}; valid: {', '.join(sorted(SUPPORTED_OPS))}")
+    for field, pattern in (("include", include), ("exclude", exclude)):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{field}: invalid regular expression {pattern!r} ({err})") from None
+    if min_elements < 0:
+        raise ValueError(f"min_elements must be >= 0, got {min_elements}")
+
+
+@dataclasses.dataclass
+class Target:
+    """A weight chosen for sharing, with the layer view used for repair (if any)."""
+
+    weight: ir.Value
+    layer: repair.Layer | None
+    axis: int | None
+
+
+def select(model: ir.Model, opts: SharingOptions, report: PassReport) -> list[Target]:
+    """The weights to share, each once; every candidate left out is a ``report.skip``."""
+    nodes = list(_ir_utils.iter_nodes(model, opts.op_types, subgraphs=False))
+    if opts.skip_first and nodes:
+        report.skip("first layer excluded (skip_first)")
+        nodes = nodes[1:]
+    if opts.skip_last and nodes:
+        report.skip("last layer excluded (skip_last)")
+        nodes = nodes[:-1]
+    targets: dict[int, Target] = {}
+    for node in nodes:
+        weight = _ir_utils.constant_input(node, 1)
+        if weight is None:
+            report.skip(f"{node.op_type}: weight is not a constant initializer")
+            continue
+        reason = _skip_reason(weight, opts)
+        if reason:
+            report.skip(reason)
+            continue
+        if id(weight) in targets:  # shared weight: cluster once, repair for one layer is wrong
+            targets[id(weight)].layer = None
+            continue
+        layer = repair.as_layer(node) if node.op_type != "ConvTranspose" else "ConvTranspose"
+        layer = layer if isinstance(layer, repair.Layer) else None
+        axis = None
+        if opts.per_channel:
+            if layer is None:
+                report.skip(f"{node.op_type}: per-channel needs a Gemm/2-D MatMul/Conv weight")
+                continue
+            axis = layer.out_axis
+        targets[id(weight)] = Target(weight, layer, axis)
+    return list(targets.values())
+
+
+def _skip_reason(weight: ir.Value, opts: SharingOptions) -> str | None:
+    tensor = weight.const_value
+    if not _ir_utils.is_float_dtype(tensor.dtype):
+        return f"weight dtype {tensor.dtype.name} is not float"
+    if tensor.size < opts.min_elements:
+        return f"weight smaller than min_elements={opts.min_elements}"
+    name = weight.name or ""
+    if opts.include and not re.search(opts.include, name):
+        return "name does not match include"
+    if opts.exclude and re.search(opts.exclude, name):
+        return "name matches exclude"
+    return None
+
+
+def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContext, report: PassReport, pass_name: str) -> None:
+    """Fit a codebook for every selected weight, repair when asked and possible, and store it."""
+    targets = select(model, opts, report)
+    if not targets:
+        return
+    stats: dict[int, repair.LayerStats] = {}
+    if opts.repair:
+        repairable = [t for t in targets if t.layer is not None]
+        if context.calibration is None:
+            report.note("repair requested but no calibration data: weights shared without repair")
+        elif repairable:
+            found = repair.collect_stats(model, [t.layer for t in repairable], context.calibration, quiet=context.quiet)
+            stats = {id(t.weight): s for t, s in zip(repairable, found)}
+        skipped = len(targets) - len(repairable)
+        if skipped:
+            report.skip("repair: weight is shared or not a supported linear layer", skipped)
+    opset = model.opset_imports.get("", model.graph.opset_imports.get("", 1))
+    for target in targets:
+        _share_one(model.graph, target, fit, opts, stats.get(id(target.weight)), report, opset, pass_name)
+
+
+def _share_one(
+    graph: ir.Graph,
+    target: Target,
+    fit: FitFn,
+    opts: SharingOptions,
+    stats: repair.LayerStats | None,
+    report: PassReport,
+    opset: int,
+    pass_name: str,
+) -> None:
+    weight = target.weight
+    w = weight.const_value.numpy()
+    book = fit(w.astype(np.float64), target.axis)
+    fields: dict[str, object] = {"shape": list(w.shape), "k": book.k, "axis": target.axis}
+    fields["weight_rel_error"] = _rel(w, book.weights(np.float64))
+    if stats is not None:
+        layer = target.layer
+        wm = layer.matrix(w.astype(np.float64))
+        before = layer.matrix(book.weights(np.float64))
+        fields["output_rel_error_before"] = repair.output_error(stats.h, wm, before)
+        repair.refit_codebook(layer, book, stats, w, scale_only=opts.scale_only)
+        after = layer.matrix(book.weights(np.float64))
+        fields["output_rel_error_after"] = repair.output_error(stats.h, wm, after)
+        if opts.bias_correction:
+            fields["bias"] = _correct_bias(graph, layer, repair.bias_shift(stats.mu, wm, after), pass_name)
+        report.count("repaired")
+    storage = write_weight(graph, weight, book, pack=opts.pack, index_dtype=opts.index_dtype, opset=opset, pass_name=pass_name)
+    fields["storage"] = storage
+    report.count("shared")
+    if opts.pack:
+        report.count("packed")
+    report.record(weight.name or "?", **fields)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def _correct_bias(graph: ir.Graph, layer: repair.Layer, shift: np.ndarray, pass_name: str) -> str:
+    """Add ``shift`` to the layer's bias (creating one for Conv/Gemm); returns what happened."""
+    node = layer.node
+    if layer.kind == "matmul":
+        return "not corrected: MatMul has no bias input"
+    scale = 1.0
+    if layer.kind.startswith("gemm"):
+        scale = node.attributes.get_float("alpha", 1.0) / node.attributes.get_float("beta", 1.0)
+    dtype = layer.weight.const_value.dtype.numpy()
+    bias = _ir_utils.constant_input(node, 2)
+    if bias is None and len(node.inputs) > 2 and node.inputs[2] is not None:
+        return "not corrected: bias is not a constant initializer"
+    if bias is not None:
+        old = bias.const_value.numpy()
+        if old.size not in (1, shift.size) or len(bias.uses()) > 1:
+            return "not corrected: bias is shared or not per output feature"
+        new = np.broadcast_to(old.reshape(-1), shift.shape) + scale * shift
+        bias.const_value = ir.tensor(new.astype(dtype), name=bias.name)
+        bias.shape = ir.Shape(new.shape)
+        return "corrected"
+    if layer.kind.startswith("gemm") and node.attributes.get_float("beta", 1.0) == 0.0:
+        return "not corrected: Gemm beta=0"
+    name = _ir_utils.unique_name(graph, f"{layer.weight.name}.bias")
+    value = ir.Value(name=name, const_value=ir.tensor((scale * shift).astype(dtype), name=name))
+    value.shape = ir.Shape(shift.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)
+    _ir_utils.tag(node, pass_name)
+    return "added"

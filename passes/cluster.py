@@ -1,0 +1,101 @@
+"""Weight clustering (weight sharing): each weight replaced by the nearest of k centroids.
+
+The classic Deep Compression recipe (Han et al., ICLR 2016) on the ONNX graph: cluster each
+selected weight tensor (or each output channel) with 1-D k-means (:mod:`onnxopt.kmeans1d`),
+replace every value by its centroid, and store the centroids. With calibration data the
+centroids are re-fitted by least squares so that each layer's outputs match the original
+layer's on the calibration activations, and biases absorb the mean output shift
+(:mod:`onnxopt.repair`). With ``pack`` the indices are stored as UINT8 or 4-bit tensors and
+rebuilt in-graph (:mod:`onnxopt.codebook`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import weight_sharing
+from onnxopt.codebook import Codebook, IndexDType, fit_kmeans
+from onnxopt.config import option
+from onnxopt.kmeans1d import Init
+from onnxopt.pass_base import OptPass, PassReport, register
+
+__all__ = ["ClusterConfig", "ClusterPass"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Options of the cluster pass."""
+
+    clusters: int = option(16, "k, centroids per tensor (or per channel), 2..256")
+    per_channel: bool = option(False, "one codebook per output channel instead of per tensor")
+    init: Init = option("kmeans++", "k-means initialisation: kmeans++, linear or density")
+    op_types: frozenset[str] = option(
+        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is clustered"
+    )
+    include: str = option("", "regular expression: only weights whose name matches")
+    exclude: str = option("", "regular expression: leave weights whose name matches")
+    min_elements: int = option(256, "leave smaller weights alone")
+    skip_first: bool = option(False, "leave the first matching layer alone")
+    skip_last: bool = option(False, "leave the last matching layer alone")
+    keep_zeros: bool = option(True, "exact zeros (pruned weights) keep a fixed zero centroid")
+    repair: bool = option(False, "re-fit centroids on calibration data (skipped with a note without data)")
+    bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
+    pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
+    index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if k <= 16), uint8, uint4")
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.clusters <= 256:
+            raise ValueError(f"clusters must be in 2..256, got {self.clusters}")
+        if self.index_dtype == "uint4" and self.clusters > 16:
+            raise ValueError(f"index_dtype=uint4 holds at most 16 clusters, got clusters={self.clusters}")
+        weight_sharing.check_options(self.op_types, self.include, self.exclude, self.min_elements)
+
+
+@register("cluster")
+class ClusterPass(OptPass[ClusterConfig]):
+    """Share weights: every selected weight takes one of ``clusters`` values per tensor/channel.
+
+    Changes: replaces selected Conv/Gemm/MatMul weights (baked: same initializer, clustered
+        values; packed: ``<W>.idx``/``<W>.idx4``/``<W>.idx4x2`` index and ``<W>.codebook``
+        initializers plus Cast/Gather(Elements)/Reshape nodes that rebuild W). With repair,
+        biases change (or are added to Conv/Gemm) by the mean output shift.
+    Preserves: graph inputs/outputs, opset imports, weights that are not selected.
+    Guarantees: ``len(unique(W)) <= clusters`` per tensor (per channel with ``per_channel``);
+        packed and baked models give bit-identical weights; each tensor's relative weight error
+        (and with repair the relative output error on calibration data before/after) is in
+        the report records. Weights it cannot handle are left as they are, with a skip reason.
+    Not exact: outputs change; tests bound them from the reported errors
+        (tests/passes/test_cluster.py).
+    """
+
+    config_class = ClusterConfig
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = self.new_report(model)
+        cfg = self.config
+        opts = weight_sharing.SharingOptions(
+            per_channel=cfg.per_channel,
+            op_types=cfg.op_types,
+            include=cfg.include,
+            exclude=cfg.exclude,
+            min_elements=cfg.min_elements,
+            skip_first=cfg.skip_first,
+            skip_last=cfg.skip_last,
+            repair=cfg.repair,
+            bias_correction=cfg.bias_correction,
+            pack=cfg.pack,
+            index_dtype=cfg.index_dtype,
+        )
+        seed = self.context.seed
+
+        def fit(w: np.ndarray, axis: int | None) -> Codebook:
+            return fit_kmeans(w, cfg.clusters, axis, init=cfg.init, keep_zeros=cfg.keep_zeros, seed=seed)
+
+        weight_sharing.apply(model, fit, opts, self.context, report, self.name)
+        return report
