@@ -66,7 +66,11 @@ def input_signature(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+            # A negative static dim (PP-OCR cls declares batch as -1) means "any size".
+            shape = tuple(
+                (d if d >= 0 else None) if isinstance(d, int) else (d.value if d.value else None)
+                for d in value.shape
+            )
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))
     return specs
 
