@@ -1,0 +1,222 @@
+"""Per-op QDQ rules: small pure functions ``(node, ctx) -> QuantPlan | None``.
+
+A rule says which inputs of a node become QuantizeLinear/DequantizeLinear pairs and how:
+activations per tensor from the calibration table, constant weights symmetric int8 (per
+channel along ``axis``), biases int32 with ``s_b = s_x * s_w``. ``None`` means "not applicable";
+the rule then says why through ``ctx.refuse(reason)``, so every node left float has a reason.
+Rules never edit the graph; :mod:`onnxopt.qdq_insert` applies the plans in one place.
+
+onnxruntime fuses ``DQ -> op -> Q`` groups into integer kernels (QLinearConv, QLinearMatMul,
+QGemm, QLinearAdd, ...); data-movement ops (MaxPool, Reshape, Transpose, ...) must see the same
+scale on input and output to be dropped from the integer path, so their rule sets ``share``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import _ir_utils
+
+__all__ = ["ABSORBED_OPS", "RULES", "SUPPORTED_OPS", "QuantPlan", "RuleContext", "WeightSpec"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """A constant input quantized symmetric int8; ``axis=None`` means per tensor."""
+
+    index: int
+    axis: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan:
+    """What to quantize around one node.
+
+    Attributes:
+        node: the node.
+        activations: input indices quantized per tensor with calibrated ranges.
+        weight: the constant weight input, if any.
+        bias: index of a constant bias input to store as int32 (needs input 0 and the weight).
+        constants: constant inputs quantized per tensor from their own min/max (Add/Mul operands).
+        outputs: output indices quantized (Relu/Clip consumers are absorbed by the inserter).
+        share: outputs reuse input 0's scale and zero point (data movement).
+    """
+
+    node: ir.Node
+    activations: tuple[int, ...] = ()
+    weight: WeightSpec | None = None
+    bias: int | None = None
+    constants: tuple[int, ...] = ()
+    outputs: tuple[int, ...] = (0,)
+    share: bool = False
+
+
+@dataclasses.dataclass
+class RuleContext:
+    """What rules may look at: calibrated ranges and options; collects refusal reasons.
+
+    Attributes:
+        ranges: calibrated (low, high) per tensor name.
+        per_tensor: weights per tensor instead of per channel.
+        mask_threshold: activations with ``max |x|`` above this (attention masks such as
+            -1e9 or -3.4e38) are never quantized.
+        reasons: node name -> why the last rule refused it.
+    """
+
+    ranges: Mapping[str, tuple[float, float]]
+    per_tensor: bool = False
+    mask_threshold: float = 1e4
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def refuse(self, node: ir.Node, reason: str) -> None:
+        """Record why ``node`` stays float; returns None for ``return ctx.refuse(...)``."""
+        self.reasons[node.name or node.op_type] = reason
+
+    def activation(self, node: ir.Node, index: int) -> bool:
+        """True if input ``index`` is a non-constant float tensor with a usable range."""
+        value = node.inputs[index] if index < len(node.inputs) else None
+        if value is None or value.name not in self.ranges:
+            self.refuse(node, f"input {index} has no calibrated range")
+            return False
+        lo, hi = self.ranges[value.name]
+        if max(abs(lo), abs(hi)) > self.mask_threshold:
+            self.refuse(
+                node,
+                f"input {index} reaches {max(abs(lo), abs(hi)):.3g} (attention mask or outlier): kept float",
+            )
+            return False
+        return True
+
+
+def _const_weight(node: ir.Node, index: int, ctx: RuleContext) -> np.ndarray | None:
+    value = _ir_utils.constant_input(node, index)
+    if value is None:
+        ctx.refuse(node, f"input {index} (weight) is not a constant initializer")
+        return None
+    array = _ir_utils.constant_array(value)
+    if array.dtype != np.float32:
+        ctx.refuse(node, f"weight dtype {array.dtype} is not float32")
+        return None
+    return array
+
+
+def _bias_index(node: ir.Node, index: int) -> int | None:
+    if index >= len(node.inputs) or node.inputs[index] is None:
+        return None
+    value = _ir_utils.constant_input(node, index)
+    if value is None or _ir_utils.constant_array(value).ndim != 1:
+        return None
+    return index
+
+
+def _conv(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    if not ctx.activation(node, 0):
+        return None
+    w = _const_weight(node, 1, ctx)
+    if w is None:
+        return None
+    axis = None if ctx.per_tensor else 0
+    return QuantPlan(node, (0,), WeightSpec(1, axis), _bias_index(node, 2))
+
+
+def _conv_transpose(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    if not ctx.activation(node, 0):
+        return None
+    if _const_weight(node, 1, ctx) is None:
+        return None
+    group = node.attributes.get_int("group", 1)
+    axis = None if ctx.per_tensor or group != 1 else 1
+    return QuantPlan(node, (0,), WeightSpec(1, axis), _bias_index(node, 2))
+
+
+def _matmul(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    if not ctx.activation(node, 0):
+        return None
+    if _ir_utils.constant_input(node, 1) is not None:
+        w = _const_weight(node, 1, ctx)
+        if w is None or w.ndim < 2:
+            if w is not None:
+                ctx.refuse(node, "weight has rank < 2")
+            return None
+        return QuantPlan(node, (0,), WeightSpec(1, None if ctx.per_tensor else w.ndim - 1))
+    if not ctx.activation(node, 1):
+        return None
+    return QuantPlan(node, (0, 1))
+
+
+def _gemm(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    if node.attributes.get_int("transA", 0):
+        ctx.refuse(node, "Gemm with transA=1")
+        return None
+    if not ctx.activation(node, 0):
+        return None
+    if _const_weight(node, 1, ctx) is None:
+        return None
+    axis = None if ctx.per_tensor else (0 if node.attributes.get_int("transB", 0) else 1)
+    plain = node.attributes.get_float("alpha", 1.0) == 1.0 and node.attributes.get_float("beta", 1.0) == 1.0
+    return QuantPlan(node, (0,), WeightSpec(1, axis), _bias_index(node, 2) if plain else None)
+
+
+def _binary(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    acts, consts = [], []
+    for i in (0, 1):
+        value = _ir_utils.constant_input(node, i)
+        if value is not None:
+            array = _ir_utils.constant_array(value)
+            if array.dtype != np.float32 or (array.size and np.abs(array).max() > ctx.mask_threshold):
+                ctx.refuse(node, f"constant input {i} is not float32 or is an additive mask")
+                return None
+            consts.append(i)
+        elif ctx.activation(node, i):
+            acts.append(i)
+        else:
+            return None
+    if not acts:
+        ctx.refuse(node, "both inputs are constant")
+        return None
+    return QuantPlan(node, tuple(acts), constants=tuple(consts))
+
+
+def _shared(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    if not ctx.activation(node, 0):
+        return None
+    n_out = 1 if node.op_type == "MaxPool" else len(node.outputs)
+    return QuantPlan(node, (0,), outputs=tuple(range(n_out)), share=True)
+
+
+def _single(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    if not ctx.activation(node, 0):
+        return None
+    return QuantPlan(node, (0,))
+
+
+def _concat(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    for i in range(len(node.inputs)):
+        if not ctx.activation(node, i):
+            return None
+    return QuantPlan(node, tuple(range(len(node.inputs))))
+
+
+Rule = Callable[[ir.Node, RuleContext], "QuantPlan | None"]
+RULES: dict[str, Rule] = {
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "MatMul": _matmul,
+    "Gemm": _gemm,
+    "Add": _binary,
+    "Mul": _binary,
+    "Concat": _concat,
+    "AveragePool": _single,
+    "GlobalAveragePool": _single,
+    **dict.fromkeys(
+        ("MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather"),
+        _shared,
+    ),
+}
+SUPPORTED_OPS: frozenset[str] = frozenset(RULES)
+# Activations absorbed into the preceding quantized output (its range already excludes < 0).
+ABSORBED_OPS: frozenset[str] = frozenset({"Relu", "Clip"})

@@ -1,0 +1,315 @@
+"""quantize: exact Q/DQ structure per rule, numerics in onnxruntime, fusion, contracts."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxopt import calibration, io, runtime
+from onnxopt.context import PassContext
+from onnxopt.data import Dataset
+from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
+
+
+def _arr(a: np.ndarray) -> str:
+    return ",".join(f"{v:.6f}" for v in np.asarray(a, dtype=np.float32).ravel())
+
+
+def _run_pass(model: ir.Model, feeds, **options) -> tuple[ir.Model, object]:
+    options.setdefault("latency_runs", 0)
+    options.setdefault("calibration_method", "minmax")  # no clipping: the 2 x scale bound holds
+    ctx = PassContext(calibration=Dataset.from_feeds(feeds), quiet=True)
+    report = QuantizePass(QuantizeConfig(**options), ctx)(model)
+    return model, report
+
+
+def _ops(model: ir.Model) -> collections.Counter[str]:
+    return collections.Counter(n.op_type for n in model.graph.all_nodes())
+
+
+def _dq_input_dtypes(model: ir.Model) -> collections.Counter[str]:
+    return collections.Counter(n.inputs[0].const_value.dtype.name if n.inputs[0].const_value is not None
+                               else "activation" for n in model.graph if n.op_type == "DequantizeLinear")
+
+
+def _outputs(model: ir.Model, feeds) -> list[dict[str, np.ndarray]]:
+    with runtime.session(model) as s:
+        return runtime.run_all(s, feeds)
+
+
+def _output_scale(model: ir.Model, name: str) -> float:
+    out = next(v for v in model.graph.outputs if v.name == name)
+    dq = out.producer()
+    assert dq is not None and dq.op_type == "DequantizeLinear", "output is not quantized"
+    return float(dq.inputs[1].const_value.numpy())
+
+
+def _scales(model: ir.Model, *, weights: bool) -> list[np.ndarray]:
+    """Scales of the weight DequantizeLinear nodes (int8 constants), or of the activation ones."""
+    out = []
+    for n in model.graph:
+        if n.op_type != "DequantizeLinear":
+            continue
+        const = n.inputs[0].const_value
+        is_weight = const is not None and const.dtype == ir.DataType.INT8
+        if is_weight == weights:
+            out.append(n.inputs[1].const_value.numpy())
+    return out
+
+
+def _linear_atol(quant: ir.Model, w: np.ndarray, x_absmax: float, reduce_axes: tuple[int, ...]) -> float:
+    """Worst-case error of one quantized linear layer y = W x (+ b), then 2 x output scale.
+
+    Rounding x costs at most s_x / 2 per term, rounding W at most s_w / 2 per term, so
+    |dy| <= s_x / 2 * sum|W| + |x|max * K * s_w / 2 over the accumulation axis, plus the output
+    rounding; every scale is read back from the quantized model.
+    """
+    s_x = max(float(s.max()) for s in _scales(quant, weights=False))
+    s_w = max(float(s.max()) for s in _scales(quant, weights=True))
+    k = int(np.prod([w.shape[a] for a in reduce_axes]))
+    row = float(np.abs(w).sum(axis=reduce_axes).max())
+    return s_x / 2 * row + x_absmax * k * s_w / 2
+
+
+def _extra(ref: ir.Model, quant: ir.Model, feeds, reduce_axes: tuple[int, ...]) -> float:
+    w = ref.graph.initializers["w"].const_value.numpy()
+    return _linear_atol(quant, w, max(float(np.abs(f["x"]).max()) for f in feeds), reduce_axes)
+
+
+def _assert_close_to_float(ref: ir.Model, quant: ir.Model, feeds, output: str = "y", extra: float = 0.0) -> None:
+    """atol = 2 x output scale (tests/tolerances.py) + ``extra`` (propagated input rounding)."""
+    atol = 2 * _output_scale(quant, output) + extra
+    for r, q in zip(_outputs(ref, feeds), _outputs(quant, feeds)):
+        np.testing.assert_allclose(q[output], r[output], rtol=0, atol=atol)
+
+
+def conv_relu(rng, opset: int = 17) -> ir.Model:
+    w = rng.standard_normal((4, 3, 3, 3)) * 0.3
+    b = rng.standard_normal(4) * 0.1
+    return ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) <float[4, 3, 3, 3] w = {{{_arr(w)}}}, float[4] b = {{{_arr(b)}}}> {{
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    y = Relu(c)
+}}""")
+
+
+def image_feeds(rng, n: int = 4):
+    return [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def test_conv_relu_structure_dtypes_and_numerics(rng):
+    model, feeds = conv_relu(rng), image_feeds(rng)
+    ref = model.clone()
+    model, report = _run_pass(model, feeds)
+    assert report.counts["quantized_Conv"] == 1 and report.counts["relu_clip_absorbed"] == 1
+    assert _ops(model) == {"QuantizeLinear": 2, "DequantizeLinear": 4, "Conv": 1, "Relu": 1}
+    assert _dq_input_dtypes(model) == {"activation": 2, "INT8": 1, "INT32": 1}
+    weight_dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+                     and n.inputs[0].const_value.dtype == ir.DataType.INT8)
+    assert weight_dq.attributes["axis"].value == 0 and weight_dq.inputs[1].const_value.shape == (4,)
+    for q in (n for n in model.graph if n.op_type == "QuantizeLinear"):
+        assert q.inputs[2].const_value.dtype == ir.DataType.UINT8
+    # Relu is absorbed: the quantized tensor is the Relu output, its zero point is 0.
+    assert _ops(model)["Relu"] == 1 and model.graph.outputs[0].producer().op_type == "DequantizeLinear"
+    assert int(model.graph.outputs[0].producer().inputs[2].const_value.numpy()) == 0
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    _assert_close_to_float(ref, model, feeds, extra=_extra(ref, model, feeds, (1, 2, 3)))
+
+
+def test_onnxruntime_fuses_into_integer_kernels(rng, tmp_path):
+    model, _ = _run_pass(conv_relu(rng), image_feeds(rng))
+    mm, _ = _run_pass(matmul_model(rng), vector_feeds(rng))
+    for m, kernel in ((model, "QLinearConv"), (mm, "QLinearMatMul")):
+        path = tmp_path / f"{kernel}.onnx"
+        with runtime.session(m, opt_level="extended", optimized_model_path=path):
+            pass
+        fused = _ops(io.load_model(path))
+        assert fused[kernel] == 1, fused
+        assert kernel.removeprefix("QLinear") not in fused
+
+
+def matmul_model(rng, transposed_gemm: bool = False) -> ir.Model:
+    w = rng.standard_normal((16, 8)) * 0.3
+    return ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16] x) => (float[N, 8] y) <float[16, 8] w = {{{_arr(w)}}}> {{
+    y = MatMul(x, w)
+}}""")
+
+
+def vector_feeds(rng, n: int = 4, width: int = 16):
+    return [{"x": rng.standard_normal((5, width)).astype(np.float32)} for _ in range(n)]
+
+
+def test_matmul_weight_is_per_column(rng):
+    model, feeds = matmul_model(rng), vector_feeds(rng)
+    ref = model.clone()
+    model, report = _run_pass(model, feeds)
+    assert _ops(model) == {"QuantizeLinear": 2, "DequantizeLinear": 3, "MatMul": 1}
+    wdq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None)
+    assert wdq.attributes["axis"].value == 1 and wdq.inputs[1].const_value.shape == (8,)
+    _assert_close_to_float(ref, model, feeds, extra=_extra(ref, model, feeds, (0,)))
+    per_tensor, _ = _run_pass(matmul_model(rng), feeds, per_tensor=True)
+    wdq = next(n for n in per_tensor.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None)
+    assert "axis" not in wdq.attributes and wdq.inputs[1].const_value.shape == ()
+
+
+def test_gemm_trans_b_bias_and_int8_activations(rng):
+    w = rng.standard_normal((8, 16)) * 0.3
+    b = rng.standard_normal(8) * 0.1
+    model = ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16] x) => (float[N, 8] y) <float[8, 16] w = {{{_arr(w)}}}, float[8] b = {{{_arr(b)}}}> {{
+    y = Gemm <transB = 1> (x, w, b)
+}}""")
+    feeds = vector_feeds(rng)
+    ref = model.clone()
+    model, report = _run_pass(model, feeds, activation_type="int8", symmetric_activations=True)
+    assert report.counts["int32_biases"] == 1
+    wdq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+               and n.inputs[0].const_value.dtype == ir.DataType.INT8)
+    assert wdq.attributes["axis"].value == 0
+    for q in (n for n in model.graph if n.op_type == "QuantizeLinear"):
+        assert q.inputs[2].const_value.dtype == ir.DataType.INT8 and int(q.inputs[2].const_value.numpy()) == 0
+    _assert_close_to_float(ref, model, feeds, extra=_extra(ref, model, feeds, (1,)))
+
+
+def test_elementwise_and_data_movement_rules(rng):
+    model = ir.from_onnx_text("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x, float[N, 3, 8, 8] z) => (float[N, 12, 4, 4] y) <float k = {0.5}> {
+    a = Add(x, z)
+    m = Mul(a, k)
+    p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (m)
+    t = Transpose <perm = [0, 1, 3, 2]> (p)
+    av = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (m)
+    c = Concat <axis = 1> (p, t, av, av)
+    y = Relu(c)
+}""")
+    feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32),
+              "z": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    ref = model.clone()
+    model, report = _run_pass(model, feeds)
+    for op in ("Add", "Mul", "MaxPool", "Transpose", "AveragePool", "Concat"):
+        assert report.counts[f"quantized_{op}"] == 1, op
+    # x, z, a, m, p (shared), t (shared), av, relu(c)
+    assert _ops(model)["QuantizeLinear"] == 8
+    pool = next(n for n in model.graph if n.op_type == "MaxPool")
+    q_out = pool.outputs[0].uses()[0].node
+    dq_in = pool.inputs[0].producer()
+    assert q_out.op_type == "QuantizeLinear" and dq_in.op_type == "DequantizeLinear"
+    assert q_out.inputs[1].const_value.numpy() == dq_in.inputs[1].const_value.numpy()  # shared scale
+    _assert_close_to_float(ref, model, feeds, extra=sum(float(s) for s in _scales(model, weights=False)) / 2)
+
+
+def test_attention_mask_add_stays_float_and_is_reported(rng):
+    model = ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 4] s, float[N, 4, 4] mask) => (float[N, 4, 4] y) <float[4, 4] w = {{{_arr(rng.standard_normal((4, 4)))}}}> {{
+    q = MatMul(s, w)
+    a = Add(q, mask)
+    y = Softmax <axis = -1> (a)
+}}""")
+    feeds = []
+    for _ in range(3):
+        m = np.where(rng.random((2, 4, 4)) < 0.3, -1e9, 0.0).astype(np.float32)
+        feeds.append({"s": rng.standard_normal((2, 4, 4)).astype(np.float32), "mask": m})
+    ref = model.clone()
+    model, report = _run_pass(model, feeds)
+    assert report.counts["quantized_MatMul"] == 1 and "quantized_Add" not in report.counts
+    assert any("attention mask" in r for r in report.skipped) and any("attention mask" in n for n in report.notes)
+    add = next(n for n in model.graph if n.op_type == "Add")
+    assert add.inputs[1].name == "mask"  # the mask reaches the Add unquantized
+    for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds)):
+        np.testing.assert_allclose(q["y"], r["y"], atol=0.05)
+
+
+def test_no_op_on_a_graph_without_quantizable_ops(rng):
+    model = ir.from_onnx_text("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+    y = Softmax <axis = -1> (x)
+}""")
+    before = ir.to_proto(model).SerializeToString()
+    model, report = _run_pass(model, vector_feeds(rng, width=4))
+    assert report.modified is False
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_config_and_precondition_errors(rng):
+    with pytest.raises(ValueError, match="unknown op type 'Cnv' in exclude_ops"):
+        QuantizeConfig(exclude_ops=frozenset({"Cnv"}))
+    with pytest.raises(ValueError, match="percentile must be in"):
+        QuantizeConfig(percentile=120)
+    ctx = PassContext(calibration=Dataset.from_feeds(image_feeds(rng, 1)), quiet=True)
+    with pytest.raises(ir.passes.PreconditionError, match="exclude_nodes: no node named 'nope'"):
+        QuantizePass(QuantizeConfig(exclude_nodes=frozenset({"nope"})), ctx)(conv_relu(rng))
+    with pytest.raises(ir.passes.PreconditionError, match="needs calibration data"):
+        QuantizePass(QuantizeConfig())(conv_relu(rng))
+    with pytest.raises(ir.passes.PreconditionError, match="opset >= 10, model has 9"):
+        QuantizePass(QuantizeConfig(), ctx)(conv_relu(rng, opset=9))
+
+
+def test_excluded_node_and_op_stay_float(rng):
+    model = conv_relu(rng)
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    conv.name = "conv0"
+    model, report = _run_pass(model, image_feeds(rng), exclude_nodes=frozenset({"conv0"}))
+    assert report.modified is False and report.skipped["Conv: node excluded by config"] == 1
+    model, report = _run_pass(conv_relu(rng), image_feeds(rng), exclude_ops=frozenset({"Conv"}))
+    assert report.modified is False and report.skipped["Conv: op type excluded by config"] == 1
+
+
+def test_opset_11_is_upgraded_and_still_matches(rng):
+    model, feeds = conv_relu(rng, opset=11), image_feeds(rng)
+    ref = model.clone()
+    model, report = _run_pass(model, feeds)
+    assert model.opset_imports[""] == 13 and report.counts["opset_upgraded"] == 1
+    _assert_close_to_float(ref, model, feeds, extra=_extra(ref, model, feeds, (1, 2, 3)))
+
+
+def test_saved_calibration_table_replaces_data(rng, tmp_path):
+    model, feeds = conv_relu(rng), image_feeds(rng)
+    table = calibration.collect_ranges(model, feeds, quiet=True)
+    table.save(tmp_path / "t.json")
+    ref = model.clone()
+    report = QuantizePass(QuantizeConfig(calib_table=str(tmp_path / "t.json")))(model)
+    assert report.counts["quantized_Conv"] == 1 and not report.records  # no data: no SQNR
+    _assert_close_to_float(ref, model, feeds, extra=_extra(ref, model, feeds, (1, 2, 3)))
+
+
+def test_sqnr_records_sorted_and_latency_measured(rng):
+    model, report = _run_pass(conv_relu(rng), image_feeds(rng), latency_runs=3)
+    sqnr = [r for r in report.records if "sqnr_db" in r]
+    assert [r["item"] for r in sqnr] and sorted(r["sqnr_db"] for r in sqnr) == [r["sqnr_db"] for r in sqnr]
+    assert all(r["sqnr_db"] > 20 for r in sqnr)
+    latency = next(r for r in report.records if r["item"] == "latency")
+    assert latency["fp32_ms"] > 0 and latency["int8_ms"] > 0
+
+
+def test_if_subgraph_nodes_stay_float_with_a_reason(rng):
+    w = _arr(rng.standard_normal((16, 8)))
+    model = ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16] x, bool c) => (float[N, 8] y) <float[16, 8] w = {{{w}}}> {{
+    h = MatMul(x, w)
+    y = If (c) <
+        then_branch = t () => (float[N, 8] o) {{ o = MatMul(x, w) }},
+        else_branch = e () => (float[N, 8] o2) {{ o2 = Relu(h) }}
+    >
+}}""")
+    feeds = [{"x": rng.standard_normal((3, 16)).astype(np.float32), "c": np.array(i % 2 == 0)} for i in range(4)]
+    ref = model.clone()
+    size_before = ir.to_proto(model).ByteSize()
+    model, report = _run_pass(model, feeds)
+    assert report.counts["quantized_MatMul"] == 1
+    assert report.skipped["MatMul: inside a subgraph (If/Loop/Scan body), left float"] == 1
+    assert ir.to_proto(model).ByteSize() <= size_before + 1024  # the float w stays for the branch
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds)):
+        np.testing.assert_allclose(q["y"], r["y"], atol=0.1)
