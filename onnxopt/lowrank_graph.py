@@ -1,7 +1,7 @@
-"""Graph side of the low-rank split: which nodes qualify, their weight as a [K, N] matrix,
-their activations as rows, and the in-place rewrite into two thinner nodes.
+"""Graph side of the low-rank split: candidates, weight matrices, activation rows, rewrite.
 
-Every rewrite keeps the original node (and so its output name and its users) as the second,
+Which nodes qualify, their weight as a [K, N] matrix, their activations as rows, and the
+in-place rewrite into two thinner nodes. Every rewrite keeps the original node (and so its output name and its users) as the second,
 ``V`` half, and inserts the ``U`` half before it:
 
 - ``MatMul(x, W)`` -> ``MatMul(MatMul(x, U), V)`` for x of any rank (rows are x's last axis).
@@ -40,6 +40,7 @@ class Candidate:
         matrix: the weight as [K, N] float64 (Gemm alpha folded in).
         activation: the value whose rows multiply ``matrix`` (None: not available).
         layout: how :func:`rows_of` turns a captured activation into [rows, K].
+
     """
 
     node: ir.Node
@@ -61,7 +62,7 @@ class Candidate:
 
 
 def find_candidate(node: ir.Node, *, min_elements: int, spatial: bool) -> Candidate | str:
-    """A :class:`Candidate` for ``node``, or the reason it cannot be split."""
+    """Return a :class:`Candidate` for ``node``, or the reason it cannot be split."""
     weight = _ir_utils.constant_input(node, 1)
     if weight is None:
         return f"{node.op_type} weight is not a constant initializer"
@@ -118,7 +119,7 @@ def _conv(node: ir.Node, weight: ir.Value, w: np.ndarray, spatial: bool) -> Cand
 
 
 def rows_of(array: np.ndarray, layout: tuple) -> np.ndarray:
-    """The captured activation as [rows, K] (the rows that multiply the [K, N] matrix)."""
+    """Reshape a captured activation to [rows, K] (the rows that multiply the [K, N] matrix)."""
     if layout[0] == "cols":
         return array.T
     if layout[0] == "channels":

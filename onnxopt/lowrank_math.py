@@ -62,6 +62,7 @@ class Decomposition:
         right: [m, N] with orthonormal rows.
         method: "plain", or "aware-cholesky" / "aware-eigen" (whitened).
         note: why an activation-aware request fell back to plain, else "".
+
     """
 
     left: np.ndarray
@@ -194,6 +195,7 @@ class LayerBudget:
         n: output features.
         max_rank: largest rank allowed to split (where the split still pays).
         weight: cost multiplier (1 for parameters; rows per sample for FLOPs).
+
     """
 
     curve: np.ndarray

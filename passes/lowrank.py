@@ -93,10 +93,12 @@ class LowRankPass(OptPass[LowRankConfig]):
     lossless = False
 
     def requires(self, model: ir.Model) -> None:
+        """Refuse method "aware" without calibration data in the context."""
         if self.config.method == "aware" and self.context.calibration is None:
             raise ir.passes.PreconditionError("lowrank method='aware' needs calibration data (--calib)")
 
     def call(self, model: ir.Model) -> PassReport:
+        """Split every qualifying node in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
         cands: list[lg.Candidate] = []
@@ -113,7 +115,7 @@ class LowRankPass(OptPass[LowRankConfig]):
         if cfg.method == "auto" and not stats:
             report.note("no calibration data: plain SVD of the weights")
         plans = []
-        bar = tqdm.tqdm(cands, desc="lowrank svd", unit="layer", disable=self.context.quiet, leave=False)
+        bar = tqdm.tqdm(cands, desc="lowrank svd", unit="layer", disable=self.context.quiet or len(cands) < 2, leave=False)
         for cand in bar:
             gram, rows = stats.get(cand.stats_key, (None, 0.0))
             dec = lm.decompose(cand.matrix, gram if aware else None, damping=cfg.damping)
@@ -126,7 +128,7 @@ class LowRankPass(OptPass[LowRankConfig]):
             plans.append((cand, dec, gram, rows, dec.error_curve(gram), lg.breakeven_rank(k, n, cfg.min_saving)))
         ranks = self._ranks(plans, report)
         taken = _names(model.graph)
-        for (cand, dec, gram, rows, _curve, limit), rank in zip(plans, ranks):
+        for (cand, dec, gram, rows, _curve, limit), rank in zip(plans, ranks, strict=True):
             if rank is None:
                 report.skip("global target: layer left unsplit")
                 continue

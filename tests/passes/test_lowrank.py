@@ -1,0 +1,344 @@
+"""lowrank: structure, no-op, contract and numerics (onnxruntime) of the low-rank split."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes.lowrank import LowRankConfig, LowRankPass
+
+from onnxopt import data, lowrank_math, pipeline, recipes, validation
+from onnxopt.config import from_dict
+from onnxopt.context import PassContext
+from tests.conftest import load_model, model_path, op_counts
+from tests.tolerances import TOL
+
+
+def _model(nodes, x_shape, inits: dict[str, np.ndarray], extra_inputs=()) -> ir.Model:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape), *extra_inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"o{i}" for i in range(len(x_shape))])],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return ir.from_proto(proto)
+
+
+def matmul_model(w: np.ndarray, x_shape=("b", None)) -> ir.Model:
+    shape = [*x_shape[:-1], w.shape[0]]
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], shape, {"W": w})
+
+
+def low_rank(rng, k: int, n: int, r: int) -> np.ndarray:
+    return (rng.standard_normal((k, r)) @ rng.standard_normal((r, n))).astype(np.float32)
+
+
+def correlated(rng, shape: tuple[int, ...], k: int, n_feeds: int) -> list[dict[str, np.ndarray]]:
+    """Feeds whose last axis has a strongly anisotropic covariance (as real activations do)."""
+    mix = rng.standard_normal((k, k)) * np.logspace(0, -2, k)
+    return [{"x": (rng.standard_normal((*shape, k)) @ mix.T).astype(np.float32)} for _ in range(n_feeds)]
+
+
+def ctx(feeds=None) -> PassContext:
+    return PassContext(calibration=data.Dataset.from_feeds(feeds) if feeds else None, quiet=True)
+
+
+def rel_l2(ref: ir.Model, cand: ir.Model, feeds) -> float:
+    return validation.compare(ref, cand, feeds).worst("rel_l2")
+
+
+# 1. structure --------------------------------------------------------------------------------
+
+
+def test_rank_deficient_matmul_is_split_exactly(rng):
+    w = low_rank(rng, 64, 32, 4)
+    model, ref = matmul_model(w), matmul_model(w)
+    report = LowRankPass(LowRankConfig(rank_ratio=0.125, min_elements=0))(model)
+    assert report.counts["split"] == 1 and op_counts(model) == {"MatMul": 2}
+    assert set(model.graph.initializers) == {"W.lr_u", "W.lr_v"}
+    assert model.graph.initializers["W.lr_u"].shape == ir.Shape([64, 4])
+    assert all(n.metadata_props["pkg.onnxopt.pass"] == "lowrank" for n in model.graph)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    rec = report.records[0]
+    assert (rec["K"], rec["N"], rec["rank"]) == (64, 32, 4)
+    assert rec["params_after"] == 4 * 96 and rec["param_reduction"] == pytest.approx(1 - 384 / 2048)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feeds = [{"x": rng.standard_normal((8, 64), dtype=np.float32)}]
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+@pytest.mark.parametrize("method", ["plain", "aware"])
+def test_full_rank_reproduces_a_3d_matmul_to_1e5(rng, method):
+    w = rng.standard_normal((48, 80)).astype(np.float32)
+    feeds = correlated(rng, (2, 10), 48, 4)
+    model, ref = matmul_model(w, ("b", "t", None)), matmul_model(w, ("b", "t", None))
+    cfg = LowRankConfig(method=method, rank_ratio=1.0, min_saving=-1.0, min_elements=0)
+    report = LowRankPass(cfg, ctx(feeds))(model)
+    assert report.records[0]["rank"] == 48 and report.records[0]["method"].startswith(method)
+    assert rel_l2(ref, model, feeds) <= 1e-5
+    assert report.records[0]["output_rel_error"] <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("attrs", "c_shape"),
+    [
+        ({}, None),
+        ({"transB": 1}, (32,)),
+        ({"transA": 1, "alpha": 0.5, "beta": 2.0}, (1, 32)),
+        ({"transA": 1, "transB": 1, "beta": -0.5}, (1,)),
+        ({"alpha": 1.5}, (6, 32)),
+    ],
+)
+def test_gemm_variants_split_exactly(rng, attrs, c_shape):
+    w = low_rank(rng, 64, 32, 3)
+    b = w.T.copy() if attrs.get("transB") else w
+    x_shape = [64, 6] if attrs.get("transA") else [6, 64]
+    inputs = ["x", "B"] + (["C"] if c_shape else [])
+    inits = {"B": b} | ({"C": rng.standard_normal(c_shape).astype(np.float32)} if c_shape else {})
+
+    def build() -> ir.Model:
+        return _model([helper.make_node("Gemm", inputs, ["y"], name="gemm", **attrs)], x_shape, inits)
+
+    model, ref = build(), build()
+    report = LowRankPass(LowRankConfig(rank_ratio=3 / 32, min_elements=0))(model)
+    assert report.counts["split_gemm"] == 1
+    first = "Gemm" if attrs.get("transA") else "MatMul"
+    assert op_counts(model) == ({"Gemm": 2} if first == "Gemm" else {"MatMul": 1, "Gemm": 1})
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feeds = [{"x": rng.standard_normal(x_shape, dtype=np.float32)} for _ in range(2)]
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+@pytest.mark.parametrize(("strides", "pads"), [((1, 1), (0, 0, 0, 0)), ((2, 2), (0, 0, 0, 0)), ((2, 1), (1, 0, 1, 2))])
+def test_conv1x1_split_exactly(rng, strides, pads):
+    w = low_rank(rng, 48, 40, 5).T.reshape(40, 48, 1, 1).copy()
+    bias = rng.standard_normal(40).astype(np.float32)
+
+    def build() -> ir.Model:
+        node = helper.make_node("Conv", ["x", "W", "b"], ["y"], strides=list(strides), pads=list(pads))
+        return _model([node], ["n", 48, 7, 6], {"W": w, "b": bias})
+
+    model, ref = build(), build()
+    feeds = [{"x": rng.standard_normal((2, 48, 7, 6), dtype=np.float32)}]
+    report = LowRankPass(LowRankConfig(rank_ratio=5 / 40, min_elements=0), ctx(feeds))(model)
+    assert report.counts["split_conv1x1"] == 1 and op_counts(model) == {"Conv": 2}
+    assert report.records[0]["method"].startswith("aware")
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+def test_spatial_conv_split_into_kx1_then_1xk(rng):
+    n, c, kh, kw, r = 24, 16, 3, 5, 4
+    mat = low_rank(rng, c * kh, kw * n, r)  # rank r in the scheme-2 unfolding
+    w = mat.reshape(c, kh, kw, n).transpose(3, 0, 1, 2).copy()
+    bias = rng.standard_normal(n).astype(np.float32)
+
+    def build() -> ir.Model:
+        node = helper.make_node("Conv", ["x", "W", "b"], ["y"], strides=[2, 1], pads=[1, 2, 1, 2], dilations=[1, 2])
+        return _model([node], ["n", c, 11, 12], {"W": w, "b": bias})
+
+    model, ref = build(), build()
+    cfg = LowRankConfig(spatial=True, rank_ratio=r / (c * kh), min_elements=0)
+    report = LowRankPass(cfg)(model)
+    assert report.counts["split_conv-spatial"] == 1
+    kernels = [tuple(nd.attributes.get_ints("kernel_shape")) for nd in model.graph]
+    assert kernels == [(kh, 1), (1, kw)]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feeds = [{"x": rng.standard_normal((2, c, 11, 12), dtype=np.float32)}]
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+# 2. no-op --------------------------------------------------------------------------------------
+
+
+def test_no_op_on_graph_without_weights(rng):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, float[4, 3] w) => (float[N, 3] y) { y = MatMul (x, w) }
+    """
+    model = ir.from_onnx_text(text)
+    before = ir.to_proto(model).SerializeToString()
+    report = LowRankPass(LowRankConfig(min_elements=0))(model)
+    assert report.modified is False and report.skipped == {"MatMul weight is not a constant initializer": 1}
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_skips_small_shared_and_unprofitable_weights(rng):
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])]
+    shared = _model(nodes, ["b", 64], {"W": w})
+    report = LowRankPass(LowRankConfig(min_elements=0))(shared)
+    assert report.modified is False and report.skipped == {"MatMul weight is shared by 2 uses": 2}
+    model = matmul_model(w)
+    report = LowRankPass(LowRankConfig(rank_ratio=0.5, min_elements=0))(model)  # 32*128 == 64*64
+    assert report.modified is False
+    assert report.skipped == {"split would not pay: r*(K+N) >= (1 - min_saving)*K*N": 1}
+    report = LowRankPass(LowRankConfig())(matmul_model(w[:32]))
+    assert report.skipped == {"weight has fewer than min_elements=4096 elements": 1}
+
+
+# 3. contract -------------------------------------------------------------------------------------
+
+
+def test_config_rejection():
+    with pytest.raises(ValueError, match="rank_ratio must be in"):
+        LowRankConfig(rank_ratio=0.0)
+    with pytest.raises(ValueError, match="op_types: unsupported 'Einsum'"):
+        LowRankConfig(op_types=frozenset({"Einsum"}))
+    with pytest.raises(ValueError, match="unknown option 'rank_ration' for lowrank"):
+        from_dict(LowRankConfig, {"rank_ration": 0.5}, owner="lowrank")
+    with pytest.raises(ValueError, match="rank_mode"):
+        from_dict(LowRankConfig, {"rank_mode": "best"}, owner="lowrank")
+
+
+def test_aware_without_calibration_is_a_precondition_error(rng):
+    with pytest.raises(ir.passes.PreconditionError, match="needs calibration data"):
+        LowRankPass(LowRankConfig(method="aware", min_elements=0))(matmul_model(low_rank(rng, 32, 32, 2)))
+
+
+# 4. numerics -------------------------------------------------------------------------------------
+
+
+def test_reported_output_error_is_what_onnxruntime_measures(rng):
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    feeds = correlated(rng, (3, 10), 64, 6)
+    for method in ("plain", "aware"):
+        model, ref = matmul_model(w, ("b", "t", None)), matmul_model(w, ("b", "t", None))
+        report = LowRankPass(LowRankConfig(method=method, min_elements=0), ctx(feeds))(model)
+        reported = report.records[0]["output_rel_error"]
+        assert rel_l2(ref, model, feeds) == pytest.approx(reported, rel=1e-3)
+
+
+def test_aware_and_refit_beat_plain_on_held_out_activations(rng):
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    feeds = correlated(rng, (3, 10), 64, 12)
+    calib, held_out = feeds[:8], feeds[8:]
+    errors = {}
+    for name, cfg in {
+        "plain": LowRankConfig(method="plain"),
+        "refit": LowRankConfig(method="plain", refit=True),
+        "aware": LowRankConfig(method="aware"),
+    }.items():
+        model, ref = matmul_model(w, ("b", "t", None)), matmul_model(w, ("b", "t", None))
+        report = LowRankPass(dataclass_replace(cfg, min_elements=0), ctx(calib))(model)
+        assert report.records[0]["rank"] == 16
+        errors[name] = rel_l2(ref, model, held_out)
+    assert errors["aware"] < 0.7 * errors["plain"] and errors["refit"] < errors["plain"]
+
+
+def dataclass_replace(cfg: LowRankConfig, **kw) -> LowRankConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_energy_and_error_budget_rank_rules(rng):
+    k, n = 64, 48
+    p, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    sigma = np.logspace(0, -3, n)
+    w = (p[:, :n] * sigma) @ q.T
+    expected = int(np.argmax(np.cumsum(sigma**2) / np.sum(sigma**2) >= 0.9) + 1)
+    report = LowRankPass(LowRankConfig(method="plain", rank_mode="energy", energy=0.9, min_elements=0))(
+        matmul_model(w.astype(np.float32))
+    )
+    assert report.records[0]["rank"] == expected
+    feeds = correlated(rng, (20,), k, 4)
+    cfg = LowRankConfig(rank_mode="error", max_rel_error=0.1, min_elements=0)
+    model, ref = matmul_model(w.astype(np.float32)), matmul_model(w.astype(np.float32))
+    rec = LowRankPass(cfg, ctx(feeds))(model).records[0]
+    assert rec["output_rel_error"] <= 0.1 + 1e-6
+    assert rel_l2(ref, model, feeds) <= 0.1 + 1e-4
+    # One rank less would exceed the budget: the rule picks the smallest rank that meets it.
+    dec = lowrank_math.decompose(w, _gram(feeds), damping=1e-4)
+    u, v = dec.factors(rec["rank"] - 1)
+    assert lowrank_math.output_rel_error(w, u, v, _gram(feeds)) > 0.1
+
+
+def _gram(feeds) -> np.ndarray:
+    xs = [f["x"].reshape(-1, f["x"].shape[-1]).astype(np.float64) for f in feeds]
+    return sum(x.T @ x for x in xs)
+
+
+def test_global_target_gives_sensitive_layers_more_rank(rng):
+    k = 96
+    easy = low_rank(rng, k, k, 4) + 0.01 * rng.standard_normal((k, k)).astype(np.float32)
+    hard = rng.standard_normal((k, k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "E"], ["h"], name="easy"),
+             helper.make_node("MatMul", ["h", "H"], ["y"], name="hard")]
+    model = _model(nodes, ["b", k], {"E": easy, "H": hard})
+    feeds = [{"x": rng.standard_normal((32, k), dtype=np.float32)} for _ in range(2)]
+    report = LowRankPass(LowRankConfig(rank_mode="global", target=0.4, min_elements=0), ctx(feeds))(model)
+    ranks = {r["item"]: r["rank"] for r in report.records}
+    removed = sum(r["params_before"] - r["params_after"] for r in report.records)
+    assert removed >= 0.4 * 2 * k * k
+    assert ranks["easy"] < ranks.get("hard", k)
+    assert any("global target: removed" in note for note in report.notes)
+
+
+def test_whitening_falls_back_to_eigen_then_to_plain(rng):
+    x = rng.standard_normal((50, 8)) @ rng.standard_normal((8, 32))  # X^T X has rank 8 of 32
+    gram = x.T @ x
+    white = lowrank_math.whiten(gram, damping=0.0)
+    assert white.method == "eigen"
+    np.testing.assert_allclose(white.s_t_inv @ white.s_t, np.eye(32), atol=1e-6)
+    assert lowrank_math.whiten(np.zeros((4, 4)), 1e-4) == "activations are all zero on the calibration data"
+    w = low_rank(rng, 16, 24, 2)
+    model = _model(
+        [helper.make_node("Mul", ["x", "zero"], ["z"]), helper.make_node("MatMul", ["z", "W"], ["y"])],
+        ["b", 16],
+        {"W": w, "zero": np.zeros(1, np.float32)},
+    )
+    feeds = [{"x": rng.standard_normal((4, 16), dtype=np.float32)}]
+    report = LowRankPass(LowRankConfig(method="aware", rank_ratio=2 / 16, min_elements=0), ctx(feeds))(model)
+    assert report.counts["aware_fallback_to_plain"] == 1 and report.records[0]["method"] == "plain"
+
+
+# real models (slow) -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_transformer"])
+def test_aware_beats_plain_on_bundled_model_held_out(name):
+    calib = data.load_data(model_path(f"{name}_calib.npz"))
+    held_out = data.load_data(model_path(f"{name}_eval.npz"))
+    errors, reductions = {}, {}
+    for method in ("plain", "aware"):
+        model = load_model(f"{name}.onnx")
+        report = LowRankPass(LowRankConfig(method=method, rank_ratio=0.25), ctx(list(calib)))(model)
+        reductions[method] = sum(r["params_after"] for r in report.records)
+        result = validation.compare(model_path(f"{name}.onnx"), model, held_out)
+        errors[method] = result.worst("rel_l2")
+        if method == "aware":  # plain SVD at this rank may lose more; aware must not
+            assert result.worst("cand_accuracy") >= result.worst("ref_accuracy") - 0.02
+    assert reductions["plain"] == reductions["aware"]
+    assert errors["aware"] < errors["plain"]
+
+
+@pytest.mark.slow
+def test_lowrank_recipe_runs_end_to_end_and_validates(tmp_path):
+    import onnxopt
+
+    out = tmp_path / "mlp.lowrank.onnx"
+    result = onnxopt.optimize(
+        model_path("digits_mlp.onnx"),
+        out,
+        recipe="lowrank",
+        calibration=model_path("digits_mlp_calib.npz"),
+        evaluation=model_path("digits_mlp_eval.npz"),
+        min_cosine=0.99,
+        quiet=True,
+    )
+    lowrank = next(r for r in result.reports if r.pass_name == "lowrank")
+    assert lowrank.status == "ok" and lowrank.counts["split"] >= 1
+    assert result.passed, result.failures
+    assert pipeline.model_stats(result.model)["parameters"] < pipeline.model_stats(load_model("digits_mlp.onnx"))["parameters"]
+    assert "lowrank" in recipes.RECIPES
+    assert math.isfinite(result.validation.worst("cosine"))
