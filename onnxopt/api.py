@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from onnxopt import config as _config
 from onnxopt import data as _data
+from onnxopt import export as _export
 from onnxopt import io as _io
 from onnxopt import pipeline, recipes, report, validation
 from onnxopt.context import Metric, PassContext, Target
@@ -34,6 +35,7 @@ class OptimizeResult:
     reports: list
     validation: validation.ValidationReport | None
     failures: list[str]
+    export: _export.ExportResult | None = None
 
     @property
     def passed(self) -> bool:
@@ -75,6 +77,7 @@ def optimize(
     external_data: bool | None = None,
     check: bool = True,
     strict: bool = False,
+    export: _export.ExportOptions | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` and write the result to ``output``; the input file is never modified.
 
@@ -98,6 +101,9 @@ def optimize(
         external_data: force external data on (True) / off (False); None: only above 2 GB.
         check: check the model after every pass (checker + numerics).
         strict: raise on a failing pass instead of rolling it back.
+        export: output format and external-data layout (:class:`onnxopt.export.ExportOptions`);
+            overrides ``external_data``. The format defaults to the suffix of ``output``
+            (``.ort``: onnxruntime's ORT format, checked against the ONNX result).
 
     Raises:
         OnnxOptError: bad model, data or output path (typed subclasses).
@@ -110,6 +116,7 @@ def optimize(
     # Options are validated before the model is touched.
     recipes.build(steps, PassContext())
     out_path = _io.check_output_path(output, inputs=(model,))
+    _export.format_for(out_path, export.format if export is not None else None)
     if report_path is not None:
         _io.check_output_path(report_path, inputs=(model,))
     original = _io.load_model(model)
@@ -142,7 +149,17 @@ def optimize(
         score = _score(metric, original, result.model, check_data)
         if not score >= min_metric:
             failures.append(f"metric {score:.6g} < {min_metric}")
-    _io.save_model(result.model, out_path, external_data=external_data, inputs=(model,))
+    if export is None:
+        mode = {None: "auto", True: "one-file", False: "off"}[external_data]
+        export = _export.ExportOptions(external_data=mode)  # type: ignore[arg-type]
+    written = _export.export(result.model, out_path, export, inputs=(model,))
+    if written.format == "ort":
+        feeds = check_data if check_data is not None else _data.random_data(signature, 2, seed=seed)
+        # Level "all" swaps QDQ pairs for integer kernels, so compare by cosine, not bit-exactness.
+        for name, m in _export.check_ort(result.model, written.path, feeds).items():
+            written.check[name] = {"max_abs": m.max_abs, "cosine": m.cosine}
+            if m.nonfinite or not m.cosine >= _export.ORT_MIN_COSINE:
+                failures.append(f"ORT format output {name!r} differs from the ONNX model: cosine {m.cosine:.6f}")
     if report_path is not None:
         report.write_report(
             report_path,
@@ -152,9 +169,10 @@ def optimize(
                 "passes": result.to_json(),
                 "validation": final.to_json(),
                 "failures": failures,
+                "export": written.to_json(),
             },
         )
-    return OptimizeResult(out_path, result.model, result.reports, final, failures)
+    return OptimizeResult(out_path, result.model, result.reports, final, failures, written)
 
 
 def _score(metric: Metric, ref: ir.Model, cand: ir.Model, data: _data.Dataset) -> float:

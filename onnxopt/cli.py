@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnxopt import __version__, api, config, pass_base, recipes
 from onnxopt import modelinfo as _inspect
 from onnxopt.errors import OnnxOptError, ValidationFailed
+from onnxopt.export import ExportOptions
 
 __all__ = ["main"]
 
@@ -51,7 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-error", type=float, help="accuracy budget: max abs output error")
     opt.add_argument("--report", help="write the report as REPORT.json or REPORT.html")
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data")
+    opt.add_argument("--external-data", nargs="?", const="one-file", choices=["one-file", "per-tensor"],
+                     help="store weights outside the .onnx: one-file (OUT.onnx.data, the default) or "
+                          "per-tensor (OUT.weights/<tensor>); automatic above 2 GB")
+    opt.add_argument("--external-threshold", type=int, default=1024, metavar="BYTES",
+                     help="tensors larger than this go to external data (default 1024)")
+    opt.add_argument("--format", choices=["onnx", "ort"],
+                     help="output format (default: from the -o suffix; .ort is onnxruntime's mobile format)")
+    opt.add_argument("--ort-level", choices=["disable", "basic", "extended", "all"], default="all",
+                     help="onnxruntime optimization level baked into an .ort file (default all)")
     opt.add_argument("--no-check", action="store_true", help="skip the checks after each pass")
 
     val = sub.add_parser("validate", parents=[common], help="compare a candidate model with its reference")
@@ -70,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", parents=[common], help="ops, parameters, bytes per tensor and per op type")
     ins.add_argument("model")
-    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument("--json", action="store_true", help="print JSON (fields: README 'inspect --json')")
+    ins.add_argument("--ep", default="cpu", help="comma-separated execution providers whose kernels every "
+                     "node is checked against (default cpu; only providers in this onnxruntime build)")
 
     sub.add_parser("passes", parents=[common], help="list every pass with its options and defaults")
     sub.add_parser("recipes", parents=[common], help="list every recipe with its passes")
@@ -102,8 +113,13 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         report_path=args.report,
         seed=args.seed,
         quiet=args.quiet,
-        external_data=True if args.external_data else None,
         check=not args.no_check,
+        export=ExportOptions(
+            format=args.format,
+            external_data=args.external_data or "auto",
+            size_threshold=args.external_threshold,
+            ort_level=args.ort_level,
+        ),
     )
     if not args.quiet:
         for r in result.reports:
@@ -114,7 +130,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             )
         if result.validation is not None:
             print(result.validation.table())
-        print(f"wrote {result.output}")
+        written = result.export
+        extra = f" ({written.format}, {len(written.files)} files, {written.nbytes:,} bytes)" if written else ""
+        print(f"wrote {result.output}{extra}")
     if not result.passed:
         for f in result.failures:
             print(f"onnxopt: budget missed: {f}", file=sys.stderr)
@@ -152,7 +170,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    info = _inspect.describe_model(args.model)
+    providers = tuple(p.strip() for p in args.ep.split(",") if p.strip())
+    info = _inspect.describe_model(args.model, providers=providers)
     print(json.dumps(info, indent=2) if args.json else _inspect.format_text(info))
     return 0
 

@@ -1,0 +1,198 @@
+"""Exports: ORT format through onnxruntime, ONNX with external data (one file / per tensor), >2 GB."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnxopt
+from onnxopt import cli, export
+from onnxopt import io as _io
+from onnxopt.export import ExportError, ExportOptions
+from onnxopt.pass_base import make
+from tests.bert_builder import bert_feeds, make_bert
+from tests.conftest import from_text, load_model, model_path
+from tests.tolerances import TOL
+
+BUNDLED = ["digits_mlp", "digits_cnn", "digits_transformer"]
+
+
+def run(path_or_model, feeds):
+    target = ir.to_proto(path_or_model).SerializeToString() if isinstance(path_or_model, ir.Model) else str(path_or_model)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(target, so, providers=["CPUExecutionProvider"])
+    return [sess.run(None, f) for f in feeds]
+
+
+def assert_close(ref, got, rtol, atol):
+    for r_outs, g_outs in zip(ref, got):
+        for r, g in zip(r_outs, g_outs):
+            np.testing.assert_allclose(g, r, rtol=rtol, atol=atol)
+
+
+def eval_feeds(name: str, n: int = 64, batch: int = 16):
+    x = np.load(model_path(f"{name}_eval.npz"))["input"][:n]
+    return [{"input": x[i : i + batch]} for i in range(0, len(x), batch)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUNDLED)
+def test_ort_export_of_bundled_model_loads_and_matches(tmp_path, name):
+    model = load_model(f"{name}.onnx")
+    result = export.export(model, tmp_path / f"{name}.ort")
+    assert result.format == "ort" and result.ort_level == "all"
+    assert result.path.read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier of ORT format
+    config = (tmp_path / f"{name}.required_operators.config").read_text()
+    assert "ai.onnx;" in config and str(tmp_path) not in config
+    feeds = eval_feeds(name)
+    ref = run(model_path(f"{name}.onnx"), feeds)
+    # Level "all" re-associates (e.g. Conv+Relu fused): fp32 re-association tolerance.
+    assert_close(ref, run(result.path, feeds), **TOL["reassociate_fp32"])
+    metrics = export.check_ort(model, result.path, feeds)
+    assert all(m.cosine > 0.99999 for m in metrics.values())
+
+
+def test_ort_export_of_fused_bert_keeps_contrib_ops_working(tmp_path):
+    model = ir.serde.deserialize_model(make_bert(layers=1))
+    ref = model.clone()
+    make("fuse")(model)
+    result = export.export(model, tmp_path / "bert.ort", ExportOptions(ort_level="basic"))
+    assert result.ort_level == "basic"
+    assert "com.microsoft;1;" in (tmp_path / "bert.required_operators.config").read_text()
+    feeds = bert_feeds(3)
+    assert_close(run(ref, feeds), run(result.path, feeds), **TOL["reassociate_fp32"])
+
+
+def test_ort_export_failure_leaves_nothing_behind(tmp_path):
+    model = from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17, "my.custom" : 1]>
+        g (float[N] x) => (float[N] y) { y = my.custom.Foo(x) }
+        """
+    )
+    with pytest.raises(ExportError, match="onnxruntime cannot write/load it as ORT format"):
+        export.export(model, tmp_path / "bad.ort")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_one_file_round_trip(tmp_path):
+    model = load_model("digits_mlp.onnx")
+    result = export.export(model, tmp_path / "mlp.onnx", ExportOptions(external_data="one-file", size_threshold=1024))
+    assert [f.name for f in result.files] == ["mlp.onnx", "mlp.onnx.data"]
+    reloaded = _io.load_model(result.path)
+    external = _io.external_tensors(reloaded)
+    big = [v for v in model.graph.initializers.values() if v.const_value.nbytes > 1024]
+    assert len(external) == len(big) > 0
+    assert result.path.stat().st_size < 10_000  # the weights really left the protobuf
+    feeds = eval_feeds("digits_mlp", 32)
+    assert_close(run(model_path("digits_mlp.onnx"), feeds), run(result.path, feeds), **TOL["exact"])
+
+
+def test_external_data_per_tensor_round_trip(tmp_path):
+    model = load_model("digits_cnn.onnx")
+    threshold = 4096
+    result = export.export(model, tmp_path / "cnn.onnx", ExportOptions(external_data="per-tensor", size_threshold=threshold))
+    big = sorted(v.name for v in model.graph.initializers.values() if v.const_value.nbytes > threshold)
+    weight_files = result.files[1:]
+    assert len(weight_files) == len(big) > 1
+    assert all(f.parent.name == "cnn.weights" for f in weight_files)
+    reloaded = _io.load_model(result.path)
+    locations = sorted(t.location for t in _io.external_tensors(reloaded))
+    assert len(locations) == len(set(locations)) == len(big)
+    # The exported model object is unchanged: its weights are still in memory.
+    assert not _io.external_tensors(model)
+    feeds = eval_feeds("digits_cnn", 32)
+    assert_close(run(model_path("digits_cnn.onnx"), feeds), run(result.path, feeds), **TOL["exact"])
+
+
+def test_format_and_options_are_checked(tmp_path):
+    model = load_model("digits_mlp.onnx")
+    with pytest.raises(ExportError, match="does not match --format ort"):
+        export.export(model, tmp_path / "m.onnx", ExportOptions(format="ort"))
+    with pytest.raises(ExportError, match="ORT format keeps its weights inline"):
+        export.export(model, tmp_path / "m.ort", ExportOptions(external_data="per-tensor"))
+    with pytest.raises(ValueError, match="size_threshold must be >= 0"):
+        ExportOptions(size_threshold=-1)
+    with pytest.raises(ValueError, match="ort_level must be"):
+        ExportOptions(ort_level="max")  # type: ignore[arg-type]
+    assert export.format_for("model.ORT") == "ort" and export.format_for("model.bin") == "onnx"
+
+
+def test_optimize_api_writes_ort_and_checks_it(tmp_path):
+    out = tmp_path / "mlp.ort"
+    result = onnxopt.optimize(model_path("digits_mlp.onnx"), out, quiet=True)
+    assert result.passed and result.export is not None and result.export.format == "ort"
+    assert result.export.check and all(v["cosine"] > 0.9999 for v in result.export.check.values())
+    sess = ort.InferenceSession(str(out))
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+
+
+def test_cli_export_options(tmp_path, capsys):
+    src = str(model_path("digits_mlp.onnx"))
+    assert cli.main(["optimize", src, "-o", str(tmp_path / "m.onnx"), "--format", "ort", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match --format ort" in err[0]
+    assert not (tmp_path / "m.onnx").exists()
+    code = cli.main(["optimize", src, "-o", str(tmp_path / "m.onnx"), "-q",
+                     "--external-data", "per-tensor", "--external-threshold", "2048"])
+    assert code == 0 and len(list((tmp_path / "m.weights").iterdir())) >= 2
+    assert cli.main(["optimize", src, "-o", str(tmp_path / "m2.onnx"), "-q", "--external-data"]) == 0
+    assert (tmp_path / "m2.onnx.data").exists()
+
+
+BIG = os.environ.get("ONNXOPT_BIG") == "1"
+
+
+def _big_model(n_tensors: int, rows: int, cols: int) -> ir.Model:
+    """Gather one row from each of ``n_tensors`` [rows, cols] float32 weights (created lazily)."""
+    idx = ir.Value(name="idx", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+    nodes, outputs, inits = [], [], []
+    for i in range(n_tensors):
+        def make(i=i):
+            # Row r of tensor i holds the value i * 1000 + r: cheap to check after the reload.
+            col = (np.arange(rows, dtype=np.float32) + i * 1000)[:, None]
+            return ir.tensor(np.broadcast_to(col, (rows, cols)).copy(), name=f"w{i}")
+
+        w = ir.Value(name=f"w{i}", const_value=ir.LazyTensor(make, ir.DataType.FLOAT, ir.Shape([rows, cols]), name=f"w{i}"),
+                     type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([rows, cols]))
+        inits.append(w)
+        node = ir.node("Gather", [w, idx], attributes={"axis": 0}, name=f"g{i}")
+        node.outputs[0].name = f"y{i}"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        node.outputs[0].shape = ir.Shape([1, cols])
+        nodes.append(node)
+        outputs.append(node.outputs[0])
+    graph = ir.Graph([idx], outputs, nodes=nodes, initializers=inits, opset_imports={"": 17}, name="big")
+    return ir.Model(graph, ir_version=8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BIG, reason="writes a 3 GB model; set ONNXOPT_BIG=1 to run it")
+def test_three_gigabyte_model_goes_to_external_data_and_reloads(tmp_path):
+    n, rows, cols = 6, 2048, 65536  # 6 x 512 MiB = 3 GiB of float32
+    model = _big_model(n, rows, cols)
+    assert _io.model_nbytes(model) == n * rows * cols * 4 > _io.PROTOBUF_LIMIT
+    t0 = time.perf_counter()
+    result = export.export(model, tmp_path / "big.onnx")  # external_data="auto"
+    t_save = time.perf_counter() - t0
+    assert [f.name for f in result.files] == ["big.onnx", "big.onnx.data"]
+    assert result.files[1].stat().st_size == n * rows * cols * 4
+    assert result.path.stat().st_size < 100_000
+    t0 = time.perf_counter()
+    reloaded = _io.load_model(result.path)
+    assert len(_io.external_tensors(reloaded)) == n
+    w5 = reloaded.graph.initializers["w5"].const_value.numpy()  # memory-mapped
+    assert w5[1234, 17] == 5 * 1000 + 1234
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {"idx": np.array([777], np.int64)})
+    t_load = time.perf_counter() - t0
+    for i, y in enumerate(outs):
+        assert y.shape == (1, cols) and np.all(y == i * 1000 + 777)
+    print(f"\n3 GiB model: save {t_save:.1f}s, reload + onnxruntime session + run {t_load:.1f}s")
