@@ -63,6 +63,9 @@ add_recipe(Recipe("simplify", "exact clean-ups: constant folding, dead code, CSE
 add_recipe(Recipe("lowrank", "simplify, then split MatMul/Gemm/1x1 Conv weights by SVD (activation-aware "
                   "with --calib), removing 50% of the split layers' parameters where it costs least",
                   (Step("simplify"), Step("lowrank", {"rank_mode": "global", "target": 0.5}))))
+add_recipe(Recipe("lowrank-int8", "the lowrank recipe, then static INT8 QDQ quantization of the split model",
+                  (Step("simplify"), Step("lowrank", {"rank_mode": "global", "target": 0.5}), Step("quantize")),
+                  needs_calibration=True))
 
 
 def get_recipe(name_or_path: str) -> Recipe:

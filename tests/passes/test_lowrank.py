@@ -342,3 +342,27 @@ def test_lowrank_recipe_runs_end_to_end_and_validates(tmp_path):
     assert pipeline.model_stats(result.model)["parameters"] < pipeline.model_stats(load_model("digits_mlp.onnx"))["parameters"]
     assert "lowrank" in recipes.RECIPES
     assert math.isfinite(result.validation.worst("cosine"))
+
+
+@pytest.mark.slow
+def test_lowrank_int8_recipe_quantizes_the_split_factors(tmp_path):
+    import onnxopt
+
+    result = onnxopt.optimize(
+        model_path("digits_mlp.onnx"),
+        tmp_path / "mlp.lowrank-int8.onnx",
+        recipe="lowrank-int8",
+        calibration=model_path("digits_mlp_calib.npz"),
+        evaluation=model_path("digits_mlp_eval.npz"),
+        min_cosine=0.99,
+        quiet=True,
+    )
+    status = {r.pass_name: r.status for r in result.reports}
+    assert status == {"simplify": "unchanged", "lowrank": "ok", "quantize": "ok"}
+    assert result.passed, result.failures
+    inits = result.model.graph.initializers
+    factors = [name for name in inits if ".lr_u" in name or ".lr_v" in name]
+    assert factors and all(
+        inits[name].dtype == ir.DataType.INT8 for name in factors if name.endswith("_quantized")
+    )
+    assert sum(name.endswith("_quantized") for name in factors) == 2 * result.reports[1].counts["split"]
