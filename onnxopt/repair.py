@@ -31,6 +31,7 @@ from onnxopt.codebook import Codebook
 
 __all__ = [
     "Layer",
+    "add_bias",
     "LayerStats",
     "as_layer",
     "bias_shift",
@@ -38,6 +39,7 @@ __all__ = [
     "output_error",
     "refit_codebook",
     "refit_rows",
+    "refit_support",
 ]
 
 logger = logging.getLogger(__name__)
@@ -239,3 +241,59 @@ def refit_rows(stats: LayerStats, wo: np.ndarray, keep: np.ndarray) -> tuple[np.
     lam = 1e-6 * float(np.mean(np.diag(aug))) + 1e-12
     sol = np.linalg.solve(aug + lam * np.eye(aug.shape[0]), rhs)
     return sol[:-1], sol[-1]
+
+
+def refit_support(stats: LayerStats, wo: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per output column n, least-squares weights on the kept rows ``mask[:, n]`` (zeros elsewhere).
+
+    Minimises E||x @ wo[:, n] - x[S] @ v||^2 for each column; the caller corrects the bias for
+    the remaining mean shift (:func:`bias_shift`).
+    """
+    h = stats.h
+    wm = wo.astype(np.float64)
+    hw = h @ wm
+    out = np.zeros_like(wm)
+    for n in range(wm.shape[1]):
+        s = np.flatnonzero(mask[:, n])
+        if s.size == 0:
+            continue
+        hs = h[np.ix_(s, s)]
+        lam = 1e-6 * float(np.mean(np.diag(hs))) + 1e-12
+        out[s, n] = np.linalg.solve(hs + lam * np.eye(s.size), hw[s, n] + lam * wm[s, n])
+    return out
+
+
+def add_bias(graph: ir.Graph, layer: Layer, delta: np.ndarray, pass_name: str) -> str:
+    """Add ``delta`` (in units of ``X @ Wm``) to the layer's bias, creating one for Conv/Gemm.
+
+    Returns what happened, for the report ("corrected", "added", or why not).
+    """
+    node = layer.node
+    if layer.kind == "matmul":
+        return "not corrected: MatMul has no bias input"
+    if layer.kind.startswith("gemm"):
+        beta = node.attributes.get_float("beta", 1.0)
+        if beta == 0.0:
+            return "not corrected: Gemm beta=0"
+        delta = delta * node.attributes.get_float("alpha", 1.0) / beta
+    dtype = layer.weight.const_value.dtype.numpy()
+    bias = _ir_utils.constant_input(node, 2)
+    if bias is None and len(node.inputs) > 2 and node.inputs[2] is not None:
+        return "not corrected: bias is not a constant initializer"
+    if bias is not None:
+        old = bias.const_value.numpy()
+        if old.size not in (1, delta.size) or len(bias.uses()) > 1:
+            return "not corrected: bias is shared or not per output feature"
+        new = np.broadcast_to(old.reshape(-1), delta.shape) + delta
+        bias.const_value = ir.tensor(new.astype(dtype), name=bias.name)
+        bias.shape = ir.Shape(new.shape)
+        return "corrected"
+    name = _ir_utils.unique_name(graph, f"{layer.weight.name}.bias")
+    value = ir.Value(name=name, const_value=ir.tensor(delta.astype(dtype), name=name))
+    value.shape = ir.Shape(delta.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)
+    _ir_utils.tag(node, pass_name)
+    return "added"

@@ -167,7 +167,7 @@ def _share_one(
         after = layer.matrix(book.weights(np.float64))
         fields["output_rel_error_after"] = repair.output_error(stats.h, wm, after)
         if opts.bias_correction:
-            fields["bias"] = _correct_bias(graph, layer, repair.bias_shift(stats.mu, wm, after), pass_name)
+            fields["bias"] = repair.add_bias(graph, layer, repair.bias_shift(stats.mu, wm, after), pass_name)
         report.count("repaired")
     storage = write_weight(graph, weight, book, pack=opts.pack, index_dtype=opts.index_dtype, opset=opset, pass_name=pass_name)
     fields["storage"] = storage
@@ -179,36 +179,3 @@ def _share_one(
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
-
-
-def _correct_bias(graph: ir.Graph, layer: repair.Layer, shift: np.ndarray, pass_name: str) -> str:
-    """Add ``shift`` to the layer's bias (creating one for Conv/Gemm); returns what happened."""
-    node = layer.node
-    if layer.kind == "matmul":
-        return "not corrected: MatMul has no bias input"
-    scale = 1.0
-    if layer.kind.startswith("gemm"):
-        scale = node.attributes.get_float("alpha", 1.0) / node.attributes.get_float("beta", 1.0)
-    dtype = layer.weight.const_value.dtype.numpy()
-    bias = _ir_utils.constant_input(node, 2)
-    if bias is None and len(node.inputs) > 2 and node.inputs[2] is not None:
-        return "not corrected: bias is not a constant initializer"
-    if bias is not None:
-        old = bias.const_value.numpy()
-        if old.size not in (1, shift.size) or len(bias.uses()) > 1:
-            return "not corrected: bias is shared or not per output feature"
-        new = np.broadcast_to(old.reshape(-1), shift.shape) + scale * shift
-        bias.const_value = ir.tensor(new.astype(dtype), name=bias.name)
-        bias.shape = ir.Shape(new.shape)
-        return "corrected"
-    if layer.kind.startswith("gemm") and node.attributes.get_float("beta", 1.0) == 0.0:
-        return "not corrected: Gemm beta=0"
-    name = _ir_utils.unique_name(graph, f"{layer.weight.name}.bias")
-    value = ir.Value(name=name, const_value=ir.tensor((scale * shift).astype(dtype), name=name))
-    value.shape = ir.Shape(shift.shape)
-    value.dtype = value.const_value.dtype
-    graph.register_initializer(value)
-    node.resize_inputs(3)
-    node.replace_input_with(2, value)
-    _ir_utils.tag(node, pass_name)
-    return "added"

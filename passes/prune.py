@@ -1,0 +1,201 @@
+"""Magnitude pruning: unstructured (zeros in place) or structured (channels physically removed).
+
+Unstructured: the ``sparsity`` fraction of smallest-magnitude weights of each selected tensor
+("layer" scope) or of all selected tensors together ("global" scope) become exact zeros; the
+tensors keep their shapes (a later ``cluster`` pass keeps the zeros, and zip or a sparse
+runtime turns them into bytes or time).
+
+Structured: for each group-1 Conv / Gemm / 2-D MatMul whose output reaches exactly one such
+layer through channel-wise nodes (:mod:`onnxopt.channel_prune`), the ``sparsity`` fraction of
+its output channels with the smallest L1/L2 norm (times the BatchNorm scale in between) is
+removed from its weight and bias, every BatchNormalization on the way and the consumer's input
+channels, so FLOPs and latency go down.
+
+Repair (with calibration data): unstructured, the kept weights of every column are re-fitted by
+least squares on calibration inputs and the bias absorbs the mean shift; structured, the
+consumer's kept weights and its bias are re-fitted (:mod:`onnxopt.repair`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxopt import channel_prune, flops, repair, weight_sharing
+from onnxopt.config import option
+from onnxopt.pass_base import OptPass, PassReport, register
+
+__all__ = ["PruneConfig", "PrunePass"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Options of the prune pass."""
+
+    sparsity: float = option(0.5, "fraction of weights (unstructured) or channels (structured) removed")
+    structured: bool = option(False, "remove whole output channels/neurons instead of single weights")
+    scope: Literal["layer", "global"] = option("layer", "unstructured: one threshold per tensor or one for all")
+    norm: Literal["l1", "l2"] = option("l2", "structured: channel importance norm")
+    op_types: frozenset[str] = option(
+        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is pruned"
+    )
+    include: str = option("", "regular expression: only weights whose name matches")
+    exclude: str = option("", "regular expression: leave weights whose name matches")
+    min_elements: int = option(256, "leave smaller weights alone")
+    skip_first: bool = option(False, "leave the first matching layer alone")
+    skip_last: bool = option(False, "leave the last matching layer alone")
+    repair: bool = option(False, "re-fit kept weights and biases on calibration data (skipped with a note without data)")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        weight_sharing.check_options(self.op_types, self.include, self.exclude, self.min_elements)
+        if "ConvTranspose" in self.op_types and self.structured:
+            raise ValueError("op_types: ConvTranspose is not supported with structured=true")
+
+
+@register("prune")
+class PrunePass(OptPass[PruneConfig]):
+    """Zero the smallest weights, or remove the weakest channels with their downstream inputs.
+
+    Changes: unstructured: selected weight values (same names and shapes). Structured: the
+        shapes of the pruned layers' weights, biases, BatchNorm parameters and the consumers'
+        weights (same names); intermediate value shapes are re-inferred. Repair changes the
+        kept weights and biases (a bias may be added to a Conv/Gemm).
+    Preserves: graph inputs/outputs and their shapes, opset imports, op counts.
+    Guarantees: unstructured: each pruned tensor (layer scope; all of them together in global
+        scope) has at least round(sparsity * n) zeros; structured: at least one channel is kept
+        per layer and layers feeding a graph output are never pruned. Per-layer sparsity and
+        FLOPs before/after are in the report records.
+    Not exact: outputs change; tests compare against the original in onnxruntime
+        (tests/passes/test_prune.py).
+    """
+
+    config_class = PruneConfig
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = self.new_report(model)
+        cfg = self.config
+        flops_before = flops.layer_flops(model)
+        if cfg.sparsity == 0.0:
+            report.skip("sparsity is 0")
+            return report
+        opts = weight_sharing.SharingOptions(
+            per_channel=False, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude,
+            min_elements=cfg.min_elements, skip_first=cfg.skip_first, skip_last=cfg.skip_last,
+            repair=cfg.repair, bias_correction=True, pack=False, index_dtype="auto",
+        )
+        targets = weight_sharing.select(model, opts, report)
+        if cfg.repair and self.context.calibration is None and targets:
+            report.note("repair requested but no calibration data: pruned without repair")
+        if cfg.structured:
+            self._structured(model, targets, report)
+        else:
+            self._unstructured(model, targets, report)
+        if report.modified:
+            flops_after = flops.layer_flops(model)
+            report.note(
+                f"FLOPs per sample {sum(flops_before.values())} -> {sum(flops_after.values())}"
+            )
+            for name, before in flops_before.items():
+                report.record(name, flops_before=before, flops_after=flops_after.get(name, before))
+        return report
+
+    def _stats(self, model: ir.Model, layers: list[repair.Layer]) -> list[repair.LayerStats] | None:
+        if not self.config.repair or self.context.calibration is None or not layers:
+            return None
+        return repair.collect_stats(model, layers, self.context.calibration, quiet=self.context.quiet)
+
+    def _unstructured(self, model: ir.Model, targets: list[weight_sharing.Target], report: PassReport) -> None:
+        cfg = self.config
+        arrays = [t.weight.const_value.numpy() for t in targets]
+        if not arrays:
+            return
+        masks = _magnitude_masks(arrays, cfg.sparsity, cfg.scope)
+        layers = [t.layer for t in targets if t.layer is not None]
+        stats = self._stats(model, layers)
+        by_layer = dict(zip((id(x) for x in layers), stats)) if stats is not None else {}
+        if cfg.repair and stats is not None and len(layers) < len(targets):
+            report.skip("repair: weight is shared or not a supported linear layer", len(targets) - len(layers))
+        for target, w, keep in zip(targets, arrays, masks):
+            new = np.where(keep, w, 0).astype(w.dtype)
+            fields: dict[str, object] = {"shape": list(w.shape), "sparsity": float(1 - keep.mean())}
+            st = by_layer.get(id(target.layer)) if target.layer is not None else None
+            if st is not None:
+                lay = target.layer
+                wm = lay.matrix(w.astype(np.float64))
+                pruned = lay.matrix(new.astype(np.float64))
+                fields["output_rel_error_before"] = repair.output_error(st.h, wm, pruned)
+                refit = repair.refit_support(st, wm, lay.matrix(keep))
+                fields["output_rel_error_after"] = repair.output_error(st.h, wm, refit)
+                new = lay.unmatrix(refit).astype(w.dtype)
+                fields["bias"] = repair.add_bias(model.graph, lay, repair.bias_shift(st.mu, wm, refit), self.name)
+                report.count("repaired")
+            target.weight.const_value = ir.tensor(new, name=target.weight.name)
+            report.count("pruned_tensors")
+            report.count("zeroed_weights", int((~keep).sum()))
+            report.record(target.weight.name or "?", **fields)
+
+    def _structured(self, model: ir.Model, targets: list[weight_sharing.Target], report: PassReport) -> None:
+        cfg = self.config
+        producers = [t.layer.node for t in targets if t.layer is not None]
+        if len(producers) < len(targets):
+            report.skip("structured: not a group-1 Conv, Gemm or 2-D MatMul", len(targets) - len(producers))
+        plans, reasons = channel_prune.find_plans(model, producers)
+        for reason in reasons:
+            report.skip(f"structured: {reason}")
+        stats = self._stats(model, [p.consumer for p in plans])
+        keeps = []
+        for plan in plans:  # choose all channels on the unmodified weights
+            scores = channel_prune.channel_scores(plan, cfg.norm)
+            n_drop = min(int(round(cfg.sparsity * plan.channels)), plan.channels - 1)
+            keep = np.ones(plan.channels, dtype=bool)
+            keep[np.argsort(scores, kind="stable")[:n_drop]] = False
+            keeps.append(keep)
+        for i, (plan, keep) in enumerate(zip(plans, keeps)):
+            if keep.all():
+                report.skip("structured: rounds to zero channels")
+                continue
+            st = stats[i] if stats is not None else None
+            result = channel_prune.apply_plan(model.graph, plan, keep, st, self.name)
+            report.count("pruned_layers")
+            report.count("removed_channels", int((~keep).sum()))
+            if st is not None:
+                report.count("repaired")
+            report.record(
+                plan.producer.node.name or plan.producer.weight.name or "?",
+                channels_before=plan.channels,
+                channels_after=int(keep.sum()),
+                consumer=plan.consumer.node.name,
+                repair=result,
+            )
+        if report.modified:
+            common.ShapeInferencePass()(model)
+
+
+def _magnitude_masks(arrays: list[np.ndarray], sparsity: float, scope: str) -> list[np.ndarray]:
+    """Keep-masks removing the ``sparsity`` fraction of smallest |w| per tensor or over all."""
+    if scope == "layer":
+        return [_keep_top(np.abs(a).reshape(-1), sparsity).reshape(a.shape) for a in arrays]
+    flat = np.concatenate([np.abs(a).reshape(-1) for a in arrays])
+    keep = _keep_top(flat, sparsity)
+    out, start = [], 0
+    for a in arrays:
+        out.append(keep[start : start + a.size].reshape(a.shape))
+        start += a.size
+    return out
+
+
+def _keep_top(mags: np.ndarray, sparsity: float) -> np.ndarray:
+    n_drop = int(round(sparsity * mags.size))
+    keep = np.ones(mags.size, dtype=bool)
+    if n_drop:
+        keep[np.argpartition(mags, n_drop - 1)[:n_drop]] = False
+    return keep

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxopt import data, flops, runtime
+from onnxopt.context import PassContext
+from onnxopt.pass_base import make
+from onnxopt.passes.prune import PruneConfig, PrunePass
+from tests.conftest import load_model, model_path, op_counts
+from tests.passes.compress_models import cnn, feeds, mlp
+
+
+def _run(model, calib=None, **opts):
+    return PrunePass(PruneConfig(**opts), PassContext(calibration=calib, quiet=True))(model)
+
+
+def _outputs(model, ds):
+    with runtime.session(model) as h:
+        return np.concatenate([next(iter(h.run(f).values())) for f in ds])
+
+
+def _w(model, name):
+    return model.graph.initializers[name].const_value.numpy()
+
+
+def test_unstructured_layer_scope_exact_sparsity():
+    ref, model = mlp(), mlp()
+    report = _run(model, sparsity=0.6, min_elements=0)
+    assert report.counts["pruned_tensors"] == 3
+    for name in ("W1", "W2", "W3"):
+        w, w0 = _w(model, name), _w(ref, name)
+        n_zero = int(round(0.6 * w.size))
+        assert (w == 0).sum() == n_zero and w.shape == w0.shape
+        # the zeros are the smallest magnitudes; the rest is untouched
+        assert np.abs(w0[w == 0]).max() <= np.abs(w0[w != 0]).min()
+        np.testing.assert_array_equal(w[w != 0], w0[w != 0])
+    assert op_counts(model) == op_counts(ref)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_unstructured_global_scope_one_threshold():
+    ref, model = mlp(), mlp()
+    _run(model, sparsity=0.5, scope="global", min_elements=0)
+    zero_mags = np.concatenate([np.abs(_w(ref, n))[_w(model, n) == 0] for n in ("W1", "W2", "W3")])
+    kept_mags = np.concatenate([np.abs(_w(ref, n))[_w(model, n) != 0] for n in ("W1", "W2", "W3")])
+    assert zero_mags.max() <= kept_mags.min()
+    assert zero_mags.size == round(0.5 * (zero_mags.size + kept_mags.size))
+
+
+def test_unstructured_repair_keeps_zeros_and_lowers_error():
+    calib, held_out = feeds(mlp(), 8, seed=1), feeds(mlp(), 4, seed=2)
+    ref, plain, repaired = mlp(), mlp(), mlp()
+    _run(plain, sparsity=0.7, min_elements=0)
+    report = _run(repaired, calib, sparsity=0.7, min_elements=0, repair=True)
+    assert report.counts["repaired"] == 3
+    for name in ("W1", "W2", "W3"):
+        assert np.array_equal(_w(repaired, name) == 0, _w(plain, name) == 0)
+    y = _outputs(ref, held_out)
+    assert np.linalg.norm(_outputs(repaired, held_out) - y) < np.linalg.norm(_outputs(plain, held_out) - y)
+
+
+def test_structured_removes_channels_and_lowers_flops():
+    ref, model = cnn(), cnn()
+    report = _run(model, structured=True, sparsity=0.25, min_elements=0)
+    # conv1 (16 ch, BN in between) -> conv2, conv2 (24 ch, via GAP/Flatten) -> head; head feeds y
+    assert report.counts["pruned_layers"] == 2 and report.counts["removed_channels"] == 4 + 6
+    assert report.skipped["structured: output reaches a graph output"] == 1
+    assert _w(model, "C1").shape == (12, 3, 3, 3) and _w(model, "c1").shape == (12,)
+    assert all(_w(model, n).shape == (12,) for n in ("scale", "shift", "mean", "var"))
+    assert _w(model, "C2").shape == (18, 12, 3, 3) and _w(model, "G").shape == (10, 18)
+    assert op_counts(model) == op_counts(ref)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert flops.total_flops(model) < 0.7 * flops.total_flops(ref)
+    assert _outputs(model, feeds(ref, 1)).shape == _outputs(ref, feeds(ref, 1)).shape
+
+
+def test_structured_removes_weakest_channels_exactly():
+    """Channels whose weights are zero contribute nothing: removing them is exact."""
+    ref = mlp()
+    w1 = _w(ref, "W1").copy()
+    b1 = _w(ref, "b1").copy()
+    w1[:12] = 0
+    b1[:12] = -1.0  # Relu(-1) = 0: these neurons are dead
+    for m in (ref,):
+        m.graph.initializers["W1"].const_value = ir.tensor(w1, name="W1")
+        m.graph.initializers["b1"].const_value = ir.tensor(b1, name="b1")
+    model = ref.clone()
+    _run(model, structured=True, sparsity=0.25, min_elements=0, include="W1")
+    assert _w(model, "W1").shape == (36, 32) and _w(model, "W2").shape == (36, 24)
+    ds = feeds(ref, 2)
+    np.testing.assert_allclose(_outputs(model, ds), _outputs(ref, ds), rtol=1e-5, atol=1e-5)
+
+
+def test_structured_repair_lowers_error():
+    calib, held_out = feeds(cnn(), 8, seed=1), feeds(cnn(), 4, seed=2)
+    ref, plain, repaired = cnn(), cnn(), cnn()
+    _run(plain, structured=True, sparsity=0.4, min_elements=0)
+    report = _run(repaired, calib, structured=True, sparsity=0.4, min_elements=0, repair=True)
+    assert report.counts["repaired"] == 2
+    y = _outputs(ref, held_out)
+    assert np.linalg.norm(_outputs(repaired, held_out) - y) < np.linalg.norm(_outputs(plain, held_out) - y)
+
+
+def test_structured_skips_branches_with_reason():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 3] y) <float[4, 6] w1 = {1.,2.,3.,4.,5.,6.,7.,8.,9.,10.,11.,12.,
+        13.,14.,15.,16.,17.,18.,19.,20.,21.,22.,23.,24.}, float[6, 3] w2 = {1.,2.,3.,4.,5.,6.,7.,8.,9.,
+        10.,11.,12.,13.,14.,15.,16.,17.,18.}> {
+        h = MatMul (x, w1)
+        a = Relu (h)
+        b = Sigmoid (h)
+        c = Add (a, b)
+        y = MatMul (c, w2)
+    }
+    """
+    model = ir.from_onnx_text(text)
+    before = ir.to_proto(model).SerializeToString()
+    report = _run(model, structured=True, min_elements=0)
+    assert not report.modified and ir.to_proto(model).SerializeToString() == before
+    assert report.skipped["structured: output has several consumers (branch)"] == 1
+    assert report.skipped["structured: output reaches a graph output"] == 1
+
+
+def test_no_op_without_layers_and_zero_sparsity():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y) { y = Relu (x) }
+    """
+    model = ir.from_onnx_text(text)
+    before = ir.to_proto(model).SerializeToString()
+    assert not _run(model).modified and ir.to_proto(model).SerializeToString() == before
+    model = mlp()
+    before = ir.to_proto(model).SerializeToString()
+    assert not _run(model, sparsity=0.0).modified and ir.to_proto(model).SerializeToString() == before
+
+
+def test_repair_without_data_notes():
+    report = _run(mlp(), sparsity=0.5, min_elements=0, repair=True)
+    assert report.counts["pruned_tensors"] == 3 and "repaired" not in report.counts
+    assert any("no calibration data" in n for n in report.notes)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
+    ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\)"),
+    ({"scope": "model"}, "expected one of 'layer', 'global'"),
+    ({"op_types": "Add"}, "op_types: unsupported 'Add'"),
+])
+def test_config_rejected(options, message):
+    with pytest.raises(ValueError, match=message):
+        make("prune", options)
+
+
+@pytest.mark.slow
+def test_bundled_cnn_structured_30_percent_with_repair():
+    ev = np.load(model_path("digits_cnn_eval.npz"))
+    held_out = data.Dataset.from_feeds([{"input": ev["input"]}])
+    calib = data.load_data(model_path("digits_cnn_calib.npz"))
+    ref, model = load_model("digits_cnn.onnx"), load_model("digits_cnn.onnx")
+    report = _run(model, calib, structured=True, sparsity=0.3, min_elements=0, repair=True)
+    assert report.counts["pruned_layers"] >= 3
+    assert flops.total_flops(model) < 0.8 * flops.total_flops(ref)
+    top1 = lambda m: float((_outputs(m, held_out).argmax(1) == ev["label"]).mean())  # noqa: E731
+    assert top1(model) >= top1(ref) - 0.03
