@@ -1,0 +1,269 @@
+"""fp16 pass: structure, no-op, contract, numerics on onnxruntime CPU, overflow and subgraphs."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxopt import data, float16, pipeline, runtime, validation
+from onnxopt.context import PassContext
+from onnxopt.passes.fp16 import Fp16Config, Fp16Pass
+from tests.conftest import load_model, model_path
+from tests.tolerances import TOL
+
+
+def _weights(rng: np.random.Generator, n: int) -> str:
+    return ",".join(f"{v:.5f}" for v in rng.standard_normal(n))
+
+
+def mlp(rng: np.random.Generator) -> ir.Model:
+    return ir.from_onnx_text(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 3] y)
+        <float[4, 8] w1 = {{{_weights(rng, 32)}}}, float[8] b1 = {{{_weights(rng, 8)}}},
+         float[8, 3] w2 = {{{_weights(rng, 24)}}}> {{
+            h = MatMul(x, w1)
+            hb = Add(h, b1)
+            r = Relu(hb)
+            y = MatMul(r, w2)
+        }}""")
+
+
+def overflow_model(rng: np.random.Generator) -> ir.Model:
+    """``big`` reaches ~1e6 (float16 overflows at 65504); everything else stays small."""
+    return ir.from_onnx_text(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y)
+        <float[4, 4] w = {{{_weights(rng, 16)}}}, float k = {{100000.0}}, float kinv = {{0.00001}}> {{
+            a = MatMul(x, w)
+            big = Mul(a, k)
+            small = Mul(big, kinv)
+            s = Sigmoid(small)
+            y = Add(s, a)
+        }}""")
+
+
+def feeds_for(rng: np.random.Generator, n: int = 4, shape: tuple[int, ...] = (3, 4)) -> list[dict[str, np.ndarray]]:
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def dtypes_of(model: ir.Model, op_type: str) -> list[ir.DataType]:
+    """Output dtypes of the ``op_type`` nodes, as onnx's own shape inference sees them."""
+    typed = ir.from_proto(onnx.shape_inference.infer_shapes(ir.to_proto(model), strict_mode=True))
+    return [n.outputs[0].dtype for n in typed.graph if n.op_type == op_type]
+
+
+def run_pass(model: ir.Model, feeds=None, **options) -> tuple:
+    ctx = PassContext(calibration=data.Dataset.from_feeds(feeds) if feeds else None, quiet=True)
+    report = Fp16Pass(Fp16Config(**options), ctx)(model)
+    return report, model
+
+
+def test_structure_weights_fp16_io_fp32_two_casts(rng):
+    model = mlp(rng)
+    report, model = run_pass(model)
+    assert report.modified
+    counts = collections.Counter(n.op_type for n in model.graph)
+    assert counts == {"MatMul": 2, "Add": 1, "Relu": 1, "Cast": 2}  # one in, one out
+    assert all(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
+    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT and model.graph.outputs[0].name == "y"
+    assert float16.cast_pairs(model) == 0
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_numerics_match_fp32_within_fp16_tolerance(rng):
+    ref, model = mlp(rng), None
+    model = ir.from_proto(ir.to_proto(ref))
+    feeds = feeds_for(rng)
+    run_pass(model)
+    result = validation.compare(ref, model, feeds, **TOL["fp16"])
+    result.assert_ok()
+    assert result.worst("nonfinite") == 0
+
+
+def test_keep_io_false_makes_io_float16(rng):
+    model = mlp(rng)
+    run_pass(model, keep_io=False)
+    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT16
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT16
+    assert "Cast" not in {n.op_type for n in model.graph}
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_no_float_graph_is_unchanged():
+    model = ir.from_onnx_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] x) => (int64[N] y) { y = Add(x, x) }""")
+    before = ir.to_proto(model).SerializeToString()
+    report, model = run_pass(model)
+    assert report.modified is False
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="max_abs"):
+        Fp16Config(max_abs=1e6)
+    with pytest.raises(ValueError, match="underflow_fraction"):
+        Fp16Config(underflow_fraction=0.0)
+    from onnxopt import config
+
+    with pytest.raises(ValueError, match="unknown option 'keep_i'"):
+        config.from_dict(Fp16Config, {"keep_i": True}, owner="fp16")
+
+
+def test_block_lists_keep_nodes_float32(rng):
+    model = mlp(rng)
+    run_pass(model, op_block_list=frozenset({"Relu"}))
+    assert dtypes_of(model, "Relu") == [ir.DataType.FLOAT]
+    model = mlp(rng)
+    names = [n.name for n in model.graph]
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.name = "keep_me"
+    report, model = run_pass(model, node_block_list=frozenset({"keep_me"}))
+    assert dtypes_of(model, "Relu") == [ir.DataType.FLOAT]
+    assert report.skipped["node is in node_block_list"] == 1
+    assert len(names) == 4
+
+
+def test_overflowing_node_is_kept_float32_automatically(rng):
+    ref = overflow_model(rng)
+    feeds = feeds_for(rng)
+    # The model really leaves float16's range (ORT CPU would hide it: it computes float16 ops
+    # without a CPU kernel in float32 and drops the Cast pairs it inserted around them).
+    peak = max(float(np.abs(t["big"]).max()) for t in runtime.capture(ref, feeds, ["big"]))
+    assert peak > float16.FP16_MAX
+    model = ir.from_proto(ir.to_proto(ref))
+    report, model = run_pass(model, feeds)
+    kept = [r for r in report.records if r["precision"] == "float32"]
+    assert dtypes_of(model, "Mul") == [ir.DataType.FLOAT, ir.DataType.FLOAT]
+    assert dtypes_of(model, "MatMul") == [ir.DataType.FLOAT16]
+    assert dtypes_of(model, "Sigmoid") == [ir.DataType.FLOAT16]
+    assert len(kept) == 2 and any("overflow" in r["reason"] for r in report.records)
+    assert float16.cast_pairs(model) == 0
+    result = validation.compare(ref, model, feeds, **TOL["fp16"])
+    result.assert_ok()
+
+
+def test_underflowing_weight_keeps_its_user_float32(rng):
+    model = ir.from_onnx_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 2] x) => (float[N, 2] y) <float[2] eps = {1e-9, 2e-9}> {
+            m = Mul(x, eps)
+            y = Relu(m)
+        }""")
+    report, model = run_pass(model)
+    assert dtypes_of(model, "Mul") == [ir.DataType.FLOAT]
+    assert any("underflow" in r["reason"] for r in report.records)
+
+
+SUBGRAPH_MODEL = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, bool c, int64 trip) => (float[N, 4] y, float[N, 4] z)
+    <float[4, 4] w = {{{w}}}> {{
+        a = MatMul(x, w)
+        b = Relu(a)
+        y = If(c) <
+            then_branch = t () => (float[N, 4] yt) {{ yt = Add(b, a) }},
+            else_branch = e () => (float[N, 4] ye) {{ ye = Neg(a) }}
+        >
+        cond = Constant <value = bool {{1}}> ()
+        z = Loop(trip, cond, b) <
+            body = body (int64 i, bool cin, float[N, 4] s) => (bool cout, float[N, 4] s2) {{
+                cout = Identity(cin)
+                s2 = Add(s, a)
+            }}
+        >
+    }}"""
+
+
+def test_if_and_loop_subgraphs_convert_and_load(rng):
+    ref = ir.from_onnx_text(SUBGRAPH_MODEL.format(w=_weights(rng, 16)))
+    model = ir.from_proto(ir.to_proto(ref))
+    report, model = run_pass(model)
+    assert report.skipped["owns a subgraph (kept float32 as a whole)"] == 2
+    assert dtypes_of(model, "MatMul") == [ir.DataType.FLOAT16]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    for c in (True, False):
+        feeds = [
+            {"x": rng.standard_normal((3, 4)).astype(np.float32), "c": np.array(c), "trip": np.array(3)}
+            for _ in range(2)
+        ]
+        validation.compare(ref, model, feeds, **TOL["fp16"]).assert_ok()
+
+
+def test_pipeline_keeps_the_snapshot_float32(rng):
+    """The pass must not retype values shared with the pipeline's rollback snapshot."""
+    model = mlp(rng)
+    snapshot = model.clone()
+    run_pass(model)
+    assert snapshot.graph.outputs[0].dtype == ir.DataType.FLOAT
+    assert all(v.dtype == ir.DataType.FLOAT for v in snapshot.graph.initializers.values())
+
+
+MIXED_OPS = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 2, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 2, 16, 16] r, int64[4] s)
+    <float[4, 2, 3, 3] w = {{{w}}}, float[8] g = {{1, 1, 1, 1, 1, 1, 1, 1}}, float[8] bb = {{0, 0, 0, 0, 0, 0, 0, 0}},
+     float[4] sc = {{1, 1, 2, 2}}> {{
+        cv = Conv <pads = [1, 1, 1, 1]> (x, w)
+        ln = LayerNormalization <axis = -1> (cv, g, bb)
+        sm = Softmax <axis = 1> (ln)
+        er = Erf(sm)
+        mp = MaxPool <kernel_shape = [1, 1]> (er)
+        y = Sigmoid(mp)
+        r = Resize <mode = "nearest"> (x, , sc)
+        s = Shape(y)
+    }}"""
+
+
+def test_ops_with_fixed_float32_inputs_and_free_inputs(rng):
+    """Resize's scales stay float32, Shape takes float16 as is, ORT CPU loads and runs it."""
+    ref = ir.from_onnx_text(MIXED_OPS.format(w=_weights(rng, 72)))
+    model = ir.from_proto(ir.to_proto(ref))
+    run_pass(model)
+    assert model.graph.initializers["sc"].dtype == ir.DataType.FLOAT
+    assert dtypes_of(model, "Sigmoid") == [ir.DataType.FLOAT16]
+    shape_node = next(n for n in model.graph if n.op_type == "Shape")
+    assert shape_node.inputs[0].producer().op_type == "Sigmoid"  # no Cast before Shape
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feeds = [{"x": rng.standard_normal((1, 2, 8, 8)).astype(np.float32)} for _ in range(2)]
+    validation.compare(ref, model, feeds, **TOL["fp16"]).assert_ok()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "digits_transformer"])
+def test_bundled_models_cosine_size_finite(name):
+    model = load_model(f"{name}.onnx")
+    sig = data.input_signature(model)
+    calib = data.load_data(model_path(f"{name}_calib.npz"), sig).take(8)
+    ctx = PassContext(calibration=calib, quiet=True)
+    result = pipeline.run(model, [Fp16Pass(None, ctx)])
+    assert result.reports[0].status == "ok", result.reports[0].error
+    evald = data.load_data(model_path(f"{name}_eval.npz"), sig).take(8)
+    rep = validation.compare(model_path(f"{name}.onnx"), result.model, evald)
+    assert rep.worst("cosine") >= 0.999
+    assert rep.worst("nonfinite") == 0
+    assert rep.sizes["candidate_bytes"] <= 0.55 * rep.sizes["reference_bytes"]
+    assert float16.cast_pairs(result.model) == 0
+
+
+@pytest.mark.slow
+def test_ppocr_cls_fp16(rng):
+    """PP-OCR cls from rapidocr-onnxruntime (a runtime dependency of the benchmarks)."""
+    ocr = pytest.importorskip("rapidocr_onnxruntime")
+    import pathlib
+
+    path = next(pathlib.Path(ocr.__file__).parent.glob("models/*cls*.onnx"))
+    ref = ir.load(path)
+    model = ir.load(path)
+    feeds = [{"x": rng.uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)} for _ in range(3)]
+    ctx = PassContext(calibration=data.Dataset.from_feeds(feeds), quiet=True)
+    result = pipeline.run(model, [Fp16Pass(None, ctx)])
+    assert result.reports[0].status == "ok", result.reports[0].error
+    rep = validation.compare(ref, result.model, feeds)
+    assert rep.worst("cosine") >= 0.999 and rep.worst("nonfinite") == 0
