@@ -50,6 +50,8 @@ class PassReport(ir.passes.PassResult):
     before: dict[str, int] = dataclasses.field(default_factory=dict)
     after: dict[str, int] = dataclasses.field(default_factory=dict)
     fidelity: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Plots for the HTML report: {"title": str, "png_base64": str} (rendered by onnxopt.report).
+    figures: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     def count(self, what: str, n: int = 1) -> None:
         """Record ``n`` changes of kind ``what``; a counted change marks the model modified."""
@@ -95,6 +97,7 @@ class PassReport(ir.passes.PassResult):
             "fidelity": self.fidelity,
             "notes": self.notes,
             "records": _jsonable(self.records),
+            **({"figures": self.figures} if self.figures else {}),
         }
 
 
