@@ -25,6 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import _ir_utils
+from onnxopt.calibration import CalibrationTable
 
 __all__ = [
     "FP16_MAX",
@@ -34,6 +35,7 @@ __all__ = [
     "cast_pairs",
     "convert",
     "float_params",
+    "range_reasons",
 ]
 
 logger = logging.getLogger(__name__)
@@ -380,3 +382,50 @@ def cast_pairs(model: ir.Model) -> int:
         if producer.inputs[0] is not None and producer.inputs[0].dtype in floats:
             n += 1
     return n
+
+
+def range_reasons(
+    model: ir.Model,
+    table: CalibrationTable | None,
+    max_abs: float = FP16_MAX / 2,
+    underflow_fraction: float = 0.5,
+) -> dict[ir.Node, str]:
+    """Main-graph nodes that must stay float32 because a tensor they touch leaves float16's range.
+
+    Args:
+        model: the float32 model.
+        table: calibrated activation ranges (None: weights only).
+        max_abs: overflow threshold on ``|x|``.
+        underflow_fraction: share of a weight's nonzero values below 2^-14 that makes it unsafe.
+    """
+    bad: dict[str, str] = {}
+    for name, value in model.graph.initializers.items():
+        if value.const_value is None or value.dtype != ir.DataType.FLOAT:
+            continue
+        reason = _weight_reason(value.const_value.numpy(), max_abs, underflow_fraction)
+        if reason:
+            bad[name] = f"{reason}: weight {name!r}"
+    if table is not None:
+        for name, (lo, hi) in table.ranges.items():
+            peak = max(abs(lo), abs(hi))
+            if peak > max_abs:
+                bad[name] = f"overflow: tensor {name!r} reaches |x|={peak:.4g} > {max_abs:g}"
+            elif 0.0 < peak < FP16_MIN_NORMAL:
+                bad[name] = f"underflow: tensor {name!r} stays below 2^-14 (|x| <= {peak:.3g})"
+    reasons: dict[ir.Node, str] = {}
+    for node in model.graph:
+        for v in list(node.inputs) + list(node.outputs):
+            if v is not None and v.name in bad:
+                reasons[node] = bad[v.name]
+                break
+    return reasons
+
+
+def _weight_reason(array: np.ndarray, max_abs: float, underflow_fraction: float) -> str | None:
+    magnitude = np.abs(array[np.isfinite(array)])
+    if magnitude.size and float(magnitude.max()) > max_abs:
+        return f"overflow (|w| up to {float(magnitude.max()):.4g})"
+    nonzero = magnitude[magnitude > 0]
+    if nonzero.size and np.mean(nonzero < FP16_MIN_NORMAL) > underflow_fraction:
+        return "underflow (most nonzero |w| < 2^-14)"
+    return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
@@ -27,7 +26,7 @@ from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
 from onnxopt.recipes import Recipe, Step, add_recipe
 
-__all__ = ["Fp16Config", "Fp16Pass", "range_reasons"]
+__all__ = ["Fp16Config", "Fp16Pass"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class Fp16Pass(OptPass[Fp16Config]):
             table = calibration.cached_ranges(self.context, model, None, cfg.calibration_method)  # type: ignore[arg-type]
         elif cfg.auto_keep:
             report.note("no calibration data: only weights were range-checked, not activations")
-        keep = range_reasons(model, table, cfg.max_abs, cfg.underflow_fraction) if cfg.auto_keep else {}
+        keep = float16.range_reasons(model, table, cfg.max_abs, cfg.underflow_fraction) if cfg.auto_keep else {}
         lower = []
         for node in model.graph:
             if node.op_type in cfg.op_block_list:
@@ -118,53 +117,6 @@ class Fp16Pass(OptPass[Fp16Config]):
         if result.lowered and result.bytes_before:
             report.note(f"weights {result.bytes_before:,} B -> {result.bytes_after:,} B")
         return report
-
-
-def range_reasons(
-    model: ir.Model,
-    table: calibration.CalibrationTable | None,
-    max_abs: float = float16.FP16_MAX / 2,
-    underflow_fraction: float = 0.5,
-) -> dict[ir.Node, str]:
-    """Main-graph nodes that must stay float32 because a tensor they touch leaves float16's range.
-
-    Args:
-        model: the float32 model.
-        table: calibrated activation ranges (None: weights only).
-        max_abs: overflow threshold on ``|x|``.
-        underflow_fraction: share of a weight's nonzero values below 2^-14 that makes it unsafe.
-    """
-    bad: dict[str, str] = {}
-    for name, value in model.graph.initializers.items():
-        if value.const_value is None or value.dtype != ir.DataType.FLOAT:
-            continue
-        reason = _weight_reason(value.const_value.numpy(), max_abs, underflow_fraction)
-        if reason:
-            bad[name] = f"{reason}: weight {name!r}"
-    if table is not None:
-        for name, (lo, hi) in table.ranges.items():
-            peak = max(abs(lo), abs(hi))
-            if peak > max_abs:
-                bad[name] = f"overflow: tensor {name!r} reaches |x|={peak:.4g} > {max_abs:g}"
-            elif 0.0 < peak < float16.FP16_MIN_NORMAL:
-                bad[name] = f"underflow: tensor {name!r} stays below 2^-14 (|x| <= {peak:.3g})"
-    reasons: dict[ir.Node, str] = {}
-    for node in model.graph:
-        for v in list(node.inputs) + list(node.outputs):
-            if v is not None and v.name in bad:
-                reasons[node] = bad[v.name]
-                break
-    return reasons
-
-
-def _weight_reason(array: np.ndarray, max_abs: float, underflow_fraction: float) -> str | None:
-    magnitude = np.abs(array[np.isfinite(array)])
-    if magnitude.size and float(magnitude.max()) > max_abs:
-        return f"overflow (|w| up to {float(magnitude.max()):.4g})"
-    nonzero = magnitude[magnitude > 0]
-    if nonzero.size and np.mean(nonzero < float16.FP16_MIN_NORMAL) > underflow_fraction:
-        return "underflow (most nonzero |w| < 2^-14)"
-    return None
 
 
 add_recipe(Recipe("fp16", "simplify, then float16 weights and compute; nodes whose calibrated ranges "
