@@ -70,6 +70,9 @@ def find_candidate(node: ir.Node, *, min_elements: int, spatial: bool) -> Candid
         return f"{node.op_type} weight dtype {weight.dtype} is not floating point"
     if len(weight.uses()) > 1:
         return f"{node.op_type} weight is shared by {len(weight.uses())} uses"
+    x = node.inputs[0]
+    if x is None or x.const_value is not None or x.is_initializer():
+        return f"{node.op_type} input is constant (simplify folds it)"
     w = _ir_utils.constant_array(weight)
     if w.size < min_elements:
         return f"weight has fewer than min_elements={min_elements} elements"

@@ -182,6 +182,13 @@ def test_skips_small_shared_and_unprofitable_weights(rng):
     assert report.skipped == {"split would not pay: r*(K+N) >= (1 - min_saving)*K*N": 1}
     report = LowRankPass(LowRankConfig())(matmul_model(w[:32]))
     assert report.skipped == {"weight has fewer than min_elements=4096 elements": 1}
+    folded = _model(
+        [helper.make_node("MatMul", ["C", "W"], ["h"]), helper.make_node("Add", ["x", "h"], ["y"])],
+        ["b", 64],
+        {"W": w, "C": w},
+    )
+    report = LowRankPass(LowRankConfig(min_elements=0))(folded)
+    assert report.skipped == {"MatMul input is constant (simplify folds it)": 1}
 
 
 # 3. contract -------------------------------------------------------------------------------------

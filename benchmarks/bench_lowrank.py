@@ -1,0 +1,201 @@
+"""Low-rank split benchmark: accuracy on the bundled models and latency of a large MatMul.
+
+Part 1 (``--part accuracy``): on digits_mlp and digits_transformer, plain SVD vs activation-aware
+SVD (and plain + least-squares re-fit) at the same ranks (so the same parameter reduction), plus
+the ``global`` rank allocation; output error (relative L2 of the logits) and top-1 accuracy on the
+held-out eval data, statistics from the calibration data only.
+
+Part 2 (``--part latency``): one MatMul with a [K, N] = [1024, 4096] weight on [tokens, 1024]
+activations, split at rank 25% of min(K, N). The FLOP arithmetic predicts the ratio
+r * (K + N) / (K * N); the measured ratio comes from interleaved onnxruntime runs of both models in
+the same process (so machine load affects both alike).
+
+Usage::
+
+    python benchmarks/bench_lowrank.py [--part all|accuracy|latency] [--tokens 64 256]
+        [--rounds 60] [--threads 1] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnx_ir as ir
+import tqdm
+from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes.lowrank import LowRankConfig, LowRankPass
+
+from onnxopt import data, io, runtime, validation
+from onnxopt.context import PassContext
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def accuracy(names: list[str]) -> list[dict]:
+    """Plain vs aware vs refit vs global on the bundled models, measured on held-out data."""
+    settings = {
+        "plain r=25%": LowRankConfig(method="plain", rank_ratio=0.25),
+        "plain+refit r=25%": LowRankConfig(method="plain", rank_ratio=0.25, refit=True),
+        "aware r=25%": LowRankConfig(method="aware", rank_ratio=0.25),
+        "plain r=50%": LowRankConfig(method="plain", rank_ratio=0.5),
+        "aware r=50%": LowRankConfig(method="aware", rank_ratio=0.5),
+        "aware global 50%": LowRankConfig(method="aware", rank_mode="global", target=0.5),
+    }
+    rows = []
+    for name in names:
+        path = MODELS / f"{name}.onnx"
+        signature = data.input_signature(io.load_model(path))
+        calib = data.load_data(MODELS / f"{name}_calib.npz", signature)
+        held_out = data.load_data(MODELS / f"{name}_eval.npz", signature)
+        for label, cfg in settings.items():
+            model = io.load_model(path)
+            report = LowRankPass(cfg, PassContext(calibration=calib, quiet=True))(model)
+            before = sum(r["params_before"] for r in report.records)
+            after = sum(r["params_after"] for r in report.records)
+            result = validation.compare(path, model, held_out)
+            metrics = next(iter(result.outputs["CPUExecutionProvider"].values()))
+            rows.append(
+                {
+                    "model": name,
+                    "setting": label,
+                    "layers_split": report.counts["split"],
+                    "param_reduction_split_layers": 1 - after / before if before else 0.0,
+                    "ranks": [r["rank"] for r in report.records],
+                    "rel_l2": metrics.rel_l2,
+                    "cosine": metrics.cosine,
+                    "top1_agreement": metrics.top1,
+                    "accuracy_before": metrics.ref_accuracy,
+                    "accuracy_after": metrics.cand_accuracy,
+                }
+            )
+    return rows
+
+
+def _matmul_model(w: np.ndarray) -> ir.Model:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="big")],
+        "big_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", w.shape[1]])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return ir.from_proto(proto)
+
+
+@dataclasses.dataclass
+class Timing:
+    """Interleaved latency of the unsplit and the split model at one token count."""
+
+    tokens: int
+    unsplit_ms: float
+    split_ms: float
+    ratio: float
+    ratio_per_round_median: float
+    predicted_flop_ratio: float
+    flops_unsplit: float
+    flops_split: float
+
+
+def latency(token_counts: list[int], rounds: int, threads: int, k: int = 1024, n: int = 4096) -> dict:
+    """Split a [k, n] MatMul at rank 25% and time both models, interleaved, per token count."""
+    rng = np.random.default_rng(0)
+    # A decaying spectrum, as trained weights have (the latency does not depend on it).
+    w = (rng.standard_normal((k, k)) * np.logspace(0, -2, k)) @ rng.standard_normal((k, n)) / np.sqrt(k)
+    w = w.astype(np.float32)
+    reference = _matmul_model(w)
+    split = _matmul_model(w)
+    report = LowRankPass(LowRankConfig(method="plain", rank_ratio=0.25), PassContext(quiet=True))(split)
+    rec = report.records[0]
+    r = rec["rank"]
+    out = {"K": k, "N": n, "rank": r, "weight_rel_error": rec["weight_rel_error"], "threads": threads}
+    handles = {
+        "unsplit": runtime.make_session(reference, threads=threads, opt_level="all"),
+        "split": runtime.make_session(split, threads=threads, opt_level="all"),
+    }
+    timings = []
+    for tokens in token_counts:
+        feed = {"x": rng.standard_normal((tokens, k)).astype(np.float32)}
+        err = validation.output_metrics([handles["unsplit"].run(feed)["y"]], [handles["split"].run(feed)["y"]])
+        for h in handles.values():
+            for _ in range(5):
+                h.run(feed)
+        times: dict[str, list[float]] = {"unsplit": [], "split": []}
+        order = list(handles)
+        for _ in tqdm.trange(rounds, desc=f"latency tokens={tokens}", leave=False):
+            random.shuffle(order)
+            for key in order:
+                t0 = time.perf_counter()
+                handles[key].run(feed)
+                times[key].append((time.perf_counter() - t0) * 1e3)
+        per_round = [s / u for s, u in zip(times["split"], times["unsplit"], strict=True)]
+        flops_u = 2.0 * tokens * k * n
+        flops_s = 2.0 * tokens * r * (k + n)
+        t = Timing(
+            tokens,
+            statistics.median(times["unsplit"]),
+            statistics.median(times["split"]),
+            statistics.median(times["split"]) / statistics.median(times["unsplit"]),
+            statistics.median(per_round),
+            flops_s / flops_u,
+            flops_u,
+            flops_s,
+        )
+        timings.append({**dataclasses.asdict(t), "output_rel_l2": err.rel_l2})
+    for h in handles.values():
+        h.close()
+    out["timings"] = timings
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "accuracy", "latency"], default="all")
+    parser.add_argument("--models", nargs="+", default=["digits_mlp", "digits_transformer"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[64, 256])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    results: dict = {}
+    if args.part in ("all", "accuracy"):
+        results["accuracy"] = accuracy(args.models)
+        print("model               setting             split  params-   rel_l2  cosine    top1   acc before->after")
+        for row in results["accuracy"]:
+            print(
+                f"{row['model']:<19} {row['setting']:<19} {row['layers_split']:>5}  "
+                f"{row['param_reduction_split_layers']:6.1%}  {row['rel_l2']:7.4f}  {row['cosine']:.5f}  "
+                f"{row['top1_agreement']:.4f}  {row['accuracy_before']:.4f}->{row['accuracy_after']:.4f}"
+            )
+    if args.part in ("all", "latency"):
+        lat = latency(args.tokens, args.rounds, args.threads)
+        results["latency"] = lat
+        print(
+            f"\nMatMul [tokens, {lat['K']}] x [{lat['K']}, {lat['N']}] split at rank {lat['rank']} "
+            f"(weight rel error {lat['weight_rel_error']:.3f}), onnxruntime CPU, {lat['threads']} thread(s), "
+            "ORT_ENABLE_ALL, interleaved runs"
+        )
+        for t in lat["timings"]:
+            print(
+                f"tokens={t['tokens']:<5} FLOPs {t['flops_unsplit'] / 1e9:.3f} G -> {t['flops_split'] / 1e9:.3f} G "
+                f"(predicted ratio {t['predicted_flop_ratio']:.4f}); median ms unsplit {t['unsplit_ms']:.3f}, "
+                f"split {t['split_ms']:.3f}: measured ratio {t['ratio']:.3f} "
+                f"(per-round median {t['ratio_per_round_median']:.3f}); output rel_l2 {t['output_rel_l2']:.3f}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
