@@ -81,7 +81,9 @@ class FusePass(OptPass[FuseConfig]):
 
     Changes: replaces matched subgraphs by com.microsoft Attention/SkipLayerNormalization/
         BiasGelu/... and default-domain LayerNormalization nodes (tagged ``fuse``); adds the
-        com.microsoft opset import; may upgrade the default opset to 17.
+        com.microsoft opset import; may upgrade the default opset to 17; annotates value types
+        and shapes (onnxruntime's symbolic shape inference, which knows the contrib ops) so
+        that later passes (quantize) see the fused nodes' outputs as float tensors.
     Preserves: graph input/output names, dtypes and shapes; producer name; other nodes.
     Guarantees: counts per fused op type in the report; a model where nothing matches (or that
         is not a transformer) is returned unchanged with the reason as a skip.
@@ -116,6 +118,11 @@ class FusePass(OptPass[FuseConfig]):
             o.domain == _MS_DOMAIN for o in fused.opset_import
         ):
             fused.opset_import.append(onnx.helper.make_opsetid(_MS_DOMAIN, 1))
+        typed = _infer_types(fused)
+        if typed is None:
+            report.note("onnxruntime's symbolic shape inference failed: fused outputs are untyped")
+        else:
+            fused = typed
         fused.producer_name = model.producer_name or ""
         fused.producer_version = model.producer_version or ""
         new = ir.serde.deserialize_model(fused)
@@ -174,6 +181,21 @@ def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig) -> onnx.
         opt_level=0,
     )
     return optimizer.model
+
+
+def _infer_types(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Types and shapes for every value, contrib op outputs included, or None if inference fails.
+
+    onnx's own shape inference knows no com.microsoft schema, so without this the outputs of
+    fused nodes (and everything downstream) are untyped for later passes such as quantize.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception as err:  # noqa: BLE001 - best effort; its errors are of many kinds
+        logger.debug("symbolic shape inference failed: %s", err)
+        return None
 
 
 def _fused_counts(proto: onnx.ModelProto) -> collections.Counter[str]:

@@ -143,3 +143,34 @@ def test_bundled_transformer_fuses_layer_norms():
     evald = np.load(model_path("digits_transformer_eval.npz"))
     feeds = [{"input": evald["input"][i : i + 16]} for i in range(0, 64, 16)]
     compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+def test_fused_outputs_are_typed_for_later_passes():
+    from onnxopt import calibration
+
+    model = bert(layers=1)
+    fuse(model)
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert attention.outputs[0].dtype == ir.DataType.FLOAT
+    assert attention.outputs[0].name in calibration.float_values(model)
+
+
+def test_fuse_then_int8_quantizes_what_fusion_leaves_and_keeps_fidelity():
+    # The order the project uses: fuse first (Attention/LayerNorm/GELU stay float in fused
+    # kernels, the remaining MatMuls go INT8). INT8 first breaks the patterns fuse looks for.
+    ref = bert()
+    calib = data.load_data(bert_feeds(8, seed=1))
+    evals = bert_feeds(4, seed=2)
+    fused_int8 = pipeline.run(bert(), [make("fuse", {}, PassContext(calibration=calib, quiet=True)),
+                                       make("quantize", {"latency_runs": 0, "sqnr_samples": 0},
+                                            PassContext(calibration=calib, quiet=True))])
+    fuse_report, quant_report = fused_int8.reports
+    assert fuse_report.status == "ok" and quant_report.status == "ok", quant_report.error
+    assert quant_report.counts["quantized_MatMul"] == 7  # out-proj + 2 FFN per layer, + head
+    assert op_counts(fused_int8.model)["Attention"] == 2
+    compare(ref, fused_int8.model, evals).assert_ok(min_cosine=0.99)
+    int8_first = pipeline.run(bert(), [make("quantize", {"latency_runs": 0, "sqnr_samples": 0},
+                                            PassContext(calibration=calib, quiet=True)),
+                                       make("fuse", {}, PassContext(calibration=calib, quiet=True))])
+    assert int8_first.reports[1].status == "unchanged"
+    assert int8_first.reports[1].skipped == {"no bert fusion pattern matched": 1}
