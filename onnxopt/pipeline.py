@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -50,10 +52,13 @@ def model_stats(model: ir.Model) -> dict[str, int]:
 
 def check_model(model: ir.Model) -> None:
     """``onnx.checker`` with full_check (strict shape inference); raises on an invalid model."""
-    if _io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT:
-        # The protobuf cannot hold it; check the graph structure without the weights.
-        proto = ir.to_proto(model)
-        onnx.checker.check_model(proto, full_check=False)
+    if _io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT or _io.external_tensors(model):
+        # External-data locations are relative to a folder the checker knows only from a path
+        # (and > 2 GB cannot be one protobuf): check a saved copy by path, as onnx does.
+        with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as tmp:
+            path = pathlib.Path(tmp) / "model.onnx"
+            _io.save_model(model, path, external_data=True)
+            onnx.checker.check_model(str(path), full_check=True)
         return
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)

@@ -112,6 +112,7 @@ def make_session(
     threads: int | None = None,
     opt_level: OptLevel = "disable",
     optimized_model_path: str | os.PathLike | None = None,
+    priority_order: bool = False,
 ) -> SessionHandle:
     """An onnxruntime session on ``model`` (an ir.Model, a path or serialized bytes).
 
@@ -126,10 +127,14 @@ def make_session(
         options.inter_op_num_threads = 1
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    if priority_order:  # run nodes in graph order: instrumented models free activations early
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     tmp_dir = None
     target: str | bytes
     if isinstance(model, ir.Model):
-        if _io.model_nbytes(model) > _IN_MEMORY_LIMIT:
+        # External tensors keep a relative location that onnxruntime cannot resolve for a model
+        # given as bytes, so such models go through a temp folder too.
+        if _io.model_nbytes(model) > _IN_MEMORY_LIMIT or _io.external_tensors(model):
             tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix="onnxopt-session-"))
             _io.save_model(model, tmp_dir / "model.onnx", external_data=True)
             target = str(tmp_dir / "model.onnx")
@@ -199,6 +204,8 @@ def capture(
     *,
     provider: str = "CPUExecutionProvider",
     threads: int | None = None,
+    opt_level: OptLevel = "disable",
+    priority_order: bool = False,
 ) -> Iterable[dict[str, np.ndarray]]:
     """Yield, per feed, the values ``names`` (intermediate tensors, inputs or outputs).
 
@@ -208,7 +215,8 @@ def capture(
     """
     wanted = list(dict.fromkeys(names))
     instrumented = with_outputs(model, wanted)
-    with session(instrumented, provider, threads=threads) as handle:
+    kw = {"threads": threads, "opt_level": opt_level, "priority_order": priority_order}
+    with session(instrumented, provider, **kw) as handle:
         fetch = [n for n in wanted if n in handle.output_names]
         for feed in feeds:
             outs = dict(zip(fetch, handle.session.run(fetch, feed)))

@@ -308,4 +308,5 @@ def compare(
 
 
 def _small(model: ir.Model) -> bool:
-    return _io.model_nbytes(model) <= runtime._IN_MEMORY_LIMIT
+    # A model with external tensors cannot go to onnxruntime as bytes (relative locations).
+    return _io.model_nbytes(model) <= runtime._IN_MEMORY_LIMIT and not _io.external_tensors(model)
