@@ -61,8 +61,10 @@ class Candidate:
         return (self.activation.name if self.activation is not None else None, self.layout)
 
 
-def find_candidate(node: ir.Node, *, min_elements: int, spatial: bool) -> Candidate | str:
+def find_candidate(node: ir.Node, *, min_elements: int, spatial: bool, pass_name: str) -> Candidate | str:
     """Return a :class:`Candidate` for ``node``, or the reason it cannot be split."""
+    if node.metadata_props.get(_ir_utils.PROVENANCE_KEY) == pass_name:
+        return "node is already a low-rank factor"
     weight = _ir_utils.constant_input(node, 1)
     if weight is None:
         return f"{node.op_type} weight is not a constant initializer"
@@ -162,7 +164,7 @@ def apply_split(
     x = node.inputs[0]
     mid = ir.Value(name=_ir_utils.unique_name(graph, f"{base}.lr_mid", taken))
     mid.dtype = cand.weight.dtype  # MatMul/Gemm/Conv: activation dtype = weight dtype
-    first = _first_node(cand, x, u_val, mid)
+    first = _first_node(cand, x, u_val, mid, graph, taken)
     _ir_utils.tag(first, pass_name)
     graph.insert_before(node, first)
     node.replace_input_with(0, mid)
@@ -183,9 +185,12 @@ def apply_split(
         graph.initializers.pop(weight.name)
 
 
-def _first_node(cand: Candidate, x: ir.Value, u_val: ir.Value, mid: ir.Value) -> ir.Node:
+def _first_node(
+    cand: Candidate, x: ir.Value, u_val: ir.Value, mid: ir.Value, graph: ir.Graph, taken: set[str]
+) -> ir.Node:
     node = cand.node
-    name = f"{node.name}.lr_u" if node.name else None
+    # onnxruntime rejects duplicate node names; ``taken`` holds node names as well.
+    name = _ir_utils.unique_name(graph, f"{node.name}.lr_u", taken) if node.name else None
     if cand.kind == "matmul" or (cand.kind == "gemm" and cand.layout[0] == "rows"):
         return ir.node("MatMul", [x, u_val], outputs=[mid], name=name)
     if cand.kind == "gemm":

@@ -103,7 +103,7 @@ class LowRankPass(OptPass[LowRankConfig]):
         cfg = self.config
         cands: list[lg.Candidate] = []
         for node in _ir_utils.iter_nodes(model, cfg.op_types, subgraphs=False):
-            found = lg.find_candidate(node, min_elements=cfg.min_elements, spatial=cfg.spatial)
+            found = lg.find_candidate(node, min_elements=cfg.min_elements, spatial=cfg.spatial, pass_name=self.name)
             if isinstance(found, str):
                 report.skip(found)
             else:
@@ -232,4 +232,5 @@ class LowRankPass(OptPass[LowRankConfig]):
 def _names(graph: ir.Graph) -> set[str]:
     taken = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
     taken |= {v.name for node in graph.all_nodes() for v in node.outputs if v.name}
+    taken |= {node.name for node in graph.all_nodes() if node.name}
     return taken

@@ -373,3 +373,20 @@ def test_lowrank_int8_recipe_quantizes_the_split_factors(tmp_path):
         inits[name].dtype == ir.DataType.INT8 for name in factors if name.endswith("_quantized")
     )
     assert sum(name.endswith("_quantized") for name in factors) == 2 * result.reports[1].counts["split"]
+
+
+def test_second_run_leaves_factors_alone_and_node_names_stay_unique(rng):
+    w = low_rank(rng, 64, 48, 3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("Relu", ["h"], ["y"], name="mm.lr_u"),  # the name a split would pick
+    ]
+    model, ref = _model(nodes, ["b", 64], {"W": w}), _model(nodes, ["b", 64], {"W": w})
+    cfg = LowRankConfig(rank_ratio=3 / 48, min_elements=0)
+    assert LowRankPass(cfg)(model).counts["split"] == 1
+    names = [n.name for n in model.graph]
+    assert len(set(names)) == len(names) == 3
+    again = LowRankPass(cfg)(model)
+    assert again.modified is False and again.skipped == {"node is already a low-rank factor": 2}
+    feeds = [{"x": rng.standard_normal((4, 64), dtype=np.float32)}]
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
