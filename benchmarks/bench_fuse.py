@@ -28,11 +28,11 @@ import onnx_ir as ir
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import data, pipeline, runtime, validation  # noqa: E402
-from onnxopt import io as _io  # noqa: E402
-from onnxopt.context import PassContext  # noqa: E402
-from onnxopt.pass_base import make  # noqa: E402
-from tests.bert_builder import bert_feeds, make_bert  # noqa: E402
+from onnxopt import data, pipeline, runtime, validation
+from onnxopt import io as _io
+from onnxopt.context import PassContext
+from onnxopt.pass_base import make
+from tests.bert_builder import bert_feeds, make_bert
 
 ORDERS = {"fp32": [], "fused": ["fuse"], "int8": ["quantize"], "fuse->int8": ["fuse", "quantize"],
           "int8->fuse": ["quantize", "fuse"]}

@@ -1,5 +1,6 @@
-"""Deployable exports: ONNX (weights inline, in one external file, or one file per tensor) and
-ORT format for onnxruntime's mobile/edge builds.
+"""Deployable exports: ONNX (inline or external weights) and ORT format for mobile/edge.
+
+ONNX weights stay inline, go to one external file, or to one file per tensor.
 
 ORT format is written the way onnxruntime's own converter
 (``python -m onnxruntime.tools.convert_onnx_models_to_ort``, "Fixed" style) writes it: an
@@ -41,8 +42,8 @@ __all__ = [
     "ExportError",
     "ExportOptions",
     "ExportResult",
-    "export",
     "check_ort",
+    "export",
     "format_for",
 ]
 
@@ -124,7 +125,7 @@ class ExportResult:
 
 
 def format_for(path: str | os.PathLike, fmt: Format | None = None) -> Format:
-    """The export format for ``path``: ``fmt`` if given (checked against the suffix), else the suffix.
+    """Return the export format for ``path``: ``fmt`` (checked against the suffix) or the suffix.
 
     Raises:
         ExportError: ``fmt`` contradicts the suffix (``.ort`` with onnx, ``.onnx`` with ort).

@@ -39,13 +39,13 @@ class _Kernel:
     types: dict[str, frozenset[str]]  # type variable -> allowed types
 
     def allows(self, typed_inputs: list[tuple[str, str]]) -> bool:
-        """True if every (type variable, dtype) pair is allowed (unknown variables pass)."""
+        """Return True if every (type variable, dtype) pair is allowed (unknown variables pass)."""
         return all(var not in self.types or t in self.types[var] for var, t in typed_inputs)
 
 
 @functools.lru_cache(maxsize=1)
 def _registry() -> dict[tuple[str, str, str], list[_Kernel]]:
-    """(provider, domain, op) -> kernels, read once from onnxruntime."""
+    """Read (provider, domain, op) -> kernels once from onnxruntime."""
     from onnxruntime.capi import _pybind_state
 
     table: dict[tuple[str, str, str], list[_Kernel]] = collections.defaultdict(list)
@@ -57,7 +57,7 @@ def _registry() -> dict[tuple[str, str, str], list[_Kernel]]:
 
 
 def registry_providers() -> list[str]:
-    """Providers whose kernels the installed onnxruntime build lists."""
+    """List the providers whose kernels the installed onnxruntime build registers."""
     return sorted({key[0] for key in _registry()})
 
 
@@ -90,7 +90,7 @@ class KernelSupport:
 
 
 def _schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
-    """The op's schema at ``opset``, or None where onnx does not know it (contrib/custom ops)."""
+    """Return the op's schema at ``opset``, or None where onnx lacks it (contrib/custom ops)."""
     try:
         return onnx.defs.get_schema(op_type, opset, domain)
     except onnx.defs.SchemaError:

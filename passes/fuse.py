@@ -96,6 +96,7 @@ class FusePass(OptPass[FuseConfig]):
     tolerance = (1e-4, 1e-5)
 
     def call(self, model: ir.Model) -> PassReport:
+        """Fuse ``model`` in place; unchanged, with the reason as a skip, when nothing matches."""
         report = self.new_report(model)
         reason = self._refusal(model)
         if reason is not None:
@@ -155,7 +156,7 @@ class FusePass(OptPass[FuseConfig]):
 
 
 def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig) -> onnx.ModelProto:
-    """onnxruntime's Python fusions only (opt_level=0); ``proto`` is consumed."""
+    """Run onnxruntime's Python fusions only (opt_level=0); ``proto`` is consumed."""
     # Imported here: it pulls in many fusion modules and is only needed when the pass runs.
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -193,7 +194,7 @@ def _infer_types(proto: onnx.ModelProto) -> onnx.ModelProto | None:
 
     try:
         return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-    except Exception as err:  # noqa: BLE001 - best effort; its errors are of many kinds
+    except Exception as err:  # best effort: its failures come as many exception types
         logger.debug("symbolic shape inference failed: %s", err)
         return None
 

@@ -77,7 +77,9 @@ def make_bert(
         raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
     b = _Builder(np.random.default_rng(seed))
     head_dim = hidden // heads
-    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    def i64(*v: int) -> np.ndarray:
+        return np.array(v, np.int64)
+
     # Embeddings: word + position (positions 0..seq-1 sliced from a table).
     words = b.op("Gather", [b.weight("word_emb", (vocab, hidden), 0.5), "input_ids"])
     seq = b.op("Gather", [b.op("Shape", ["input_ids"]), b.const("one_idx", i64(1))], axis=0)

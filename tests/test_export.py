@@ -32,8 +32,8 @@ def run(path_or_model, feeds):
 
 
 def assert_close(ref, got, rtol, atol):
-    for r_outs, g_outs in zip(ref, got):
-        for r, g in zip(r_outs, g_outs):
+    for r_outs, g_outs in zip(ref, got, strict=True):
+        for r, g in zip(r_outs, g_outs, strict=True):
             np.testing.assert_allclose(g, r, rtol=rtol, atol=atol)
 
 
