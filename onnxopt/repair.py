@@ -13,6 +13,11 @@ accumulates ``H`` and the input mean ``mu`` (:func:`collect_stats`) is enough to
       input rows with an intercept, which absorbs the mean of the removed inputs;
     - correct the bias for the mean output shift ``mu @ (Wm - V)`` (:func:`bias_shift`).
 
+With a ``teacher`` (sequential repair), the statistics pair each layer's input in the model
+being compressed (x, which carries the error of the layers compressed before it) with the
+original model's input (t), and the least-squares targets become ``t @ Wm``: each layer then
+also corrects what the layers before it got wrong.
+
 Activations are never held for more than one feed; memory is O(K^2) per layer.
 """
 
@@ -106,28 +111,59 @@ def as_layer(node: ir.Node) -> Layer | str:
 
 @dataclasses.dataclass
 class LayerStats:
-    """Streaming E[x x^T] and E[x] of a layer's input rows (float64)."""
+    """Streaming second moments of a layer's input rows (float64).
 
-    xtx: np.ndarray
-    total: np.ndarray
+    ``x`` is the input the layer sees in the model being repaired (the student) and ``t`` the
+    input of the same layer in the original model (the teacher); without a teacher they are
+    the same rows and only ``xx`` is kept.
+    """
+
+    xx: np.ndarray
+    x_sum: np.ndarray
+    xt: np.ndarray | None = None
+    tt: np.ndarray | None = None
+    t_sum: np.ndarray | None = None
     count: int = 0
 
     @property
     def h(self) -> np.ndarray:
-        """E[x x^T]."""
-        return self.xtx / max(self.count, 1)
+        """E[x x^T] (student)."""
+        return self.xx / max(self.count, 1)
+
+    @property
+    def h_st(self) -> np.ndarray:
+        """E[x t^T] (student by teacher)."""
+        return (self.xt if self.xt is not None else self.xx) / max(self.count, 1)
+
+    @property
+    def h_tt(self) -> np.ndarray:
+        """E[t t^T] (teacher)."""
+        return (self.tt if self.tt is not None else self.xx) / max(self.count, 1)
 
     @property
     def mu(self) -> np.ndarray:
         """E[x]."""
-        return self.total / max(self.count, 1)
+        return self.x_sum / max(self.count, 1)
 
-    def add(self, rows: np.ndarray) -> None:
-        """Accumulate a [n, K] block of input rows."""
+    @property
+    def mu_t(self) -> np.ndarray:
+        """E[t]."""
+        return (self.t_sum if self.t_sum is not None else self.x_sum) / max(self.count, 1)
+
+    def add(self, rows: np.ndarray, teacher_rows: np.ndarray | None = None) -> None:
+        """Accumulate a [n, K] block of input rows (and the teacher's rows for the same samples)."""
         r = rows.astype(np.float64, copy=False)
-        self.xtx += r.T @ r
-        self.total += r.sum(axis=0)
+        self.xx += r.T @ r
+        self.x_sum += r.sum(axis=0)
         self.count += r.shape[0]
+        if teacher_rows is not None:
+            t = teacher_rows.astype(np.float64, copy=False)
+            k = r.shape[1]
+            if self.xt is None:
+                self.xt, self.tt, self.t_sum = np.zeros((k, t.shape[1])), np.zeros((t.shape[1],) * 2), np.zeros(t.shape[1])
+            self.xt += r.T @ t
+            self.tt += t.T @ t
+            self.t_sum += t.sum(axis=0)
 
 
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
@@ -146,32 +182,41 @@ def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
 
 
 def collect_stats(
-    model: ir.Model, layers: Sequence[Layer], feeds: Iterable[dict[str, np.ndarray]], *, quiet: bool = False
+    model: ir.Model,
+    layers: Sequence[Layer],
+    feeds: Iterable[dict[str, np.ndarray]],
+    *,
+    quiet: bool = False,
+    teacher: ir.Model | None = None,
 ) -> list[LayerStats]:
-    """One onnxruntime pass over ``feeds``: input statistics of every layer (in order)."""
+    """One onnxruntime pass over ``feeds``: input statistics of every layer (in order).
+
+    With ``teacher`` (the original model, whose values have the same names), the same feeds run
+    through it too and the student-by-teacher moments are accumulated as well.
+    """
     names = [lay.node.inputs[0].name for lay in layers]
-    stats = []
-    for lay in layers:
-        k = lay.in_features
-        stats.append(LayerStats(np.zeros((k, k)), np.zeros(k)))
+    stats = [LayerStats(np.zeros((lay.in_features,) * 2), np.zeros(lay.in_features)) for lay in layers]
     total = len(feeds) if hasattr(feeds, "__len__") else None
     captured = runtime.capture(model, feeds, names)
-    for outs in tqdm.tqdm(captured, total=total, desc="repair stats", unit="feed", disable=quiet, leave=False):
+    paired = zip(captured, runtime.capture(teacher, feeds, names)) if teacher is not None else ((c, None) for c in captured)
+    for outs, t_outs in tqdm.tqdm(paired, total=total, desc="repair stats", unit="feed", disable=quiet, leave=False):
         for lay, st, name in zip(layers, stats, names):
-            st.add(_rows(lay, outs[name]))
+            t_rows = _rows(lay, t_outs[name]) if t_outs is not None else None
+            st.add(_rows(lay, outs[name]), t_rows)
     return stats
 
 
-def output_error(h: np.ndarray, wo: np.ndarray, wn: np.ndarray) -> float:
-    """Relative output error ||X (wo - wn)||^2 / ||X wo||^2 from H = E[x x^T]."""
-    d = wo - wn
-    den = float(np.einsum("kn,kn->", wo, h @ wo))
-    return float(np.einsum("kn,kn->", d, h @ d)) / max(den, 1e-30)
+def output_error(stats: LayerStats, wo: np.ndarray, wn: np.ndarray) -> float:
+    """Relative output error E||t @ wo - x @ wn||^2 / E||t @ wo||^2 (t: teacher input, x: student)."""
+    ref = float(np.einsum("kn,kn->", wo, stats.h_tt @ wo))
+    cross = float(np.einsum("kn,kn->", wn, stats.h_st @ wo))
+    own = float(np.einsum("kn,kn->", wn, stats.h @ wn))
+    return max(ref - 2.0 * cross + own, 0.0) / max(ref, 1e-30)
 
 
-def bias_shift(mu: np.ndarray, wo: np.ndarray, wn: np.ndarray) -> np.ndarray:
-    """Per output feature, the mean output lost by replacing ``wo`` with ``wn``: mu @ (wo - wn)."""
-    return mu @ (wo - wn)
+def bias_shift(stats: LayerStats, wo: np.ndarray, wn: np.ndarray) -> np.ndarray:
+    """Per output feature, the mean output lost by the replacement: E[t] @ wo - E[x] @ wn."""
+    return stats.mu_t @ wo - stats.mu @ wn
 
 
 def refit_codebook(layer: Layer, book: Codebook, stats: LayerStats, wo: np.ndarray, *, scale_only: bool = False) -> None:
@@ -186,7 +231,7 @@ def refit_codebook(layer: Layer, book: Codebook, stats: LayerStats, wo: np.ndarr
     wm = layer.matrix(wo).astype(np.float64)
     idx = layer.matrix(book.indices.reshape(book.shape) if book.axis is None else np.moveaxis(book.indices, 0, book.axis))
     k = book.k
-    hw = h @ wm
+    hw = stats.h_st @ wm
     n_cols = wm.shape[1]
     per_channel = book.axis is not None
     a_sum = np.zeros((k, k))
@@ -237,7 +282,7 @@ def refit_rows(stats: LayerStats, wo: np.ndarray, keep: np.ndarray) -> tuple[np.
     aug[-1, :-1] = mu[idx]
     aug[-1, -1] = 1.0
     wm = wo.astype(np.float64)
-    rhs = np.vstack((h[idx] @ wm, (mu @ wm)[None, :]))
+    rhs = np.vstack((stats.h_st[idx] @ wm, (stats.mu_t @ wm)[None, :]))
     lam = 1e-6 * float(np.mean(np.diag(aug))) + 1e-12
     sol = np.linalg.solve(aug + lam * np.eye(aug.shape[0]), rhs)
     return sol[:-1], sol[-1]
@@ -251,7 +296,7 @@ def refit_support(stats: LayerStats, wo: np.ndarray, mask: np.ndarray) -> np.nda
     """
     h = stats.h
     wm = wo.astype(np.float64)
-    hw = h @ wm
+    hw = stats.h_st @ wm
     out = np.zeros_like(wm)
     for n in range(wm.shape[1]):
         s = np.flatnonzero(mask[:, n])

@@ -49,6 +49,7 @@ class SharingOptions:
     pack: bool
     index_dtype: IndexDType
     scale_only: bool = False
+    sequential: bool = True
 
 
 def check_options(op_types: frozenset[str], include: str, exclude: str, min_elements: int) -> None:
@@ -128,19 +129,27 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
     if not targets:
         return
     stats: dict[int, repair.LayerStats] = {}
+    calib = context.calibration if opts.repair else None
+    teacher = None
     if opts.repair:
         repairable = [t for t in targets if t.layer is not None]
-        if context.calibration is None:
+        if calib is None:
             report.note("repair requested but no calibration data: weights shared without repair")
+        elif opts.sequential:
+            teacher = model.clone()
         elif repairable:
-            found = repair.collect_stats(model, [t.layer for t in repairable], context.calibration, quiet=context.quiet)
+            found = repair.collect_stats(model, [t.layer for t in repairable], calib, quiet=context.quiet)
             stats = {id(t.weight): s for t, s in zip(repairable, found)}
         skipped = len(targets) - len(repairable)
         if skipped:
             report.skip("repair: weight is shared or not a supported linear layer", skipped)
     opset = model.opset_imports.get("", model.graph.opset_imports.get("", 1))
     for target in targets:
-        _share_one(model.graph, target, fit, opts, stats.get(id(target.weight)), report, opset, pass_name)
+        st = stats.get(id(target.weight))
+        if teacher is not None and target.layer is not None:
+            # Sequential: this layer's inputs come from the model with the layers before it shared.
+            st = repair.collect_stats(model, [target.layer], calib, quiet=context.quiet, teacher=teacher)[0]
+        _share_one(model.graph, target, fit, opts, st, report, opset, pass_name)
 
 
 def _share_one(
@@ -162,12 +171,12 @@ def _share_one(
         layer = target.layer
         wm = layer.matrix(w.astype(np.float64))
         before = layer.matrix(book.weights(np.float64))
-        fields["output_rel_error_before"] = repair.output_error(stats.h, wm, before)
+        fields["output_rel_error_before"] = repair.output_error(stats, wm, before)
         repair.refit_codebook(layer, book, stats, w, scale_only=opts.scale_only)
         after = layer.matrix(book.weights(np.float64))
-        fields["output_rel_error_after"] = repair.output_error(stats.h, wm, after)
+        fields["output_rel_error_after"] = repair.output_error(stats, wm, after)
         if opts.bias_correction:
-            fields["bias"] = repair.add_bias(graph, layer, repair.bias_shift(stats.mu, wm, after), pass_name)
+            fields["bias"] = repair.add_bias(graph, layer, repair.bias_shift(stats, wm, after), pass_name)
         report.count("repaired")
     storage = write_weight(graph, weight, book, pack=opts.pack, index_dtype=opts.index_dtype, opset=opset, pass_name=pass_name)
     fields["storage"] = storage

@@ -46,6 +46,10 @@ class ClusterConfig:
     keep_zeros: bool = option(True, "exact zeros (pruned weights) keep a fixed zero centroid")
     repair: bool = option(False, "re-fit centroids on calibration data (skipped with a note without data)")
     bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
+    sequential: bool = option(
+        True, "with repair: fit each layer on the inputs the already compressed layers give (one "
+        "calibration pass per layer); false: one pass on the original inputs"
+    )
     pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
     index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if k <= 16), uint8, uint4")
 
@@ -91,6 +95,7 @@ class ClusterPass(OptPass[ClusterConfig]):
             bias_correction=cfg.bias_correction,
             pack=cfg.pack,
             index_dtype=cfg.index_dtype,
+            sequential=cfg.sequential,
         )
         seed = self.context.seed
 

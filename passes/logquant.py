@@ -40,6 +40,10 @@ class LogQuantConfig:
     skip_last: bool = option(False, "leave the last matching layer alone")
     repair: bool = option(False, "re-fit the scales on calibration data (skipped with a note without data)")
     bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
+    sequential: bool = option(
+        True, "with repair: fit each layer on the inputs the already compressed layers give (one "
+        "calibration pass per layer); false: one pass on the original inputs"
+    )
     pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
     index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if bits <= 4), uint8, uint4")
 
@@ -80,6 +84,7 @@ class LogQuantPass(OptPass[LogQuantConfig]):
             bias_correction=cfg.bias_correction,
             pack=cfg.pack,
             index_dtype=cfg.index_dtype,
+            sequential=cfg.sequential,
             scale_only=True,
         )
 

@@ -52,6 +52,10 @@ class PruneConfig:
     skip_first: bool = option(False, "leave the first matching layer alone")
     skip_last: bool = option(False, "leave the last matching layer alone")
     repair: bool = option(False, "re-fit kept weights and biases on calibration data (skipped with a note without data)")
+    sequential: bool = option(
+        True, "unstructured repair: fit each layer on the inputs the already pruned layers give "
+        "(one calibration pass per layer); false: one pass on the original inputs"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -120,23 +124,27 @@ class PrunePass(OptPass[PruneConfig]):
             return
         masks = _magnitude_masks(arrays, cfg.sparsity, cfg.scope)
         layers = [t.layer for t in targets if t.layer is not None]
-        stats = self._stats(model, layers)
+        calib = self.context.calibration if cfg.repair else None
+        teacher = model.clone() if calib is not None and cfg.sequential else None
+        stats = self._stats(model, layers) if teacher is None else None
         by_layer = dict(zip((id(x) for x in layers), stats)) if stats is not None else {}
-        if cfg.repair and stats is not None and len(layers) < len(targets):
+        if calib is not None and len(layers) < len(targets):
             report.skip("repair: weight is shared or not a supported linear layer", len(targets) - len(layers))
         for target, w, keep in zip(targets, arrays, masks):
             new = np.where(keep, w, 0).astype(w.dtype)
             fields: dict[str, object] = {"shape": list(w.shape), "sparsity": float(1 - keep.mean())}
             st = by_layer.get(id(target.layer)) if target.layer is not None else None
+            if teacher is not None and target.layer is not None:
+                st = repair.collect_stats(model, [target.layer], calib, quiet=self.context.quiet, teacher=teacher)[0]
             if st is not None:
                 lay = target.layer
                 wm = lay.matrix(w.astype(np.float64))
                 pruned = lay.matrix(new.astype(np.float64))
-                fields["output_rel_error_before"] = repair.output_error(st.h, wm, pruned)
+                fields["output_rel_error_before"] = repair.output_error(st, wm, pruned)
                 refit = repair.refit_support(st, wm, lay.matrix(keep))
-                fields["output_rel_error_after"] = repair.output_error(st.h, wm, refit)
+                fields["output_rel_error_after"] = repair.output_error(st, wm, refit)
                 new = lay.unmatrix(refit).astype(w.dtype)
-                fields["bias"] = repair.add_bias(model.graph, lay, repair.bias_shift(st.mu, wm, refit), self.name)
+                fields["bias"] = repair.add_bias(model.graph, lay, repair.bias_shift(st, wm, refit), self.name)
                 report.count("repaired")
             target.weight.const_value = ir.tensor(new, name=target.weight.name)
             report.count("pruned_tensors")
