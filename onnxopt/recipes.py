@@ -66,6 +66,16 @@ add_recipe(Recipe("lowrank", "simplify, then split MatMul/Gemm/1x1 Conv weights 
 add_recipe(Recipe("lowrank-int8", "the lowrank recipe, then static INT8 QDQ quantization of the split model",
                   (Step("simplify"), Step("lowrank", {"rank_mode": "global", "target": 0.5}), Step("quantize")),
                   needs_calibration=True))
+add_recipe(Recipe("compress", "simplify, 50% magnitude pruning, 16-cluster weight sharing, repair on "
+                  "--calib data (skipped with a note without it), 4-bit packed indices",
+                  (Step("simplify"), Step("prune", {"sparsity": 0.5, "repair": True}),
+                   Step("cluster", {"clusters": 16, "repair": True, "pack": True, "min_elements": 0}))))
+add_recipe(Recipe("deep-compression", "Deep Compression (Han et al. 2016) on the graph: 80% global magnitude "
+                  "pruning and 16-cluster sharing, both repaired on --calib data, 4-bit packed (zip the file)",
+                  (Step("simplify"),
+                   Step("prune", {"sparsity": 0.8, "scope": "global", "skip_last": True, "repair": True}),
+                   Step("cluster", {"clusters": 16, "repair": True, "pack": True, "min_elements": 0})),
+                  needs_calibration=True))
 
 
 def get_recipe(name_or_path: str) -> Recipe:
