@@ -63,8 +63,9 @@ class FuseConfig:
     layer_norm: bool = option(True, "fuse LayerNormalization and SkipLayerNormalization")
     gelu: bool = option(True, "fuse Gelu and BiasGelu")
     embed_layer_norm: bool = option(True, "fuse embeddings + LayerNorm into EmbedLayerNormalization")
-    mask_format: MaskFormat = option("raw", "attention mask given to Attention: raw (exact for any 0/1 "
-                                     "mask), index_end (faster, assumes right padding), none")
+    mask_format: MaskFormat = option("raw", "attention mask given to Attention: raw (exact for any "
+                                     "0/1 mask), index_end (faster, assumes right padding), "
+                                     "none (no mask input, e.g. ViT)")
     upgrade_opset: bool = option(True, f"convert models below opset {_MIN_OPSET} to {_MIN_OPSET} first "
                                  "(needed for a standard LayerNormalization)")
 
