@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 from onnxopt import io as _io
 from onnxopt import runtime, validation
-from onnxopt.errors import OnnxOptError
+from onnxopt.errors import OnnxOptError, OutputPathError
 
 __all__ = [
     "ORT_MIN_COSINE",
@@ -263,11 +263,30 @@ def _tensor_file_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
+def _check_replaceable(path: pathlib.Path, weights_dir: pathlib.Path) -> None:
+    """Refuse to replace a weights folder that holds files other than ``path``'s own tensors."""
+    if not weights_dir.exists():
+        return
+    if not weights_dir.is_dir():
+        raise OutputPathError(f"{weights_dir}: exists and is not a folder; cannot write per-tensor weights")
+    owned: set[pathlib.Path] = set()
+    if path.is_file():
+        with contextlib.suppress(OnnxOptError):
+            owned = {(path.parent / t.location).resolve() for t in _io.external_tensors(_io.load_model(path))}
+    foreign = [f for f in weights_dir.iterdir() if f.resolve() not in owned]
+    if foreign:
+        raise OutputPathError(
+            f"{weights_dir}: folder exists and holds {foreign[0].name!r}, which {path.name} does not "
+            "use; remove the folder or choose another output name"
+        )
+
+
 def _save_per_tensor(
     model: ir.Model, path: pathlib.Path, size_threshold: int, inputs: tuple[os.PathLike | str, ...]
 ) -> ExportResult:
     """ONNX with each initializer larger than ``size_threshold`` bytes in its own file."""
     data_dir_name = path.stem + ".weights"
+    _check_replaceable(path, path.parent / data_dir_name)
     tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
     originals: list[tuple[ir.Value, ir.TensorProtocol]] = []
     files = [path]

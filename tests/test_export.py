@@ -14,6 +14,7 @@ import pytest
 import onnxopt
 from onnxopt import cli, export
 from onnxopt import io as _io
+from onnxopt.errors import OutputPathError
 from onnxopt.export import ExportError, ExportOptions
 from onnxopt.pass_base import make
 from tests.bert_builder import bert_feeds, make_bert
@@ -196,3 +197,14 @@ def test_three_gigabyte_model_goes_to_external_data_and_reloads(tmp_path):
     for i, y in enumerate(outs):
         assert y.shape == (1, cols) and np.all(y == i * 1000 + 777)
     print(f"\n3 GiB model: save {t_save:.1f}s, reload + onnxruntime session + run {t_load:.1f}s")
+
+
+def test_per_tensor_export_replaces_its_own_folder_but_not_a_foreign_one(tmp_path):
+    model = load_model("digits_mlp.onnx")
+    options = ExportOptions(external_data="per-tensor")
+    export.export(model, tmp_path / "m.onnx", options)
+    export.export(model, tmp_path / "m.onnx", options)  # a re-run replaces its own weights
+    (tmp_path / "m.weights" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="holds 'notes.txt'"):
+        export.export(model, tmp_path / "m.onnx", options)
+    assert (tmp_path / "m.weights" / "notes.txt").read_text() == "mine"
