@@ -205,6 +205,6 @@ def test_per_tensor_export_replaces_its_own_folder_but_not_a_foreign_one(tmp_pat
     export.export(model, tmp_path / "m.onnx", options)
     export.export(model, tmp_path / "m.onnx", options)  # a re-run replaces its own weights
     (tmp_path / "m.weights" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputPathError, match="holds 'notes.txt'"):
+    with pytest.raises(OutputPathError, match=r"holds 'notes\.txt'"):
         export.export(model, tmp_path / "m.onnx", options)
     assert (tmp_path / "m.weights" / "notes.txt").read_text() == "mine"
