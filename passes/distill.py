@@ -1,0 +1,220 @@
+"""Knowledge distillation: fine-tune a compressed student's weights against its ONNX teacher.
+
+The classic recipe (Hinton et al. 2015) on an ONNX model: the teacher (the model before
+compression, run in onnxruntime, outputs computed once) supplies soft targets; the student (the
+model this pass receives) is evaluated in torch by :mod:`onnxopt.torch_graph` and its float
+initializers are trained to minimise ``(1 - alpha) * CE(labels) + alpha * tau^2 *
+KL(softmax(teacher / tau) || softmax(student / tau))`` (``alpha = 1`` without labels; MSE or
+cosine for outputs that are not class scores). Compression constraints are kept during
+training (:mod:`onnxopt.distill_torch`): pruned zeros stay zero, clustered tensors train their
+centroids (Deep Compression's trained quantization), low-rank factors keep their shapes.
+
+torch is an optional extra (``pip install 'onnxopt[distill]'``): it is imported inside
+``call`` only, so importing the passes never needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import distill_data, runtime
+from onnxopt import io as _io
+from onnxopt.config import option
+from onnxopt.errors import OnnxOptError
+from onnxopt.pass_base import OptPass, PassReport, register
+
+__all__ = ["DistillConfig", "DistillPass"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'onnxopt[distill]'"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Options of the distill pass."""
+
+    teacher: str = option("", "teacher .onnx path; default: the model recorded by the `teacher` pass")
+    tau: float = option(4.0, "softmax temperature of the distillation term, > 0")
+    alpha: float = option(0.9, "weight of the distillation term in [0, 1] (1 - alpha: labels' CE)")
+    epochs: int = option(30, "training epochs over the calibration data, >= 1")
+    lr: float = option(1e-3, "Adam learning rate, > 0")
+    batch_size: int = option(64, "samples per training step, >= 1")
+    patience: int = option(5, "stop after this many epochs without held-out improvement (0: never)")
+    val_fraction: float = option(0.2, "share of the samples held out for early stopping, in [0, 0.5]")
+    loss: Literal["auto", "kl", "mse", "cosine"] = option(
+        "auto", "output loss: auto (KL for [N, classes] outputs, else MSE), kl, mse, cosine"
+    )
+    include: str = option("", "regular expression: train only initializers whose name matches")
+    exclude: str = option("", "regular expression: never train initializers whose name matches")
+    max_codebook: int = option(256, "a tensor with at most this many distinct values trains as a codebook")
+    max_samples: int = option(0, "use at most this many calibration samples (0: all)")
+    threads: int = option(0, "torch intra-op threads while training (0: torch's default)")
+    check_atol: float = option(1e-4, "written ONNX vs trained torch model: largest allowed max-abs difference")
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("tau", self.tau > 0, "> 0"),
+            ("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("patience", self.patience >= 0, ">= 0"),
+            ("val_fraction", 0.0 <= self.val_fraction <= 0.5, "in [0, 0.5]"),
+            ("max_codebook", 2 <= self.max_codebook <= 65536, "in 2..65536"),
+            ("max_samples", self.max_samples >= 0, ">= 0"),
+            ("threads", self.threads >= 0, ">= 0"),
+            ("check_atol", self.check_atol > 0, "> 0"),
+        ]
+        for field, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"{field} must be {valid}, got {getattr(self, field)!r}")
+        for field in ("include", "exclude"):
+            pattern = getattr(self, field)
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{field}: invalid regular expression {pattern!r} ({err})") from None
+
+
+class DistillDependencyError(OnnxOptError):
+    """torch (the ``distill`` extra) is not installed."""
+
+
+@register("distill")
+class DistillPass(OptPass[DistillConfig]):
+    """Train the student's float initializers towards the teacher's outputs, constraints kept.
+
+    Changes: values of the trained float32 initializers (same names, shapes and dtypes).
+    Preserves: every node, graph input/output, opset import, and every initializer not trained
+        (BatchNorm statistics, integer tensors, scalars, names excluded by the options).
+    Guarantees: exact zeros stay zero; a clustered tensor (<= max_codebook distinct values per
+        tensor or per output channel) keeps its indices and has at most as many distinct
+        values as before; the written ONNX reproduces the trained torch model within
+        ``check_atol`` on held-out samples (checked in onnxruntime, else the pass raises and
+        is rolled back); the weights kept are those of the best held-out epoch.
+    Not exact: outputs change (towards the teacher); the report records teacher agreement
+        and, with labels, accuracy on the held-out samples before and after.
+    Errors: an op that cannot run in torch raises ``UnsupportedOpError`` naming op and node,
+        before the model is touched; no torch raises ``DistillDependencyError``.
+    """
+
+    config_class = DistillConfig
+    needs_calibration = True
+
+    def requires(self, model: ir.Model) -> None:
+        if not self.config.teacher and distill_data.TEACHER_KEY not in self.context.cache:
+            raise ir.passes.PreconditionError(
+                "distill needs a teacher: set teacher=PATH or run the `teacher` pass earlier in the pipeline"
+            )
+        if self.context.calibration is None:
+            raise ir.passes.PreconditionError("distill needs training data (calibration / --calib)")
+
+    def call(self, model: ir.Model) -> PassReport:
+        try:
+            from onnxopt import distill_torch, torch_graph  # noqa: PLC0415 - optional extra
+        except ImportError as err:
+            raise DistillDependencyError(f"distill needs torch ({err}); install it with {INSTALL_HINT}") from None
+        report = self.new_report(model)
+        cfg = self.config
+        teacher = _io.load_model(cfg.teacher) if cfg.teacher else self.context.cache[distill_data.TEACHER_KEY]
+        graph = torch_graph.TorchGraph(model)  # raises UnsupportedOpError before any change
+        names, skipped = distill_data.select_trainable(model, cfg.include, cfg.exclude)
+        for reason in skipped.values():
+            report.skip(reason)
+        if not names:
+            report.skip("no trainable initializer")
+            return report
+        inputs, labels = distill_data.stack_samples(self.context.calibration, cfg.max_samples)
+        targets = distill_data.teacher_outputs(teacher, inputs, cfg.batch_size, quiet=self.context.quiet)
+        n = targets[0].shape[0]
+        rng = np.random.default_rng(self.context.seed)
+        val_index = np.sort(rng.permutation(n)[: int(round(cfg.val_fraction * n))])
+        params = [
+            distill_torch.make_param(name, model.graph.initializers[name].const_value.numpy(), cfg.max_codebook)
+            for name in names
+        ]
+        check_index = val_index if len(val_index) else np.arange(min(n, 256))
+        check_inputs = {k: v[check_index] for k, v in inputs.items()}
+        before = distill_torch.predict(graph, params, check_inputs)
+        _check_outputs(before, targets, cfg.teacher or "recorded teacher")
+        settings = distill_torch.TrainSettings(
+            tau=cfg.tau,
+            alpha=cfg.alpha if labels is not None else 1.0,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            patience=cfg.patience,
+            seed=self.context.seed,
+            loss=cfg.loss,
+            threads=cfg.threads,
+            quiet=self.context.quiet,
+        )
+        result = distill_torch.train(graph, params, inputs, targets, labels, val_index, settings)
+        after = distill_torch.predict(graph, params, check_inputs)
+        # Write into a copy first and check it in onnxruntime; the model changes only if it passes.
+        candidate = model.clone()
+        _write(candidate, result.weights)
+        with runtime.session(candidate) as handle:
+            written = [np.concatenate(o) for o in zip(*_run_chunks(handle, check_inputs))]
+        diff = max(float(np.abs(w - a).max()) for w, a in zip(written, after))
+        if not diff <= cfg.check_atol:
+            raise RuntimeError(f"distill: written ONNX differs from the trained torch model by {diff:.3g}")
+        _write(model, result.weights)
+        check_labels = labels[check_index] if labels is not None else None
+        for p in params:
+            report.count("trained")
+            report.count(f"trained_{p.kind}")
+            zeros = int((result.weights[p.name] == 0).sum())
+            report.record(p.name, constraint=p.kind, codebook=p.codebook_size, zeros=zeros)
+        report.record(
+            "training",
+            epochs_run=result.epochs_run,
+            best_epoch=result.best_epoch,
+            stopped_early=result.stopped_early,
+            samples=n,
+            held_out=len(val_index),
+            labels=labels is not None,
+            onnx_vs_torch_max_abs=diff,
+            before=distill_data.agreement(before[0], targets[0][check_index], check_labels),
+            after=distill_data.agreement(after[0], targets[0][check_index], check_labels),
+            history=result.history,
+        )
+        report.note(
+            f"distilled {len(params)} tensors for {result.epochs_run} epochs (best {result.best_epoch}); "
+            f"held-out before {report.records[-1]['before']}, after {report.records[-1]['after']}"
+        )
+        if labels is None and cfg.alpha < 1.0:
+            report.note("no labels in the training data: alpha = 1 (distillation term only)")
+        return report
+
+
+def _run_chunks(handle: runtime.SessionHandle, inputs: dict[str, np.ndarray], size: int = 256):
+    n = next(iter(inputs.values())).shape[0]
+    for start in range(0, n, size):
+        out = handle.run({k: v[start : start + size] for k, v in inputs.items()})
+        yield [out[name] for name in handle.output_names]
+
+
+def _check_outputs(student: list[np.ndarray], teacher: list[np.ndarray], where: str) -> None:
+    if len(student) != len(teacher):
+        raise ValueError(f"distill: student has {len(student)} outputs, teacher ({where}) has {len(teacher)}")
+    for i, (s, t) in enumerate(zip(student, teacher)):
+        if s.shape[1:] != t.shape[1:]:
+            raise ValueError(f"distill: output {i} shape {s.shape[1:]} differs from the teacher's {t.shape[1:]}")
+
+
+def _write(model: ir.Model, weights: dict[str, np.ndarray]) -> None:
+    """Replace each initializer's value by name, keeping name, dtype and shape."""
+    for name, array in weights.items():
+        value = model.graph.initializers[name]
+        old_shape = tuple(value.const_value.shape.numpy())
+        if array.shape != old_shape:
+            raise RuntimeError(f"distill: {name} changed shape {old_shape} -> {array.shape}")
+        value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name)
