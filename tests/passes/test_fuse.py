@@ -174,3 +174,19 @@ def test_fuse_then_int8_quantizes_what_fusion_leaves_and_keeps_fidelity():
                                        make("fuse", {}, PassContext(calibration=calib, quiet=True))])
     assert int8_first.reports[1].status == "unchanged"
     assert int8_first.reports[1].skipped == {"no bert fusion pattern matched": 1}
+
+
+def test_fuse_int8_recipe_end_to_end(tmp_path):
+    import onnxopt
+    from onnxopt import io as _io
+
+    src = tmp_path / "bert.onnx"
+    _io.save_model(bert(layers=1), src)
+    calib = data.load_data(bert_feeds(8, seed=1))
+    result = onnxopt.optimize(src, tmp_path / "bert.int8.onnx", recipe="fuse-int8", calibration=calib,
+                              evaluation=bert_feeds(4, seed=2), min_cosine=0.99, quiet=True)
+    assert [r.pass_name for r in result.reports] == ["simplify", "fuse", "quantize"]
+    assert all(r.status == "ok" for r in result.reports), [r.error for r in result.reports]
+    assert result.passed, result.failures
+    ops = op_counts(_io.load_model(tmp_path / "bert.int8.onnx"))
+    assert ops["Attention"] == 1 and ops["QuantizeLinear"] > 0
