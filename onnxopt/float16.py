@@ -23,6 +23,7 @@ from collections.abc import Collection
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
 
 from onnxopt import _ir_utils
 from onnxopt.calibration import CalibrationTable
@@ -136,6 +137,8 @@ def convert(
         pass_name: provenance tag for created nodes.
     """
     graph = model.graph
+    if any(v.type is None for node in graph for v in node.outputs):
+        ir_common.ShapeInferencePass()(model)  # types decide which inputs need a Cast
     opset = _opset(model)
     result = ConversionResult(bytes_before=_ir_utils.parameter_count(model)[1])
     wanted = set(lower)

@@ -1,0 +1,172 @@
+"""Mixed precision: INT8 where the budget allows, FP16/FP32 fallback where it does not.
+
+Per quantizable node the plan picks INT8, FP16 (cuda/tensorrt targets) or FP32, so that the
+model's outputs meet the accuracy budget of the context (``--min-cosine``, ``--max-error``, or a
+Python metric with ``min_metric``) with as few fallbacks as the search finds; on the CPU target
+INT8 regions measured slower than float are put back to float, and if no INT8 plan beats FP32
+the model stays FP32. The search is :mod:`onnxopt.precision_plan`; the INT8 models are built by
+the registered ``quantize`` pass (looked up by name), FP16 by :mod:`onnxopt.float16`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import onnx_ir as ir
+
+from onnxopt import float16, mixed_plots, precision_plan, sensitivity
+from onnxopt.calibration import cached_ranges
+from onnxopt.config import option
+from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.recipes import Recipe, Step, add_recipe
+
+__all__ = ["MixedConfig", "MixedPass"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedConfig:
+    """Options of the mixed pass."""
+
+    default_min_cosine: float = option(0.99, "budget when the context gives no min_cosine/max_error/metric")
+    plan_feeds: int = option(8, "calibration feeds each plan and each sensitivity run is measured on")
+    eval_feeds: int = option(32, "evaluation feeds the chosen plan is verified on")
+    latency_runs: int = option(20, "CPU: interleaved timing runs per plan (0: no latency, no speed guard)")
+    calibration_method: str = option("percentile", "activation ranges for INT8 (the quantize pass option)")
+    sqnr_feeds: int = option(4, "feeds for the cheap SQNR estimate (0: off)")
+    speed_guard: bool = option(True, "CPU: put INT8 regions measured slower than float back to float")
+    plots: bool = option(True, "attach sensitivity and frontier plots (matplotlib) to the report")
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.default_min_cosine <= 1.0:
+            raise ValueError(f"default_min_cosine must be in [-1, 1], got {self.default_min_cosine}")
+        for name in ("plan_feeds", "eval_feeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.latency_runs < 0 or self.sqnr_feeds < 0:
+            raise ValueError("latency_runs and sqnr_feeds must be >= 0")
+        if self.calibration_method not in ("minmax", "percentile", "entropy", "mse"):
+            raise ValueError(f"calibration_method must be minmax, percentile, entropy or mse, got {self.calibration_method!r}")
+
+
+@register("mixed")
+class MixedPass(OptPass[MixedConfig]):
+    """Choose INT8 / FP16 / FP32 per quantizable node under an accuracy budget, measured in ORT.
+
+    Changes: as the quantize pass for INT8 nodes (QDQ pairs, int8 weights); FP16 fallbacks as
+        the fp16 pass (float16 weights, Casts at boundaries); unnamed nodes get unique names.
+    Preserves: graph input/output names, dtypes and shapes.
+    Guarantees: the chosen model is built and measured on the evaluation data (or calibration
+        data) in onnxruntime; whether it meets the budget is in the report (a note and the
+        ``budget_met`` count), with every plan tried (the frontier), the number of model runs
+        and the planning time. CPU target: the chosen plan was measured no slower than FP32.
+    Not exact: error is bounded by the budget when ``budget_met``; otherwise it is the best found.
+    """
+
+    config_class = MixedConfig
+    needs_calibration = True
+
+    def requires(self, model: ir.Model) -> None:
+        if self.context.calibration is None:
+            raise ir.passes.PreconditionError("mixed needs calibration data (--calib)")
+
+    def call(self, model: ir.Model) -> PassReport:
+        t0 = time.perf_counter()
+        report = self.new_report(model)
+        cfg, ctx = self.config, self.context
+        named = precision_plan.name_nodes(model)
+        if named:
+            report.count("nodes_named", named)
+        budget = sensitivity.Budget.from_context(ctx, cfg.default_min_cosine)
+        calib = list(ctx.calibration.take(cfg.plan_feeds))  # type: ignore[union-attr]
+        evald = list((ctx.evaluation or ctx.calibration).take(cfg.eval_feeds))  # type: ignore[union-attr]
+        float_model = model.clone()
+        quantize = precision_plan.quantizer(ctx, cfg.calibration_method)
+        full = quantize(float_model.clone(), frozenset())
+        candidates = precision_plan.quantized_nodes(full)
+        if not candidates:
+            report.skip("no node the quantize pass can lower to INT8")
+            return report
+        unsafe = frozenset()
+        if ctx.target != "cpu":
+            table = cached_ranges(ctx, float_model, None, "minmax")
+            unsafe = frozenset(n.name for n in float16.range_reasons(float_model, table))
+        planner = precision_plan.Planner(
+            float_model, candidates, quantize, budget, ctx.target, calib, evald, unsafe, cfg.latency_runs
+        )
+        sens = sensitivity.node_sensitivity(
+            float_model, candidates, lambda m, names: quantize(m, frozenset(candidates) - names),
+            calib, budget, context=ctx, key="int8",
+        )  # fmt: skip
+        planner.runs += len(candidates)
+        order = sorted(candidates, key=lambda n: -sens[n].loss)
+        sqnr = {}
+        if cfg.sqnr_feeds:
+            table = cached_ranges(ctx, float_model, None, cfg.calibration_method)  # type: ignore[arg-type]
+            sqnr = sensitivity.estimate_sqnr(float_model, candidates, table.ranges, calib[: cfg.sqnr_feeds])
+            agree = sensitivity.rank_agreement({n: -v for n, v in sqnr.items()}, {n: m.loss for n, m in sens.items()})
+            report.note(f"SQNR estimate vs measured sensitivity: Spearman rank correlation {agree:.3f}")
+        fallback, fp32 = planner.search(order)
+        groups = {n.name: _region(n) for n in float_model.graph if n.name in set(candidates)}
+        report.count("accuracy_plan_non_int8", len(fallback))
+        report.record("accuracy plan", non_int8=len(fallback), fallback=sorted(fallback))
+        notes = []
+        if cfg.speed_guard:
+            fallback, notes = planner.speed_guard(fallback, groups)
+        final, model_out = planner.evaluate("chosen", fallback, fp32, data="evaluation")
+        model.graph = model_out.graph  # opset imports live on the graph in onnx-ir
+        for note in notes:
+            report.note(note)
+        self._report(report, float_model, planner, sens, sqnr, fallback, fp32, final, budget)
+        report.note(f"planning took {time.perf_counter() - t0:.2f} s and {planner.runs} model runs")
+        report.count("model_runs", planner.runs)
+        return report
+
+    def _report(self, report, float_model, planner, sens, sqnr, fallback, fp32, final, budget) -> None:  # noqa: ANN001, PLR0913
+        ops = {n.name: n.op_type for n in float_model.graph}
+        precision = {}
+        for name in planner.candidates:
+            p = precision_plan.precision_of(name, fallback, fp32, planner.target)
+            precision[name] = p
+            report.count(f"{p}_nodes")
+            if p == "int8":
+                reason = "INT8 within budget"
+            elif p == "fp16":
+                reason = "INT8 over budget; FP16 fallback"
+            else:
+                reason = "FP16 over budget or unsafe range" if planner.target != "cpu" else "INT8 over budget or slower"
+            report.record(
+                name, op=ops.get(name, ""), precision=p, sensitivity=round(sens[name].loss, 8),
+                sqnr_db=round(sqnr[name], 2) if name in sqnr else None, reason=reason,
+            )  # fmt: skip
+        frontier = [p.to_json() for p in planner.frontier]
+        for i, row in enumerate(frontier):
+            report.record(f"plan {i}", **row)
+        met = final.measurement.ok
+        report.count("budget_met" if met else "budget_missed")
+        report.note(
+            f"budget {budget.describe()}: {'met' if met else 'NOT met'} on {len(planner.evald)} evaluation feeds "
+            f"(cosine {final.measurement.cosine:.6f}, max abs {final.measurement.max_abs:.4g}); "
+            f"{len(fallback)} of {len(planner.candidates)} quantizable nodes not INT8"
+        )
+        if planner.fp32_ms is not None and final.latency_ms is not None:
+            report.note(f"CPU latency: FP32 {planner.fp32_ms:.3f} ms, chosen {final.latency_ms:.3f} ms")
+        if self.config.plots:
+            budget_loss = 1.0 - budget.min_cosine if budget.min_cosine is not None else budget.max_error
+            report.figures.append(mixed_plots.sensitivity_figure({n: m.loss for n, m in sens.items()}, precision, budget_loss))
+            report.figures.append(mixed_plots.frontier_figure(frontier, budget_loss))
+
+
+def _region(node: ir.Node) -> str:
+    """Region key for the CPU speed check: op type, with depthwise convolutions apart."""
+    if node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1:
+        return "Conv (depthwise/grouped)"
+    return node.op_type
+
+
+add_recipe(Recipe("mixed", "simplify, then per-node INT8/FP16/FP32 chosen to meet the accuracy budget "
+                  "(--min-cosine / --max-error) for --target, verified on --eval data",
+                  (Step("simplify"), Step("mixed")), needs_calibration=True))
