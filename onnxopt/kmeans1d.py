@@ -74,11 +74,13 @@ def kmeans1d(
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         raise ValueError("kmeans1d: no values to cluster")
-    xs = np.sort(flat.astype(np.float64, copy=False))
+    # Sort in the input precision (float32 sorts twice as fast); sums accumulate in float64.
+    work = np.float32 if flat.dtype in (np.float16, np.float32) else np.float64
+    xs = np.sort(flat.astype(work, copy=False))
     if not (np.isfinite(xs[0]) and np.isfinite(xs[-1])):
         raise ValueError("kmeans1d: values must be finite")
-    csum = np.concatenate(([0.0], np.cumsum(xs)))
-    csq = np.concatenate(([0.0], np.cumsum(xs * xs)))
+    csum = np.concatenate(([0.0], np.cumsum(xs, dtype=np.float64)))
+    total_sq = float(np.sum(np.square(xs, dtype=np.float64)))
     uniq = _unique_sorted(xs, limit=k)
     if uniq is not None:  # k or fewer distinct values: they are the exact solution
         centroids = uniq
@@ -90,21 +92,28 @@ def kmeans1d(
             kind = init if run == 0 or init == "kmeans++" else ("density", "linear", "kmeans++")[run % 3]
             start = _initial(xs, k, kind, rng)
             cents, its = _lloyd(xs, csum, start, max_iter, tol)
-            sse = _sse_sorted(xs, csum, csq, cents)
+            sse = _sse_sorted(xs, csum, total_sq, cents)
             if best is None or sse < best[0]:
                 best = (sse, cents, its)
         _, centroids, iterations = best
-    sse = _sse_sorted(xs, csum, csq, centroids)
+    sse = _sse_sorted(xs, csum, total_sq, centroids)
     labels = assign(flat, centroids) if return_labels else np.empty(0, dtype=np.int64)
+    centroids = centroids.astype(np.float64)
     logger.debug("kmeans1d: n=%d k=%d iterations=%d sse=%.6g", flat.size, k, iterations, sse)
     return KMeansResult(centroids, labels, sse, iterations)
 
 
 def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (sorted ``centroids``) for every value, same shape."""
+    """Index of the nearest centroid (sorted ``centroids``) for every value, same shape.
+
+    float32 values are compared with float32 midpoints (no float64 copy of the data).
+    """
+    vals = np.asarray(values)
+    if vals.dtype not in (np.float32, np.float64):
+        vals = vals.astype(np.float64)
     cents = np.asarray(centroids, dtype=np.float64)
-    mids = (cents[1:] + cents[:-1]) / 2.0
-    return np.searchsorted(mids, np.asarray(values, dtype=np.float64), side="left").astype(np.int64)
+    mids = ((cents[1:] + cents[:-1]) / 2.0).astype(vals.dtype)
+    return np.asarray(np.searchsorted(mids, vals, side="left"), dtype=np.int64)
 
 
 def within_cluster_sse(values: np.ndarray, centroids: np.ndarray) -> float:
@@ -132,7 +141,7 @@ def _initial(xs: np.ndarray, k: int, kind: str, rng: np.random.Generator) -> np.
         return xs[idx]
     if kind != "kmeans++":
         raise ValueError(f"unknown init {kind!r}; valid: kmeans++, linear, density")
-    sample = xs if xs.size <= _SEED_SAMPLE else np.sort(rng.choice(xs, _SEED_SAMPLE, replace=False))
+    sample = xs if xs.size <= _SEED_SAMPLE else xs[np.sort(rng.integers(0, xs.size, _SEED_SAMPLE))]
     cents = [sample[rng.integers(sample.size)]]
     d2 = (sample - cents[0]) ** 2
     for _ in range(1, k):
@@ -168,7 +177,7 @@ def _lloyd(xs: np.ndarray, csum: np.ndarray, start: np.ndarray, max_iter: int, t
 
 def _bounds(xs: np.ndarray, cents: np.ndarray) -> np.ndarray:
     """Start offsets of each centroid's interval in sorted ``xs`` (length k + 1)."""
-    mids = (cents[1:] + cents[:-1]) / 2.0
+    mids = ((cents[1:] + cents[:-1]) / 2.0).astype(xs.dtype)
     inner = np.searchsorted(xs, mids, side="left")
     return np.concatenate(([0], inner, [xs.size]))
 
@@ -188,12 +197,15 @@ def _reseed(xs: np.ndarray, csum: np.ndarray, cents: np.ndarray, empty: np.ndarr
     return cents
 
 
-def _sse_sorted(xs: np.ndarray, csum: np.ndarray, csq: np.ndarray, cents: np.ndarray) -> float:
-    """Within-cluster SSE of sorted ``xs`` assigned to the nearest of ``cents``, from prefix sums."""
-    cents = np.sort(cents)
+def _sse_sorted(xs: np.ndarray, csum: np.ndarray, total_sq: float, cents: np.ndarray) -> float:
+    """Within-cluster SSE of sorted ``xs`` assigned to the nearest of ``cents``, from prefix sums.
+
+    Per interval with n values, sum s and mean m: sum (x - c)^2 = sum x^2 - s^2 / n + n (c - m)^2.
+    """
+    cents = np.sort(np.asarray(cents, dtype=np.float64))
     bounds = _bounds(xs, cents)
     n = np.diff(bounds).astype(np.float64)
     s = csum[bounds[1:]] - csum[bounds[:-1]]
-    q = csq[bounds[1:]] - csq[bounds[:-1]]
-    # sum (x - c)^2 = q - 2 c s + n c^2 over each interval
-    return float(max(np.sum(q - 2.0 * cents * s + n * cents * cents), 0.0))
+    full = n > 0
+    m = s[full] / n[full]
+    return float(max(total_sq - np.sum(s[full] * m) + np.sum(n[full] * (cents[full] - m) ** 2), 0.0))
