@@ -25,6 +25,14 @@ __all__ = ["SimplifyConfig", "SimplifyPass"]
 logger = logging.getLogger(__name__)
 
 
+# onnxscript's folder rewrites these without regard to the opset (Unsqueeze with an axes input
+# at opset 11) and crashes on a SplitToSequence whose split is a graph input (conformance run).
+_SEQUENCE_OPS = frozenset({
+    "ConcatFromSequence", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
+    "SequenceInsert", "SequenceLength", "SequenceMap", "SplitToSequence",
+})
+
+
 @dataclasses.dataclass(frozen=True)
 class SimplifyConfig:
     """Options of the simplify pass."""
@@ -62,7 +70,10 @@ class SimplifyPass(OptPass[SimplifyConfig]):
         if model.functions:
             common.InlinePass()(model)
             report.count("functions_inlined", 0)
-        if cfg.fold_constants:
+        sequence_ops = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in _SEQUENCE_OPS})
+        if cfg.fold_constants and sequence_ops:
+            report.skip(f"constant folding skipped: sequence ops ({', '.join(sequence_ops)})")
+        elif cfg.fold_constants:
             fold_constants(
                 model,
                 onnx_shape_inference=False,
@@ -70,7 +81,7 @@ class SimplifyPass(OptPass[SimplifyConfig]):
                 output_size_limit=cfg.max_fold_elements,
             )
         cleanup = [
-            common.IdentityEliminationPass(),
+            _IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
         ]
@@ -93,6 +104,21 @@ class SimplifyPass(OptPass[SimplifyConfig]):
         report.count("nodes_removed", max(nodes_before - nodes_after, 0))
         report.count("initializers_removed", max(inits_before - inits_after, 0))
         return report
+
+
+class _IdentityEliminationPass(common.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, except ``y = Identity(x)`` where x and y are both outputs.
+
+    onnx-ir then makes one value two graph outputs (a Scan/Loop body's state and its scan output,
+    or two model outputs) and drops a name; onnxruntime computes such Scan bodies wrongly.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1:
+            source = node.inputs[0]
+            if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
+                return False
+        return super()._try_eliminate_identity_node(node)
 
 
 def _fold_batchnorm(graph: ir.Graph, bn: ir.Node, pass_name: str) -> str | None:

@@ -2,7 +2,8 @@
 
 Per case, first the original: it is eligible when it runs on onnxruntime CPU and matches the
 expected outputs at the case's tolerance (onnx's runner rule). Then per eligible case and tool:
-the tool writes its result (an exception is ``crashed``); the result must load, pass the full
+the tool writes its result (an exception is ``crashed``, except a ``PreconditionError`` from a
+pass's ``requires()``, a documented refusal counted as ``unchanged-with-reason``); the result must load, pass the full
 checker (when the original does), build an onnxruntime session and run (else ``invalid``), and
 match the expected outputs at the tool's tolerance (else ``wrong``); a worker that exceeds the
 timeout is killed (``timeout``). A correct result is ``transformed-ok`` when the tool changed the
@@ -185,6 +186,9 @@ def evaluate(case: Case, tool: str, original_full_check: bool = True) -> Outcome
         try:
             result = _tools.apply_tool(tool, src, dst, feeds)
         except Exception as err:  # the tool's crash is what we count
+            refusal = _refusal(err)
+            if refusal is not None:
+                return done("unchanged-with-reason", f"refused: {refusal}")
             frame = traceback.extract_tb(err.__traceback__)[-1]
             return done("crashed", f"{_one_line(err)} [{pathlib.Path(frame.filename).name}:{frame.lineno}]")
         if src.read_bytes() != case.model:
@@ -206,6 +210,16 @@ def evaluate(case: Case, tool: str, original_full_check: bool = True) -> Outcome
         if result.reasons:
             return done("unchanged-with-reason", result.reasons[:300])
         return done("unchanged")
+
+
+def _refusal(err: BaseException) -> str | None:
+    """A pass's documented refusal (``requires()`` raising PreconditionError): not a crash."""
+    import onnx_ir as ir
+
+    for e in (err, err.__cause__):
+        if isinstance(e, ir.passes.PreconditionError):
+            return _one_line(e)
+    return None
 
 
 def _init_worker() -> None:
