@@ -53,6 +53,7 @@ Method = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 _REDUCE_SUFFIXES = ("min", "max", "size")
+_OPT = "disable"  # exact float values as written; instrumented nodes block fusions anyway
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,7 @@ def _reduce_model(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict
         values.update({o.name: o for o in node.outputs if o.name})
     taken = {v.name for v in values.values()} | set(clone.graph.initializers)
     outs: dict[str, tuple[str, str, str]] = {}
+    first = next(iter(clone.graph), None)
     for name in names:
         if name not in values:
             raise KeyError(f"no value named {name!r} in the main graph")
@@ -167,10 +169,18 @@ def _reduce_model(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict
             attrs = {"keepdims": 0} if op != "Size" else {}
             node = ir.node(op, [values[name]], attributes=attrs)
             node.outputs[0].name = _ir_utils.unique_name(clone.graph, f"{name}.calib_{suffix}", taken)
-            clone.graph.append(node)
+            created.append(node)
             clone.graph.outputs.append(node.outputs[0])
-            created.append(node.outputs[0].name)
-        outs[name] = (created[0], created[1], created[2])
+        # Right after the producer: onnxruntime runs nodes in this order, so each activation
+        # is reduced (and can be freed) as soon as it exists, not at the end of the graph.
+        producer = values[name].producer()
+        if producer is not None:
+            clone.graph.insert_after(producer, created)
+        elif first is not None:
+            clone.graph.insert_before(first, created)
+        else:
+            clone.graph.extend(created)
+        outs[name] = tuple(n.outputs[0].name for n in created)  # type: ignore[assignment]
     return clone, outs
 
 
@@ -200,7 +210,7 @@ def _minmax_phase(
     sizes = dict.fromkeys(names, 0)
     count = 0
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    stream = runtime.capture(instrumented, (dict(f) for f in data), fetch)
+    stream = runtime.capture(instrumented, (dict(f) for f in data), fetch, priority_order=True, opt_level=_OPT)
     for got in _progress(stream, total, "calibration min/max", quiet):
         count += 1
         for name, (lo_n, hi_n, size_n) in outs.items():
@@ -243,7 +253,8 @@ def _histogram_phase(
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     for i, chunk in enumerate(chunks):
         desc = f"calibration histograms {i + 1}/{len(chunks)}"
-        for got in _progress(runtime.capture(model, (dict(f) for f in data), chunk), total, desc, quiet):
+        stream = runtime.capture(model, (dict(f) for f in data), chunk, priority_order=True, opt_level=_OPT)
+        for got in _progress(stream, total, desc, quiet):
             for name in chunk:
                 top = absmax[name]
                 if top <= 0 or name not in got:

@@ -58,10 +58,11 @@ class _Inserter:
         self.shared: dict[ir.Value, ir.Value] = {}
         self.result = InsertResult()
         self.created: set[ir.Value] = set()
+        self.origin: dict[ir.Value, ir.Value] = {}
         self.weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
 
     def params(self, value: ir.Value) -> QParams:
-        source = value
+        source = self.origin.get(value, value)
         while source in self.shared:
             source = self.shared[source]
         lo, hi = self.ranges[source.name]
@@ -127,6 +128,7 @@ class _Inserter:
             dq_out.name = name
         self.result.dequantized[name] = dq_out.name
         self.created.add(dq_out)
+        self.origin[dq_out] = value
         self.result.params[name] = p
 
     def dq_constant(self, node: ir.Node, index: int, q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
