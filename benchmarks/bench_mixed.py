@@ -80,6 +80,15 @@ def run_one(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Path
     mixed_model = _io.load_model(mixed_out)
     row["mixed_cosine"] = sensitivity.measure(ref_out, sensitivity.run_outputs(mixed_model, eval_feeds),
                                               sensitivity.Budget(min_cosine=budget)).cosine  # fmt: skip
+    # The accuracy plan alone (no CPU speed guard): what the budget allows, whatever the speed.
+    acc_out = tmp / f"{name}.mixed_acc.onnx"
+    acc = onnxopt.optimize(model_path, acc_out, passes=["simplify", ("mixed", {"speed_guard": False})],
+                           calibration=calib, evaluation=evald, min_cosine=budget, quiet=True)  # fmt: skip
+    acc_report = next(r for r in acc.reports if r.pass_name == "mixed")
+    row["accuracy_plan_counts"] = dict(acc_report.counts)
+    acc_model = _io.load_model(acc_out)
+    row["accuracy_plan_cosine"] = sensitivity.measure(ref_out, sensitivity.run_outputs(acc_model, eval_feeds),
+                                                      sensitivity.Budget(min_cosine=budget)).cosine  # fmt: skip
     # Greedy baseline on the same simplified, named model and the same quantizer.
     if not args.no_greedy:
         ctx = PassContext(calibration=calib, evaluation=evald, min_cosine=budget, quiet=True)
@@ -95,7 +104,8 @@ def run_one(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Path
                          "met": met, "candidates": len(candidates)}  # fmt: skip
     # Size and latency, interleaved with FP32.
     feed = eval_feeds[0]
-    for label, model, path in (("int8", int8_model, int8_out), ("mixed", mixed_model, mixed_out)):
+    timed = (("int8", int8_model, int8_out), ("mixed", mixed_model, mixed_out), ("accuracy_plan", acc_model, acc_out))
+    for label, model, path in timed:
         fp32_ms, ratio = precision_plan.paired_latency(ref, model, feed, args.latency_runs)
         row[f"{label}_latency_ratio"] = round(ratio, 3)
         row[f"{label}_size_ratio"] = round(validation.file_size(path) / validation.file_size(model_path), 3)

@@ -245,10 +245,10 @@ class Planner:
         notes: list[str] = []
         if self.target != "cpu" or self.latency_runs <= 0:
             return fallback, notes
-        point, _ = self.evaluate("accurate plan (timed)", fallback)
+        point, model = self.evaluate("accurate plan (timed)", fallback)
         best, best_ms = fallback, point.latency_ms or math.inf
         fp32_ms = self.fp32_ms or math.inf
-        if best_ms < fp32_ms:
+        if best_ms < fp32_ms and self._confirm_faster(model):
             return best, notes
         int8 = collections.defaultdict(set)
         for name in self.candidates:
@@ -260,13 +260,18 @@ class Planner:
             if probe.latency_ms is not None and probe.latency_ms < best_ms and probe.measurement.ok:
                 notes.append(f"INT8 {key} ({len(names)} nodes) lost time on CPU: kept float")
                 best, best_ms = trial, probe.latency_ms
-        if best_ms >= fp32_ms:
+        if best_ms >= fp32_ms or not self._confirm_faster(self.build(best)):
             notes.append(
-                f"no INT8 plan tried beats FP32 on this CPU (best {best_ms:.3f} ms vs FP32 {fp32_ms:.3f} ms): "
-                "the model stays FP32"
+                f"no INT8 plan tried beats FP32 on this CPU (best {best_ms:.3f} ms vs FP32 {fp32_ms:.3f} ms, "
+                "or not confirmed by a second timing): the model stays FP32"
             )
             return frozenset(self.candidates), notes
         return best, notes
+
+    def _confirm_faster(self, model: ir.Model) -> bool:
+        """A second, longer interleaved timing: the candidate must again be faster than FP32."""
+        _, ratio = paired_latency(self.model, model, dict(self.calib[0]), 2 * self.latency_runs)
+        return ratio < 1.0
 
 
 def paired_latency(

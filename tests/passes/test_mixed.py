@@ -179,3 +179,24 @@ def test_bundled_cnn_meets_budget_with_no_more_fallbacks_than_greedy():
     greedy, _, met = precision_plan.greedy_search(planner)
     assert met
     assert mine <= len(greedy)
+
+
+@pytest.mark.slow
+def test_cli_mixed_recipe_writes_model_and_html_plots(rng, tmp_path):
+    from onnxopt import cli
+
+    model = mlp(rng)
+    src = tmp_path / "mlp.onnx"
+    ir.save(model, src)
+    xs = rng.standard_normal((64, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=xs[:32])
+    np.savez(tmp_path / "eval.npz", x=xs[32:])
+    out, html = tmp_path / "mlp.mixed.onnx", tmp_path / "report.html"
+    rc = cli.main([
+        "optimize", str(src), "-o", str(out), "--recipe", "mixed", "--calib", str(tmp_path / "calib.npz"),
+        "--eval", str(tmp_path / "eval.npz"), "--target", "cpu", "--min-cosine", "0.995", "--report", str(html),
+    ])  # fmt: skip
+    assert rc == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    text = html.read_text()
+    assert "per-node sensitivity" in text and "frontier" in text and "data:image/png;base64," in text
