@@ -17,7 +17,7 @@ from onnxopt import export as _export
 from onnxopt import io as _io
 from onnxopt import pipeline, recipes, report, validation
 from onnxopt.context import Metric, PassContext, Target
-from onnxopt.errors import DataError, OnnxOptError
+from onnxopt.errors import DataError, ModelLoadError, OnnxOptError
 
 __all__ = ["OptimizeResult", "optimize", "parse_pass_spec", "validate"]
 
@@ -120,6 +120,7 @@ def optimize(
     if report_path is not None:
         _io.check_output_path(report_path, inputs=(model,))
     original = _io.load_model(model)
+    _io.check_model_file(model)
     signature = _data.input_signature(original)
     calib = _data.load_data(calibration, signature) if calibration is not None else None
     evald = _data.load_data(evaluation, signature) if evaluation is not None else None
@@ -141,7 +142,12 @@ def optimize(
     work = _io.load_model(model)
     result = pipeline.run(work, pass_objs, check=check, strict=strict)
     check_data = context.check_data
-    final = validation.compare(model, result.model, check_data, seed=seed)
+    try:
+        final = validation.compare(model, result.model, check_data, seed=seed)
+    except Exception as err:
+        if not isinstance(err, OnnxOptError) and not _runs(original, check_data, seed):
+            raise ModelLoadError(f"{model}: onnxruntime cannot run the input model ({_first_line(err)})") from err
+        raise
     failures = final.failures(min_cosine=min_cosine, max_abs=max_error)
     if min_cosine is None and max_error is None:
         failures = [f for f in failures if "non-finite" in f]
@@ -173,6 +179,24 @@ def optimize(
             },
         )
     return OptimizeResult(out_path, result.model, result.reports, final, failures, written)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+def _runs(model: ir.Model, data: _data.Dataset | None, seed: int) -> bool:
+    """Whether onnxruntime runs ``model`` itself (on ``data`` or seeded random feeds)."""
+    from onnxopt import runtime
+
+    try:
+        feeds = data if data is not None else _data.random_data(_data.input_signature(model), 1, seed=seed)
+        with runtime.session(model) as handle:
+            runtime.run_all(handle, feeds)
+    except Exception:  # any failure of the input model itself
+        return False
+    return True
 
 
 def _score(metric: Metric, ref: ir.Model, cand: ir.Model, data: _data.Dataset) -> float:

@@ -41,6 +41,8 @@ __all__ = [
 Feed = dict[str, np.ndarray]
 DataSource = Union[str, os.PathLike, Iterable[Mapping[str, np.ndarray]], Any, "Dataset"]
 LABEL_KEYS = ("label", "labels")
+# Largest random feed (bytes per input) random_data makes; a declared [2**40, 4] input is refused.
+_RANDOM_FEED_LIMIT = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +365,12 @@ def random_data(
             shape = tuple(
                 d if isinstance(d, int) else dims.get(d or "", 1) for d in (spec.shape or ())
             )
+            nbytes = int(np.prod(shape, dtype=object)) * spec.dtype.itemsize
+            if nbytes > _RANDOM_FEED_LIMIT:
+                raise DataError(
+                    f"cannot generate random data for input {spec.describe()}: {nbytes:,} bytes per "
+                    "feed; give data (--calib/--eval) instead"
+                )
             if np.issubdtype(spec.dtype, np.floating):
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype == np.bool_:

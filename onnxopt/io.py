@@ -10,6 +10,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pathlib
 import shutil
@@ -23,6 +24,7 @@ from onnxopt.errors import ModelLoadError, OutputPathError
 
 __all__ = [
     "PROTOBUF_LIMIT",
+    "check_model_file",
     "external_tensors",
     "load_model",
     "model_nbytes",
@@ -59,10 +61,34 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as err:
+        try:  # the checker usually names the problem better (e.g. a name defined twice)
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as why:
+            raise ModelLoadError(f"{path}: invalid ONNX model ({_first_line(why)})") from err
         raise ModelLoadError(f"{path}: cannot read model ({_first_line(err)})") from err
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_external_data(model, path)
     return model
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """Refuse a model that ``onnx.checker`` rejects (by path, so external data and > 2 GB work).
+
+    Catches what would otherwise fail deep inside a pass or onnxruntime: cycles, names defined
+    twice, dangling inputs, missing initializers, unknown ops, undeclared domains, tensors whose
+    data does not fit their shape, a graph without outputs.
+
+    Raises:
+        ModelLoadError: one line naming the problem.
+    """
+    path = pathlib.Path(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ModelLoadError(f"{path}: invalid ONNX model ({_first_line(err)})") from err
+    proto = onnx.load(str(path), load_external_data=False)
+    if not proto.graph.output:
+        raise ModelLoadError(f"{path}: invalid ONNX model (the graph has no outputs)")
 
 
 def _first_line(err: BaseException) -> str:
@@ -104,12 +130,28 @@ def _check_external_data(model: ir.Model, path: pathlib.Path) -> None:
             raise ModelLoadError(
                 f"{path}: tensor {name!r} external-data file {location!r} not found"
             )
-        needed = tensor.offset + tensor.length if tensor.length is not None else tensor.offset
+        expected = _expected_nbytes(tensor)
+        if tensor.length is not None and expected is not None and tensor.length != expected:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} external-data length {tensor.length} does not match its "
+                f"shape and dtype ({expected} bytes)"
+            )
+        length = tensor.length if tensor.length is not None else (expected or 0)
+        needed = (tensor.offset or 0) + length
         if target.stat().st_size < needed:
             raise ModelLoadError(
                 f"{path}: tensor {name!r} needs bytes up to {needed} of {location!r}, "
                 f"file has {target.stat().st_size}"
             )
+
+
+def _expected_nbytes(tensor: ir.ExternalTensor) -> int | None:
+    """Bytes a tensor's shape and dtype call for (None for strings and unknown sizes)."""
+    try:
+        size = math.prod(int(d) for d in tensor.shape)
+        return math.ceil(size * tensor.dtype.itemsize)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _internalize(model: ir.Model) -> None:

@@ -66,7 +66,10 @@ def output_metrics(
             raise ValueError(f"output shapes differ: reference {np.shape(r)}, candidate {np.shape(c)}")
     a = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in ref]) if ref else np.zeros(0)
     b = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in cand]) if cand else np.zeros(0)
-    nonfinite = int(np.count_nonzero(~np.isfinite(b)))
+    # Non-finite where the reference is finite: NaN/inf the input model makes itself is not a fault.
+    nonfinite = int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a))) if a.size == b.size else int(
+        np.count_nonzero(~np.isfinite(b))
+    )
     if a.size == 0:
         return OutputMetrics(0.0, 0.0, 0.0, 0.0, 1.0, 0.0, nonfinite)
     with np.errstate(all="ignore"):
