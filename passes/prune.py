@@ -43,6 +43,10 @@ class PruneConfig:
     structured: bool = option(False, "remove whole output channels/neurons instead of single weights")
     scope: Literal["layer", "global"] = option("layer", "unstructured: one threshold per tensor or one for all")
     norm: Literal["l1", "l2"] = option("l2", "structured: channel importance norm")
+    channel_multiple: int = option(
+        8, "structured: round each layer's kept channels to the nearest multiple of this (onnxruntime's "
+        "blocked NCHWc kernels need multiples of 8; 1 keeps the exact fraction)"
+    )
     op_types: frozenset[str] = option(
         factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is pruned"
     )
@@ -60,6 +64,8 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         weight_sharing.check_options(self.op_types, self.include, self.exclude, self.min_elements)
         if "ConvTranspose" in self.op_types and self.structured:
             raise ValueError("op_types: ConvTranspose is not supported with structured=true")
@@ -163,7 +169,7 @@ class PrunePass(OptPass[PruneConfig]):
         keeps = []
         for plan in plans:  # choose all channels on the unmodified weights
             scores = channel_prune.channel_scores(plan, cfg.norm)
-            n_drop = min(int(round(cfg.sparsity * plan.channels)), plan.channels - 1)
+            n_drop = plan.channels - _kept(plan.channels, cfg.sparsity, cfg.channel_multiple)
             keep = np.ones(plan.channels, dtype=bool)
             keep[np.argsort(scores, kind="stable")[:n_drop]] = False
             keeps.append(keep)
@@ -186,6 +192,14 @@ class PrunePass(OptPass[PruneConfig]):
             )
         if report.modified:
             common.ShapeInferencePass()(model)
+
+
+def _kept(channels: int, sparsity: float, multiple: int) -> int:
+    """Channels kept: (1 - sparsity) of them, rounded to a multiple when there are enough, >= 1."""
+    keep = channels - int(round(sparsity * channels))
+    if multiple > 1 and channels >= multiple:
+        keep = min(channels, max(multiple, int(round(keep / multiple)) * multiple))
+    return max(keep, 1)
 
 
 def _magnitude_masks(arrays: list[np.ndarray], sparsity: float, scope: str) -> list[np.ndarray]:

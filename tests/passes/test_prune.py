@@ -64,7 +64,7 @@ def test_unstructured_repair_keeps_zeros_and_lowers_error():
 
 def test_structured_removes_channels_and_lowers_flops():
     ref, model = cnn(), cnn()
-    report = _run(model, structured=True, sparsity=0.25, min_elements=0)
+    report = _run(model, structured=True, sparsity=0.25, min_elements=0, channel_multiple=1)
     # conv1 (16 ch, BN in between) -> conv2, conv2 (24 ch, via GAP/Flatten) -> head; head feeds y
     assert report.counts["pruned_layers"] == 2 and report.counts["removed_channels"] == 4 + 6
     assert report.skipped["structured: output reaches a graph output"] == 1
@@ -88,10 +88,18 @@ def test_structured_removes_weakest_channels_exactly():
         m.graph.initializers["W1"].const_value = ir.tensor(w1, name="W1")
         m.graph.initializers["b1"].const_value = ir.tensor(b1, name="b1")
     model = ref.clone()
-    _run(model, structured=True, sparsity=0.25, min_elements=0, include="W1")
+    _run(model, structured=True, sparsity=0.25, min_elements=0, include="W1", channel_multiple=1)
     assert _w(model, "W1").shape == (36, 32) and _w(model, "W2").shape == (36, 24)
     ds = feeds(ref, 2)
     np.testing.assert_allclose(_outputs(model, ds), _outputs(ref, ds), rtol=1e-5, atol=1e-5)
+
+
+def test_structured_channel_multiple_rounds_kept_channels():
+    model = cnn()
+    report = _run(model, structured=True, sparsity=0.3, min_elements=0, channel_multiple=8)
+    kept = {r["item"]: r["channels_after"] for r in report.records if "channels_after" in r}
+    assert kept == {"conv1": 8, "conv2": 16}  # 16 * 0.7 = 11.2 -> 8, 24 * 0.7 = 16.8 -> 16
+    assert _w(model, "C2").shape == (16, 8, 3, 3) and _w(model, "G").shape == (10, 16)
 
 
 def test_structured_repair_lowers_error():
@@ -149,6 +157,7 @@ def test_repair_without_data_notes():
     ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\)"),
     ({"scope": "model"}, "expected one of 'layer', 'global'"),
     ({"op_types": "Add"}, "op_types: unsupported 'Add'"),
+    ({"channel_multiple": 0}, "channel_multiple must be >= 1"),
 ])
 def test_config_rejected(options, message):
     with pytest.raises(ValueError, match=message):
