@@ -165,7 +165,11 @@ def optimize(
         for name, m in _export.check_ort(result.model, written.path, feeds).items():
             written.check[name] = {"max_abs": m.max_abs, "cosine": m.cosine}
             if m.nonfinite or not m.cosine >= _export.ORT_MIN_COSINE:
-                failures.append(f"ORT format output {name!r} differs from the ONNX model: cosine {m.cosine:.6f}")
+                failures.append(
+                    f"ORT format output {name!r} differs from the ONNX model: cosine {m.cosine:.6f} "
+                    f"at --ort-level {written.ort_level} (INT8 on x86 without VNNI saturates unless "
+                    "quantize:reduce_range=true; --ort-level basic keeps the QDQ graph as validated)"
+                )
     if report_path is not None:
         report.write_report(
             report_path,
