@@ -29,6 +29,11 @@ __all__ = ["QuantizeConfig", "QuantizePass"]
 logger = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
+_MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
+
+
+def _small_feeds(feeds: list) -> bool:
+    return all(sum(a.nbytes for a in f.values()) <= (1 << 20) for f in feeds)
 
 
 def _check_ops(field: str, ops: frozenset[str]) -> None:
@@ -173,8 +178,21 @@ class QuantizePass(OptPass[QuantizeConfig]):
         cfg = self.config
         if cfg.sqnr_samples:
             feeds = list(data.take(cfg.sqnr_samples))
-            for row in quant_report.layer_sqnr(float_model, model, result.dequantized, feeds):
-                report.record(str(row["tensor"]), sqnr_db=row["sqnr_db"])
+            params = {k: (float(p.scale), p.zero) for k, p in result.params.items()}
+            local = quant_report.local_sqnr(float_model, params, cfg.activation_type, feeds)
+            accumulated: dict[str, float] = {}
+            if _small_feeds(feeds) and len(result.dequantized) <= _MAX_ACCUMULATED:
+                live = {k: v for k, v in result.dequantized.items() if k in local}
+                rows = quant_report.layer_sqnr(float_model, model, live, feeds)
+                accumulated = {str(r["tensor"]): float(r["sqnr_db"]) for r in rows}
+            else:
+                report.note("layer-wise SQNR is local only (feeds too large to hold both models' tensors)")
+            order = sorted(local, key=lambda k: (accumulated.get(k, local[k]), local[k]))
+            for name in order:
+                fields = {"sqnr_db": local[name]}
+                if name in accumulated:
+                    fields["accumulated_sqnr_db"] = accumulated[name]
+                report.record(name, **fields)
         if cfg.latency_runs:
             feed = next(iter(data))
             fp32, int8 = quant_report.latency_ms([float_model, model], feed, runs=cfg.latency_runs)

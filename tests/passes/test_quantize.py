@@ -286,8 +286,13 @@ def test_saved_calibration_table_replaces_data(rng, tmp_path):
 def test_sqnr_records_sorted_and_latency_measured(rng):
     model, report = _run_pass(conv_relu(rng), image_feeds(rng), latency_runs=3)
     sqnr = [r for r in report.records if "sqnr_db" in r]
-    assert [r["item"] for r in sqnr] and sorted(r["sqnr_db"] for r in sqnr) == [r["sqnr_db"] for r in sqnr]
-    assert all(r["sqnr_db"] > 20 for r in sqnr)
+    assert {r["item"] for r in sqnr} == {"x", "y"}
+    acc = [r["accumulated_sqnr_db"] for r in sqnr]
+    assert acc == sorted(acc)  # worst first
+    assert all(r["sqnr_db"] > 20 and r["accumulated_sqnr_db"] > 20 for r in sqnr)
+    # the input is quantized first: nothing accumulated before it, local == accumulated
+    x = next(r for r in sqnr if r["item"] == "x")
+    assert x["sqnr_db"] == pytest.approx(x["accumulated_sqnr_db"], abs=0.05)
     latency = next(r for r in report.records if r["item"] == "latency")
     assert latency["fp32_ms"] > 0 and latency["int8_ms"] > 0
 
