@@ -110,7 +110,7 @@ class FusePass(OptPass[FuseConfig]):
         if opset < _MIN_OPSET:
             proto = onnx.version_converter.convert_version(proto, _MIN_OPSET)
         before = _fused_counts(proto)
-        names_before = {n.name for n in proto.graph.node}
+        keys_before = {_node_key(n.name, list(n.output)) for n in proto.graph.node}
         fused = _optimize(proto, model_type, self.config)
         delta = {op: n - before.get(op, 0) for op, n in _fused_counts(fused).items()}
         delta = {op: n for op, n in delta.items() if n > 0}
@@ -131,7 +131,7 @@ class FusePass(OptPass[FuseConfig]):
         new = ir.serde.deserialize_model(fused)
         _transplant(new, model)
         for node in model.graph:
-            if node.name not in names_before:
+            if _node_key(node.name or "", [o.name or "" for o in node.outputs]) not in keys_before:
                 _ir_utils.tag(node, self.name)
         if opset < _MIN_OPSET:
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET}")
@@ -199,6 +199,11 @@ def _infer_types(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     except Exception as err:  # best effort: its failures come as many exception types
         logger.debug("symbolic shape inference failed: %s", err)
         return None
+
+
+def _node_key(name: str, outputs: list[str]) -> str:
+    """Identify a node across the protobuf round trip: its name, or its first output if unnamed."""
+    return name if name else "#" + (outputs[0] if outputs else "")
 
 
 def _fused_counts(proto: onnx.ModelProto) -> collections.Counter[str]:

@@ -190,3 +190,16 @@ def test_fuse_int8_recipe_end_to_end(tmp_path):
     assert result.passed, result.failures
     ops = op_counts(_io.load_model(tmp_path / "bert.int8.onnx"))
     assert ops["Attention"] == 1 and ops["QuantizeLinear"] > 0
+
+
+def test_unnamed_nodes_created_by_fusion_are_tagged():
+    proto = make_bert(layers=1)
+    for node in proto.graph.node:  # exporters may leave names empty
+        node.name = ""
+    model = ir.serde.deserialize_model(proto)
+    report = fuse(model)
+    tagged = [n for n in model.graph if n.metadata_props.get("pkg.onnxopt.pass") == "fuse"]
+    assert {n.op_type for n in tagged} >= {"Attention", "SkipLayerNormalization", "BiasGelu", "Cast"}
+    assert len(tagged) == sum(report.counts.values()) + 1  # + the mask Cast
+    untouched = [n for n in model.graph if n.op_type == "MatMul"]
+    assert untouched and not any(n.metadata_props for n in untouched)
