@@ -10,6 +10,7 @@ chooses the ranks and records what each split costs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Literal
 
@@ -17,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import tqdm
 
-from onnxopt import _ir_utils, runtime
+from onnxopt import _ir_utils, io, runtime
 from onnxopt import lowrank_graph as lg
 from onnxopt import lowrank_math as lm
 from onnxopt.config import option
@@ -139,13 +140,26 @@ class LowRankPass(OptPass[LowRankConfig]):
         return report
 
     def _statistics(self, model: ir.Model, cands: list[lg.Candidate]) -> dict[tuple, tuple[np.ndarray, float]]:
-        """Per activation key: (X^T X in float64, mean rows per feed), streamed feed by feed."""
+        """Per activation key: (X^T X in float64, mean rows per feed), streamed feed by feed.
+
+        Cached in ``context.cache`` under the model's digest, so a later lowrank pass on the
+        same model and data (another rank rule, say) does not run onnxruntime again.
+        """
         data = self.context.calibration
         keys = {c.stats_key for c in cands if c.activation is not None and c.activation.name}
         if data is None or not keys:
             return {}
         if len(data) > self.config.max_feeds:
             data = data.take(self.config.max_feeds)
+        digest = _digest(model)
+        scope = ("lowrank.gram", digest, id(self.context.calibration), len(data))
+        cache = self.context.cache.setdefault(scope, {}) if digest else {}
+        missing = {key for key in keys if key not in cache}
+        if missing:
+            cache.update(self._collect(model, data, missing))
+        return {key: cache[key] for key in keys if key in cache}
+
+    def _collect(self, model: ir.Model, data, keys: set[tuple]) -> dict[tuple, tuple[np.ndarray, float]]:
         names = sorted({name for name, _ in keys})
         grams: dict[tuple, np.ndarray] = {}
         rows: dict[tuple, int] = dict.fromkeys(keys, 0)
@@ -220,13 +234,20 @@ class LowRankPass(OptPass[LowRankConfig]):
             params_before=before,
             params_after=after,
             param_reduction=1.0 - after / before,
-            flops_per_sample_before=2.0 * rows * before if rows else None,
-            flops_per_sample_after=2.0 * rows * after if rows else None,
+            flops_per_feed_before=2.0 * rows * before if rows else None,
+            flops_per_feed_after=2.0 * rows * after if rows else None,
             flop_reduction=1.0 - after / before,
             weight_rel_error=lm.weight_rel_error(cand.matrix, u, v),
             output_rel_error=out_err,
         )
         logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
+
+
+def _digest(model: ir.Model) -> str | None:
+    """SHA-256 of the serialized model (None above the in-memory limit: no caching then)."""
+    if io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT:
+        return None
+    return hashlib.sha256(ir.to_proto(model).SerializeToString()).hexdigest()
 
 
 def _names(graph: ir.Graph) -> set[str]:

@@ -390,3 +390,51 @@ def test_second_run_leaves_factors_alone_and_node_names_stay_unique(rng):
     assert again.modified is False and again.skipped == {"node is already a low-rank factor": 2}
     feeds = [{"x": rng.standard_normal((4, 64), dtype=np.float32)}]
     validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+def test_streamed_statistics_equal_numpy_and_are_cached(rng, monkeypatch):
+    from onnxopt import runtime
+
+    w = rng.standard_normal((32, 80)).astype(np.float32)
+    feeds = correlated(rng, (2, 5), 32, 3)
+    context = ctx(feeds)
+    calls = []
+    real_capture = runtime.capture
+    monkeypatch.setattr(runtime, "capture", lambda *a, **k: calls.append(1) or real_capture(*a, **k))
+    LowRankPass(LowRankConfig(min_elements=0), context)(matmul_model(w, ("b", "t", None)))
+    LowRankPass(LowRankConfig(min_elements=0, rank_mode="energy"), context)(matmul_model(w, ("b", "t", None)))
+    assert len(calls) == 1
+    (stats,) = [v for k, v in context.cache.items() if k[0] == "lowrank.gram"]
+    gram, rows = stats[("x", ("rows",))]
+    np.testing.assert_allclose(gram, _gram(feeds), rtol=1e-10)
+    assert rows == 10
+
+
+def test_global_flops_target_cuts_the_layer_that_sees_more_rows(rng):
+    k = 64
+    nodes = [
+        helper.make_node("MatMul", ["x", "A"], ["h"], name="per_token"),
+        helper.make_node("ReduceMean", ["h"], ["m"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["z", "B"], ["g"], name="pooled"),
+        helper.make_node("Add", ["m", "g"], ["y"]),
+    ]
+    inits = {"A": rng.standard_normal((k, k)).astype(np.float32), "B": rng.standard_normal((k, k)).astype(np.float32)}
+    z_input = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", k])
+    feeds = [
+        {"x": rng.standard_normal((96, 8, k), dtype=np.float32), "z": rng.standard_normal((96, k), dtype=np.float32)}
+        for _ in range(2)
+    ]
+    ranks = {}
+    for metric in ("params", "flops"):
+        model = _model(nodes, ["b", 8, k], inits, extra_inputs=[z_input])
+        cfg = LowRankConfig(rank_mode="global", target=0.3, target_metric=metric, min_elements=0)
+        recs = {r["item"]: r for r in LowRankPass(cfg, ctx(feeds))(model).records}
+        ranks[metric] = {name: recs[name]["rank"] if name in recs else k for name in ("per_token", "pooled")}
+        if metric == "flops":
+            assert recs["per_token"]["flops_per_feed_before"] == 2 * 96 * 8 * k * k
+            before = 2 * 96 * 8 * k * k + 2 * 96 * k * k
+            saved = sum(r["flops_per_feed_before"] - r["flops_per_feed_after"] for r in recs.values())
+            assert saved >= 0.3 * before
+    # Counting FLOPs, the layer applied to 8x more rows is cut deeper than when counting parameters.
+    assert ranks["flops"]["per_token"] < ranks["flops"]["pooled"]
+    assert ranks["flops"]["per_token"] <= ranks["params"]["per_token"]
