@@ -114,6 +114,7 @@ class Planner:
     evald: Feeds
     fp16_unsafe: frozenset[str] = frozenset()
     latency_runs: int = 10
+    fp16_order: list[str] = dataclasses.field(default_factory=list)  # most FP16-sensitive first
     runs: int = 0
     frontier: list[PlanPoint] = dataclasses.field(default_factory=list)
     _ref: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -224,7 +225,7 @@ class Planner:
         if self.target == "cpu" or not fallback:
             return frozenset()
         fp32: set[str] = set()
-        for name in [o for o in order if o in fallback]:
+        for name in [o for o in (self.fp16_order or order) if o in fallback]:
             probe, _ = self.evaluate(f"fp16 fallback, {len(fp32)} fp32", fallback, frozenset(fp32))
             if probe.measurement.ok:
                 break

@@ -103,6 +103,16 @@ class MixedPass(OptPass[MixedConfig]):
         )  # fmt: skip
         planner.runs += len(candidates)
         order = sorted(candidates, key=lambda n: -sens[n].loss)
+        sens16: dict[str, sensitivity.Measurement] = {}
+        if ctx.target != "cpu":  # FP16 fallbacks: which of them need FP32 is ranked by FP16 loss
+
+            def lower16(m: ir.Model, names: frozenset[str]) -> ir.Model:
+                float16.convert(m, [n for n in m.graph if n.name in names], pass_name=self.name)
+                return m
+
+            sens16 = sensitivity.node_sensitivity(float_model, candidates, lower16, calib, budget, context=ctx, key="fp16")
+            planner.runs += len(candidates)
+            planner.fp16_order = sorted(candidates, key=lambda n: -sens16[n].loss)
         sqnr = {}
         if cfg.sqnr_feeds:
             table = cached_ranges(ctx, float_model, None, cfg.calibration_method)  # type: ignore[arg-type]
@@ -120,12 +130,13 @@ class MixedPass(OptPass[MixedConfig]):
         model.graph = model_out.graph  # opset imports live on the graph in onnx-ir
         for note in notes:
             report.note(note)
-        self._report(report, float_model, planner, sens, sqnr, fallback, fp32, final, budget)
+        self._report(report, float_model, planner, (sens, sens16, sqnr), fallback, fp32, final, budget)
         report.note(f"planning took {time.perf_counter() - t0:.2f} s and {planner.runs} model runs")
         report.count("model_runs", planner.runs)
         return report
 
-    def _report(self, report, float_model, planner, sens, sqnr, fallback, fp32, final, budget) -> None:  # noqa: ANN001, PLR0913
+    def _report(self, report, float_model, planner, scores, fallback, fp32, final, budget) -> None:  # noqa: ANN001, PLR0913
+        sens, sens16, sqnr = scores
         ops = {n.name: n.op_type for n in float_model.graph}
         precision = {}
         for name in planner.candidates:
@@ -141,6 +152,7 @@ class MixedPass(OptPass[MixedConfig]):
             report.record(
                 name, op=ops.get(name, ""), precision=p, sensitivity=round(sens[name].loss, 8),
                 sqnr_db=round(sqnr[name], 2) if name in sqnr else None, reason=reason,
+                **({"fp16_sensitivity": round(sens16[name].loss, 8)} if name in sens16 else {}),
             )  # fmt: skip
         frontier = [p.to_json() for p in planner.frontier]
         for i, row in enumerate(frontier):

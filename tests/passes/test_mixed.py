@@ -141,6 +141,7 @@ def test_cuda_target_falls_back_to_fp16(rng):
     report = result.reports[0]
     precisions = {r["precision"] for r in report.records if "precision" in r}
     assert "fp16" in precisions and report.counts["budget_met"] == 1
+    assert all(r["fp16_sensitivity"] >= 0 for r in report.records if "precision" in r)
     dtypes = {v.const_value.dtype for v in result.model.graph.initializers.values() if v.const_value is not None}
     assert ir.DataType.FLOAT16 in dtypes and ir.DataType.INT8 in dtypes
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
