@@ -135,12 +135,22 @@ def fit_kmeans(
 
 
 def fit_linear(w: np.ndarray, k: int, axis: int | None = None) -> Codebook:
-    """Evenly spaced codebook between min and max of each group (linear quantization)."""
+    """Uniform codebook of ``k`` levels per group, as asymmetric integer quantization does it.
+
+    Levels ``(q - z) * s`` for q = 0..k-1 with s = (max - min) / (k - 1) over the range widened
+    to include 0, and the zero point z rounded so that 0 is exactly a level (as in onnxruntime's
+    uint8/uint4 asymmetric quantization).
+    """
     groups, _ = _groups(w, axis)
     rows = []
     for vals in groups:
-        lo, hi = float(vals.min()), float(vals.max())
-        cents = np.unique(np.linspace(lo, hi, k)) if hi > lo else np.array([lo])
+        lo, hi = min(float(vals.min()), 0.0), max(float(vals.max()), 0.0)
+        if hi == lo:
+            cents = np.array([0.0])
+        else:
+            scale = (hi - lo) / (k - 1)
+            zero = round(-lo / scale)
+            cents = (np.arange(k) - zero) * scale
         rows.append((cents, assign(vals, cents), np.zeros(len(cents), dtype=bool)))
     return _build(w, axis, rows)
 

@@ -1,0 +1,303 @@
+"""Compression benchmark: clustering, pruning, deep compression and codebook errors.
+
+Parts (``--part``; all by default), every number measured in this run:
+
+``cluster``    digits CNN and MLP (BatchNorm folded by simplify first): 16 clusters per tensor,
+               packed 4-bit, without and with repair. Weight bytes (initializers) as a fraction
+               of FP32, file and zip sizes, top-1 on the held-out eval set, relative L2 output
+               error against FP32 on the eval set.
+``recipes``    the ``compress`` and ``deep-compression`` recipes on both models: file bytes,
+               zip-compressed bytes (deflate level 9), ratio to the FP32 file, top-1 drop.
+``structured`` 30% of channels removed on the digits CNN: FLOPs per sample, and onnxruntime
+               latency (ORT_ENABLE_ALL, ``--threads``, batch ``--batch``) of the FP32 and pruned
+               models measured in interleaved rounds in this process; top-1 without and with
+               repair.
+``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
+               centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
+               per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
+               every Conv/Gemm/MatMul weight of >= 256 elements, on the bundled models and the
+               PP-OCR det/cls models of rapidocr-onnxruntime (benchmarks/ocr/ocr_data.py).
+
+Usage::
+
+    python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks]
+        [--rounds 200] [--threads 1] [--batch 64] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io as _bytes_io
+import json
+import pathlib
+import statistics
+import sys
+import time
+import zipfile
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxopt import codebook, data, flops, io, pipeline, recipes, repair, runtime
+from onnxopt.context import PassContext
+from onnxopt.recipes import Step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
+
+
+def file_sizes(model: ir.Model) -> tuple[int, int]:
+    """(serialized bytes, zip-compressed bytes at deflate level 9)."""
+    raw = ir.to_proto(model).SerializeToString()
+    buf = _bytes_io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr("model.onnx", raw)
+    return len(raw), len(buf.getvalue())
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers (packed 4-bit tensors count half a byte per element)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def logits(model: ir.Model, inputs: np.ndarray) -> np.ndarray:
+    with runtime.session(model) as handle:
+        return next(iter(handle.run({"input": inputs}).values()))
+
+
+def evaluate(model: ir.Model, ev: dict[str, np.ndarray], ref_out: np.ndarray) -> dict:
+    out = logits(model, ev["input"])
+    raw, zipped = file_sizes(model)
+    return {
+        "weight_bytes": weight_bytes(model),
+        "file_bytes": raw,
+        "zip_bytes": zipped,
+        "top1": float((out.argmax(1) == ev["label"]).mean()),
+        "rel_l2": float(np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out)),
+    }
+
+
+def run_steps(name: str, steps: list[Step], calib: data.Dataset | None) -> ir.Model:
+    context = PassContext(calibration=calib, quiet=True)
+    result = pipeline.run(io.load_model(MODELS / f"{name}.onnx"), recipes.build(steps, context))
+    for report in result.reports:
+        if report.status == "rolled-back":
+            raise RuntimeError(f"{name}: {report.pass_name} rolled back: {report.error}")
+    return result.model
+
+
+def _load(name: str) -> tuple[ir.Model, dict[str, np.ndarray], data.Dataset, dict]:
+    base = io.load_model(MODELS / f"{name}.onnx")
+    ev = dict(np.load(MODELS / f"{name}_eval.npz"))
+    calib = data.load_data(MODELS / f"{name}_calib.npz", data.input_signature(base))
+    ref_out = logits(base, ev["input"])
+    return base, ev, calib, {"ref_out": ref_out, "fp32": evaluate(base, ev, ref_out)}
+
+
+def part_cluster(names: list[str]) -> list[dict]:
+    rows = []
+    cluster = {"clusters": 16, "pack": True, "min_elements": 0}
+    settings = {
+        "16 clusters packed": [Step("simplify"), Step("cluster", cluster)],
+        "16 clusters packed + repair": [Step("simplify"), Step("cluster", {**cluster, "repair": True})],
+        "16 clusters/channel packed + repair": [
+            Step("simplify"), Step("cluster", {**cluster, "repair": True, "per_channel": True})
+        ],
+    }
+    for name in names:
+        _, ev, calib, base = _load(name)
+        rows.append({"model": name, "setting": "fp32", **base["fp32"]})
+        for label, steps in settings.items():
+            model = run_steps(name, steps, calib)
+            rows.append({"model": name, "setting": label, **evaluate(model, ev, base["ref_out"])})
+        for row in rows[-len(settings) - 1 :]:
+            row["weight_ratio"] = row["weight_bytes"] / base["fp32"]["weight_bytes"]
+    return rows
+
+
+def part_recipes(names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        _, ev, calib, base = _load(name)
+        fp32 = base["fp32"]
+        for recipe in ("compress", "deep-compression"):
+            model = run_steps(name, list(recipes.get_recipe(recipe).steps), calib)
+            row = {"model": name, "recipe": recipe, **evaluate(model, ev, base["ref_out"])}
+            row["fp32_file_bytes"] = fp32["file_bytes"]
+            row["fp32_zip_bytes"] = fp32["zip_bytes"]
+            row["ratio_vs_fp32_file"] = fp32["file_bytes"] / row["zip_bytes"]
+            row["ratio_vs_fp32_zip"] = fp32["zip_bytes"] / row["zip_bytes"]
+            row["top1_fp32"] = fp32["top1"]
+            row["top1_drop_points"] = 100 * (fp32["top1"] - row["top1"])
+            rows.append(row)
+    return rows
+
+
+def part_structured(rounds: int, threads: int, batch: int) -> dict:
+    name = "digits_cnn"
+    base, ev, calib, info = _load(name)
+    prune = {"structured": True, "sparsity": 0.3, "min_elements": 0}
+    plain = run_steps(name, [Step("prune", prune)], None)
+    repaired = run_steps(name, [Step("prune", {**prune, "repair": True})], calib)
+    feed = {"input": np.ascontiguousarray(np.resize(ev["input"], (batch, *ev["input"].shape[1:])))}
+    sessions = {
+        "fp32": runtime.make_session(base, threads=threads, opt_level="all"),
+        "pruned": runtime.make_session(repaired, threads=threads, opt_level="all"),
+    }
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for handle in sessions.values():
+        for _ in range(20):
+            handle.run(feed)
+    for _ in range(rounds):  # interleaved, so load on the machine hits both alike
+        for key, handle in sessions.items():
+            t0 = time.perf_counter()
+            handle.run(feed)
+            times[key].append(time.perf_counter() - t0)
+    for handle in sessions.values():
+        handle.close()
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    f_before, f_after = flops.total_flops(base), flops.total_flops(repaired)
+
+    def channels(model: ir.Model) -> list[int]:
+        return [_out_channels(n) for n in model.graph if n.op_type in ("Conv", "Gemm")]
+
+    return {
+        "model": name,
+        "removed": "30% of the output channels of every prunable layer, kept count rounded to a multiple of 8",
+        "channels_before": channels(base),
+        "channels_after": channels(repaired),
+        "flops_before": f_before,
+        "flops_after": f_after,
+        "flops_ratio": f_after / f_before,
+        "latency_ms_fp32": med["fp32"],
+        "latency_ms_pruned": med["pruned"],
+        "latency_ratio": med["pruned"] / med["fp32"],
+        "rounds": rounds,
+        "threads": threads,
+        "batch": batch,
+        "top1_fp32": info["fp32"]["top1"],
+        "top1_pruned_no_repair": evaluate(plain, ev, info["ref_out"])["top1"],
+        "top1_pruned_repaired": evaluate(repaired, ev, info["ref_out"])["top1"],
+        "params_before": int(sum(v.const_value.size for v in base.graph.initializers.values())),
+        "params_after": int(sum(v.const_value.size for v in repaired.graph.initializers.values())),
+    }
+
+
+def _out_channels(node: ir.Node) -> int:
+    shape = node.inputs[1].const_value.shape
+    if node.op_type == "Gemm" and not node.attributes.get_int("transB", 0):
+        return int(shape[1])
+    return int(shape[0])
+
+
+def _weights(model: ir.Model) -> list[tuple[np.ndarray, int | None]]:
+    """(weight, output axis or None) of every Conv/Gemm/MatMul constant weight >= 256 elements."""
+    out = []
+    for node in model.graph.all_nodes():
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        layer = repair.as_layer(node)
+        w = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if w is None or w.size < 256 or not np.issubdtype(w.numpy().dtype, np.floating):
+            continue
+        out.append((w.numpy().astype(np.float64), layer.out_axis if isinstance(layer, repair.Layer) else None))
+    return out
+
+
+def part_codebooks() -> list[dict]:
+    paths = {n: MODELS / f"{n}.onnx" for n in ("digits_mlp", "digits_cnn", "digits_transformer")}
+    try:
+        import ocr_data  # noqa: PLC0415 - optional: only when rapidocr-onnxruntime is installed
+
+        found = ocr_data.model_paths()
+        paths.update({f"pp-ocr {k}": found[k] for k in ("det", "cls") if k in found})
+    except ModuleNotFoundError as err:
+        print(f"PP-OCR models left out: {err}", file=sys.stderr)
+    rows = []
+    for label, path in paths.items():
+        model = io.load_model(path)
+        # PP-OCR (Paddle export) keeps weights in Constant nodes: lift them to initializers first.
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        weights = _weights(model)
+        for per_channel in (False, True):
+            err = {"linear": 0.0, "kmeans": 0.0, "log": 0.0}
+            norm = 0.0
+            t0 = time.perf_counter()
+            for w, axis in weights:
+                ax = axis if per_channel else None
+                if per_channel and axis is None:
+                    ax = None
+                books = {
+                    "linear": codebook.fit_linear(w, 16, ax),
+                    "kmeans": codebook.fit_kmeans(w, 16, ax, init="kmeans++", keep_zeros=False),
+                    "log": codebook.fit_log(w, 4, ax),
+                }
+                for kind, book in books.items():
+                    err[kind] += float(np.sum((w - book.weights(np.float64)) ** 2))
+                norm += float(np.sum(w**2))
+            rows.append({
+                "model": label,
+                "granularity": "per channel" if per_channel else "per tensor",
+                "tensors": len(weights),
+                "parameters": int(sum(w.size for w, _ in weights)),
+                **{f"rel_error_{k}": float(np.sqrt(v / norm)) for k, v in err.items()},
+                "seconds": time.perf_counter() - t0,
+            })
+    return rows
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks"])
+    parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    names = ["digits_cnn", "digits_mlp"]
+    result: dict[str, object] = {}
+    if args.part in ("all", "cluster"):
+        rows = part_cluster(names)
+        result["cluster"] = rows
+        print("## 16 clusters, packed (weight bytes vs FP32; eval set)\n")
+        print(_table(rows, ["model", "setting", "weight_bytes", "weight_ratio", "file_bytes", "zip_bytes", "top1", "rel_l2"]))
+    if args.part in ("all", "recipes"):
+        rows = part_recipes(names)
+        result["recipes"] = rows
+        print("\n## Recipes (zip = deflate level 9 of the .onnx file)\n")
+        print(_table(rows, ["model", "recipe", "file_bytes", "zip_bytes", "fp32_file_bytes", "ratio_vs_fp32_file",
+                            "ratio_vs_fp32_zip", "top1_fp32", "top1", "top1_drop_points"]))
+    if args.part in ("all", "structured"):
+        row = part_structured(args.rounds, args.threads, args.batch)
+        result["structured"] = row
+        print("\n## Structured pruning, 30% of channels (digits CNN)\n")
+        print(f"output channels {row['channels_before']} -> {row['channels_after']}\n")
+        print(_table([row], ["flops_before", "flops_after", "flops_ratio", "latency_ms_fp32", "latency_ms_pruned",
+                             "latency_ratio", "top1_fp32", "top1_pruned_no_repair", "top1_pruned_repaired"]))
+        print(f"(latency: median of {args.rounds} interleaved rounds, batch {args.batch}, {args.threads} thread(s), "
+              "ORT_ENABLE_ALL)")
+    if args.part in ("all", "codebooks"):
+        rows = part_codebooks()
+        result["codebooks"] = rows
+        print("\n## 4-bit codebooks: relative weight error (lower is better)\n")
+        print(_table(rows, ["model", "granularity", "tensors", "parameters", "rel_error_linear", "rel_error_kmeans",
+                            "rel_error_log"]))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
