@@ -209,7 +209,7 @@ def _weights(model: ir.Model) -> list[tuple[np.ndarray, int | None]]:
 def part_codebooks() -> list[dict]:
     paths = {n: MODELS / f"{n}.onnx" for n in ("digits_mlp", "digits_cnn", "digits_transformer")}
     try:
-        import ocr_data  # noqa: PLC0415 - optional: only when rapidocr-onnxruntime is installed
+        import ocr_data
 
         found = ocr_data.model_paths()
         paths.update({f"pp-ocr {k}": found[k] for k in ("det", "cls") if k in found})

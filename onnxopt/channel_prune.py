@@ -46,7 +46,7 @@ class ChannelPlan:
 
 
 def find_plans(model: ir.Model, producers: list[ir.Node]) -> tuple[list[ChannelPlan], list[str]]:
-    """A plan for each producer that can be pruned; a reason for each that cannot."""
+    """Return a plan for each producer that can be pruned and a reason for each that cannot."""
     plans, reasons = [], []
     for node in producers:
         found = _plan(node)
@@ -122,7 +122,7 @@ def _chain_reason(node: ir.Node, pooled: bool) -> str | None:
 
 
 def channel_scores(plan: ChannelPlan, norm: str) -> np.ndarray:
-    """Importance of each output channel: weight norm, times |BN scale| / sqrt(var + eps)."""
+    """Score each output channel: weight norm, times |BN scale| / sqrt(var + eps)."""
     w = plan.producer.weight.const_value.numpy().astype(np.float64)
     rows = np.moveaxis(w, plan.producer.out_axis, 0).reshape(plan.channels, -1)
     score = np.abs(rows).sum(axis=1) if norm == "l1" else np.sqrt((rows**2).sum(axis=1))

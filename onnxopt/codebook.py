@@ -59,6 +59,7 @@ class Codebook:
         axis: the channel axis of the weight (``None`` per tensor).
         shape: the weight's shape.
         fixed: [G, k] bool, centroids that repair must not move (the zero of pruned weights).
+
     """
 
     centroids: np.ndarray
@@ -73,11 +74,11 @@ class Codebook:
         return int(self.centroids.shape[1])
 
     def grouped_indices(self) -> np.ndarray:
-        """Indices as [G, M] (channel first)."""
+        """Return the indices as [G, M] (channel first)."""
         return self.indices.reshape(self.centroids.shape[0], -1)
 
     def weights(self, dtype: np.dtype = np.float32) -> np.ndarray:
-        """The dense weight tensor the codebook stands for."""
+        """Return the dense weight tensor the codebook stands for."""
         table = self.centroids.astype(dtype)
         dense = np.take_along_axis(table, self.grouped_indices(), axis=1)
         moved = dense.reshape(self.indices.shape)
@@ -156,7 +157,7 @@ def fit_linear(w: np.ndarray, k: int, axis: int | None = None) -> Codebook:
 
 
 def log_levels(bits: int) -> np.ndarray:
-    """Unit power-of-two codebook for ``bits``: 0 and ±2^-i, i = 0..2^(bits-1)-2 (sorted)."""
+    """Return the unit power-of-two codebook for ``bits``: 0 and ±2^-i, i = 0..2^(bits-1)-2 (sorted)."""
     if bits < 2:
         raise ValueError(f"a logarithmic codebook needs at least 2 bits, got {bits}")
     mags = 2.0 ** -np.arange(2 ** (bits - 1) - 1)
@@ -191,10 +192,11 @@ def fit_log(w: np.ndarray, bits: int, axis: int | None = None, *, scales: int = 
 
 
 def index_dtype_for(k: int, requested: IndexDType) -> Literal["uint8", "uint4"]:
-    """The index storage for a codebook of size ``k``.
+    """Choose the index storage for a codebook of size ``k``.
 
     Raises:
         ValueError: uint4 requested for k > 16, or k > 256.
+
     """
     if k > 256:
         raise ValueError(f"codebooks larger than 256 entries cannot be packed, got k={k}")

@@ -68,6 +68,7 @@ def kmeans1d(
 
     Raises:
         ValueError: k < 1, empty input or non-finite values.
+
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -124,7 +125,7 @@ def within_cluster_sse(values: np.ndarray, centroids: np.ndarray) -> float:
 
 
 def _unique_sorted(xs: np.ndarray, limit: int) -> np.ndarray | None:
-    """The distinct values of sorted ``xs`` if there are at most ``limit``, else None."""
+    """Return the distinct values of sorted ``xs`` if at most ``limit``, else None."""
     steps = np.flatnonzero(np.diff(xs) > 0)
     if steps.size + 1 > limit:
         return None
@@ -159,7 +160,7 @@ def _lloyd(xs: np.ndarray, csum: np.ndarray, start: np.ndarray, max_iter: int, t
     cents = np.unique(start)
     scale = max(xs[-1] - xs[0], np.finfo(np.float64).tiny)
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 - the count is returned
         bounds = _bounds(xs, cents)
         counts = np.diff(bounds)
         sums = csum[bounds[1:]] - csum[bounds[:-1]]

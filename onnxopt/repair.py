@@ -36,8 +36,8 @@ from onnxopt.codebook import Codebook
 
 __all__ = [
     "Layer",
-    "add_bias",
     "LayerStats",
+    "add_bias",
     "as_layer",
     "bias_shift",
     "collect_stats",
@@ -70,7 +70,7 @@ class Layer:
         return int(shape[1] if self.kind == "gemm_t" else shape[0])
 
     def matrix(self, w: np.ndarray) -> np.ndarray:
-        """The weight (or any array of its shape) as Wm [K, N]."""
+        """Return the weight (or any array of its shape) as Wm [K, N]."""
         if self.kind == "conv":
             return w.reshape(w.shape[0], -1).T
         return w.T if self.kind == "gemm_t" else w
@@ -84,7 +84,7 @@ class Layer:
 
 
 def as_layer(node: ir.Node) -> Layer | str:
-    """The layer view of ``node``, or the reason it has none."""
+    """Return the layer view of ``node``, or the reason it has none."""
     weight = _ir_utils.constant_input(node, 1)
     if weight is None:
         return "weight is not a constant initializer"
@@ -167,7 +167,7 @@ class LayerStats:
 
 
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """The layer input ``x`` as rows of X (im2col patches for Conv)."""
+    """Return the layer input ``x`` as rows of X (im2col patches for Conv)."""
     if layer.kind != "conv":
         return x.reshape(-1, x.shape[-1])
     kh, kw = layer.weight.const_value.shape.numpy()[2:]
@@ -198,9 +198,12 @@ def collect_stats(
     stats = [LayerStats(np.zeros((lay.in_features,) * 2), np.zeros(lay.in_features)) for lay in layers]
     total = len(feeds) if hasattr(feeds, "__len__") else None
     captured = runtime.capture(model, feeds, names)
-    paired = zip(captured, runtime.capture(teacher, feeds, names)) if teacher is not None else ((c, None) for c in captured)
+    if teacher is not None:
+        paired = zip(captured, runtime.capture(teacher, feeds, names), strict=True)
+    else:
+        paired = ((c, None) for c in captured)
     for outs, t_outs in tqdm.tqdm(paired, total=total, desc="repair stats", unit="feed", disable=quiet, leave=False):
-        for lay, st, name in zip(layers, stats, names):
+        for lay, st, name in zip(layers, stats, names, strict=True):
             t_rows = _rows(lay, t_outs[name]) if t_outs is not None else None
             st.add(_rows(lay, outs[name]), t_rows)
     return stats

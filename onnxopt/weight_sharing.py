@@ -76,7 +76,7 @@ class Target:
 
 
 def select(model: ir.Model, opts: SharingOptions, report: PassReport) -> list[Target]:
-    """The weights to share, each once; every candidate left out is a ``report.skip``."""
+    """Pick the weights to share, each once; every candidate left out is a ``report.skip``."""
     nodes = list(_ir_utils.iter_nodes(model, opts.op_types, subgraphs=False))
     if opts.skip_first and nodes:
         report.skip("first layer excluded (skip_first)")
@@ -142,7 +142,7 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
             teacher = model.clone()
         elif repairable:
             found = repair.collect_stats(model, [t.layer for t in repairable], calib, quiet=context.quiet)
-            stats = {id(t.weight): s for t, s in zip(repairable, found)}
+            stats = {id(t.weight): s for t, s in zip(repairable, found, strict=True)}
         skipped = len(targets) - len(repairable)
         if skipped:
             report.skip("repair: weight is shared or not a supported linear layer", skipped)

@@ -34,7 +34,7 @@ class ClusterConfig:
 
     clusters: int = option(16, "k, centroids per tensor (or per channel), 2..256")
     per_channel: bool = option(False, "one codebook per output channel instead of per tensor")
-    init: Init = option("kmeans++", "k-means initialisation: kmeans++, linear or density")
+    init: Init = option("kmeans++", "k-means initialisation: kmeans++, linear or density")  # noqa: RUF009 - a str Literal
     op_types: frozenset[str] = option(
         factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is clustered"
     )
@@ -51,7 +51,7 @@ class ClusterConfig:
         "calibration pass per layer); false: one pass on the original inputs"
     )
     pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
-    index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if k <= 16), uint8, uint4")
+    index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if k <= 16), uint8, uint4")  # noqa: RUF009
 
     def __post_init__(self) -> None:
         if not 2 <= self.clusters <= 256:
@@ -81,6 +81,7 @@ class ClusterPass(OptPass[ClusterConfig]):
     config_class = ClusterConfig
 
     def call(self, model: ir.Model) -> PassReport:
+        """Transform ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
         opts = weight_sharing.SharingOptions(

@@ -45,7 +45,7 @@ class LogQuantConfig:
         "calibration pass per layer); false: one pass on the original inputs"
     )
     pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
-    index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if bits <= 4), uint8, uint4")
+    index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if bits <= 4), uint8, uint4")  # noqa: RUF009
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -70,6 +70,7 @@ class LogQuantPass(OptPass[LogQuantConfig]):
     config_class = LogQuantConfig
 
     def call(self, model: ir.Model) -> PassReport:
+        """Transform ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
         opts = weight_sharing.SharingOptions(

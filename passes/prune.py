@@ -91,6 +91,7 @@ class PrunePass(OptPass[PruneConfig]):
     config_class = PruneConfig
 
     def call(self, model: ir.Model) -> PassReport:
+        """Transform ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
         flops_before = flops.layer_flops(model)
@@ -133,10 +134,10 @@ class PrunePass(OptPass[PruneConfig]):
         calib = self.context.calibration if cfg.repair else None
         teacher = model.clone() if calib is not None and cfg.sequential else None
         stats = self._stats(model, layers) if teacher is None else None
-        by_layer = dict(zip((id(x) for x in layers), stats)) if stats is not None else {}
+        by_layer = dict(zip((id(x) for x in layers), stats, strict=True)) if stats is not None else {}
         if calib is not None and len(layers) < len(targets):
             report.skip("repair: weight is shared or not a supported linear layer", len(targets) - len(layers))
-        for target, w, keep in zip(targets, arrays, masks):
+        for target, w, keep in zip(targets, arrays, masks, strict=True):
             new = np.where(keep, w, 0).astype(w.dtype)
             fields: dict[str, object] = {"shape": list(w.shape), "sparsity": float(1 - keep.mean())}
             st = by_layer.get(id(target.layer)) if target.layer is not None else None
@@ -173,7 +174,7 @@ class PrunePass(OptPass[PruneConfig]):
             keep = np.ones(plan.channels, dtype=bool)
             keep[np.argsort(scores, kind="stable")[:n_drop]] = False
             keeps.append(keep)
-        for i, (plan, keep) in enumerate(zip(plans, keeps)):
+        for i, (plan, keep) in enumerate(zip(plans, keeps, strict=True)):
             if keep.all():
                 report.skip("structured: rounds to zero channels")
                 continue
@@ -196,9 +197,9 @@ class PrunePass(OptPass[PruneConfig]):
 
 def _kept(channels: int, sparsity: float, multiple: int) -> int:
     """Channels kept: (1 - sparsity) of them, rounded to a multiple when there are enough, >= 1."""
-    keep = channels - int(round(sparsity * channels))
+    keep = channels - round(sparsity * channels)
     if multiple > 1 and channels >= multiple:
-        keep = min(channels, max(multiple, int(round(keep / multiple)) * multiple))
+        keep = min(channels, max(multiple, round(keep / multiple) * multiple))
     return max(keep, 1)
 
 
@@ -216,7 +217,7 @@ def _magnitude_masks(arrays: list[np.ndarray], sparsity: float, scope: str) -> l
 
 
 def _keep_top(mags: np.ndarray, sparsity: float) -> np.ndarray:
-    n_drop = int(round(sparsity * mags.size))
+    n_drop = round(sparsity * mags.size)
     keep = np.ones(mags.size, dtype=bool)
     if n_drop:
         keep[np.argpartition(mags, n_drop - 1)[:n_drop]] = False

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxopt.passes.cluster import ClusterConfig, ClusterPass
 
 from onnxopt import codebook, data, runtime, validation
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from onnxopt.passes.cluster import ClusterConfig, ClusterPass
 from tests.conftest import load_model, model_path, op_counts
 from tests.passes.compress_models import cnn, feeds, mlp
 
@@ -69,7 +69,7 @@ def test_packed_equals_baked_and_structure(opset, k, storage, dtype):
     # The rebuilt weights are the baked ones, bit for bit.
     names = [n.inputs[1].name for n in packed.graph if n.op_type in ("Gemm", "MatMul")]
     rebuilt = _weights(packed, names)
-    for node, name in zip((n for n in baked.graph if n.op_type in ("Gemm", "MatMul")), names):
+    for node, name in zip((n for n in baked.graph if n.op_type in ("Gemm", "MatMul")), names, strict=True):
         np.testing.assert_array_equal(rebuilt[name], node.inputs[1].const_value.numpy())
 
 
@@ -99,7 +99,7 @@ def test_output_error_within_bound_from_report():
     w = ref.graph.initializers["W3"].const_value.numpy()
     ds = feeds(ref, 2)
     diff2, bound2 = 0.0, 0.0
-    for a, b in zip(runtime.capture(ref, ds, ["r2", "y"]), runtime.capture(model, ds, ["y"])):
+    for a, b in zip(runtime.capture(ref, ds, ["r2", "y"]), runtime.capture(model, ds, ["y"]), strict=True):
         diff2 += float(np.sum((a["y"] - b["y"]) ** 2))
         bound2 += float(np.sum(a["r2"] ** 2)) * (rec["weight_rel_error"] * np.linalg.norm(w)) ** 2
     assert 0 < diff2 <= bound2 * 1.0001
@@ -209,6 +209,6 @@ def test_bundled_models_pack_and_repair(name):
     np.testing.assert_allclose(_outputs(packed, held_out, "basic"), _outputs(baked, held_out, "basic"), rtol=0, atol=1e-6)
     np.testing.assert_allclose(y_packed, y_baked, rtol=1e-5, atol=1e-5)
     assert np.linalg.norm(y_baked - y) < np.linalg.norm(y_plain - y)
-    top1 = lambda out: float((out.argmax(1) == ev["label"]).mean())  # noqa: E731
+    top1 = lambda out: float((out.argmax(1) == ev["label"]).mean())
     assert top1(y_packed) >= top1(y) - 0.01
     validation.compare(ref, packed, held_out, rtol=1, atol=10).assert_ok()

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxopt.passes.logquant import LogQuantConfig, LogQuantPass
 
 from onnxopt import codebook, runtime
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from onnxopt.passes.logquant import LogQuantConfig, LogQuantPass
 from tests.conftest import op_counts
 from tests.passes.compress_models import cnn, feeds, mlp
 

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxopt.passes.prune import PruneConfig, PrunePass
 
 from onnxopt import data, flops, runtime
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from onnxopt.passes.prune import PruneConfig, PrunePass
 from tests.conftest import load_model, model_path, op_counts
 from tests.passes.compress_models import cnn, feeds, mlp
 
@@ -32,7 +32,7 @@ def test_unstructured_layer_scope_exact_sparsity():
     assert report.counts["pruned_tensors"] == 3
     for name in ("W1", "W2", "W3"):
         w, w0 = _w(model, name), _w(ref, name)
-        n_zero = int(round(0.6 * w.size))
+        n_zero = round(0.6 * w.size)
         assert (w == 0).sum() == n_zero and w.shape == w0.shape
         # the zeros are the smallest magnitudes; the rest is untouched
         assert np.abs(w0[w == 0]).max() <= np.abs(w0[w != 0]).min()
@@ -173,5 +173,5 @@ def test_bundled_cnn_structured_30_percent_with_repair():
     report = _run(model, calib, structured=True, sparsity=0.3, min_elements=0, repair=True)
     assert report.counts["pruned_layers"] >= 3
     assert flops.total_flops(model) < 0.8 * flops.total_flops(ref)
-    top1 = lambda m: float((_outputs(m, held_out).argmax(1) == ev["label"]).mean())  # noqa: E731
+    top1 = lambda m: float((_outputs(m, held_out).argmax(1) == ev["label"]).mean())
     assert top1(model) >= top1(ref) - 0.03
