@@ -39,7 +39,7 @@ def sources(max_feeds: int) -> dict[str, tuple[pathlib.Path, Any, Any]]:
             out[name] = (path, ROOT / "models" / f"{name}_calib.npz", ROOT / "models" / f"{name}_eval.npz")
     sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
     try:
-        import ocr_data  # noqa: PLC0415 - optional benchmark helper
+        import ocr_data
 
         paths = ocr_data.model_paths()
     except (ImportError, FileNotFoundError) as err:
@@ -53,11 +53,11 @@ def sources(max_feeds: int) -> dict[str, tuple[pathlib.Path, Any, Any]]:
 
 def converter_common(path: pathlib.Path) -> tuple[onnx.ModelProto | None, str]:
     """onnxconverter-common's converter with I/O kept float32 (its recommended use)."""
-    from onnxconverter_common import float16 as occ  # noqa: PLC0415
+    from onnxconverter_common import float16 as occ
 
     try:
         return occ.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), ""
-    except Exception as err:  # noqa: BLE001 - a peer failing is a result to report
+    except Exception as err:
         return None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
 
@@ -65,7 +65,7 @@ def evaluate(ref: ir.Model, cand: Any, feeds: list[dict]) -> dict[str, Any]:
     """Load + run on ORT CPU; worst cosine, non-finite count, size ratio."""
     try:
         rep = validation.compare(ref, cand, feeds)
-    except Exception as err:  # noqa: BLE001 - a model that fails to load is a result
+    except Exception as err:
         return {"loads": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     return {
         "loads": True,

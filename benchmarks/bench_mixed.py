@@ -41,7 +41,7 @@ def sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
                      ROOT / "models" / f"{name}_eval.npz")  # fmt: skip
     sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
     try:
-        import ocr_data  # noqa: PLC0415
+        import ocr_data
 
         out["cls"] = (ocr_data.model_paths()["cls"], OCR_FEEDS / "cls", OCR_FEEDS / "eval_cls")
     except (ImportError, FileNotFoundError) as err:

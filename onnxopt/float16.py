@@ -135,6 +135,7 @@ def convert(
         lower: nodes (of ``model.graph``) to compute in float16.
         keep_io: keep float32 graph inputs and outputs (Casts are added inside the graph).
         pass_name: provenance tag for created nodes.
+
     """
     graph = model.graph
     if any(v.type is None for node in graph for v in node.outputs):
@@ -400,6 +401,7 @@ def range_reasons(
         table: calibrated activation ranges (None: weights only).
         max_abs: overflow threshold on ``|x|``.
         underflow_fraction: share of a weight's nonzero values below 2^-14 that makes it unsafe.
+
     """
     bad: dict[str, str] = {}
     for name, value in model.graph.initializers.items():

@@ -20,10 +20,10 @@ def _png(fig: Any) -> str:
 
 
 def _pyplot() -> Any:
-    import matplotlib  # noqa: PLC0415 - optional at import time, Agg before pyplot
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     return plt
 

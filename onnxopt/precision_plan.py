@@ -103,6 +103,7 @@ class Planner:
         evald: evaluation feeds (verification).
         fp16_unsafe: nodes that must not be lowered to FP16 (range check).
         latency_runs: interleaved timing runs per measurement on CPU (0: no latency).
+
     """
 
     model: ir.Model
@@ -242,6 +243,7 @@ class Planner:
             groups: node name -> region key (op type, depthwise).
 
         Returns the final fallback set and notes.
+
         """
         notes: list[str] = []
         if self.target != "cpu" or self.latency_runs <= 0:

@@ -165,6 +165,7 @@ def node_sensitivity(
         budget: how outputs are scored.
         context: where results are cached (``context.cache``) and whether bars show.
         key: distinguishes precisions in the cache ("int8", "fp16").
+
     """
     cache_key = ("sensitivity", key, tuple(nodes), len(feeds), budget.describe())
     if context is not None and cache_key in context.cache:  # type: ignore[operator]

@@ -82,6 +82,7 @@ class Fp16Pass(OptPass[Fp16Config]):
     config_class = Fp16Config
 
     def call(self, model: ir.Model) -> PassReport:
+        """Range-check (with calibration data), then convert; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
         untyped = [v for n in model.graph for v in n.outputs if v.type is None and not v.is_graph_output()]
@@ -111,6 +112,7 @@ class Fp16Pass(OptPass[Fp16Config]):
             value.shape = None
         for name, reason in result.kept.items():
             report.skip(reason)
+            report.record(name, op="", precision="float32", reason=reason)
         report.count("nodes_lowered", len(result.lowered))
         report.count("initializers_fp16", result.initializers)
         report.count("casts_added", result.casts)

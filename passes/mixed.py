@@ -70,10 +70,12 @@ class MixedPass(OptPass[MixedConfig]):
     needs_calibration = True
 
     def requires(self, model: ir.Model) -> None:
+        """Calibration data is needed (plans are measured on it)."""
         if self.context.calibration is None:
             raise ir.passes.PreconditionError("mixed needs calibration data (--calib)")
 
     def call(self, model: ir.Model) -> PassReport:
+        """Measure sensitivity, search, guard speed, verify; see the class docstring."""
         t0 = time.perf_counter()
         report = self.new_report(model)
         cfg, ctx = self.config, self.context
@@ -135,7 +137,7 @@ class MixedPass(OptPass[MixedConfig]):
         report.count("model_runs", planner.runs)
         return report
 
-    def _report(self, report, float_model, planner, scores, fallback, fp32, final, budget) -> None:  # noqa: ANN001, PLR0913
+    def _report(self, report, float_model, planner, scores, fallback, fp32, final, budget) -> None:
         sens, sens16, sqnr = scores
         ops = {n.name: n.op_type for n in float_model.graph}
         precision = {}

@@ -59,7 +59,7 @@ def test_budget_needs_a_bound_and_checks_ranges():
 
 
 def test_budget_from_context_precedence():
-    metric = lambda r, c: 1.0  # noqa: E731
+    metric = lambda r, c: 1.0
     assert Budget.from_context(PassContext(metric=metric, min_metric=0.5, max_error=1.0), 0.9).metric is metric
     assert Budget.from_context(PassContext(max_error=0.1, min_cosine=0.5), 0.9).max_error == 0.1
     assert Budget.from_context(PassContext(min_cosine=0.5), 0.9).min_cosine == 0.5

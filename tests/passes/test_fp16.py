@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxopt.passes.fp16 import Fp16Config, Fp16Pass
 
 from onnxopt import data, float16, pipeline, runtime, validation
 from onnxopt.context import PassContext
-from onnxopt.passes.fp16 import Fp16Config, Fp16Pass
 from tests.conftest import load_model, model_path
 from tests.tolerances import TOL
 

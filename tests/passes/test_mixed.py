@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxopt.passes.mixed import MixedConfig, MixedPass
 
 from onnxopt import data, pipeline, precision_plan, sensitivity
 from onnxopt.context import PassContext
-from onnxopt.passes.mixed import MixedConfig, MixedPass
 from tests.conftest import load_model, model_path
 
 FAST = {"latency_runs": 0, "plan_feeds": 4, "eval_feeds": 4, "sqnr_feeds": 2, "plots": False}
@@ -108,7 +108,7 @@ def test_budget_full_int8_misses_is_met_and_reported(rng):
 
 def test_unreachable_metric_budget_still_writes_best_model(rng):
     calib, evald = datasets(rng)
-    never = lambda ref, cand: 0.0  # noqa: E731 - a metric no model can satisfy
+    never = lambda ref, cand: 0.0
     ctx = PassContext(calibration=calib, evaluation=evald, metric=never, min_metric=1.0, quiet=True)
     result = run_mixed(mlp(rng), ctx)
     report = result.reports[0]
@@ -121,7 +121,7 @@ def test_top1_metric_budget(rng):
     calib, evald = datasets(rng)
 
     def top1(ref, cand):
-        return float(np.mean([np.mean(r["y"].argmax(1) == c["y"].argmax(1)) for r, c in zip(ref, cand)]))
+        return float(np.mean([np.mean(r["y"].argmax(1) == c["y"].argmax(1)) for r, c in zip(ref, cand, strict=True)]))
 
     ctx = PassContext(calibration=calib, evaluation=evald, metric=top1, min_metric=1.0, quiet=True)
     model = mlp(rng)
