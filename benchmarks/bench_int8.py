@@ -1,0 +1,264 @@
+"""Static INT8: onnxopt's ``int8`` recipe against onnxruntime's ``quantize_static``, same samples.
+
+For each model (bundled digits models; PP-OCR det and cls from rapidocr-onnxruntime with the
+feeds written by ``benchmarks/ocr/ocr_data.py capture``), each tool runs in its own subprocess
+(wall time and peak RSS of that process, from ``os.wait4``) on the same first N calibration
+feeds. onnxruntime's side is what its users run: opset upgraded to 13 where lower,
+``quant_pre_process`` (skipped with a note when it fails), then ``quantize_static`` in QDQ
+format, per-channel int8 weights, uint8 activations, the same calibration method.
+
+The parent then reports, per model: file size (x FP32), onnxruntime CPU latency at 1 and 2
+threads as a ratio to FP32 (median of ``--runs`` runs after warm-up, the three models timed
+interleaved in the same sessions' loop), fidelity to FP32 on held-out feeds (cosine, max abs,
+top-1 accuracy where labels exist), tool wall time and peak RSS.
+
+    python benchmarks/bench_int8.py [--models digits_mlp,det,...] [--samples 20] [--runs 30]
+        [--method minmax|percentile|entropy] [--eval-feeds 8] [--json OUT]
+    python benchmarks/bench_int8.py --quick      # 4 samples, 5 runs: proves the script works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OCR_FEEDS = ROOT / "benchmarks" / "ocr" / ".cache" / "feeds"
+_ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
+def sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
+    """name -> (model, calibration data, evaluation data)."""
+    out = {}
+    for name in ("digits_mlp", "digits_cnn", "digits_transformer"):
+        path = ROOT / "models" / f"{name}.onnx"
+        if path.exists():
+            out[name] = (path, ROOT / "models" / f"{name}_calib.npz", ROOT / "models" / f"{name}_eval.npz")
+    sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
+    try:
+        import ocr_data  # noqa: PLC0415 - optional benchmark helper
+
+        paths = ocr_data.model_paths()
+    except (ImportError, FileNotFoundError) as err:
+        print(f"PP-OCR models unavailable: {err}", file=sys.stderr)
+        return out
+    for stage in ("det", "cls"):
+        if (OCR_FEEDS / stage).is_dir():
+            out[stage] = (paths[stage], OCR_FEEDS / stage, OCR_FEEDS / f"eval_{stage}")
+        else:
+            print(f"no {stage} feeds: run `python benchmarks/ocr/ocr_data.py capture --out "
+                  f"{OCR_FEEDS}` first", file=sys.stderr)
+    return out
+
+
+def _feeds(model_path: pathlib.Path, source: pathlib.Path, n: int) -> list[dict[str, np.ndarray]]:
+    from onnxopt import data, io  # noqa: PLC0415 - child process imports only what it needs
+
+    signature = data.input_signature(io.load_model(model_path))
+    return list(data.load_data(source, signature).take(n))
+
+
+# ------------------------------------------------------------------ tools (child processes)
+
+
+def run_onnxopt(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
+    from onnxopt import data, io, pipeline  # noqa: PLC0415
+    from onnxopt.context import PassContext  # noqa: PLC0415
+    from onnxopt.pass_base import make  # noqa: PLC0415
+
+    m = io.load_model(model)
+    ctx = PassContext(calibration=data.load_data(calib, data.input_signature(m)).take(n), quiet=True)
+    passes = [make("simplify", {}, ctx), make("quantize", {"calibration_method": method}, ctx)]
+    result = pipeline.run(m, passes, check=False, strict=True)
+    io.save_model(result.model, out)
+    rep = result.reports[-1]
+    return {"notes": rep.notes, "counts": dict(rep.counts),
+            "latency_check": next((r for r in rep.records if r["item"] == "latency"), None)}
+
+
+def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
+    import onnx  # noqa: PLC0415
+    import onnx.version_converter  # noqa: PLC0415
+    from onnxruntime import quantization as q  # noqa: PLC0415
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+
+    notes = []
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-int8-"))
+    src = model
+    proto = onnx.load(str(model))
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 13:
+        onnx.save(onnx.version_converter.convert_version(proto, 13), str(tmp / "opset13.onnx"))
+        src = tmp / "opset13.onnx"
+        notes.append(f"upgraded opset {opset} -> 13 by hand")
+    try:
+        quant_pre_process(str(src), str(tmp / "pre.onnx"))
+        src = tmp / "pre.onnx"
+    except Exception as err:  # noqa: BLE001 - the peer's failure is a result to report
+        notes.append(f"quant_pre_process failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    feeds = _feeds(model, calib, n)
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    q.quantize_static(
+        str(src), str(out), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+        calibrate_method=getattr(q.CalibrationMethod, _ORT_METHODS[method]),
+    )
+    return {"notes": notes}
+
+
+def _child(args: argparse.Namespace) -> int:
+    fn = run_onnxopt if args.tool == "onnxopt" else run_ort
+    t0 = time.perf_counter()
+    info = fn(pathlib.Path(args.model), pathlib.Path(args.calib), pathlib.Path(args.out), args.samples, args.method)
+    info["seconds"] = time.perf_counter() - t0
+    print("RESULT " + json.dumps(info, default=str))
+    return 0
+
+
+def spawn(tool: str, model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
+    """Run one tool in a fresh process; its wall time, peak RSS (MB) and printed result."""
+    cmd = [sys.executable, __file__, "--child", "--tool", tool, "--model", str(model), "--calib", str(calib),
+           "--out", str(out), "--samples", str(n), "--method", method]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    info: dict[str, Any] = {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "ok": status == 0}
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            info.update(json.loads(line[7:]))
+    if status != 0:
+        info["error"] = (stderr.strip().splitlines() or ["?"])[-1][:200]
+    return info
+
+
+# ------------------------------------------------------------------ measurements (parent)
+
+
+def fidelity(ref: pathlib.Path, cand: pathlib.Path, eval_src: pathlib.Path, max_feeds: int | None) -> dict:
+    from onnxopt import validation  # noqa: PLC0415
+
+    rep = validation.compare(ref, cand, eval_src, max_feeds=max_feeds)
+    m = next(iter(next(iter(rep.outputs.values())).values()))
+    out = {"cosine": m.cosine, "max_abs": m.max_abs}
+    if m.ref_accuracy is not None:
+        out["acc_fp32"], out["acc"] = m.ref_accuracy, m.cand_accuracy
+    return out
+
+
+def latencies(paths: list[pathlib.Path], feed: dict, threads: int, runs: int) -> list[float]:
+    """Median ms per model, runs interleaved model by model (ORT_ENABLE_ALL, CPU)."""
+    from onnxopt import runtime  # noqa: PLC0415
+
+    handles = [runtime.make_session(p, threads=threads, opt_level="all") for p in paths]
+    times: list[list[float]] = [[] for _ in handles]
+    for _ in range(3):
+        for h in handles:
+            h.run(feed)
+    for _ in range(runs):
+        for h, t in zip(handles, times):
+            t0 = time.perf_counter()
+            h.run(feed)
+            t.append((time.perf_counter() - t0) * 1e3)
+    for h in handles:
+        h.close()
+    return [statistics.median(t) for t in times]
+
+
+def bench_model(name: str, paths: tuple, args: argparse.Namespace, work: pathlib.Path) -> dict:
+    model, calib, eval_src = paths
+    row: dict[str, Any] = {"model": name, "fp32_bytes": model.stat().st_size}
+    outs = {}
+    for tool in ("onnxopt", "ort"):
+        out = work / f"{name}.{tool}.onnx"
+        info = spawn(tool, model, calib, out, args.samples, args.method)
+        if info["ok"] and out.exists():
+            outs[tool] = out
+            info["size_x"] = out.stat().st_size / row["fp32_bytes"]
+            limit = None if eval_src.suffix == ".npz" else args.eval_feeds  # labels need every feed
+            info.update(fidelity(model, out, eval_src, limit))
+        row[tool] = info
+    feed = _feeds(model, eval_src, 1)[0]
+    order = [model, *outs.values()]
+    for threads in (1, 2):
+        ms = latencies(order, feed, threads, args.runs)
+        row[f"fp32_ms_{threads}t"] = ms[0]
+        for tool, t_ms in zip(outs, ms[1:]):
+            row[tool][f"latency_x_{threads}t"] = t_ms / ms[0]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'model':<20}{'tool':<9}{'size x':>7}{'lat1 x':>8}{'lat2 x':>8}{'cosine':>9}{'max abs':>9}"
+            f"{'acc':>13}{'wall s':>8}{'RSS MB':>8}  notes")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        for tool in ("onnxopt", "ort"):
+            i = r.get(tool, {})
+            if not i.get("ok"):
+                lines.append(f"{r['model']:<20}{tool:<9}FAILED: {i.get('error', '?')}")
+                continue
+            acc = f"{i['acc']:.4f}/{i['acc_fp32']:.4f}" if "acc" in i else "-"
+            lines.append(
+                f"{r['model']:<20}{tool:<9}{i['size_x']:>7.3f}{i.get('latency_x_1t', float('nan')):>8.3f}"
+                f"{i.get('latency_x_2t', float('nan')):>8.3f}{i['cosine']:>9.5f}{i['max_abs']:>9.3g}{acc:>13}"
+                f"{i['wall_s']:>8.1f}{i['peak_rss_mb']:>8.0f}  {'; '.join(i.get('notes', []))[:160]}"
+            )
+        lines.append(f"{'':<20}fp32 ms: 1 thread {r['fp32_ms_1t']:.2f}, 2 threads {r['fp32_ms_2t']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="", help="comma list (default: all available)")
+    ap.add_argument("--samples", type=int, default=20, help="calibration feeds for both tools")
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per model and thread count")
+    ap.add_argument("--method", default="minmax", choices=sorted(_ORT_METHODS))
+    ap.add_argument("--eval-feeds", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="4 samples, 5 runs, 2 eval feeds")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for hidden in ("--tool", "--model", "--calib", "--out"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return _child(args)
+    if args.quick:
+        args.samples, args.runs, args.eval_feeds = 4, 5, 2
+    available = sources()
+    names = [n for n in args.models.split(",") if n] or list(available)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
+        for name in names:
+            if name not in available:
+                print(f"skip {name}: not available", file=sys.stderr)
+                continue
+            print(f"... {name}", file=sys.stderr, flush=True)
+            rows.append(bench_model(name, available[name], args, pathlib.Path(tmp)))
+    print(f"method={args.method} samples={args.samples} runs={args.runs} eval_feeds={args.eval_feeds}")
+    print(table(rows))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
