@@ -216,8 +216,14 @@ def write_weight(
     index_dtype: IndexDType,
     opset: int,
     pass_name: str,
+    shared: dict[str, ir.Value] | None = None,
 ) -> str:
-    """Put the codebook's weights into ``graph`` in place of ``weight``; returns the storage kind."""
+    """Put the codebook's weights into ``graph`` in place of ``weight``; returns the storage kind.
+
+    ``shared`` caches the small constants (unpacking divisors, shapes) so that several packed
+    weights of one graph use one copy of each.
+    """
+    shared = {} if shared is None else shared
     dtype = weight.const_value.dtype.numpy()
     if not pack:
         weight.const_value = ir.tensor(book.weights(dtype), name=weight.name)
@@ -238,7 +244,7 @@ def write_weight(
         flat = _node(nodes, "Cast", [stored], to=ir.DataType.INT32)
         kind = "uint4"
     else:
-        flat = _nibble_unpack(graph, taken, nodes, base, idx)
+        flat = _nibble_unpack(graph, taken, nodes, base, idx, shared)
         kind = "uint4-in-uint8"
     table = book.centroids.astype(dtype)
     cb = _init(graph, taken, f"{base}.codebook", ir.tensor(table.reshape(-1) if per_tensor else table))
@@ -287,23 +293,38 @@ def _node(nodes: list[ir.Node], op: str, inputs: list[ir.Value], **attrs: object
     return node.outputs[0]
 
 
-def _nibble_unpack(graph: ir.Graph, taken: set[str], nodes: list[ir.Node], base: str, idx: np.ndarray) -> ir.Value:
-    """Two 4-bit indices per UINT8 byte (high nibble first), unpacked with opset-13 ops."""
+def _shared(graph: ir.Graph, taken: set[str], shared: dict[str, ir.Value], name: str, array: np.ndarray) -> ir.Value:
+    key = f"{array.dtype}:{array.shape}:{array.tobytes().hex()}"
+    value = shared.get(key)
+    if value is None or value.graph is not graph:
+        value = shared[key] = _init(graph, taken, name, ir.tensor(array))
+    return value
+
+
+def _nibble_unpack(
+    graph: ir.Graph, taken: set[str], nodes: list[ir.Node], base: str, idx: np.ndarray, shared: dict[str, ir.Value]
+) -> ir.Value:
+    """Two 4-bit indices per UINT8 byte (high nibble first), unpacked with opset-13 ops.
+
+    The bytes are stored as [P, 1], so Div/Mod give the high/low nibbles as columns and one
+    Concat interleaves them into [P, 2] in the original order; Gather takes any index shape,
+    so a per-tensor codebook of an even number of weights needs no reshaping of the indices.
+    """
     flat = idx.reshape(-1).astype(np.uint8)
     padded = np.concatenate((flat, np.zeros(flat.size % 2, dtype=np.uint8)))
-    packed = (padded[0::2] << 4) | padded[1::2]
+    packed = ((padded[0::2] << 4) | padded[1::2]).reshape(-1, 1)
     stored = _init(graph, taken, f"{base}.idx4x2", ir.tensor(packed))
-    sixteen = _init(graph, taken, f"{base}.sixteen", ir.tensor(np.array(16, dtype=np.int32)))
-    col = _init(graph, taken, f"{base}.col", ir.tensor(np.array([-1, 1], dtype=np.int64)))
+    sixteen = _shared(graph, taken, shared, "onnxopt.sixteen", np.array(16, dtype=np.int32))
     as_int = _node(nodes, "Cast", [stored], to=ir.DataType.INT32)
-    high = _node(nodes, "Reshape", [_node(nodes, "Div", [as_int, sixteen]), col])
-    low = _node(nodes, "Reshape", [_node(nodes, "Mod", [as_int, sixteen]), col])
+    high = _node(nodes, "Div", [as_int, sixteen])
+    low = _node(nodes, "Mod", [as_int, sixteen])
     pairs = _node(nodes, "Concat", [high, low], axis=1)
-    starts = _init(graph, taken, f"{base}.start", ir.tensor(np.array([0], dtype=np.int64)))
-    ends = _init(graph, taken, f"{base}.end", ir.tensor(np.array([flat.size], dtype=np.int64)))
-    flat_shape = _init(graph, taken, f"{base}.flat", ir.tensor(np.array([-1], dtype=np.int64)))
-    unpacked = _node(nodes, "Slice", [_node(nodes, "Reshape", [pairs, flat_shape]), starts, ends])
+    if flat.size % 2:
+        line = _shared(graph, taken, shared, "onnxopt.flat", np.array([-1], dtype=np.int64))
+        starts = _shared(graph, taken, shared, "onnxopt.zero", np.array([0], dtype=np.int64))
+        ends = _init(graph, taken, f"{base}.end", ir.tensor(np.array([flat.size], dtype=np.int64)))
+        pairs = _node(nodes, "Slice", [_node(nodes, "Reshape", [pairs, line]), starts, ends])
     if idx.ndim == 1:
-        return unpacked
-    grid = _init(graph, taken, f"{base}.grid", ir.tensor(np.array(idx.shape, dtype=np.int64)))
-    return _node(nodes, "Reshape", [unpacked, grid])
+        return pairs  # feeds Gather; the final Reshape restores the weight's shape
+    grid = _shared(graph, taken, shared, f"{base}.grid", np.array(idx.shape, dtype=np.int64))
+    return _node(nodes, "Reshape", [pairs, grid])

@@ -147,12 +147,13 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
         if skipped:
             report.skip("repair: weight is shared or not a supported linear layer", skipped)
     opset = model.opset_imports.get("", model.graph.opset_imports.get("", 1))
+    shared: dict[str, ir.Value] = {}
     for target in targets:
         st = stats.get(id(target.weight))
         if teacher is not None and target.layer is not None:
             # Sequential: this layer's inputs come from the model with the layers before it shared.
             st = repair.collect_stats(model, [target.layer], calib, quiet=context.quiet, teacher=teacher)[0]
-        _share_one(model.graph, target, fit, opts, st, report, opset, pass_name)
+        _share_one(model.graph, target, fit, opts, st, report, opset, pass_name, shared)
 
 
 def _share_one(
@@ -164,6 +165,7 @@ def _share_one(
     report: PassReport,
     opset: int,
     pass_name: str,
+    shared: dict[str, ir.Value],
 ) -> None:
     weight = target.weight
     w = weight.const_value.numpy()
@@ -181,7 +183,10 @@ def _share_one(
         if opts.bias_correction:
             fields["bias"] = repair.add_bias(graph, layer, repair.bias_shift(stats, wm, after), pass_name)
         report.count("repaired")
-    storage = write_weight(graph, weight, book, pack=opts.pack, index_dtype=opts.index_dtype, opset=opset, pass_name=pass_name)
+    storage = write_weight(
+        graph, weight, book, pack=opts.pack, index_dtype=opts.index_dtype, opset=opset, pass_name=pass_name,
+        shared=shared,
+    )
     fields["storage"] = storage
     report.count("shared")
     if opts.pack:

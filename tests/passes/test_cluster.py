@@ -73,6 +73,31 @@ def test_packed_equals_baked_and_structure(opset, k, storage, dtype):
         np.testing.assert_array_equal(rebuilt[name], node.inputs[1].const_value.numpy())
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_packed_odd_sizes_equal_baked(per_channel):
+    """An odd number of 4-bit indices (5 x 7 weight) leaves half a byte of padding to slice off."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 7] x) => (float[N, 5] y) {
+        y = Gemm <transB = 1> (x, w)
+    }
+    """
+    w = np.random.default_rng(3).standard_normal((5, 7)).astype(np.float32)
+    baked, packed = (ir.from_onnx_text(text.replace("{", "<float[5, 7] w = {" + ", ".join(map(str, w.ravel())) + "}> {", 1)) for _ in range(2))
+    _run(baked, clusters=3, per_channel=per_channel, min_elements=0)
+    report = _run(packed, clusters=3, per_channel=per_channel, min_elements=0, pack=True)
+    assert report.counts["packed"] == 1 and op_counts(packed)["Slice"] == 1
+    onnx.checker.check_model(ir.to_proto(packed), full_check=True)
+    ds = data.Dataset.from_feeds([{"x": np.random.default_rng(4).standard_normal((6, 7)).astype(np.float32)}])
+    np.testing.assert_allclose(_outputs(packed, ds, "basic"), _outputs(baked, ds, "basic"), rtol=0, atol=1e-6)
+    (w_rebuilt,) = _weights(packed, [_gemm_weight(packed)]).values()
+    np.testing.assert_array_equal(w_rebuilt, baked.graph.initializers["w"].const_value.numpy())
+
+
+def _gemm_weight(model: ir.Model) -> str:
+    return next(n for n in model.graph if n.op_type == "Gemm").inputs[1].name
+
+
 def test_packed_per_channel_conv_equals_baked():
     baked, packed = cnn(), cnn()
     _run(baked, clusters=4, per_channel=True, min_elements=0)
