@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.cluster import ClusterConfig, ClusterPass
 
-from onnxopt import codebook, data, runtime, validation
+from onnxopt import data, io, runtime, validation
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
 from tests.conftest import load_model, model_path, op_counts
@@ -237,3 +237,32 @@ def test_bundled_models_pack_and_repair(name):
     top1 = lambda out: float((out.argmax(1) == ev["label"]).mean())
     assert top1(y_packed) >= top1(y) - 0.01
     validation.compare(ref, packed, held_out, rtol=1, atol=10).assert_ok()
+
+
+@pytest.mark.slow
+def test_deep_compression_recipe_on_bundled_cnn(tmp_path):
+    """The issue's bar: zip of the output >= 10x smaller than the FP32 file, top-1 drop <= 1 point."""
+    import zipfile
+
+    import onnxopt
+
+    src = model_path("digits_cnn.onnx")
+    out = tmp_path / "dc.onnx"
+    result = onnxopt.optimize(src, out, recipe="deep-compression", calibration=model_path("digits_cnn_calib.npz"),
+                              quiet=True)
+    assert [r.status for r in result.reports] == ["ok", "ok", "ok"]
+    with zipfile.ZipFile(tmp_path / "dc.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.write(out, "dc.onnx")
+    assert src.stat().st_size >= 10 * (tmp_path / "dc.zip").stat().st_size
+    ev = np.load(model_path("digits_cnn_eval.npz"))
+    held_out = data.Dataset.from_feeds([{"input": ev["input"]}])
+    top1 = lambda m: float((_outputs(m, held_out).argmax(1) == ev["label"]).mean())
+    assert top1(load_model("digits_cnn.onnx")) - top1(io.load_model(out)) <= 0.01
+
+
+def test_recipes_registered():
+    from onnxopt import recipes
+
+    assert [s.name for s in recipes.get_recipe("compress").steps] == ["simplify", "prune", "cluster"]
+    dc = recipes.get_recipe("deep-compression")
+    assert dc.needs_calibration and dict(dc.steps[2].options)["pack"] is True
