@@ -115,8 +115,12 @@ class PrunePass(OptPass[PruneConfig]):
             report.note(
                 f"FLOPs per sample {sum(flops_before.values())} -> {sum(flops_after.values())}"
             )
+            density = _weight_density(model)
             for name, before in flops_before.items():
-                report.record(name, flops_before=before, flops_after=flops_after.get(name, before))
+                after = flops_after.get(name, before)
+                # Dense kernels still do every multiply; a sparse kernel would do the nonzero ones.
+                nonzero = round(after * density.get(name, 1.0))
+                report.record(name, flops_before=before, flops_after=after, flops_nonzero=nonzero)
         return report
 
     def _stats(self, model: ir.Model, layers: list[repair.Layer]) -> list[repair.LayerStats] | None:
@@ -193,6 +197,16 @@ class PrunePass(OptPass[PruneConfig]):
             )
         if report.modified:
             common.ShapeInferencePass()(model)
+
+
+def _weight_density(model: ir.Model) -> dict[str, float]:
+    """Fraction of nonzero weights of each layer node (named as in :func:`flops.layer_flops`)."""
+    out = {}
+    for i, node in enumerate(model.graph):
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+            w = node.inputs[1].const_value.numpy()
+            out[node.name or f"{node.op_type}_{i}"] = float(np.count_nonzero(w)) / max(w.size, 1)
+    return out
 
 
 def _kept(channels: int, sparsity: float, multiple: int) -> int:

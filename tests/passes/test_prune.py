@@ -39,6 +39,9 @@ def test_unstructured_layer_scope_exact_sparsity():
         np.testing.assert_array_equal(w[w != 0], w0[w != 0])
     assert op_counts(model) == op_counts(ref)
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    layer_flops = {r["item"]: r for r in report.records if "flops_before" in r}
+    assert layer_flops["fc2"]["flops_after"] == layer_flops["fc2"]["flops_before"] == 2 * 48 * 24
+    assert layer_flops["fc2"]["flops_nonzero"] == round(2 * 48 * 24 * 0.4)
 
 
 def test_unstructured_global_scope_one_threshold():
