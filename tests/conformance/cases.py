@@ -88,28 +88,33 @@ def node_cases(modules: Iterable[str] | None = None) -> list[Case]:
     """Node cases of the given generator modules (all of them when ``None``), sorted by name.
 
     Importing a generator module runs its exports; the cases it adds to onnx's global list are
-    the ones returned. A module already imported in this process yields nothing new, so call
-    this once per process.
+    kept per module, so later calls in the same process return the same cases.
     """
     import onnx.backend.test.case.node as pkg
 
-    start = len(pkg._NodeTestCases)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the generators overflow casts on purpose
-        with np.errstate(all="ignore"):
-            if modules is None:
-                pkg.collect_testcases()
-            else:
-                for name in modules:
+    found: list[Case] = []
+    for name in node_modules() if modules is None else modules:
+        if name not in _BY_MODULE:
+            start = len(pkg._NodeTestCases)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the generators overflow casts on purpose
+                with np.errstate(all="ignore"):
                     importlib.import_module(f"{pkg.__name__}.{name}")
-    found = []
-    for tc in pkg._NodeTestCases[start:]:
-        model = tc.model
-        data_sets = tuple(
-            (_feed(model, inputs), [_normalize(o) for o in outputs]) for inputs, outputs in tc.data_sets
-        )
-        found.append(Case(tc.name, "node", model.SerializeToString(), data_sets, tc.rtol, tc.atol))
+            _BY_MODULE[name] = [_node_case(tc) for tc in pkg._NodeTestCases[start:]]
+        found += _BY_MODULE[name]
     return sorted(found, key=lambda c: c.name)
+
+
+# Cases per generator module: a module runs its generators once per process, at import.
+_BY_MODULE: dict[str, list[Case]] = {}
+
+
+def _node_case(tc: Any) -> Case:
+    model = tc.model
+    data_sets = tuple(
+        (_feed(model, inputs), [_normalize(o) for o in outputs]) for inputs, outputs in tc.data_sets
+    )
+    return Case(tc.name, "node", model.SerializeToString(), data_sets, tc.rtol, tc.atol)
 
 
 def _load_value(path: pathlib.Path, type_proto: onnx.TypeProto) -> Any:

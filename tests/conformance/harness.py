@@ -3,7 +3,8 @@
 Per case, first the original: it is eligible when it runs on onnxruntime CPU and matches the
 expected outputs at the case's tolerance (onnx's runner rule). Then per eligible case and tool:
 the tool writes its result (an exception is ``crashed``, except a ``PreconditionError`` from a
-pass's ``requires()``, a documented refusal counted as ``unchanged-with-reason``); the result must load, pass the full
+pass's ``requires()`` or a typed ``OnnxOptError``: documented refusals, counted as
+``unchanged-with-reason``); the result must load, pass the full
 checker (when the original does), build an onnxruntime session and run (else ``invalid``), and
 match the expected outputs at the tool's tolerance (else ``wrong``); a worker that exceeds the
 timeout is killed (``timeout``). A correct result is ``transformed-ok`` when the tool changed the
@@ -189,8 +190,7 @@ def evaluate(case: Case, tool: str, original_full_check: bool = True) -> Outcome
             refusal = _refusal(err)
             if refusal is not None:
                 return done("unchanged-with-reason", f"refused: {refusal}")
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            return done("crashed", f"{_one_line(err)} [{pathlib.Path(frame.filename).name}:{frame.lineno}]")
+            return done("crashed", f"{_one_line(err)} [{_where(err)}]")
         if src.read_bytes() != case.model:
             return done("invalid", "the tool modified its input file")
         try:
@@ -212,12 +212,35 @@ def evaluate(case: Case, tool: str, original_full_check: bool = True) -> Outcome
         return done("unchanged")
 
 
+def _where(err: BaseException) -> str:
+    """``file:line`` where it failed, and the innermost frame of onnxopt code if elsewhere."""
+    frames = traceback.extract_tb(err.__traceback__)
+    cause = err.__cause__ or err.__context__
+    if cause is not None and cause.__traceback__ is not None:
+        frames += traceback.extract_tb(cause.__traceback__)
+    last = frames[-1]
+    text = f"{pathlib.Path(last.filename).name}:{last.lineno}"
+    ours = [
+        f"{pathlib.Path(f.filename).name}:{f.lineno} ({f.name})"
+        for f in frames
+        if ("/onnxopt/" in f.filename or "/passes/" in f.filename) and not f.filename.endswith(
+            ("pipeline.py", "pass_base.py", "tools.py")
+        )
+    ]
+    if ours:
+        text += " via " + " > ".join(dict.fromkeys(ours[-4:]))
+    return text
+
+
 def _refusal(err: BaseException) -> str | None:
-    """A pass's documented refusal (``requires()`` raising PreconditionError): not a crash."""
+    """A documented refusal, not a crash: ``requires()`` raising PreconditionError, or a typed
+    one-line ``OnnxOptError`` (e.g. a missing optional dependency)."""
     import onnx_ir as ir
 
+    from onnxopt.errors import OnnxOptError
+
     for e in (err, err.__cause__):
-        if isinstance(e, ir.passes.PreconditionError):
+        if isinstance(e, (ir.passes.PreconditionError, OnnxOptError)):
             return _one_line(e)
     return None
 

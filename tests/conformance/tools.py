@@ -4,7 +4,9 @@ A tool takes the path of a model file and writes its result to another path. Nam
     - ``<pass>``: one registered onnxopt pass (``onnxopt.pass_base.all_passes()``);
     - ``recipe:<name>``: one built-in recipe (``onnxopt.recipes.RECIPES``);
     - ``onnxsim``, ``onnxslim``: the anchors' simplifiers with their default options;
-    - ``occ-fp16``: onnxconverter-common's ``convert_float_to_float16(keep_io_types=True)``.
+    - ``occ-fp16``: onnxconverter-common's ``convert_float_to_float16(keep_io_types=True)``;
+    - ``selftest:<how>``: deliberately broken tools (sleep, die, raise, invalid, wrong) that test
+      the harness's own verdicts.
 
 Each tool declares how its output is judged (``kind``): ``lossless`` (the case's tolerance,
 widened to the pass's declared tolerance), ``fp16`` (rtol 1e-2, atol 1e-3 scaled by the largest
@@ -67,7 +69,7 @@ def _steps(tool: str) -> Sequence[Any]:
 
 def tool_kind(tool: str) -> tuple[str, tuple[float, float]]:
     """(``lossless`` | ``fp16`` | ``lossy``, declared (rtol, atol)) of ``tool``."""
-    if tool in ("onnxsim", "onnxslim"):
+    if tool in ("onnxsim", "onnxslim") or tool.startswith("selftest:"):
         return "lossless", (1e-4, 1e-5)
     if tool == "occ-fp16":
         return "fp16", (1e-2, 1e-3)
@@ -89,6 +91,8 @@ def apply_tool(tool: str, src: pathlib.Path, dst: pathlib.Path, feeds: list[dict
     ``feeds`` are the case's inputs, given to our passes as calibration data. Any exception
     raised here is the tool's crash.
     """
+    if tool.startswith("selftest:"):
+        return _selftest(tool, src, dst)
     if tool == "onnxsim":
         import onnx
         import onnxsim
@@ -116,6 +120,37 @@ def apply_tool(tool: str, src: pathlib.Path, dst: pathlib.Path, feeds: list[dict
         onnx.save(out, str(dst))
         return ToolResult(_graph_changed(before, out))
     return _apply_ours(tool, src, dst, feeds)
+
+
+def _selftest(tool: str, src: pathlib.Path, dst: pathlib.Path) -> ToolResult:
+    """Deliberately broken tools, so the harness's own verdicts can be tested."""
+    import os
+    import time
+
+    import onnx
+
+    model = onnx.load(str(src))
+    what = tool.split(":", 1)[1]
+    if what == "sleep":
+        time.sleep(3600)
+    elif what == "die":
+        os._exit(3)  # the worker process dies
+    elif what == "raise":
+        raise RuntimeError("selftest crash")
+    elif what == "invalid":
+        model.graph.node[0].op_type = "NoSuchOp"
+    elif what == "wrong":  # scale the first float output by 2
+        out = model.graph.output[0]
+        scaled = out.name + "_unscaled"
+        for node in model.graph.node:
+            node.output[:] = [scaled if o == out.name else o for o in node.output]
+        two = onnx.helper.make_tensor("selftest_two", out.type.tensor_type.elem_type, [], [2])
+        model.graph.initializer.append(two)
+        model.graph.node.append(onnx.helper.make_node("Mul", [scaled, "selftest_two"], [out.name]))
+    elif what != "identity":
+        raise ValueError(f"unknown selftest tool {tool!r}")
+    onnx.save(model, str(dst))
+    return ToolResult(what != "identity")
 
 
 def _graph_changed(before: Any, after: Any) -> bool:

@@ -1,0 +1,146 @@
+"""A fast, deterministic subset of the conformance run (the full run: benchmarks/conformance.py).
+
+Cases: the If/Loop/Scan generators and the ops our passes rewrite most (Conv, Gemm, MatMul,
+BatchNormalization) plus generator modules and model folders drawn with a fixed seed. Every
+pass runs on all of them, every recipe on the first few. Each (case, tool) runs in a worker
+process with a timeout; the verdict rules are in harness.py and the tolerances in tools.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import onnx
+import pytest
+
+from tests.conformance import cases as _cases
+from tests.conformance import harness, tools
+from tests.conformance.cases import Case
+
+SEED = 20261128
+FIXED_MODULES = ["if_", "loop", "scan", "conv", "gemm", "matmul", "batch_normalization"]
+RANDOM_MODULES = 8
+NODE_CASES = 30
+FOLDER_CASES = 6
+RECIPE_CASES = 10
+TIMEOUT = 60.0
+
+_all_tools = tools.our_tools()
+PASSES = [t for t in _all_tools if not t.startswith("recipe:")]
+RECIPES = [t for t in _all_tools if t.startswith("recipe:")]
+
+# (tool, case key) pairs that fail today, each with the owner's issue text; listed so the suite
+# stays green while the owner fixes them. strict xfail: a fixed pair turns the test red until it
+# is removed from here.
+_SI = ("onnx-ir 1.1 ShapeInferencePass writes tensor types for sequence/optional values in "
+       "subgraphs (onnx.shape_inference.infer_shapes is right)")
+_CALIB = ("calibration: _typed_clone runs that inference, and float_values() picks sequence "
+          "values (o.dtype is the element type); the instrumented clone does not load in ORT")
+KNOWN: dict[str, dict[str, str]] = {
+    "fp16": {
+        "node/test_if_opt": _CALIB,
+        "node/test_if_seq": _CALIB,
+        "node/test_loop16_seq_none": "output fails the checker: " + _SI,
+    },
+    "mixed": {
+        "node/test_celu_float16_expanded": "sensitivity.run_outputs: a float16 model gets a "
+        "Div with float16 and float inputs (ORT: T bound to different types)",
+        "node/test_if_opt": _CALIB,
+        "node/test_if_seq": _CALIB,
+    },
+    "quantize": {
+        "node/test_celu_float16_expanded": "quant_report.local_sqnr: a float16 model gets a Sub "
+        "with float16 and float inputs (ORT: T bound to different types)",
+        "node/test_if_opt": _CALIB,
+        "node/test_if_seq": _CALIB,
+    },
+    "shape-inference": {
+        "node/test_if_opt": "output fails the checker: " + _SI,
+        "node/test_loop16_seq_none": "output fails the checker: " + _SI,
+    },
+}
+
+
+def select_cases() -> list[Case]:
+    rng = random.Random(SEED)
+    others = [m for m in _cases.node_modules() if m not in FIXED_MODULES]
+    modules = FIXED_MODULES + sorted(rng.sample(others, RANDOM_MODULES))
+    node = _cases.node_cases(modules)
+    control = [c for c in node if c.name.startswith(("test_if", "test_loop", "test_scan"))]
+    rest = [c for c in node if c not in control]
+    chosen = control + rng.sample(rest, max(0, min(len(rest), NODE_CASES - len(control))))
+    folders = _cases.folder_cases()
+    chosen += rng.sample(folders, FOLDER_CASES)
+    return sorted(chosen, key=lambda c: c.key)
+
+
+@pytest.fixture(scope="module")
+def run():
+    chosen = select_cases()
+    originals = harness.run_tasks([(c, "original", True) for c in chosen], timeout=TIMEOUT, quiet=True)
+    status = {o.case: o for o in originals}
+    eligible = [c for c in chosen if status[c.key].status == "eligible"]
+    full = {c.key: "full checker" not in status[c.key].detail for c in eligible}
+    tasks = [(c, t, full[c.key]) for t in PASSES for c in eligible]
+    tasks += [(c, t, full[c.key]) for t in RECIPES for c in eligible[:RECIPE_CASES]]
+    tasks += [(eligible[0], f"selftest:{how}", True) for how in ("identity", "wrong", "invalid", "raise", "die")]
+    by_tool = collections.defaultdict(list)
+    for o in harness.run_tasks(tasks, timeout=TIMEOUT, quiet=True):
+        by_tool[o.tool].append(o)
+    return chosen, originals, eligible, by_tool
+
+
+def test_selection_is_deterministic_and_mostly_eligible(run):
+    chosen, originals, eligible, _ = run
+    assert [c.key for c in select_cases()] == [c.key for c in chosen]
+    assert len(chosen) >= NODE_CASES and len(eligible) >= 0.8 * len(chosen), [
+        (o.case, o.detail) for o in originals if o.status != "eligible"
+    ]
+    assert any(c.name == "test_if" for c in eligible) and any(c.name == "test_loop11" for c in eligible)
+
+
+def test_harness_detects_broken_tools(run):
+    *_, by_tool = run
+    verdict = {t: by_tool[f"selftest:{t}"][0].status for t in ("identity", "wrong", "invalid", "raise", "die")}
+    assert verdict == {
+        "identity": "unchanged",
+        "wrong": "wrong",
+        "invalid": "invalid",
+        "raise": "crashed",
+        "die": "crashed",
+    }
+
+
+def test_a_hanging_tool_is_a_timeout():
+    case = Case("ident", "selftest", onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        ), opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8
+    ).SerializeToString(), ())
+    [outcome] = harness.run_tasks([(case, "selftest:sleep", True)], workers=1, timeout=3, quiet=True)
+    assert outcome.status == "timeout"
+
+
+def _check(by_tool, tool):
+    bad = [o for o in by_tool[tool] if o.status in harness.BAD]
+    assert by_tool[tool], f"{tool} ran on no case"
+    unexpected = [o for o in bad if o.case not in KNOWN.get(tool, {})]
+    assert not unexpected, "\n".join(f"{o.status} {o.case}: {o.detail}" for o in unexpected)
+    for case in KNOWN.get(tool, {}):
+        if not any(o.case == case for o in bad):
+            pytest.fail(f"{tool} on {case} passes now: remove it from KNOWN")
+    if bad:
+        pytest.xfail("; ".join(f"{o.case}: {KNOWN[tool][o.case]}" for o in bad))
+
+
+@pytest.mark.parametrize("tool", PASSES)
+def test_pass_never_crashes_writes_invalid_or_wrong_models(run, tool):
+    _check(run[3], tool)
+
+
+@pytest.mark.parametrize("tool", RECIPES)
+def test_recipe_never_crashes_writes_invalid_or_wrong_models(run, tool):
+    _check(run[3], tool)
