@@ -107,14 +107,15 @@ def make_param(name: str, w: np.ndarray, max_codebook: int = 256) -> Constrained
     values, inverse = np.unique(w, return_inverse=True)
     if _shared(values.size, w.size, max_codebook):
         return ConstrainedParam(name, w, "codebook", values, inverse.reshape(-1))
-    if w.ndim >= 2:
-        rows = w.reshape(w.shape[0], -1)
+    for axis in sorted({0, w.ndim - 1}) if w.ndim >= 2 else ():
+        moved = np.moveaxis(w, axis, 0)
+        rows = moved.reshape(moved.shape[0], -1)
         per_row = [np.unique(r, return_inverse=True) for r in rows]
-        largest = max(u.size for u, _ in per_row)
-        if _shared(largest, rows.shape[1], max_codebook):
+        if _shared(max(u.size for u, _ in per_row), rows.shape[1], max_codebook):
             offsets = np.cumsum([0] + [u.size for u, _ in per_row[:-1]])
             theta = np.concatenate([u for u, _ in per_row])
-            idx = np.concatenate([inv.reshape(-1) + off for (_, inv), off in zip(per_row, offsets)])
+            idx = np.stack([inv.reshape(-1) + off for (_, inv), off in zip(per_row, offsets)])
+            idx = np.moveaxis(idx.reshape(moved.shape), 0, axis).reshape(-1)
             return ConstrainedParam(name, w, "codebook", theta, idx)
     if (w == 0).any():
         return ConstrainedParam(name, w, "masked", w.reshape(-1).copy(), None)
@@ -216,6 +217,8 @@ def _train(
     y = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
     kinds = _kinds(teacher, settings.loss)
     optimizer = torch.optim.Adam([p.theta for p in params], lr=settings.lr)
+    # Cosine decay over the epoch budget: large steps first, small ones to settle at the end.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     rng = np.random.default_rng(settings.seed)
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
@@ -248,6 +251,7 @@ def _train(
             for p in params:
                 p.project()
             running += loss.item() * len(idx)
+        schedule.step()
         row = {"epoch": epoch + 1, "train_loss": running / max(len(order), 1)}
         if len(val_index):
             row["val_loss"] = evaluate(val_index)

@@ -28,6 +28,7 @@ from onnxopt import io as _io
 from onnxopt.config import option
 from onnxopt.errors import OnnxOptError
 from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.recipes import Recipe, Step, add_recipe
 
 __all__ = ["DistillConfig", "DistillPass"]
 
@@ -157,6 +158,9 @@ class DistillPass(OptPass[DistillConfig]):
             quiet=self.context.quiet,
         )
         result = distill_torch.train(graph, params, inputs, targets, labels, val_index, settings)
+        if result.best_epoch == 0:
+            report.note(f"no epoch of {result.epochs_run} improved the held-out loss; weights left as they were")
+            return report
         after = distill_torch.predict(graph, params, check_inputs)
         # Write into a copy first and check it in onnxruntime; the model changes only if it passes.
         candidate = model.clone()
@@ -218,3 +222,14 @@ def _write(model: ir.Model, weights: dict[str, np.ndarray]) -> None:
         if array.shape != old_shape:
             raise RuntimeError(f"distill: {name} changed shape {old_shape} -> {array.shape}")
         value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name)
+
+
+add_recipe(Recipe("compress-distill", "teacher, then the deep-compression steps (80% global pruning, 16 clusters, "
+                  "both repaired on --calib data), distillation against the input model on --calib data "
+                  "(labels used when present), and 4-bit packing of the trained codebooks",
+                  (Step("teacher"), Step("simplify"),
+                   Step("prune", {"sparsity": 0.8, "scope": "global", "skip_last": True, "repair": True}),
+                   Step("cluster", {"clusters": 16, "repair": True, "min_elements": 0}),
+                   Step("distill"),
+                   Step("cluster", {"clusters": 16, "pack": True, "min_elements": 0})),
+                  needs_calibration=True))

@@ -1,0 +1,242 @@
+"""distill pass: torch evaluator vs onnxruntime, constraints during training, write-back, errors.
+
+Runs where the distill extra is installed (``pip install -e '.[test,distill]'``); the core
+suite runs without torch (tests/passes/test_distill_extra.py checks the lazy import).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the distill extra (torch): pip install 'onnxopt[distill]'")
+
+from onnxopt import data, distill_torch, pipeline, recipes, runtime  # noqa: E402
+from onnxopt.context import PassContext  # noqa: E402
+from onnxopt.pass_base import make  # noqa: E402
+from onnxopt.torch_graph import TorchGraph, UnsupportedOpError  # noqa: E402
+from tests.conftest import load_model, model_path  # noqa: E402
+
+
+def _graph_model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], inputs: list, outputs: list) -> ir.Model:
+    inits = [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()]
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs, inits)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    return ir.from_proto(proto)
+
+
+def _build(weights: dict[str, np.ndarray]) -> ir.Model:
+    """x[N,16] -> Gemm(transB) -> Relu -> MatMul(lr_u) -> MatMul(lr_v) -> Gemm -> y[N,10]."""
+    nodes = [
+        onnx.helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+        onnx.helper.make_node("Relu", ["h"], ["r"]),
+        onnx.helper.make_node("MatMul", ["r", "lr_u"], ["u"]),
+        onnx.helper.make_node("MatMul", ["u", "lr_v"], ["v"]),
+        onnx.helper.make_node("Gemm", ["v", "w2", "b2"], ["y"]),
+    ]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])
+    return _graph_model(nodes, weights, [x], [y])
+
+
+def _ort(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with runtime.session(model) as handle:
+        out = handle.run(feeds)
+        return [out[name] for name in handle.output_names]
+
+
+def _torch(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [o.numpy() for o in TorchGraph(model)({k: torch.from_numpy(v) for k, v in feeds.items()})]
+
+
+def _student(rng: np.random.Generator) -> tuple[ir.Model, ir.Model]:
+    """(teacher, student): the student's w1 is 60% pruned and its other weights clustered to 4
+    values (5 with the zeros), w2 is clustered to 3 values per output channel (MatMul layout: axis 1), and the
+    middle layer is a rank-4 factorisation of the teacher's dense 32x32 weight."""
+    w1 = rng.standard_normal((32, 16)).astype(np.float32) * 0.5
+    w_mid = rng.standard_normal((32, 32)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((32, 10)).astype(np.float32) * 0.5
+    b1, b2 = (rng.standard_normal(n).astype(np.float32) * 0.1 for n in (32, 10))
+    eye = np.eye(32, dtype=np.float32)
+    teacher = _build({"w1": w1, "b1": b1, "lr_u": w_mid, "lr_v": eye, "w2": w2, "b2": b2})
+    pruned = np.where(np.abs(w1) > np.quantile(np.abs(w1), 0.6), w1, 0).astype(np.float32)
+    levels = np.quantile(pruned[pruned != 0], [0.1, 0.4, 0.6, 0.9]).astype(np.float32)
+    clustered = np.where(pruned == 0, 0, levels[np.abs(pruned[..., None] - levels).argmin(-1)]).astype(np.float32)
+    w2c = np.empty_like(w2)
+    for j in range(10):
+        lv = np.quantile(w2[:, j], [0.2, 0.5, 0.8]).astype(np.float32)
+        w2c[:, j] = lv[np.abs(w2[:, j, None] - lv).argmin(-1)]
+    u, s, vt = np.linalg.svd(w_mid)
+    student = _build({
+        "w1": clustered, "b1": b1, "lr_u": (u[:, :4] * s[:4]).astype(np.float32),
+        "lr_v": vt[:4].astype(np.float32), "w2": w2c, "b2": b2,
+    })
+    return teacher, student
+
+
+def _context(teacher: ir.Model, x: np.ndarray, labels: np.ndarray | None = None) -> PassContext:
+    ctx = PassContext(calibration=data.Dataset.from_feeds([{"x": x}], "train", labels=labels), quiet=True)
+    ctx.cache["distill.teacher"] = ir.to_proto(teacher).SerializeToString()
+    return ctx
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "digits_transformer"])
+def test_torch_graph_matches_onnxruntime_on_bundled_models(name):
+    model = load_model(f"{name}.onnx")
+    feeds = {"input": np.load(model_path(f"{name}_eval.npz"))["input"][:32]}
+    np.testing.assert_allclose(_torch(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_torch_graph_matches_onnxruntime_on_more_ops(rng):
+    mk = onnx.helper.make_node
+    nodes = [
+        mk("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+        mk("LayerNormalization", ["x", "sc", "bi"], ["n"], axis=-1),
+        mk("Softmax", ["n"], ["s"], axis=-1),
+        mk("Slice", ["s", "st", "en", "ax"], ["sl"]),
+        mk("Split", ["sl", "sp"], ["a", "b"], axis=2),
+        mk("Concat", ["b", "a"], ["c"], axis=2),
+        mk("ReduceMean", ["c"], ["m"], axes=[2], keepdims=1),
+        mk("Erf", ["m"], ["e"]),
+        mk("Add", ["e", "m"], ["y"]),
+        mk("Gather", ["t", "ix"], ["gt"], axis=2),
+        mk("ReduceSum", ["gt", "ax"], ["r"]),
+        mk("Flatten", ["r"], ["f"], axis=1),
+        mk("Gather", ["f", "ix"], ["z"], axis=1),
+        mk("MaxPool", ["x4"], ["p"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], strides=[2, 2]),
+        mk("AveragePool", ["p"], ["q"], kernel_shape=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
+        mk("Conv", ["q", "cw"], ["w"], pads=[1, 0, 0, 1], group=2),
+    ]
+    weights = {
+        "sc": np.linspace(0.5, 1.5, 6, dtype=np.float32), "bi": np.linspace(-1, 1, 6, dtype=np.float32),
+        "sp": np.array([1, 3], np.int64), "st": np.array([1], np.int64), "en": np.array([5], np.int64),
+        "ax": np.array([2], np.int64), "ix": np.array([0, 2, 1], np.int64),
+        "cw": rng.standard_normal((4, 1, 2, 2)).astype(np.float32),
+    }
+    info = onnx.helper.make_tensor_value_info
+    f = onnx.TensorProto.FLOAT
+    model = _graph_model(
+        nodes, weights, [info("x", f, [2, 4, 6]), info("x4", f, [1, 2, 5, 5])],
+        [info("y", f, None), info("z", f, None), info("w", f, None)],
+    )
+    feeds = {
+        "x": rng.standard_normal((2, 4, 6)).astype(np.float32),
+        "x4": rng.standard_normal((1, 2, 5, 5)).astype(np.float32),
+    }
+    for got, want in zip(_torch(model, feeds), _ort(model, feeds)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_codebook_gradient_is_sum_of_member_gradients(rng):
+    w = rng.choice(np.array([-0.5, 0.0, 0.25, 1.0], np.float32), size=(8, 16))
+    p = distill_torch.make_param("w", w)
+    assert p.kind == "codebook" and p.codebook_size == 4
+    g = torch.from_numpy(rng.standard_normal(w.shape).astype(np.float32))
+    (p.weight() * g).sum().backward()
+    p.mask_grad()
+    want = [g.numpy()[w == c].sum() for c in np.unique(w)]
+    want[1] = 0.0  # the zero centroid is frozen
+    np.testing.assert_allclose(p.theta.grad.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_constraints_hold_and_student_moves_towards_teacher(rng):
+    teacher, student = _student(rng)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    before = {n: v.const_value.numpy().copy() for n, v in student.graph.initializers.items()}
+    nodes_before = [(n.op_type, [i.name for i in n.inputs]) for n in student.graph]
+    ctx = _context(teacher, x)
+    opts = {"epochs": 8, "lr": 1e-2, "threads": 1, "val_fraction": 0.25, "loss": "mse"}
+    report = make("distill", opts, ctx)(student)
+    assert report.modified and report.counts["trained"] == 6
+    after = {n: v.const_value.numpy() for n, v in student.graph.initializers.items()}
+    kinds = {r["item"]: r["constraint"] for r in report.records if "constraint" in r}
+    assert kinds["w1"] == "codebook" and kinds["w2"] == "codebook"
+    # Zeros stay zero, codebooks stay codebooks (per tensor / per output channel), shapes kept.
+    assert np.all(after["w1"][before["w1"] == 0] == 0)
+    assert len(np.unique(before["w1"])) == 5  # 4 centroids and the pruned zeros
+    assert len(np.unique(after["w1"])) <= 5 and not np.array_equal(after["w1"], before["w1"])
+    assert max(len(np.unique(after["w2"][:, j])) for j in range(10)) <= 3
+    for name in before:
+        assert after[name].shape == before[name].shape and after[name].dtype == np.float32
+    assert after["lr_u"].shape == (32, 4) and after["lr_v"].shape == (4, 32)
+    assert [(n.op_type, [i.name for i in n.inputs]) for n in student.graph] == nodes_before
+    onnx.checker.check_model(ir.to_proto(student), full_check=True)
+    # The distilled student is closer to the teacher on fresh data (onnxruntime on both).
+    held = {"x": rng.standard_normal((200, 16)).astype(np.float32)}
+    t_out = _ort(teacher, held)[0]
+    start = _build({k: v for k, v in before.items()})
+    err_before = np.linalg.norm(_ort(start, held)[0] - t_out)
+    err_after = np.linalg.norm(_ort(student, held)[0] - t_out)
+    assert err_after < 0.8 * err_before
+    # The written ONNX reproduces the trained torch module.
+    np.testing.assert_allclose(_torch(student, held)[0], _ort(student, held)[0], rtol=0, atol=1e-4)
+    training = next(r for r in report.records if r["item"] == "training")
+    assert training["onnx_vs_torch_max_abs"] <= 1e-4
+
+
+def test_include_exclude_limit_trained_parameters(rng):
+    teacher, student = _student(rng)
+    frozen = {n: v.const_value.numpy().copy() for n, v in student.graph.initializers.items()}
+    ctx = _context(teacher, rng.standard_normal((128, 16)).astype(np.float32))
+    report = make("distill", {"epochs": 2, "threads": 1, "include": "^(w|b)", "exclude": "^b2$", "patience": 0}, ctx)(student)
+    assert report.counts["trained"] == 3
+    for name in ("lr_u", "lr_v", "b2"):
+        np.testing.assert_array_equal(student.graph.initializers[name].const_value.numpy(), frozen[name])
+
+
+def test_unsupported_op_names_op_and_node_and_leaves_model_unchanged(rng):
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        onnx.helper.make_node("TopK", ["h", "k"], ["y", "idx"], axis=-1, name="top_k_node"),
+    ]
+    weights = {"w": rng.standard_normal((4, 6)).astype(np.float32), "k": np.array([2], np.int64)}
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(
+        nodes, weights, [info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [info("y", onnx.TensorProto.FLOAT, ["N", 2])],
+    )
+    before = ir.to_proto(model).SerializeToString()
+    ctx = _context(model.clone(), rng.standard_normal((16, 4)).astype(np.float32))
+    with pytest.raises(UnsupportedOpError, match=r"TopK node 'top_k_node'"):
+        make("distill", {"epochs": 1}, ctx)(model)
+    assert ir.to_proto(model).SerializeToString() == before
+    result = pipeline.run(model, [make("distill", {"epochs": 1}, ctx)])
+    assert result.reports[0].status == "rolled-back" and "TopK node 'top_k_node'" in result.reports[0].error
+
+
+def test_missing_teacher_is_a_precondition_error(rng):
+    _, student = _student(rng)
+    ctx = PassContext(calibration=data.Dataset.from_feeds([{"x": np.zeros((4, 16), np.float32)}]), quiet=True)
+    with pytest.raises(ir.passes.PreconditionError, match="distill needs a teacher"):
+        make("distill", {}, ctx)(student)
+
+
+@pytest.mark.slow
+def test_compress_distill_recipe_on_digits_cnn_recovers_accuracy():
+    """The recipe's own steps (distill shortened to a few epochs) on the bundled CNN with the
+    128 calibration samples (no labels); accuracy measured on the held-out eval set."""
+    calib = data.load_data(model_path("digits_cnn_calib.npz"))
+    ev = np.load(model_path("digits_cnn_eval.npz"))
+    steps = list(recipes.get_recipe("compress-distill").steps)
+    assert [s.name for s in steps] == ["teacher", "simplify", "prune", "cluster", "distill", "cluster"]
+    steps[4] = recipes.Step("distill", {"epochs": 6, "threads": 1, "lr": 3e-3})
+    ctx = PassContext(calibration=calib, quiet=True)
+    result = pipeline.run(load_model("digits_cnn.onnx"), recipes.build(steps, ctx))
+    assert [r.status for r in result.reports] == ["unchanged", "ok", "ok", "ok", "ok", "ok"]
+    compressed = result.reports[3]
+    distilled = result.reports[4]
+    assert distilled.fidelity["cosine"] > 0  # measured by the pipeline against the pass input
+    packed = result.reports[5]
+    assert packed.counts["packed"] >= 3 and packed.fidelity["max_abs"] <= 1e-5  # packing is exact
+
+    def accuracy(model: ir.Model) -> float:
+        return float((_ort(model, {"input": ev["input"]})[0].argmax(1) == ev["label"]).mean())
+
+    ref = accuracy(load_model("digits_cnn.onnx"))
+    final = accuracy(result.model)
+    assert final >= ref - 0.02, (ref, final, compressed.fidelity)
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)

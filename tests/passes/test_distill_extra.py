@@ -1,0 +1,82 @@
+"""distill without torch: the passes import without it, options and preconditions are checked.
+
+These run in the core environment (no torch); test_distill.py needs the distill extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxopt import data, recipes
+from onnxopt.context import PassContext
+from onnxopt.pass_base import make
+from tests.conftest import load_model
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def test_importing_the_passes_does_not_import_torch():
+    code = "import sys, onnxopt, onnxopt.passes; onnxopt.passes.get('distill'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tau": 0}, "tau must be > 0"),
+    ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"val_fraction": 0.9}, r"val_fraction must be in \[0, 0.5\]"),
+    ({"loss": "huber"}, "expected one of"),
+    ({"include": "("}, "include: invalid regular expression"),
+    ({"epoch": 3}, "unknown option 'epoch' for distill"),
+])
+def test_bad_options_are_rejected(options, message):
+    with pytest.raises(ValueError, match=message):
+        make("distill", options)
+
+
+def test_without_teacher_or_data_is_a_precondition_error():
+    model = load_model("digits_mlp.onnx")
+    before = ir.to_proto(model).SerializeToString()
+    feeds = data.Dataset.from_feeds([{"input": np.zeros((2, 64), np.float32)}])
+    with pytest.raises(ir.passes.PreconditionError, match="distill needs a teacher"):
+        make("distill", {}, PassContext(calibration=feeds, quiet=True))(model)
+    ctx = PassContext(quiet=True)
+    ctx.cache["distill.teacher"] = before
+    with pytest.raises(ir.passes.PreconditionError, match="distill needs training data"):
+        make("distill", {}, ctx)(model)
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_teacher_pass_records_a_copy_and_changes_nothing():
+    model = load_model("digits_mlp.onnx")
+    ctx = PassContext(quiet=True)
+    report = make("teacher", {}, ctx)(model)
+    assert not report.modified
+    assert ctx.cache["distill.teacher"] == ir.to_proto(model).SerializeToString()
+
+
+def test_recipe_chains_compression_distillation_and_packing():
+    recipe = recipes.get_recipe("compress-distill")
+    assert [s.name for s in recipe.steps] == ["teacher", "simplify", "prune", "cluster", "distill", "cluster"]
+    assert recipe.needs_calibration and recipe.steps[-1].options["pack"] is True
+    recipes.build(recipe.steps, PassContext())  # every option valid
+
+
+@pytest.mark.skipif(HAS_TORCH, reason="checks the message shown where torch is not installed")
+def test_without_torch_the_error_says_how_to_install_it():
+    from onnxopt.passes.distill import DistillDependencyError
+
+    model = load_model("digits_mlp.onnx")
+    before = ir.to_proto(model).SerializeToString()
+    ctx = PassContext(calibration=data.Dataset.from_feeds([{"input": np.zeros((2, 64), np.float32)}]), quiet=True)
+    ctx.cache["distill.teacher"] = before
+    with pytest.raises(DistillDependencyError, match=r"pip install 'onnxopt\[distill\]'"):
+        make("distill", {}, ctx)(model)
+    assert ir.to_proto(model).SerializeToString() == before
