@@ -1,8 +1,8 @@
 """Graph side of the low-rank split: candidates, weight matrices, activation rows, rewrite.
 
 Which nodes qualify, their weight as a [K, N] matrix, their activations as rows, and the
-in-place rewrite into two thinner nodes. Every rewrite keeps the original node (and so its output name and its users) as the second,
-``V`` half, and inserts the ``U`` half before it:
+in-place rewrite into two thinner nodes. Every rewrite keeps the original node (and so its
+output name and its users) as the second, ``V`` half, and inserts the ``U`` half before it:
 
 - ``MatMul(x, W)`` -> ``MatMul(MatMul(x, U), V)`` for x of any rank (rows are x's last axis).
 - ``Gemm(A, B, C)`` with ``W = alpha * op(B)`` -> ``Gemm(MatMul(A, U), V, C)`` (transA=1: the
@@ -61,7 +61,9 @@ class Candidate:
         return (self.activation.name if self.activation is not None else None, self.layout)
 
 
-def find_candidate(node: ir.Node, *, min_elements: int, spatial: bool, pass_name: str) -> Candidate | str:
+def find_candidate(
+    node: ir.Node, *, min_elements: int, spatial: bool, pass_name: str
+) -> Candidate | str:
     """Return a :class:`Candidate` for ``node``, or the reason it cannot be split."""
     if node.metadata_props.get(_ir_utils.PROVENANCE_KEY) == pass_name:
         return "node is already a low-rank factor"

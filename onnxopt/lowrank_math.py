@@ -125,7 +125,9 @@ def whiten(gram: np.ndarray, damping: float) -> Whitening | str:
     return Whitening(root[:, None] * q.T, q / root[None, :], "eigen")
 
 
-def decompose(weight: np.ndarray, gram: np.ndarray | None = None, *, damping: float = 1e-4) -> Decomposition:
+def decompose(
+    weight: np.ndarray, gram: np.ndarray | None = None, *, damping: float = 1e-4
+) -> Decomposition:
     """SVD of ``weight`` [K, N] (float64), whitened by ``gram`` [K, K] when given.
 
     Falls back to the plain SVD (with ``note`` saying why) when ``gram`` cannot whiten.

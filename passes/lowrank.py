@@ -22,6 +22,7 @@ from onnxopt import _ir_utils, io, runtime
 from onnxopt import lowrank_graph as lg
 from onnxopt import lowrank_math as lm
 from onnxopt.config import option
+from onnxopt.data import Dataset
 from onnxopt.pass_base import OptPass, PassReport, register
 
 __all__ = ["LowRankConfig", "LowRankPass"]
@@ -29,6 +30,7 @@ __all__ = ["LowRankConfig", "LowRankPass"]
 logger = logging.getLogger(__name__)
 
 _OPS = frozenset({"MatMul", "Gemm", "Conv"})
+_Stats = tuple[np.ndarray, float]  # (X^T X in float64, mean rows per feed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,9 @@ class LowRankPass(OptPass[LowRankConfig]):
         cfg = self.config
         cands: list[lg.Candidate] = []
         for node in _ir_utils.iter_nodes(model, cfg.op_types, subgraphs=False):
-            found = lg.find_candidate(node, min_elements=cfg.min_elements, spatial=cfg.spatial, pass_name=self.name)
+            found = lg.find_candidate(
+                node, min_elements=cfg.min_elements, spatial=cfg.spatial, pass_name=self.name
+            )
             if isinstance(found, str):
                 report.skip(found)
             else:
@@ -112,11 +116,12 @@ class LowRankPass(OptPass[LowRankConfig]):
         if not cands:
             return report
         stats = self._statistics(model, cands)
-        aware = cfg.method == "aware" or (cfg.method == "auto" and stats)
+        aware = cfg.method == "aware" or (cfg.method == "auto" and bool(stats))
         if cfg.method == "auto" and not stats:
             report.note("no calibration data: plain SVD of the weights")
         plans = []
-        bar = tqdm.tqdm(cands, desc="lowrank svd", unit="layer", disable=self.context.quiet or len(cands) < 2, leave=False)
+        quiet = self.context.quiet or len(cands) < 2
+        bar = tqdm.tqdm(cands, desc="lowrank svd", unit="layer", disable=quiet, leave=False)
         for cand in bar:
             gram, rows = stats.get(cand.stats_key, (None, 0.0))
             dec = lm.decompose(cand.matrix, gram if aware else None, damping=cfg.damping)
@@ -126,7 +131,8 @@ class LowRankPass(OptPass[LowRankConfig]):
             elif aware and gram is None and cand.kind != "conv-spatial":
                 report.note(f"{cand.label}: no activation statistics; used plain SVD")
             k, n = cand.matrix.shape
-            plans.append((cand, dec, gram, rows, dec.error_curve(gram), lg.breakeven_rank(k, n, cfg.min_saving)))
+            limit = lg.breakeven_rank(k, n, cfg.min_saving)
+            plans.append((cand, dec, gram, rows, dec.error_curve(gram), limit))
         ranks = self._ranks(plans, report)
         taken = _names(model.graph)
         for (cand, dec, gram, rows, _curve, limit), rank in zip(plans, ranks, strict=True):
@@ -139,7 +145,7 @@ class LowRankPass(OptPass[LowRankConfig]):
             self._split(model.graph, cand, dec, gram, rows, rank, taken, report)
         return report
 
-    def _statistics(self, model: ir.Model, cands: list[lg.Candidate]) -> dict[tuple, tuple[np.ndarray, float]]:
+    def _statistics(self, model: ir.Model, cands: list[lg.Candidate]) -> dict[tuple, _Stats]:
         """Per activation key: (X^T X in float64, mean rows per feed), streamed feed by feed.
 
         Cached in ``context.cache`` under the model's digest, so a later lowrank pass on the
@@ -159,11 +165,12 @@ class LowRankPass(OptPass[LowRankConfig]):
             cache.update(self._collect(model, data, missing))
         return {key: cache[key] for key in keys if key in cache}
 
-    def _collect(self, model: ir.Model, data, keys: set[tuple]) -> dict[tuple, tuple[np.ndarray, float]]:
+    def _collect(self, model: ir.Model, data: Dataset, keys: set[tuple]) -> dict[tuple, _Stats]:
         names = sorted({name for name, _ in keys})
         grams: dict[tuple, np.ndarray] = {}
         rows: dict[tuple, int] = dict.fromkeys(keys, 0)
-        feeds = tqdm.tqdm(data, desc="lowrank stats", unit="feed", disable=self.context.quiet, leave=False)
+        quiet = self.context.quiet
+        feeds = tqdm.tqdm(data, desc="lowrank stats", unit="feed", disable=quiet, leave=False)
         count = 0
         for captured in runtime.capture(model, feeds, names):
             count += 1
@@ -188,7 +195,8 @@ class LowRankPass(OptPass[LowRankConfig]):
             return out
         flops = cfg.target_metric == "flops"
         if flops and any(rows <= 0 for _c, _d, _g, rows, _cu, _l in plans):
-            report.note("target_metric=flops needs activation statistics for every layer; counted parameters")
+            report.note("target_metric=flops needs activation statistics for every layer; "
+                        "counted parameters")
             flops = False
         budgets = [
             lm.LayerBudget(curve, *cand.matrix.shape, limit, rows if flops else 1.0)
@@ -196,7 +204,10 @@ class LowRankPass(OptPass[LowRankConfig]):
         ]
         ranks, removed = lm.allocate_ranks(budgets, cfg.target)
         what = "FLOPs" if flops else "parameters"
-        report.note(f"global target: removed {removed:.1%} of the candidate layers' {what} (target {cfg.target:.1%})")
+        report.note(
+            f"global target: removed {removed:.1%} of the candidate layers' {what} "
+            f"(target {cfg.target:.1%})"
+        )
         return ranks
 
     def _split(
