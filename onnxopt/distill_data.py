@@ -40,6 +40,7 @@ def stack_samples(dataset: Dataset, max_samples: int = 0) -> tuple[dict[str, np.
 
     Raises:
         DataError: feeds whose shapes differ beyond axis 0, or labels of another length.
+
     """
     parts: dict[str, list[np.ndarray]] = {}
     for feed in dataset:

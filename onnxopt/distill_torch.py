@@ -114,7 +114,7 @@ def make_param(name: str, w: np.ndarray, max_codebook: int = 256) -> Constrained
         if _shared(max(u.size for u, _ in per_row), rows.shape[1], max_codebook):
             offsets = np.cumsum([0] + [u.size for u, _ in per_row[:-1]])
             theta = np.concatenate([u for u, _ in per_row])
-            idx = np.stack([inv.reshape(-1) + off for (_, inv), off in zip(per_row, offsets)])
+            idx = np.stack([inv.reshape(-1) + off for (_, inv), off in zip(per_row, offsets, strict=True)])
             idx = np.moveaxis(idx.reshape(moved.shape), 0, axis).reshape(-1)
             return ConstrainedParam(name, w, "codebook", theta, idx)
     if (w == 0).any():
@@ -153,7 +153,7 @@ def distill_loss(
 ) -> torch.Tensor:
     """``(1 - alpha) * CE(labels, student[0]) + alpha * sum of per-output distillation terms``."""
     total = torch.zeros(())
-    for s, t, kind in zip(student, teacher, kinds):
+    for s, t, kind in zip(student, teacher, kinds, strict=True):
         if kind == "kl":
             log_p_s = F.log_softmax(s / tau, dim=-1)
             log_p_t = F.log_softmax(t / tau, dim=-1)
@@ -189,6 +189,7 @@ def train(
         val_index: samples held out for early stopping (may be empty: no early stopping).
         settings: hyper-parameters.
         on_epoch: called with each epoch's losses.
+
     """
     threads = torch.get_num_threads()
     if settings.threads:
@@ -269,7 +270,7 @@ def _train(
                 stopped = True
                 break
     with torch.no_grad():
-        for p, state in zip(params, best_state):
+        for p, state in zip(params, best_state, strict=True):
             p.theta.copy_(state)
     weights = {p.name: p.numpy() for p in params}
     return TrainResult(weights, len(history), best_epoch, history, stopped)

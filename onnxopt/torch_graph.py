@@ -37,6 +37,7 @@ class TorchGraph:
     Raises:
         UnsupportedOpError: a node (named, with its op type) cannot be run in torch; raised
             here, before any training, for the first such node in graph order.
+
     """
 
     def __init__(self, model: ir.Model) -> None:
@@ -68,6 +69,7 @@ class TorchGraph:
 
         Raises:
             UnsupportedOpError: an op fails on these inputs (names the op and node).
+
         """
         env: dict[str, torch.Tensor] = dict(self.constants)
         if weights:
@@ -82,7 +84,7 @@ class TorchGraph:
                 raise UnsupportedOpError(
                     f"distill: {node.op_type} node {node.name!r} failed in torch: {first}"
                 ) from err
-            for name, value in zip(outs, results):
+            for name, value in zip(outs, results, strict=False):  # Dropout: no mask output
                 if name:
                     env[name] = value
         return [env[name] for name in self.output_names]

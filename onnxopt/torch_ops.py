@@ -53,6 +53,7 @@ def build_op(node: ir.Node, opset: int) -> OpFn:
 
     Raises:
         UnsupportedOpError: the op type, domain or an attribute value is not supported.
+
     """
     where = f"{node.op_type} node {node.name or '(unnamed)'!r}"
     if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
@@ -60,11 +61,11 @@ def build_op(node: ir.Node, opset: int) -> OpFn:
         raise UnsupportedOpError(f"distill: cannot train through {where}{domain}: op not supported")
     try:
         return OPS[node.op_type](_attrs(node), opset)
-    except _Unsupported as err:
+    except _UnsupportedError as err:
         raise UnsupportedOpError(f"distill: cannot train through {where}: {err}") from None
 
 
-class _Unsupported(ValueError):
+class _UnsupportedError(ValueError):
     """An attribute or input form outside what is implemented (wrapped with op and node)."""
 
 
@@ -99,7 +100,7 @@ def _mod(a: dict[str, Any], o: int) -> OpFn:
 
 def _pads(a: dict[str, Any], rank: int) -> list[int]:
     if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise _Unsupported(f"auto_pad={a['auto_pad']} is not supported (use explicit pads)")
+        raise _UnsupportedError(f"auto_pad={a['auto_pad']} is not supported (use explicit pads)")
     pads = a.get("pads") or [0] * (2 * rank)
     if a.get("auto_pad") == "VALID":
         pads = [0] * (2 * rank)
@@ -113,7 +114,7 @@ def _pad_input(x: Any, pads: list[int], value: float = 0.0) -> tuple[Any, list[i
     if begin == end:
         return x, begin
     torch_pads: list[int] = []
-    for b, e in zip(reversed(begin), reversed(end)):
+    for b, e in zip(reversed(begin), reversed(end), strict=True):
         torch_pads += [b, e]
     return F.pad(x, torch_pads, value=value), [0] * rank
 
@@ -125,7 +126,7 @@ def _conv(a: dict[str, Any], o: int) -> OpFn:
     def run(x: Sequence[Any]) -> list[Any]:
         rank = x[1].dim() - 2
         if rank not in fns:
-            raise _Unsupported(f"{rank}-D convolution")
+            raise _UnsupportedError(f"{rank}-D convolution")
         inp, pads = _pad_input(x[0], _pads(a, rank))
         bias = x[2] if len(x) > 2 else None
         return [fns[rank](inp, x[1], bias, a.get("strides", [1] * rank), pads, a.get("dilations", [1] * rank), a.get("group", 1))]
@@ -138,9 +139,9 @@ def _pool(kind: str) -> Builder:
         kernel = a["kernel_shape"]
         rank = len(kernel)
         if rank not in (1, 2, 3):
-            raise _Unsupported(f"{rank}-D pooling")
+            raise _UnsupportedError(f"{rank}-D pooling")
         if kind == "max" and (a.get("storage_order", 0) or any(d != 1 for d in a.get("dilations", [1]))):
-            raise _Unsupported("dilations/storage_order are not supported")
+            raise _UnsupportedError("dilations/storage_order are not supported")
         pads = _pads(a, rank)
         strides = a.get("strides", [1] * rank)
         ceil = bool(a.get("ceil_mode", 0))
@@ -156,7 +157,7 @@ def _pool(kind: str) -> Builder:
                 if include:
                     inp, p = _pad_input(x[0], pads)
                 else:
-                    raise _Unsupported("AveragePool with asymmetric pads and count_include_pad=0")
+                    raise _UnsupportedError("AveragePool with asymmetric pads and count_include_pad=0")
             return [fn["avg"][rank - 1](inp, kernel, strides, p, ceil, include)]
 
         return run
@@ -180,7 +181,7 @@ def _gemm(a: dict[str, Any], o: int) -> OpFn:
 
 def _batchnorm(a: dict[str, Any], o: int) -> OpFn:
     if a.get("training_mode", 0):
-        raise _Unsupported("training_mode=1 is not supported")
+        raise _UnsupportedError("training_mode=1 is not supported")
     eps = a.get("epsilon", 1e-5)
 
     def run(x: Sequence[Any]) -> list[Any]:
@@ -278,9 +279,9 @@ def _slice(a: dict[str, Any], o: int) -> OpFn:
         axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
         steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
         index: list[Any] = [slice(None)] * x[0].dim()
-        for s, e, ax, st in zip(starts, ends, axes, steps):
+        for s, e, ax, st in zip(starts, ends, axes, steps, strict=True):
             if st <= 0:
-                raise _Unsupported("non-positive steps are not supported")
+                raise _UnsupportedError("non-positive steps are not supported")
             index[ax % x[0].dim()] = slice(s, min(e, x[0].shape[ax]), st)
         return [x[0][tuple(index)]]
 
@@ -318,7 +319,7 @@ def _constant(a: dict[str, Any], o: int) -> OpFn:
     elif "value_int" in a or "value_ints" in a:
         value = torch.tensor(a.get("value_int", a.get("value_ints")), dtype=torch.int64)
     else:
-        raise _Unsupported(f"Constant attribute {sorted(a)} is not supported")
+        raise _UnsupportedError(f"Constant attribute {sorted(a)} is not supported")
     return lambda x: [value]
 
 
@@ -330,7 +331,7 @@ def _split(a: dict[str, Any], o: int) -> OpFn:
         if sizes is None:
             n = a.get("num_outputs")
             if n is None:
-                raise _Unsupported("Split without sizes or num_outputs")
+                raise _UnsupportedError("Split without sizes or num_outputs")
             sizes = math.ceil(x[0].shape[axis] / n)
         return list(torch.split(x[0], sizes, dim=axis))
 

@@ -110,6 +110,7 @@ class DistillPass(OptPass[DistillConfig]):
     needs_calibration = True
 
     def requires(self, model: ir.Model) -> None:
+        """Check that a teacher and training data are there before anything runs."""
         if not self.config.teacher and distill_data.TEACHER_KEY not in self.context.cache:
             raise ir.passes.PreconditionError(
                 "distill needs a teacher: set teacher=PATH or run the `teacher` pass earlier in the pipeline"
@@ -118,8 +119,9 @@ class DistillPass(OptPass[DistillConfig]):
             raise ir.passes.PreconditionError("distill needs training data (calibration / --calib)")
 
     def call(self, model: ir.Model) -> PassReport:
+        """Convert, train, check the written ONNX in onnxruntime, then write back by name."""
         try:
-            from onnxopt import distill_torch, torch_graph  # noqa: PLC0415 - optional extra
+            from onnxopt import distill_torch, torch_graph
         except ImportError as err:
             raise DistillDependencyError(f"distill needs torch ({err}); install it with {INSTALL_HINT}") from None
         report = self.new_report(model)
@@ -136,7 +138,7 @@ class DistillPass(OptPass[DistillConfig]):
         targets = distill_data.teacher_outputs(teacher, inputs, cfg.batch_size, quiet=self.context.quiet)
         n = targets[0].shape[0]
         rng = np.random.default_rng(self.context.seed)
-        val_index = np.sort(rng.permutation(n)[: int(round(cfg.val_fraction * n))])
+        val_index = np.sort(rng.permutation(n)[: round(cfg.val_fraction * n)])
         params = [
             distill_torch.make_param(name, model.graph.initializers[name].const_value.numpy(), cfg.max_codebook)
             for name in names
@@ -166,8 +168,8 @@ class DistillPass(OptPass[DistillConfig]):
         candidate = model.clone()
         _write(candidate, result.weights)
         with runtime.session(candidate) as handle:
-            written = [np.concatenate(o) for o in zip(*_run_chunks(handle, check_inputs))]
-        diff = max(float(np.abs(w - a).max()) for w, a in zip(written, after))
+            written = [np.concatenate(o) for o in zip(*_run_chunks(handle, check_inputs), strict=True)]
+        diff = max(float(np.abs(w - a).max()) for w, a in zip(written, after, strict=True))
         if not diff <= cfg.check_atol:
             raise RuntimeError(f"distill: written ONNX differs from the trained torch model by {diff:.3g}")
         _write(model, result.weights)
@@ -209,7 +211,7 @@ def _run_chunks(handle: runtime.SessionHandle, inputs: dict[str, np.ndarray], si
 def _check_outputs(student: list[np.ndarray], teacher: list[np.ndarray], where: str) -> None:
     if len(student) != len(teacher):
         raise ValueError(f"distill: student has {len(student)} outputs, teacher ({where}) has {len(teacher)}")
-    for i, (s, t) in enumerate(zip(student, teacher)):
+    for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         if s.shape[1:] != t.shape[1:]:
             raise ValueError(f"distill: output {i} shape {s.shape[1:]} differs from the teacher's {t.shape[1:]}")
 

@@ -28,6 +28,7 @@ class TeacherPass(OptPass[EmptyConfig]):
     lossless = True
 
     def call(self, model: ir.Model) -> PassReport:
+        """Store the serialized model under the teacher key of the context cache."""
         report = self.new_report(model)
         self.context.cache[distill_data.TEACHER_KEY] = ir.to_proto(model).SerializeToString()
         report.note("recorded the model as the teacher for distill")

@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the distill extra (torch): pip install 'onnxopt[distill]'")
 
-from onnxopt import data, distill_torch, pipeline, recipes, runtime  # noqa: E402
-from onnxopt.context import PassContext  # noqa: E402
-from onnxopt.pass_base import make  # noqa: E402
-from onnxopt.torch_graph import TorchGraph, UnsupportedOpError  # noqa: E402
-from tests.conftest import load_model, model_path  # noqa: E402
+from onnxopt import data, distill_torch, pipeline, recipes, runtime
+from onnxopt.context import PassContext
+from onnxopt.pass_base import make
+from onnxopt.torch_graph import TorchGraph, UnsupportedOpError
+from tests.conftest import load_model, model_path
 
 
 def _graph_model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], inputs: list, outputs: list) -> ir.Model:
@@ -126,7 +126,7 @@ def test_torch_graph_matches_onnxruntime_on_more_ops(rng):
         "x": rng.standard_normal((2, 4, 6)).astype(np.float32),
         "x4": rng.standard_normal((1, 2, 5, 5)).astype(np.float32),
     }
-    for got, want in zip(_torch(model, feeds), _ort(model, feeds)):
+    for got, want in zip(_torch(model, feeds), _ort(model, feeds), strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
