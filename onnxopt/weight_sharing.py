@@ -104,12 +104,22 @@ def select(model: ir.Model, opts: SharingOptions, report: PassReport) -> list[Ta
         layer = layer if isinstance(layer, repair.Layer) else None
         axis = None
         if opts.per_channel:
-            if layer is None:
-                report.skip(f"{node.op_type}: per-channel needs a Gemm/2-D MatMul/Conv weight")
+            axis = layer.out_axis if layer is not None else _output_axis(node)
+            if axis is None:
+                report.skip(f"{node.op_type}: no output-channel axis for a per-channel codebook")
                 continue
-            axis = layer.out_axis
         targets[id(weight)] = Target(weight, layer, axis)
     return list(targets.values())
+
+
+def _output_axis(node: ir.Node) -> int | None:
+    """Output-channel axis of a weight without a layer view (grouped Conv, ConvTranspose)."""
+    rank = len(node.inputs[1].const_value.shape)
+    if node.op_type == "Conv" and rank >= 3:
+        return 0
+    if node.op_type == "ConvTranspose" and rank >= 3 and node.attributes.get_int("group", 1) == 1:
+        return 1
+    return None
 
 
 def _skip_reason(weight: ir.Value, opts: SharingOptions) -> str | None:

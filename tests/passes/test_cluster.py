@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import helper, numpy_helper
 from onnxopt.passes.cluster import ClusterConfig, ClusterPass
 
 from onnxopt import data, io, runtime, validation
@@ -96,6 +97,33 @@ def test_packed_odd_sizes_equal_baked(per_channel):
 
 def _gemm_weight(model: ir.Model) -> str:
     return next(n for n in model.graph if n.op_type == "Gemm").inputs[1].name
+
+
+def test_per_channel_depthwise_and_transposed_conv():
+    """Grouped Conv and ConvTranspose have no repair view but still get per-channel codebooks."""
+    rng = np.random.default_rng(5)
+    dw = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    up = rng.standard_normal((8, 4, 2, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "dw"], ["h"], group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["h", "up"], ["y"], strides=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 12, 12])],
+        [numpy_helper.from_array(dw, "dw"), numpy_helper.from_array(up, "up")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    baked, packed = (ir.serde.deserialize_model(proto) for _ in range(2))
+    ops = frozenset({"Conv", "ConvTranspose"})
+    _run(baked, clusters=3, per_channel=True, min_elements=0, op_types=ops)
+    report = _run(packed, clusters=3, per_channel=True, min_elements=0, op_types=ops, pack=True)
+    assert report.counts["packed"] == 2 and op_counts(packed)["Transpose"] == 1
+    w = baked.graph.initializers["up"].const_value.numpy()
+    assert max(len(np.unique(w[:, c])) for c in range(4)) <= 3
+    ds = data.Dataset.from_feeds([{"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)}])
+    np.testing.assert_allclose(_outputs(packed, ds, "basic"), _outputs(baked, ds, "basic"), rtol=0, atol=1e-6)
 
 
 def test_packed_per_channel_conv_equals_baked():
