@@ -81,7 +81,10 @@ def node_modules() -> list[str]:
     """Names of the generator modules in ``onnx.backend.test.case.node`` (sorted)."""
     import onnx.backend.test.case.node as pkg
 
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    prefix = pkg.__name__ + "."
+    walk = pkgutil.walk_packages(pkg.__path__, prefix)  # includes the ai_onnx_ml/ subpackage
+    names = (m.name[len(prefix) :] for m in walk if not m.ispkg)
+    return sorted(n for n in names if not any(part.startswith("_") for part in n.split(".")))
 
 
 def node_cases(modules: Iterable[str] | None = None) -> list[Case]:
