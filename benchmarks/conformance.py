@@ -5,6 +5,7 @@ Usage::
     python benchmarks/conformance.py                      # all our passes and recipes + anchors
     python benchmarks/conformance.py --tools simplify onnxsim onnxslim occ-fp16
     python benchmarks/conformance.py --sample 200 --seed 0  # a seeded subset of the cases
+    python benchmarks/conformance.py --merge OUT1 OUT2      # one table from runs (later wins)
 
 Writes ``<out>/eligibility.json`` (reused when onnx and onnxruntime versions match),
 ``<out>/outcomes.jsonl`` (one verdict per case and tool) and ``<out>/table.md``, and prints the
@@ -63,6 +64,18 @@ def _eligibility(all_cases: list[_cases.Case], out: pathlib.Path, args: argparse
     return cached
 
 
+def _merge(paths: list[pathlib.Path], tool_names: list[str] | None) -> int:
+    latest: dict[tuple[str, str], harness.Outcome] = {}  # a later run replaces an earlier verdict
+    for path in paths:
+        path = path / "outcomes.jsonl" if path.is_dir() else path
+        for line in path.read_text().splitlines():
+            o = harness.Outcome(**json.loads(line))
+            latest[(o.tool, o.case)] = o
+    counts = harness.summarize(latest.values())
+    print(harness.format_table(counts, tool_names or sorted(counts)))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tools", nargs="*", help="default: every pass and recipe, then the anchors")
@@ -73,7 +86,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per case and tool")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "conformance")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--merge", nargs="*", type=pathlib.Path,
+                        help="print one table from the outcomes.jsonl of earlier runs (no new run)")
     args = parser.parse_args()
+    if args.merge:
+        return _merge(args.merge, args.tools)
     args.out.mkdir(parents=True, exist_ok=True)
     tool_names = args.tools or [*tools.our_tools(), *tools.ANCHORS]
 

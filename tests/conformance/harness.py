@@ -168,8 +168,13 @@ def check_original(case: Case) -> Outcome:
     return Outcome(case.key, "original", "eligible", detail, time.perf_counter() - t0)
 
 
-def evaluate(case: Case, tool: str, original_full_check: bool = True) -> Outcome:
-    """Run ``tool`` on ``case`` and classify the result (runs inside a worker process)."""
+def evaluate(
+    case: Case, tool: str, original_full_check: bool = True, keep: pathlib.Path | None = None
+) -> Outcome:
+    """Run ``tool`` on ``case`` and classify the result (runs inside a worker process).
+
+    ``keep``: copy the tool's output model there (for further checks by the caller).
+    """
     t0 = time.perf_counter()
     kind, (p_rtol, p_atol) = _tools.tool_kind(tool)
     rtol, atol = max(case.rtol, p_rtol), max(case.atol, p_atol)
@@ -191,6 +196,8 @@ def evaluate(case: Case, tool: str, original_full_check: bool = True) -> Outcome
             if refusal is not None:
                 return done("unchanged-with-reason", f"refused: {refusal}")
             return done("crashed", f"{_one_line(err)} [{_where(err)}]")
+        if keep is not None and dst.exists():
+            keep.write_bytes(dst.read_bytes())  # the tools under test write one self-contained file
         if src.read_bytes() != case.model:
             return done("invalid", "the tool modified its input file")
         try:
