@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from typing import Literal
 
 import ml_dtypes
@@ -42,11 +43,26 @@ __all__ = [
     "fit_log",
     "index_dtype_for",
     "write_weight",
+    "Stored",
 ]
 
 logger = logging.getLogger(__name__)
 
 IndexDType = Literal["auto", "uint8", "uint4"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """How a weight was written: storage kind, bytes of the tensors that hold it, deflated bytes."""
+
+    kind: str
+    nbytes: int
+    zipped: int
+
+
+def _stored(kind: str, tensors: list[ir.TensorProtocol]) -> Stored:
+    raw = b"".join(t.tobytes() for t in tensors)
+    return Stored(kind, len(raw), len(zlib.compress(raw, 9)))
 
 
 @dataclasses.dataclass
@@ -217,8 +233,8 @@ def write_weight(
     opset: int,
     pass_name: str,
     shared: dict[str, ir.Value] | None = None,
-) -> str:
-    """Put the codebook's weights into ``graph`` in place of ``weight``; returns the storage kind.
+) -> Stored:
+    """Put the codebook's weights into ``graph`` in place of ``weight``; say how it is stored.
 
     ``shared`` caches the small constants (unpacking divisors, shapes) so that several packed
     weights of one graph use one copy of each.
@@ -227,7 +243,8 @@ def write_weight(
     dtype = weight.const_value.dtype.numpy()
     if not pack:
         weight.const_value = ir.tensor(book.weights(dtype), name=weight.name)
-        return "baked"
+        return _stored("baked", [weight.const_value])
+    before = set(graph.initializers)
     kind = index_dtype_for(book.k, index_dtype)
     taken = _names(graph)
     base = weight.name
@@ -269,7 +286,8 @@ def write_weight(
     ir.convenience.replace_all_uses_with(weight, out)
     if weight.name in graph.initializers and not weight.uses() and not weight.is_graph_output():
         graph.initializers.pop(weight.name)
-    return kind
+    created = [v.const_value for n, v in graph.initializers.items() if n not in before]
+    return _stored(kind, created)
 
 
 def _names(graph: ir.Graph) -> set[str]:

@@ -164,6 +164,12 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
             # Sequential: this layer's inputs come from the model with the layers before it shared.
             st = repair.collect_stats(model, [target.layer], calib, quiet=context.quiet, teacher=teacher)[0]
         _share_one(model.graph, target, fit, opts, st, report, opset, pass_name, shared)
+    done = [r for r in report.records if "bytes_before" in r]
+    if done:
+        before = sum(r["bytes_before"] for r in done)
+        after = sum(r["bytes_after"] for r in done)
+        zipped = sum(r["zlib_bytes_after"] for r in done)
+        report.note(f"shared weights: {before} -> {after} bytes ({zipped} deflated)")
 
 
 def _share_one(
@@ -197,7 +203,10 @@ def _share_one(
         graph, weight, book, pack=opts.pack, index_dtype=opts.index_dtype, opset=opset, pass_name=pass_name,
         shared=shared,
     )
-    fields["storage"] = storage
+    fields["storage"] = storage.kind
+    fields["bytes_before"] = int(w.nbytes)
+    fields["bytes_after"] = storage.nbytes  # packed: indices + codebook + shape constants
+    fields["zlib_bytes_after"] = storage.zipped  # deflate level 9, as in a .zip
     report.count("shared")
     if opts.pack:
         report.count("packed")

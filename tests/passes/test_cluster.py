@@ -139,9 +139,13 @@ def test_packed_per_channel_conv_equals_baked():
 def test_packed_bytes_near_bits_over_32():
     model = mlp(hidden=256)
     before = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if n.startswith("W"))
-    _run(model, clusters=16, pack=True, min_elements=0)
+    report = _run(model, clusters=16, pack=True, min_elements=0)
     idx = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if ".idx" in n)
     assert idx <= before * 4 / 32 + 3  # + one padding nibble per tensor
+    after = sum(r["bytes_after"] for r in report.records)
+    assert idx < after <= idx + 3 * 16 * 4 + 64  # + 16-entry float codebooks and shape constants
+    assert sum(r["bytes_before"] for r in report.records) == before
+    assert any(f"{before} -> {after} bytes" in n for n in report.notes)
 
 
 def test_output_error_within_bound_from_report():
