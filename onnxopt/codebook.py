@@ -38,12 +38,12 @@ from onnxopt.kmeans1d import Init, assign, kmeans1d
 __all__ = [
     "Codebook",
     "IndexDType",
+    "Stored",
     "fit_kmeans",
     "fit_linear",
     "fit_log",
     "index_dtype_for",
     "write_weight",
-    "Stored",
 ]
 
 logger = logging.getLogger(__name__)
