@@ -26,8 +26,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conformance import cases as _cases  # noqa: E402
-from tests.conformance import harness, tools  # noqa: E402
+from tests.conformance import cases as _cases
+from tests.conformance import harness, tools
 
 
 def _versions() -> dict[str, str]:

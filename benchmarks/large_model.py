@@ -23,9 +23,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from tests.conformance.large import run_with_peak_rss, write_large_mlp  # noqa: E402
+from tests.conformance.large import run_with_peak_rss, write_large_mlp
 
 INT8_NAMES = ("quantize", "int8", "qdq", "quant-int8")
 

@@ -105,7 +105,7 @@ def assert_clean_failure_or_correct(workdir: pathlib.Path, model_path: pathlib.P
     for i in ref.get_inputs():
         shape = [d if isinstance(d, int) else 2 for d in i.shape]
         feeds[i.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for r, c in zip(ref.run(None, feeds), cand.run(None, feeds)):
+    for r, c in zip(ref.run(None, feeds), cand.run(None, feeds), strict=True):
         np.testing.assert_allclose(c, r, rtol=1e-4, atol=1e-5)
 
 

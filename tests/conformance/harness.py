@@ -90,7 +90,7 @@ def _mismatch(expected: Any, got: Any, kind: str, rtol: float, atol: float, wher
             return None if expected is None and got is None else f"{where}: optional presence differs"
         if not isinstance(got, (list, tuple)) or len(got) != len(expected):
             return f"{where}: sequence differs"
-        for i, (e, g) in enumerate(zip(expected, got)):
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
             why = _mismatch(e, g, kind, rtol, atol, f"{where}[{i}]")
             if why:
                 return why
@@ -131,10 +131,10 @@ def _mismatch(expected: Any, got: Any, kind: str, rtol: float, atol: float, wher
 
 
 def _compare(case: Case, results: list[list[Any]], kind: str, rtol: float, atol: float) -> str | None:
-    for k, ((_, expected), got) in enumerate(zip(case.data_sets, results)):
+    for k, ((_, expected), got) in enumerate(zip(case.data_sets, results, strict=True)):
         if len(got) != len(expected):
             return f"data set {k}: {len(got)} outputs, expected {len(expected)}"
-        for i, (e, g) in enumerate(zip(expected, got)):
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
             why = _mismatch(e, g, kind, rtol, atol, f"data set {k} output {i}")
             if why:
                 return why

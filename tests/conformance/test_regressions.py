@@ -43,7 +43,7 @@ def test_simplify_keeps_identity_between_two_outputs_of_a_scan_body(rng):
     pass_base.make("simplify")(model)
     names, got = _run(model, feed)
     assert names == ref_names
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         np.testing.assert_allclose(g, r, **TOL["exact"])
 
 
@@ -54,7 +54,7 @@ def test_simplify_keeps_both_names_when_one_output_is_an_identity_of_another(rng
     pass_base.make("simplify")(model)
     names, got = _run(model, feed)
     assert names == ref_names == ["a", "b"]
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         np.testing.assert_allclose(g, r, **TOL["exact"])
 
 

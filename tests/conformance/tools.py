@@ -79,7 +79,7 @@ def tool_kind(tool: str) -> tuple[str, tuple[float, float]]:
     if all(c.lossless for c in classes):
         return "lossless", (max(c.tolerance[0] for c in classes), max(c.tolerance[1] for c in classes))
     names = [tool, *(c.name for c in classes)]
-    lossy = [n for c, n in zip(classes, names[1:]) if not c.lossless]
+    lossy = [n for c, n in zip(classes, names[1:], strict=True) if not c.lossless]
     if all(any(w in n for w in _FP16_WORDS) for n in lossy):
         return "fp16", (1e-2, 1e-3)
     return "lossy", (0.0, 0.0)
