@@ -12,6 +12,10 @@ Parts (``--part``; all by default), every number measured in this run:
                latency (ORT_ENABLE_ALL, ``--threads``, batch ``--batch``) of the FP32 and pruned
                models measured in interleaved rounds in this process; top-1 without and with
                repair.
+``ocr``        16 clusters packed on the PP-OCR cls and det models (weights lifted by simplify),
+               without and with repair from the captured real feeds (benchmarks/ocr/ocr_data.py
+               capture): file/zip sizes, relative L2 error and cosine of the outputs on the
+               held-out captured feeds.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
@@ -20,7 +24,7 @@ Parts (``--part``; all by default), every number measured in this run:
 
 Usage::
 
-    python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks]
+    python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks|ocr]
         [--rounds 200] [--threads 1] [--batch 64] [--json OUT.json]
 """
 
@@ -39,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxopt import codebook, data, flops, io, pipeline, recipes, repair, runtime
+from onnxopt import codebook, data, flops, io, pipeline, recipes, repair, runtime, validation
 from onnxopt.context import PassContext
 from onnxopt.recipes import Step
 
@@ -209,7 +213,7 @@ def _weights(model: ir.Model) -> list[tuple[np.ndarray, int | None]]:
 def part_codebooks() -> list[dict]:
     paths = {n: MODELS / f"{n}.onnx" for n in ("digits_mlp", "digits_cnn", "digits_transformer")}
     try:
-        import ocr_data
+        import ocr_data  # optional: needs rapidocr-onnxruntime
 
         found = ocr_data.model_paths()
         paths.update({f"pp-ocr {k}": found[k] for k in ("det", "cls") if k in found})
@@ -248,6 +252,41 @@ def part_codebooks() -> list[dict]:
     return rows
 
 
+def part_ocr(stages: list[str]) -> list[dict]:
+    """16 clusters packed on PP-OCR models, repair from the captured real feeds (one pass)."""
+    import ocr_data  # optional: needs rapidocr-onnxruntime
+
+    feeds_dir = ROOT / "benchmarks" / "ocr" / ".cache" / "feeds"
+    if not (feeds_dir / "det").is_dir():
+        raise SystemExit(f"no captured feeds in {feeds_dir}: run python benchmarks/ocr/ocr_data.py capture")
+    cluster = {"clusters": 16, "pack": True}
+    settings = {
+        "16 clusters packed": cluster,
+        "16 clusters packed + repair": {**cluster, "repair": True, "sequential": False},
+        "16 clusters/channel packed + repair": {**cluster, "repair": True, "sequential": False, "per_channel": True},
+    }
+    rows = []
+    for stage in stages:
+        path = ocr_data.model_paths()[stage]
+        base = io.load_model(path)
+        signature = data.input_signature(base)
+        calib = data.load_data(feeds_dir / stage, signature)
+        held_out = data.load_data(feeds_dir / f"eval_{stage}", signature)
+        raw, zipped = file_sizes(base)
+        rows.append({"model": f"pp-ocr {stage}", "setting": "fp32", "file_bytes": raw, "zip_bytes": zipped})
+        for label, options in settings.items():
+            t0 = time.perf_counter()
+            context = PassContext(calibration=calib, quiet=True)
+            steps = [Step("simplify"), Step("cluster", options)]
+            model = pipeline.run(io.load_model(path), recipes.build(steps, context)).model
+            seconds = time.perf_counter() - t0
+            cmp = validation.compare(base, model, held_out, rtol=1.0, atol=10.0)
+            raw, zipped = file_sizes(model)
+            rows.append({"model": f"pp-ocr {stage}", "setting": label, "file_bytes": raw, "zip_bytes": zipped,
+                         "rel_l2": cmp.worst("rel_l2"), "cosine": cmp.worst("cosine"), "seconds": seconds})
+    return rows
+
+
 def _table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):
@@ -261,7 +300,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks"])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
@@ -295,6 +334,11 @@ def main() -> None:
         print("\n## 4-bit codebooks: relative weight error (lower is better)\n")
         print(_table(rows, ["model", "granularity", "tensors", "parameters", "rel_error_linear", "rel_error_kmeans",
                             "rel_error_log"]))
+    if args.part in ("all", "ocr"):
+        rows = part_ocr(["cls", "det"])
+        result["ocr"] = rows
+        print("\n## PP-OCR cls/det: 16 clusters packed (held-out captured feeds; worst output)\n")
+        print(_table(rows, ["model", "setting", "file_bytes", "zip_bytes", "rel_l2", "cosine", "seconds"]))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
 

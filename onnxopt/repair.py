@@ -50,6 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 # Columns of a codebook refit processed at once (bounds the one-hot tensor to K * 256 * k).
 _CHUNK = 256
+# Rows (samples x output positions) per feed kept for the moments: a large image gives a Conv
+# hundreds of thousands of patches; an evenly strided subset estimates E[x x^T] at a fraction of
+# the O(rows * K^2) cost.
+MAX_ROWS_PER_FEED = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +170,14 @@ class LayerStats:
             self.t_sum += t.sum(axis=0)
 
 
-def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """Return the layer input ``x`` as rows of X (im2col patches for Conv)."""
+def _rows(layer: Layer, x: np.ndarray, limit: int) -> np.ndarray:
+    """Return the layer input ``x`` as rows of X (im2col patches for Conv), at most ``limit``.
+
+    Beyond ``limit`` rows an evenly strided subset is taken, before the patches are copied.
+    """
     if layer.kind != "conv":
-        return x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[_subset(rows.shape[0], limit)] if rows.shape[0] > limit else rows
     kh, kw = layer.weight.const_value.shape.numpy()[2:]
     a = layer.node.attributes
     pads = a.get_ints("pads", [0, 0, 0, 0])
@@ -177,8 +185,18 @@ def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     dh, dw = a.get_ints("dilations", [1, 1])
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     win = np.lib.stride_tricks.sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, Ho, Wo, kh, kw]
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, Ho, Wo, kh, kw], still a view
+    b, _, ho, wo = win.shape[:4]
+    if b * ho * wo > limit:
+        flat = _subset(b * ho * wo, limit)
+        bi, rest = np.divmod(flat, ho * wo)
+        hi, wi = np.divmod(rest, wo)
+        return win[bi, :, hi, wi].reshape(flat.size, -1)  # [n, C, kh, kw] -> [n, C*kh*kw]
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+
+def _subset(n: int, limit: int) -> np.ndarray:
+    return np.linspace(0, n - 1, limit).astype(np.int64)
 
 
 def collect_stats(
@@ -204,8 +222,9 @@ def collect_stats(
         paired = ((c, None) for c in captured)
     for outs, t_outs in tqdm.tqdm(paired, total=total, desc="repair stats", unit="feed", disable=quiet, leave=False):
         for lay, st, name in zip(layers, stats, names, strict=True):
-            t_rows = _rows(lay, t_outs[name]) if t_outs is not None else None
-            st.add(_rows(lay, outs[name]), t_rows)
+            rows = _rows(lay, outs[name], MAX_ROWS_PER_FEED)
+            t_rows = _rows(lay, t_outs[name], MAX_ROWS_PER_FEED) if t_outs is not None else None
+            st.add(rows, t_rows)
     return stats
 
 

@@ -298,3 +298,17 @@ def test_recipes_registered():
     assert [s.name for s in recipes.get_recipe("compress").steps] == ["simplify", "prune", "cluster"]
     dc = recipes.get_recipe("deep-compression")
     assert dc.needs_calibration and dict(dc.steps[2].options)["pack"] is True
+
+
+def test_repair_statistics_subsample_large_feeds(monkeypatch):
+    """Above MAX_ROWS_PER_FEED the patches are an evenly strided subset; repair still helps."""
+    from onnxopt import repair
+
+    monkeypatch.setattr(repair, "MAX_ROWS_PER_FEED", 40)
+    calib, held_out = feeds(cnn(), 4, seed=1), feeds(cnn(), 2, seed=2)
+    ref, plain, repaired = cnn(), cnn(), cnn()
+    _run(plain, clusters=4, min_elements=0)
+    report = _run(repaired, calib, clusters=4, min_elements=0, repair=True)
+    assert report.counts["repaired"] == 3
+    y = _outputs(ref, held_out)
+    assert np.linalg.norm(_outputs(repaired, held_out) - y) < np.linalg.norm(_outputs(plain, held_out) - y)
