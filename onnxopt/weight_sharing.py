@@ -128,6 +128,8 @@ def _skip_reason(weight: ir.Value, opts: SharingOptions) -> str | None:
         return f"weight dtype {tensor.dtype.name} is not float"
     if tensor.size < opts.min_elements:
         return f"weight smaller than min_elements={opts.min_elements}"
+    if not np.isfinite(tensor.numpy()).all():
+        return "weight has non-finite values"
     name = weight.name or ""
     if opts.include and not re.search(opts.include, name):
         return "name does not match include"

@@ -222,6 +222,16 @@ def test_skips_with_reasons():
     assert report.skipped["weight dtype INT32 is not float"] == 1
 
 
+@pytest.mark.parametrize("pass_name", ["cluster", "logquant", "prune"])
+def test_non_finite_weight_is_skipped_not_crashed(pass_name):
+    model = mlp()
+    w = model.graph.initializers["W2"].const_value.numpy().copy()
+    w[0, 0] = np.nan
+    model.graph.initializers["W2"].const_value = ir.tensor(w, name="W2")
+    report = make(pass_name, {"min_elements": 0, "include": "W2"})(model)
+    assert not report.modified and report.skipped["weight has non-finite values"] == 1
+
+
 def test_first_last_and_patterns():
     model = mlp()
     report = _run(model, min_elements=0, skip_first=True, skip_last=True)
