@@ -36,6 +36,7 @@ __all__ = [
     "cast_pairs",
     "convert",
     "float_params",
+    "infer_main_graph_types",
     "range_reasons",
 ]
 
@@ -138,8 +139,7 @@ def convert(
 
     """
     graph = model.graph
-    if any(v.type is None for node in graph for v in node.outputs):
-        ir_common.ShapeInferencePass()(model)  # types decide which inputs need a Cast
+    infer_main_graph_types(model)  # types decide which inputs need a Cast
     opset = _opset(model)
     result = ConversionResult(bytes_before=_ir_utils.parameter_count(model)[1])
     wanted = set(lower)
@@ -201,6 +201,30 @@ def convert(
     _drop_identity_casts(graph)
     result.bytes_after = _ir_utils.parameter_count(model)[1]
     return result
+
+
+def infer_main_graph_types(model: ir.Model) -> list[ir.Value]:
+    """Give untyped main-graph node outputs their inferred tensor type; returns those values.
+
+    Inference runs on a clone and only main-graph tensor types are copied back: onnx-ir's
+    ShapeInferencePass writes tensor types onto sequence/optional values inside subgraphs,
+    which the checker then rejects.
+    """
+    untyped = [v for node in model.graph for v in node.outputs if v.type is None and v.name]
+    if not untyped:
+        return []
+    clone = model.clone()
+    ir_common.ShapeInferencePass()(clone)
+    inferred = {v.name: v for node in clone.graph for v in node.outputs if v.name}
+    typed = []
+    for value in untyped:
+        other = inferred.get(value.name)
+        if other is not None and isinstance(other.type, ir.TensorType) and other.dtype is not None:
+            value.type = ir.TensorType(other.dtype)
+            if other.shape is not None:
+                value.shape = other.shape.copy()
+            typed.append(value)
+    return typed
 
 
 def _set_dtype(value: ir.Value, dtype: ir.DataType) -> None:

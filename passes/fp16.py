@@ -19,7 +19,6 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_common
 
 from onnxopt import calibration, float16
 from onnxopt.config import option
@@ -85,8 +84,7 @@ class Fp16Pass(OptPass[Fp16Config]):
         """Range-check (with calibration data), then convert; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
-        untyped = [v for n in model.graph for v in n.outputs if v.type is None and not v.is_graph_output()]
-        ir_common.ShapeInferencePass()(model)
+        untyped = [v for v in float16.infer_main_graph_types(model) if not v.is_graph_output()]
         table = None
         if cfg.auto_keep and self.context.calibration is not None:
             table = calibration.cached_ranges(self.context, model, None, cfg.calibration_method)  # type: ignore[arg-type]
