@@ -226,12 +226,12 @@ def _write(model: ir.Model, weights: dict[str, np.ndarray]) -> None:
         value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name)
 
 
-add_recipe(Recipe("compress-distill", "teacher, then the deep-compression steps (80% global pruning, 16 clusters, "
-                  "both repaired on --calib data), distillation against the input model on --calib data "
+add_recipe(Recipe("compress-distill", "teacher, then 80% global pruning and 16 clusters per output channel "
+                  "(both repaired on --calib data), distillation against the input model on --calib data "
                   "(labels used when present), and 4-bit packing of the trained codebooks",
                   (Step("teacher"), Step("simplify"),
                    Step("prune", {"sparsity": 0.8, "scope": "global", "skip_last": True, "repair": True}),
-                   Step("cluster", {"clusters": 16, "repair": True, "min_elements": 0}),
+                   Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0}),
                    Step("distill"),
-                   Step("cluster", {"clusters": 16, "pack": True, "min_elements": 0})),
+                   Step("cluster", {"clusters": 16, "per_channel": True, "pack": True, "min_elements": 0})),
                   needs_calibration=True))
