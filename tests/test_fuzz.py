@@ -145,7 +145,7 @@ def test_truncated_protobuf_is_a_load_error_or_a_valid_model(workdir, cut):
     onnx.load_from_string(_ir_to_bytes(model))
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=120)
 @given(flips=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 7)), min_size=1, max_size=8))
 def test_bit_flipped_protobuf_is_a_clear_error_or_handled(workdir, flips):
     data = bytearray(VALID)
@@ -236,7 +236,7 @@ MUTATIONS = [
 ]
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=80)
 @given(how=st.sampled_from(MUTATIONS), opset=st.integers(7, 23))
 def test_malformed_graphs_fail_cleanly_or_optimize_correctly(workdir, how, opset):
     model = _mutate(mlp(opset), how)
@@ -348,7 +348,7 @@ def _consume(dataset) -> int:
     return n
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(arrays=npz_arrays(), as_folder=st.booleans())
 def test_npz_readers_give_data_errors_or_valid_feeds(workdir, arrays, as_folder):
     root = fresh(workdir)
