@@ -10,9 +10,15 @@ activations, split at rank 25% of min(K, N). The FLOP arithmetic predicts the ra
 r * (K + N) / (K * N); the measured ratio comes from interleaved onnxruntime runs of both models in
 the same process (so machine load affects both alike).
 
+Part 3 (``--part ocr``, not in ``all``: minutes): the real PP-OCRv4 text detector from
+rapidocr-onnxruntime (many 1x1 Convs), simplified, then split by the ``lowrank`` pass (plain vs
+aware at rank 25%, and aware with the global 50% target) using the captured real feeds of
+``benchmarks/ocr/ocr_data.py capture``; output error on the held-out feeds, interleaved latency,
+and the character error rate of the whole OCR pipeline on the held-out images.
+
 Usage::
 
-    python benchmarks/bench_lowrank.py [--part all|accuracy|latency] [--tokens 64 256]
+    python benchmarks/bench_lowrank.py [--part all|accuracy|latency|ocr] [--tokens 64 256]
         [--rounds 60] [--threads 1] [--json OUT.json]
 """
 
@@ -158,9 +164,86 @@ def latency(token_counts: list[int], rounds: int, threads: int, k: int = 1024, n
     return out
 
 
+def _interleaved(handles: dict, feed: dict, rounds: int) -> dict[str, float]:
+    """Median ms per model over ``rounds`` rounds, models in shuffled order each round."""
+    for h in handles.values():
+        h.run(feed)
+    times: dict[str, list[float]] = {key: [] for key in handles}
+    order = list(handles)
+    for _ in tqdm.trange(rounds, desc="latency", leave=False):
+        random.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            handles[key].run(feed)
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def ocr(rounds: int, threads: int, max_feeds: int) -> list[dict]:
+    """Low-rank split of the PP-OCR detector on real feeds; error, latency and CER."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
+    import ocr_data
+    from onnxopt.passes.simplify import SimplifyPass
+
+    feeds_dir = ocr_data.CACHE_DIR / "feeds"
+    if not (feeds_dir / "det").is_dir():
+        ocr_data.capture_feeds(ocr_data.load_image_set(ocr_data.default_data_dir())[0], feeds_dir)
+    eval_dir = ocr_data.CACHE_DIR / "eval_images"
+    ocr_data.make_eval_images(eval_dir)
+    images, gt = ocr_data.load_image_set(eval_dir)
+    reference = io.load_model(ocr_data.model_paths()["det"])
+    SimplifyPass()(reference)
+    signature = data.input_signature(reference)
+    calib = data.load_data(feeds_dir / "det", signature)
+    held_out = data.load_data(feeds_dir / "eval_det", signature)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-lowrank-"))
+    ref_path = tmp / "det.onnx"
+    io.save_model(reference, ref_path)
+    context = PassContext(calibration=calib, quiet=True)
+    settings = {
+        "simplified (reference)": None,
+        "plain r=25%": LowRankConfig(method="plain", max_feeds=max_feeds),
+        "aware r=25%": LowRankConfig(method="aware", max_feeds=max_feeds),
+        "aware global 50%": LowRankConfig(method="aware", rank_mode="global", target=0.5, max_feeds=max_feeds),
+    }
+    rows = []
+    feed = next(iter(held_out))
+    for label, cfg in settings.items():
+        row: dict = {"setting": label}
+        path = ref_path
+        if cfg is not None:
+            model = io.load_model(ref_path)
+            report = LowRankPass(cfg, context)(model)
+            path = tmp / f"det.{len(rows)}.onnx"
+            io.save_model(model, path)
+            before = sum(r["params_before"] for r in report.records)
+            after = sum(r["params_after"] for r in report.records)
+            result = validation.compare(ref_path, path, held_out)
+            with runtime.session(ref_path, threads=threads, opt_level="all") as a, runtime.session(
+                path, threads=threads, opt_level="all"
+            ) as b:
+                lat = _interleaved({"ref": a, "split": b}, feed, rounds)
+            row |= {
+                "layers_split": report.counts["split"],
+                "param_reduction_split_layers": 1 - after / before if before else 0.0,
+                "rel_l2": result.worst("rel_l2"),
+                "cosine": result.worst("cosine"),
+                "latency_ms_ref": lat["ref"],
+                "latency_ms_split": lat["split"],
+                "latency_ratio": lat["split"] / lat["ref"],
+            }
+        quality = ocr_data.ocr_quality(path, None, images, gt)
+        row |= {"cer": quality["cer"], "cer_nospace": quality["cer_nospace"]}
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "accuracy", "latency"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "latency", "ocr"], default="all")
+    parser.add_argument("--ocr-feeds", type=int, default=8, help="ocr: calibration feeds for X^T X")
     parser.add_argument("--models", nargs="+", default=["digits_mlp", "digits_transformer"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[64, 256])
     parser.add_argument("--rounds", type=int, default=60)
@@ -191,6 +274,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"(predicted ratio {t['predicted_flop_ratio']:.4f}); median ms unsplit {t['unsplit_ms']:.3f}, "
                 f"split {t['split_ms']:.3f}: measured ratio {t['ratio']:.3f} "
                 f"(per-round median {t['ratio_per_round_median']:.3f}); output rel_l2 {t['output_rel_l2']:.3f}"
+            )
+    if args.part == "ocr":
+        results["ocr"] = ocr(args.rounds, args.threads, args.ocr_feeds)
+        print("PP-OCRv4 det            split  params-   rel_l2  cosine   ms ref   ms split  ratio    CER")
+        for row in results["ocr"]:
+            if "rel_l2" not in row:
+                print(f"{row['setting']:<23} {'':>47}  {'':>15}  {row['cer']:.4f}")
+                continue
+            print(
+                f"{row['setting']:<23} {row['layers_split']:>5}  {row['param_reduction_split_layers']:6.1%}  "
+                f"{row['rel_l2']:7.4f}  {row['cosine']:.5f}  {row['latency_ms_ref']:7.2f}  "
+                f"{row['latency_ms_split']:8.2f}  {row['latency_ratio']:.3f}  {row['cer']:.4f}"
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
