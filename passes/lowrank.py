@@ -105,7 +105,10 @@ class LowRankPass(OptPass[LowRankConfig]):
         report = self.new_report(model)
         cfg = self.config
         cands: list[lg.Candidate] = []
-        for node in _ir_utils.iter_nodes(model, cfg.op_types, subgraphs=False):
+        for node in _ir_utils.iter_nodes(model, cfg.op_types):
+            if node.graph is not model.graph:
+                report.skip("node is in a subgraph (only the main graph is split)")
+                continue
             found = lg.find_candidate(
                 node, min_elements=cfg.min_elements, spatial=cfg.spatial, pass_name=self.name
             )

@@ -438,3 +438,22 @@ def test_global_flops_target_cuts_the_layer_that_sees_more_rows(rng):
     # Counting FLOPs, the layer applied to 8x more rows is cut deeper than when counting parameters.
     assert ranks["flops"]["per_token"] < ranks["flops"]["pooled"]
     assert ranks["flops"]["per_token"] <= ranks["params"]["per_token"]
+
+
+def test_subgraph_nodes_are_reported_not_split(rng):
+    w = low_rank(rng, 16, 16, 2)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["b", 16])],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body),
+    ]
+    model = _model(nodes, ["b", 16], {"W": w, "zero": np.zeros((), np.float32)})
+    report = LowRankPass(LowRankConfig(rank_ratio=2 / 16, min_elements=0))(model)
+    assert report.modified is False
+    assert report.skipped == {"node is in a subgraph (only the main graph is split)": 2}
