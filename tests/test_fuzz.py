@@ -411,3 +411,15 @@ def test_output_over_input_is_refused_and_input_kept(workdir):
     assert code == 2 and "overwrite the input" in err
     assert path.read_bytes() == VALID
     assert os.listdir(root) == ["m.onnx"]
+
+
+def test_external_data_through_a_symlink_out_of_the_folder_is_refused(workdir):
+    root = fresh(workdir)
+    inner = root / "model"
+    inner.mkdir()
+    path = _with_external(inner, "w.bin", 0, -1)
+    (inner / "w.bin").rename(root / "secret.bin")
+    (inner / "w.bin").symlink_to(root / "secret.bin")  # the data lives outside the model folder
+    code, err = run_cli(inner, "optimize", str(path), "-o", str(inner / "out.onnx"), "-q")
+    assert code == 2 and "escapes the model's folder" in err, err
+    assert not (inner / "out.onnx").exists()
