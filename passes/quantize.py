@@ -17,7 +17,7 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import calibration, qdq_insert, quant_report
+from onnxopt import calibration, qdq_insert, quant_improve, quant_report
 from onnxopt.calibration import CalibrationTable
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -62,6 +62,7 @@ class QuantizeConfig:
     include_nodes: frozenset[str] = option(frozenset(), "quantize only these node names (empty: all)")
     exclude_nodes: frozenset[str] = option(frozenset(), "node names kept float")
     mask_threshold: float = option(1e4, "activations with max |x| above this (attention masks) stay float")
+    bias_correction: bool = option(False, "shift int32 biases by the mean output error measured on calibration data")
     sqnr_samples: int = option(4, "calibration feeds used for the layer-wise SQNR report (0: off)")
     latency_runs: int = option(10, "runs for the FP32 vs INT8 CPU latency check (0: off)")
 
@@ -130,6 +131,9 @@ class QuantizePass(OptPass[QuantizeConfig]):
             pass_name=self.name,
         )
         ir_common.RemoveUnusedNodesPass()(model)
+        if self.config.bias_correction and float_model is not None:
+            shifts = quant_improve.bias_correction(float_model, model, list(self.context.calibration))
+            report.count("biases_corrected", len(shifts))
         for op, n in collections.Counter(p.node.op_type for p in plans).items():
             report.count(f"quantized_{op}", n)
         report.count("int8_weights", result.weights)

@@ -318,3 +318,20 @@ g (float[N, 16] x, bool c) => (float[N, 8] y) <float[16, 8] w = {{{w}}}> {{
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds)):
         np.testing.assert_allclose(q["y"], r["y"], atol=0.1)
+
+
+def test_bias_correction_shrinks_the_mean_output_error(rng):
+    feeds = image_feeds(rng, 6)
+    errors = {}
+    for on in (False, True):
+        model = conv_relu(np.random.default_rng(1))  # same weights both times
+        ref = model.clone()
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        conv_out = conv.outputs[0].name
+        model, report = _run_pass(model, feeds, bias_correction=on, per_tensor=True)
+        assert report.counts["biases_corrected"] == (1 if on else 0)
+        ref_c = runtime.capture(ref, feeds, [conv_out])
+        got_c = runtime.capture(model, feeds, [conv_out])
+        diffs = [g[conv_out] - r[conv_out] for r, g in zip(ref_c, got_c)]
+        errors[on] = float(np.abs(np.mean(np.concatenate(diffs), axis=(0, 2, 3))).max())
+    assert errors[True] < errors[False]
