@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import time
 
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 
 from onnxopt import float16, mixed_plots, precision_plan, sensitivity
@@ -25,6 +27,8 @@ from onnxopt.recipes import Recipe, Step, add_recipe
 __all__ = ["MixedConfig", "MixedPass"]
 
 logger = logging.getLogger(__name__)
+
+_QDQ_OPSET = 13  # as the quantize pass: QuantizeLinear/DequantizeLinear with per-channel axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,13 @@ class MixedPass(OptPass[MixedConfig]):
         t0 = time.perf_counter()
         report = self.new_report(model)
         cfg, ctx = self.config, self.context
+        opset = model.opset_imports.get("", 0)
+        if opset < _QDQ_OPSET:
+            # Upgrade once here: the quantize pass would do it per plan and rename nodes each time.
+            proto = onnx.version_converter.convert_version(ir.to_proto(model), _QDQ_OPSET)
+            model.graph = ir.from_proto(proto).graph
+            report.count("opset_upgraded")
+            report.note(f"default opset upgraded from {opset} to {_QDQ_OPSET} (per-channel QDQ)")
         named = precision_plan.name_nodes(model)
         if named:
             report.count("nodes_named", named)

@@ -201,3 +201,13 @@ def test_cli_mixed_recipe_writes_model_and_html_plots(rng, tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     text = html.read_text()
     assert "per-node sensitivity" in text and "frontier" in text and "data:image/png;base64," in text
+
+
+def test_opset11_model_is_upgraded_once_and_planned(rng):
+    text = ir.to_onnx_text(mlp(rng)).replace('"" : 17', '"" : 11')
+    model = ir.from_onnx_text(text)
+    calib, evald = datasets(rng)
+    ctx = PassContext(calibration=calib, evaluation=evald, min_cosine=0.99, quiet=True)
+    report = run_mixed(model, ctx).reports[0]
+    assert report.status == "ok", report.error
+    assert report.counts["opset_upgraded"] == 1 and report.counts["budget_met"] == 1
