@@ -46,7 +46,7 @@ def sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
             out[name] = (path, ROOT / "models" / f"{name}_calib.npz", ROOT / "models" / f"{name}_eval.npz")
     sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
     try:
-        import ocr_data  # noqa: PLC0415 - optional benchmark helper
+        import ocr_data
 
         paths = ocr_data.model_paths()
     except (ImportError, FileNotFoundError) as err:
@@ -62,7 +62,7 @@ def sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
 
 
 def _feeds(model_path: pathlib.Path, source: pathlib.Path, n: int) -> list[dict[str, np.ndarray]]:
-    from onnxopt import data, io  # noqa: PLC0415 - child process imports only what it needs
+    from onnxopt import data, io
 
     signature = data.input_signature(io.load_model(model_path))
     return list(data.load_data(source, signature).take(n))
@@ -72,9 +72,9 @@ def _feeds(model_path: pathlib.Path, source: pathlib.Path, n: int) -> list[dict[
 
 
 def run_onnxopt(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
-    from onnxopt import data, io, pipeline  # noqa: PLC0415
-    from onnxopt.context import PassContext  # noqa: PLC0415
-    from onnxopt.pass_base import make  # noqa: PLC0415
+    from onnxopt import data, io, pipeline
+    from onnxopt.context import PassContext
+    from onnxopt.pass_base import make
 
     m = io.load_model(model)
     ctx = PassContext(calibration=data.load_data(calib, data.input_signature(m)).take(n), quiet=True)
@@ -87,10 +87,10 @@ def run_onnxopt(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: 
 
 
 def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
-    import onnx  # noqa: PLC0415
-    import onnx.version_converter  # noqa: PLC0415
-    from onnxruntime import quantization as q  # noqa: PLC0415
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+    import onnx
+    import onnx.version_converter
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     notes = []
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-int8-"))
@@ -104,7 +104,7 @@ def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int,
     try:
         quant_pre_process(str(src), str(tmp / "pre.onnx"))
         src = tmp / "pre.onnx"
-    except Exception as err:  # noqa: BLE001 - the peer's failure is a result to report
+    except Exception as err:
         notes.append(f"quant_pre_process failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
     feeds = _feeds(model, calib, n)
 
@@ -154,7 +154,7 @@ def spawn(tool: str, model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path
 
 
 def fidelity(ref: pathlib.Path, cand: pathlib.Path, eval_src: pathlib.Path, max_feeds: int | None) -> dict:
-    from onnxopt import validation  # noqa: PLC0415
+    from onnxopt import validation
 
     rep = validation.compare(ref, cand, eval_src, max_feeds=max_feeds)
     m = next(iter(next(iter(rep.outputs.values())).values()))
@@ -166,7 +166,7 @@ def fidelity(ref: pathlib.Path, cand: pathlib.Path, eval_src: pathlib.Path, max_
 
 def latencies(paths: list[pathlib.Path], feed: dict, threads: int, runs: int) -> list[float]:
     """Median ms per model, runs interleaved model by model (ORT_ENABLE_ALL, CPU)."""
-    from onnxopt import runtime  # noqa: PLC0415
+    from onnxopt import runtime
 
     handles = [runtime.make_session(p, threads=threads, opt_level="all") for p in paths]
     times: list[list[float]] = [[] for _ in handles]
@@ -174,7 +174,7 @@ def latencies(paths: list[pathlib.Path], feed: dict, threads: int, runs: int) ->
         for h in handles:
             h.run(feed)
     for _ in range(runs):
-        for h, t in zip(handles, times):
+        for h, t in zip(handles, times, strict=True):
             t0 = time.perf_counter()
             h.run(feed)
             t.append((time.perf_counter() - t0) * 1e3)
@@ -201,7 +201,7 @@ def bench_model(name: str, paths: tuple, args: argparse.Namespace, work: pathlib
     for threads in (1, 2):
         ms = latencies(order, feed, threads, args.runs)
         row[f"fp32_ms_{threads}t"] = ms[0]
-        for tool, t_ms in zip(outs, ms[1:]):
+        for tool, t_ms in zip(outs, ms[1:], strict=True):
             row[tool][f"latency_x_{threads}t"] = t_ms / ms[0]
     return row
 

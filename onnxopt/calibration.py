@@ -64,6 +64,7 @@ class CalibrationTable:
         ranges: tensor name -> (low, high) in float; low <= 0 <= high is not implied.
         method: the calibration method that produced the ranges.
         num_samples: number of feeds the statistics were collected on.
+
     """
 
     ranges: Mapping[str, tuple[float, float]]
@@ -86,11 +87,11 @@ class CalibrationTable:
         return float(max(abs(low), abs(high)))
 
     def merged(self, other: CalibrationTable) -> CalibrationTable:
-        """A table holding the ranges of both (``other`` wins on a shared name)."""
+        """Return a table holding the ranges of both (``other`` wins on a shared name)."""
         return CalibrationTable({**self.ranges, **other.ranges}, self.method, max(self.num_samples, other.num_samples))
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
+        """Return a JSON-serialisable dict."""
         return {
             "format": "onnxopt-calibration-table",
             "version": 1,
@@ -105,6 +106,7 @@ class CalibrationTable:
 
         Raises:
             ValueError: a document that is not a calibration table.
+
         """
         if not isinstance(doc, Mapping) or doc.get("format") != "onnxopt-calibration-table":
             raise ValueError("not an onnxopt calibration table (missing format key)")
@@ -124,6 +126,7 @@ class CalibrationTable:
 
         Raises:
             DataError: missing or malformed file.
+
         """
         path = pathlib.Path(path)
         try:
@@ -143,7 +146,7 @@ def float_values(model: ir.Model) -> list[str]:
 
 
 def _typed_clone(model: ir.Model) -> ir.Model:
-    """A clone with inferred value types (needed to pick the float tensors)."""
+    """Return a clone with inferred value types (needed to pick the float tensors)."""
     clone = model.clone()
     try:
         ir_common.ShapeInferencePass()(clone)
@@ -153,7 +156,7 @@ def _typed_clone(model: ir.Model) -> ir.Model:
 
 
 def _reduce_model(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, tuple[str, str, str]]]:
-    """A clone with ReduceMin/ReduceMax/Size per tensor exposed as outputs."""
+    """Return a clone with ReduceMin/ReduceMax/Size per tensor exposed as outputs."""
     clone = model.clone()
     values = {v.name: v for v in clone.graph.inputs}
     for node in clone.graph:
@@ -165,7 +168,7 @@ def _reduce_model(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict
         if name not in values:
             raise KeyError(f"no value named {name!r} in the main graph")
         created = []
-        for op, suffix in zip(("ReduceMin", "ReduceMax", "Size"), _REDUCE_SUFFIXES):
+        for op, suffix in zip(("ReduceMin", "ReduceMax", "Size"), _REDUCE_SUFFIXES, strict=True):
             attrs = {"keepdims": 0} if op != "Size" else {}
             node = ir.node(op, [values[name]], attributes=attrs)
             node.outputs[0].name = _ir_utils.unique_name(clone.graph, f"{name}.calib_{suffix}", taken)
@@ -185,7 +188,7 @@ def _reduce_model(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict
 
 
 def _reiterable(data: Iterable[Mapping[str, np.ndarray]]) -> Iterable[Mapping[str, np.ndarray]]:
-    """``data`` itself if iterating it twice works, else a list of its feeds."""
+    """Return ``data`` itself if iterating it twice works, else a list of its feeds."""
     if hasattr(data, "get_next"):  # an onnxruntime CalibrationDataReader
         feeds = []
         while (item := data.get_next()) is not None:
@@ -278,6 +281,7 @@ def threshold_from_histogram(
         method: "percentile", "entropy" (KL divergence, as TensorRT) or "mse".
         percentile: for "percentile", the share (in %) of values kept unclipped.
         levels: quantisation levels on one side of zero (128 for int8).
+
     """
     n = len(hist)
     total = float(hist.sum())
@@ -370,6 +374,7 @@ def collect_ranges(
         ValueError: an unknown method or a bad option.
         KeyError: a name in ``values`` that is not a main-graph value.
         DataError: no feeds.
+
     """
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
@@ -410,6 +415,7 @@ def cached_ranges(
 
     Raises:
         DataError: the context has no calibration data.
+
     """
     if context.calibration is None:
         raise DataError("calibration data is needed (pass --calib DATA or calibration=...)")

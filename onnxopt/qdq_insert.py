@@ -85,7 +85,7 @@ class _Inserter:
         return node
 
     def resolve_output(self, value: ir.Value) -> ir.Value:
-        """The Relu/Clip output that absorbs ``value``, or ``value`` itself."""
+        """Return the Relu/Clip output that absorbs ``value``, or ``value`` itself."""
         uses = value.uses()
         if len(uses) != 1 or value.is_graph_output():
             return value

@@ -44,6 +44,7 @@ class QuantPlan:
         constants: constant inputs quantized per tensor from their own min/max (Add/Mul operands).
         outputs: output indices quantized (Relu/Clip consumers are absorbed by the inserter).
         share: outputs reuse input 0's scale and zero point (data movement).
+
     """
 
     node: ir.Node
@@ -65,6 +66,7 @@ class RuleContext:
         mask_threshold: activations with ``max |x|`` above this (attention masks such as
             -1e9 or -3.4e38) are never quantized.
         reasons: node name -> why the last rule refused it.
+
     """
 
     ranges: Mapping[str, tuple[float, float]]
@@ -77,7 +79,7 @@ class RuleContext:
         self.reasons[node.name or node.op_type] = reason
 
     def activation(self, node: ir.Node, index: int) -> bool:
-        """True if input ``index`` is a non-constant float tensor with a usable range."""
+        """Tell whether input ``index`` is a non-constant tensor with a usable range."""
         value = node.inputs[index] if index < len(node.inputs) else None
         if value is None or value.name not in self.ranges:
             self.refuse(node, f"input {index} has no calibrated range")

@@ -50,6 +50,7 @@ def scale_zero_point(
 
     Returns:
         (scale as float32 > 0, zero point as int).
+
     """
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     qmin, qmax = QRANGE[qtype]
@@ -113,6 +114,7 @@ def block_quantize(
     Returns:
         (q with w's shape, scales with w's shape but ``ceil(n / block_size)`` along ``axis``) —
         the layout of DequantizeLinear's ``block_size`` attribute (opset 21).
+
     """
     axis = axis % w.ndim
     n = w.shape[axis]

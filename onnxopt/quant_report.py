@@ -36,6 +36,7 @@ def layer_sqnr(
         dequantized: float tensor name -> name of its DequantizeLinear output in ``quant_model``.
         feeds: calibration feeds (a few are enough).
         chunk: tensors fetched per onnxruntime session (bounds memory).
+
     """
     names = list(dequantized)
     signal = dict.fromkeys(names, 0.0)
@@ -44,7 +45,7 @@ def layer_sqnr(
         part = names[start : start + chunk]
         ref_stream = runtime.capture(float_model, (dict(f) for f in feeds), part)
         cand_stream = runtime.capture(quant_model, (dict(f) for f in feeds), [dequantized[n] for n in part])
-        for ref, cand in zip(ref_stream, cand_stream):
+        for ref, cand in zip(ref_stream, cand_stream, strict=True):
             for name in part:
                 r = np.asarray(ref[name], dtype=np.float64)
                 c = np.asarray(cand[dequantized[name]], dtype=np.float64)
@@ -131,7 +132,7 @@ def latency_ms(
             for h in handles:
                 h.run(feed)
         for _ in range(runs):
-            for h, t in zip(handles, times):
+            for h, t in zip(handles, times, strict=True):
                 t0 = time.perf_counter()
                 h.run(feed)
                 t.append((time.perf_counter() - t0) * 1e3)

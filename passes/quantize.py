@@ -97,6 +97,7 @@ class QuantizePass(OptPass[QuantizeConfig]):
     needs_calibration = True
 
     def requires(self, model: ir.Model) -> None:
+        """Check the opset, the node names in the config and that calibration is available."""
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         if opset < 10:
             raise ir.passes.PreconditionError(f"quantize needs default opset >= 10, model has {opset}")
@@ -109,6 +110,7 @@ class QuantizePass(OptPass[QuantizeConfig]):
             raise ir.passes.PreconditionError("quantize needs calibration data (--calib) or calib_table")
 
     def call(self, model: ir.Model) -> PassReport:
+        """Quantize ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         opset = model.opset_imports.get("", 0)
         if opset < _MIN_OPSET:

@@ -85,6 +85,7 @@ class QuantizeWeightsPass(OptPass[QuantizeWeightsConfig]):
     config_class = QuantizeWeightsConfig
 
     def call(self, model: ir.Model) -> PassReport:
+        """Quantize the weights of ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
         candidates = []

@@ -42,7 +42,7 @@ def test_per_channel_symmetric_weights():
     np.testing.assert_allclose(scales, [2.0 / 127, 0.5 / 127, 1.0], rtol=1e-6)  # all-zero row: scale 1
     assert q.dtype == np.int8
     assert q.tolist() == [[64, -127], [127, 64], [0, 0]]
-    q1, s1 = qm.per_channel_symmetric(w, axis=1)
+    _q1, s1 = qm.per_channel_symmetric(w, axis=1)
     np.testing.assert_allclose(s1, [1.0 / 127, 2.0 / 127], rtol=1e-6)
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
 
 from onnxopt import calibration, io, runtime
 from onnxopt.context import PassContext
 from onnxopt.data import Dataset
-from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
 
 
 def _arr(a: np.ndarray) -> str:
@@ -83,7 +83,7 @@ def _extra(ref: ir.Model, quant: ir.Model, feeds, reduce_axes: tuple[int, ...]) 
 def _assert_close_to_float(ref: ir.Model, quant: ir.Model, feeds, output: str = "y", extra: float = 0.0) -> None:
     """atol = 2 x output scale (tests/tolerances.py) + ``extra`` (propagated input rounding)."""
     atol = 2 * _output_scale(quant, output) + extra
-    for r, q in zip(_outputs(ref, feeds), _outputs(quant, feeds)):
+    for r, q in zip(_outputs(ref, feeds), _outputs(quant, feeds), strict=True):
         np.testing.assert_allclose(q[output], r[output], rtol=0, atol=atol)
 
 
@@ -149,7 +149,7 @@ def vector_feeds(rng, n: int = 4, width: int = 16):
 def test_matmul_weight_is_per_column(rng):
     model, feeds = matmul_model(rng), vector_feeds(rng)
     ref = model.clone()
-    model, report = _run_pass(model, feeds)
+    model, _report = _run_pass(model, feeds)
     assert _ops(model) == {"QuantizeLinear": 2, "DequantizeLinear": 3, "MatMul": 1}
     wdq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None)
     assert wdq.attributes["axis"].value == 1 and wdq.inputs[1].const_value.shape == (8,)
@@ -225,7 +225,7 @@ g (float[N, 4, 4] s, float[N, 4, 4] mask) => (float[N, 4, 4] y) <float[4, 4] w =
     assert any("attention mask" in r for r in report.skipped) and any("attention mask" in n for n in report.notes)
     add = next(n for n in model.graph if n.op_type == "Add")
     assert add.inputs[1].name == "mask"  # the mask reaches the Add unquantized
-    for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds)):
+    for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds), strict=True):
         np.testing.assert_allclose(q["y"], r["y"], atol=0.05)
 
 
@@ -284,7 +284,7 @@ def test_saved_calibration_table_replaces_data(rng, tmp_path):
 
 
 def test_sqnr_records_sorted_and_latency_measured(rng):
-    model, report = _run_pass(conv_relu(rng), image_feeds(rng), latency_runs=3)
+    _model, report = _run_pass(conv_relu(rng), image_feeds(rng), latency_runs=3)
     sqnr = [r for r in report.records if "sqnr_db" in r]
     assert {r["item"] for r in sqnr} == {"x", "y"}
     acc = [r["accumulated_sqnr_db"] for r in sqnr]
@@ -316,7 +316,7 @@ g (float[N, 16] x, bool c) => (float[N, 8] y) <float[16, 8] w = {{{w}}}> {{
     assert report.skipped["MatMul: inside a subgraph (If/Loop/Scan body), left float"] == 1
     assert ir.to_proto(model).ByteSize() <= size_before + 1024  # the float w stays for the branch
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
-    for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds)):
+    for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds), strict=True):
         np.testing.assert_allclose(q["y"], r["y"], atol=0.1)
 
 
@@ -332,6 +332,6 @@ def test_bias_correction_shrinks_the_mean_output_error(rng):
         assert report.counts["biases_corrected"] == (1 if on else 0)
         ref_c = runtime.capture(ref, feeds, [conv_out])
         got_c = runtime.capture(model, feeds, [conv_out])
-        diffs = [g[conv_out] - r[conv_out] for r, g in zip(ref_c, got_c)]
+        diffs = [g[conv_out] - r[conv_out] for r, g in zip(ref_c, got_c, strict=True)]
         errors[on] = float(np.abs(np.mean(np.concatenate(diffs), axis=(0, 2, 3))).max())
     assert errors[True] < errors[False]

@@ -9,8 +9,7 @@ import pytest
 from onnxopt import data, io, pipeline, runtime, validation
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-
-from ..conftest import load_model, model_path
+from tests.conftest import load_model, model_path
 
 # (model, min output cosine, integer kernels onnxruntime must fuse)
 CASES = [
