@@ -53,18 +53,22 @@ def sensitivity_figure(
 def frontier_figure(points: Sequence[Mapping[str, Any]], budget_loss: float | None) -> dict[str, str]:
     """Every plan tried: non-INT8 node count vs output loss; size as marker area."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 3.5))
-    xs = [p["non_int8"] for p in points]
-    ys = [max(p["loss"], 1e-12) if math.isfinite(p["loss"]) else 1.0 for p in points]
+    timed = [p for p in points if p.get("latency_ms") is not None]
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11.0 if timed else 6.0, 3.5), squeeze=False)
     sizes = [p["size_bytes"] for p in points]
     biggest = max(sizes) if sizes else 1
-    colors = ["#1a9641" if p["ok"] else "#d7191c" for p in points]
-    ax.scatter(xs, ys, s=[20 + 80 * s / biggest for s in sizes], c=colors, alpha=0.7)
-    ax.set_yscale("log")
-    ax.set_xlabel("nodes not INT8")
-    ax.set_ylabel("output loss")
-    if budget_loss is not None and budget_loss > 0:
-        ax.axhline(budget_loss, color="k", linestyle="--", linewidth=0.8)
+    panels = [("nodes not INT8", points, "non_int8")] + ([("CPU latency (ms)", timed, "latency_ms")] if timed else [])
+    for ax, (label, rows, key) in zip(axes[0], panels, strict=True):
+        ys = [max(p["loss"], 1e-12) if math.isfinite(p["loss"]) else 1.0 for p in rows]
+        colors = ["#1a9641" if p["ok"] else "#d7191c" for p in rows]
+        area = [20 + 80 * p["size_bytes"] / biggest for p in rows]
+        ax.scatter([p[key] for p in rows], ys, s=area, c=colors, alpha=0.7)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("output loss")
+        if budget_loss is not None and budget_loss > 0:
+            ax.axhline(budget_loss, color="k", linestyle="--", linewidth=0.8)
+    fig.subplots_adjust(wspace=0.3)
     out = {"title": "frontier: every plan tried (green meets the budget; area ~ size)", "png_base64": _png(fig)}
     plt.close(fig)
     return out
