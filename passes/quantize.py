@@ -53,6 +53,7 @@ class QuantizeConfig:
     )
     percentile: float = option(99.999, "for calibration_method=percentile: share (%) of |x| kept unclipped")
     calib_table: str = option("", "path of a saved calibration table (JSON) to use instead of data")
+    save_calib_table: str = option("", "write the calibration table used to this JSON path (reuse: calib_table)")
     activation_type: Literal["uint8", "int8"] = option("uint8", "integer type of activations")
     symmetric_activations: bool = option(False, "zero point at the middle of the activation type")
     per_tensor: bool = option(False, "one scale per weight tensor instead of per output channel")
@@ -119,6 +120,8 @@ class QuantizePass(OptPass[QuantizeConfig]):
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET} for per-channel QDQ")
         float_model = model.clone() if self.context.calibration is not None else None
         table = self._table(model)
+        if self.config.save_calib_table:
+            table.save(self.config.save_calib_table)
         ctx = RuleContext(table.ranges, self.config.per_tensor, self.config.mask_threshold)
         plans = self._plans(model, ctx, report)
         if not plans:

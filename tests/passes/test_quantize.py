@@ -275,7 +275,9 @@ def test_opset_11_is_upgraded_and_still_matches(rng):
 
 def test_saved_calibration_table_replaces_data(rng, tmp_path):
     model, feeds = conv_relu(rng), image_feeds(rng)
+    _run_pass(conv_relu(np.random.default_rng(5)), feeds, save_calib_table=str(tmp_path / "saved.json"))
     table = calibration.collect_ranges(model, feeds, quiet=True)
+    assert calibration.CalibrationTable.load(tmp_path / "saved.json").ranges["x"] == table.ranges["x"]
     table.save(tmp_path / "t.json")
     ref = model.clone()
     report = QuantizePass(QuantizeConfig(calib_table=str(tmp_path / "t.json")))(model)
