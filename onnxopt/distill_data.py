@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import tqdm
 
-from onnxopt import _ir_utils, runtime
+from onnxopt import _ir_utils, data, runtime
 from onnxopt.data import Dataset
 from onnxopt.errors import DataError
 
@@ -25,6 +25,7 @@ __all__ = [
     "agreement",
     "select_trainable",
     "stack_samples",
+    "static_batch",
     "teacher_outputs",
 ]
 
@@ -35,11 +36,34 @@ TEACHER_KEY = "distill.teacher"
 _NOT_PARAMETERS = {"BatchNormalization": (3, 4)}
 
 
-def stack_samples(dataset: Dataset, max_samples: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """All feeds of ``dataset`` concatenated along axis 0, and its labels (if any, aligned).
+def static_batch(model: ir.Model) -> int:
+    """The fixed size of the inputs' axis 0 (0 when it is symbolic for every input).
 
     Raises:
-        DataError: feeds whose shapes differ beyond axis 0, or labels of another length.
+        DataError: an input without axis 0 (a scalar), or inputs whose fixed axis 0 differ.
+
+    """
+    sizes = set()
+    for spec in data.input_signature(model):
+        if spec.shape is not None and len(spec.shape) == 0:
+            raise DataError(f"distill needs a batch axis; input {spec.describe()} is a scalar")
+        if spec.shape and isinstance(spec.shape[0], int):
+            sizes.add(spec.shape[0])
+    if len(sizes) > 1:
+        raise DataError(f"distill: inputs have different fixed batch sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else 0
+
+
+def stack_samples(
+    dataset: Dataset, max_samples: int = 0, static: int = 0
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """All feeds of ``dataset`` concatenated along axis 0, and its labels (if any, aligned).
+
+    With a fixed batch size ``static``, the samples are cut to a multiple of it.
+
+    Raises:
+        DataError: feeds whose shapes differ beyond axis 0, labels of another length, or fewer
+            samples than one fixed-size batch.
 
     """
     parts: dict[str, list[np.ndarray]] = {}
@@ -65,9 +89,14 @@ def stack_samples(dataset: Dataset, max_samples: int = 0) -> tuple[dict[str, np.
         labels = np.asarray(labels).reshape(-1)
         if labels.shape[0] != count:
             raise DataError(f"{dataset.source}: {labels.shape[0]} labels for {count} samples")
-    if max_samples and count > max_samples:
-        inputs = {k: v[:max_samples] for k, v in inputs.items()}
-        labels = labels[:max_samples] if labels is not None else None
+    keep = min(count, max_samples) if max_samples else count
+    if static:
+        if keep < static:
+            raise DataError(f"{dataset.source}: {keep} samples, fewer than the model's fixed batch of {static}")
+        keep -= keep % static
+    if keep < count:
+        inputs = {k: v[:keep] for k, v in inputs.items()}
+        labels = labels[:keep] if labels is not None else None
     return inputs, labels
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "ConstrainedParam",
     "TrainResult",
     "TrainSettings",
+    "depends_on_params",
     "distill_loss",
     "make_param",
     "predict",
@@ -57,6 +58,7 @@ class TrainSettings:
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 64
+    static_batch: int = 0  # > 0: the model's batch axis is fixed; every batch has exactly this size
     patience: int = 5
     seed: int = 0
     loss: LossKind = "auto"
@@ -154,6 +156,9 @@ def distill_loss(
     """``(1 - alpha) * CE(labels, student[0]) + alpha * sum of per-output distillation terms``."""
     total = torch.zeros(())
     for s, t, kind in zip(student, teacher, kinds, strict=True):
+        if not s.dtype.is_floating_point:
+            continue  # integer/bool outputs carry no gradient
+        t = t.to(s.dtype)
         if kind == "kl":
             log_p_s = F.log_softmax(s / tau, dim=-1)
             log_p_t = F.log_softmax(t / tau, dim=-1)
@@ -230,7 +235,8 @@ def _train(
 
     def evaluate(idx: np.ndarray) -> float:
         with torch.no_grad():
-            chunks = [idx[i : i + 512] for i in range(0, len(idx), 512)]
+            size = settings.static_batch or 512
+            chunks = [idx[i : i + size] for i in range(0, len(idx) - len(idx) % size if settings.static_batch else len(idx), size)]
             return float(sum(batch_loss(c).item() * len(c) for c in chunks) / max(len(idx), 1))
 
     best = evaluate(val_index) if len(val_index) else math.inf
@@ -241,8 +247,9 @@ def _train(
     for epoch in bar:
         order = train_index[rng.permutation(len(train_index))]
         running = 0.0
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
+        size = settings.static_batch or settings.batch_size
+        for start in range(0, len(order) - len(order) % size if settings.static_batch else len(order), size):
+            idx = order[start : start + size]
             optimizer.zero_grad()
             loss = batch_loss(idx)
             loss.backward()
@@ -276,10 +283,22 @@ def _train(
     return TrainResult(weights, len(history), best_epoch, history, stopped)
 
 
-def predict(graph: TorchGraph, params: Sequence[ConstrainedParam], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The student's outputs (torch) with the current parameters, for the write-back check."""
+def depends_on_params(graph: TorchGraph, params: Sequence[ConstrainedParam], inputs: Mapping[str, np.ndarray]) -> bool:
+    """Whether some float output has a gradient path to a trainable parameter."""
+    weights = {p.name: p.weight() for p in params}
+    feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+    return any(o.requires_grad and o.dtype.is_floating_point for o in graph(feeds, weights))
+
+
+def predict(
+    graph: TorchGraph, params: Sequence[ConstrainedParam], inputs: Mapping[str, np.ndarray], size: int = 256
+) -> list[np.ndarray]:
+    """The student's outputs (torch) with the current parameters, ``size`` samples at a time."""
+    n = next(iter(inputs.values())).shape[0]
+    chunks = []
     with torch.no_grad():
         weights = {p.name: p.weight() for p in params}
-        feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-        return [o.detach().numpy() for o in graph(feeds, weights)]
-
+        for start in range(0, n, size):
+            feeds = {k: torch.from_numpy(np.ascontiguousarray(v[start : start + size])) for k, v in inputs.items()}
+            chunks.append([o.detach().numpy() for o in graph(feeds, weights)])
+    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]

@@ -134,18 +134,26 @@ class DistillPass(OptPass[DistillConfig]):
         if not names:
             report.skip("no trainable initializer")
             return report
-        inputs, labels = distill_data.stack_samples(self.context.calibration, cfg.max_samples)
-        targets = distill_data.teacher_outputs(teacher, inputs, cfg.batch_size, quiet=self.context.quiet)
-        n = targets[0].shape[0]
-        rng = np.random.default_rng(self.context.seed)
-        val_index = np.sort(rng.permutation(n)[: round(cfg.val_fraction * n)])
+        static = distill_data.static_batch(model)
+        inputs, labels = distill_data.stack_samples(self.context.calibration, cfg.max_samples, static)
         params = [
             distill_torch.make_param(name, model.graph.initializers[name].const_value.numpy(), cfg.max_codebook)
             for name in names
         ]
-        check_index = val_index if len(val_index) else np.arange(min(n, 256))
+        probe = {k: v[: static or 2] for k, v in inputs.items()}
+        if not distill_torch.depends_on_params(graph, params, probe):
+            report.skip("no float output depends on a trainable initializer")
+            return report
+        batch = static or cfg.batch_size
+        targets = distill_data.teacher_outputs(teacher, inputs, batch, quiet=self.context.quiet)
+        n = targets[0].shape[0]
+        rng = np.random.default_rng(self.context.seed)
+        n_val = round(cfg.val_fraction * n)
+        n_val -= n_val % (static or 1)
+        val_index = np.sort(rng.permutation(n)[:n_val])
+        check_index = val_index if len(val_index) else np.arange(min(n, max(256 - 256 % batch, batch)))
         check_inputs = {k: v[check_index] for k, v in inputs.items()}
-        before = distill_torch.predict(graph, params, check_inputs)
+        before = distill_torch.predict(graph, params, check_inputs, batch)
         _check_outputs(before, targets, cfg.teacher or "recorded teacher")
         settings = distill_torch.TrainSettings(
             tau=cfg.tau,
@@ -153,6 +161,7 @@ class DistillPass(OptPass[DistillConfig]):
             epochs=cfg.epochs,
             lr=cfg.lr,
             batch_size=cfg.batch_size,
+            static_batch=static,
             patience=cfg.patience,
             seed=self.context.seed,
             loss=cfg.loss,
@@ -163,12 +172,12 @@ class DistillPass(OptPass[DistillConfig]):
         if result.best_epoch == 0:
             report.note(f"no epoch of {result.epochs_run} improved the held-out loss; weights left as they were")
             return report
-        after = distill_torch.predict(graph, params, check_inputs)
+        after = distill_torch.predict(graph, params, check_inputs, batch)
         # Write into a copy first and check it in onnxruntime; the model changes only if it passes.
         candidate = model.clone()
         _write(candidate, result.weights)
         with runtime.session(candidate) as handle:
-            written = [np.concatenate(o) for o in zip(*_run_chunks(handle, check_inputs), strict=True)]
+            written = [np.concatenate(o) for o in zip(*_run_chunks(handle, check_inputs, batch), strict=True)]
         diff = max(float(np.abs(w - a).max()) for w, a in zip(written, after, strict=True))
         if not diff <= cfg.check_atol:
             raise RuntimeError(f"distill: written ONNX differs from the trained torch model by {diff:.3g}")

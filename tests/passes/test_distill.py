@@ -27,7 +27,7 @@ def _graph_model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], in
     return ir.from_proto(proto)
 
 
-def _build(weights: dict[str, np.ndarray]) -> ir.Model:
+def _build(weights: dict[str, np.ndarray], batch: int | str = "N") -> ir.Model:
     """x[N,16] -> Gemm(transB) -> Relu -> MatMul(lr_u) -> MatMul(lr_v) -> Gemm -> y[N,10]."""
     nodes = [
         onnx.helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
@@ -36,8 +36,8 @@ def _build(weights: dict[str, np.ndarray]) -> ir.Model:
         onnx.helper.make_node("MatMul", ["u", "lr_v"], ["v"]),
         onnx.helper.make_node("Gemm", ["v", "w2", "b2"], ["y"]),
     ]
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 16])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 10])
     return _graph_model(nodes, weights, [x], [y])
 
 
@@ -206,6 +206,33 @@ def test_unsupported_op_names_op_and_node_and_leaves_model_unchanged(rng):
     assert ir.to_proto(model).SerializeToString() == before
     result = pipeline.run(model, [make("distill", {"epochs": 1}, ctx)])
     assert result.reports[0].status == "rolled-back" and "TopK node 'top_k_node'" in result.reports[0].error
+
+
+def test_fixed_batch_model_trains_in_batches_of_that_size(rng):
+    teacher, student = _student(rng)
+    weights = {n: v.const_value.numpy() for n, v in student.graph.initializers.items()}
+    fixed = _build(weights, batch=8)
+    ctx = _context(teacher, rng.standard_normal((100, 16)).astype(np.float32))
+    report = make("distill", {"epochs": 2, "threads": 1, "loss": "mse", "patience": 0}, ctx)(fixed)
+    assert report.counts["trained"] == 6
+    training = next(r for r in report.records if r["item"] == "training")
+    assert training["samples"] == 96 and training["held_out"] % 8 == 0
+    onnx.checker.check_model(ir.to_proto(fixed), full_check=True)
+
+
+def test_outputs_without_trainable_inputs_leave_the_model_unchanged(rng):
+    weights = {"w": rng.standard_normal((4, 3)).astype(np.float32)}
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w"], ["h"]),
+        onnx.helper.make_node("Relu", ["x"], ["y"]),
+    ]
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, weights, [info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                         [info("y", onnx.TensorProto.FLOAT, ["N", 4])])
+    before = ir.to_proto(model).SerializeToString()
+    report = make("distill", {"epochs": 1}, _context(model.clone(), rng.standard_normal((8, 4)).astype(np.float32)))(model)
+    assert not report.modified and report.skipped["no float output depends on a trainable initializer"] == 1
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 def test_missing_teacher_is_a_precondition_error(rng):
