@@ -156,7 +156,7 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
             found = repair.collect_stats(model, [t.layer for t in repairable], calib, quiet=context.quiet)
             stats = {id(t.weight): s for t, s in zip(repairable, found, strict=True)}
         skipped = len(targets) - len(repairable)
-        if skipped:
+        if skipped and calib is not None:
             report.skip("repair: weight is shared or not a supported linear layer", skipped)
     opset = model.opset_imports.get("", model.graph.opset_imports.get("", 1))
     shared: dict[str, ir.Value] = {}
