@@ -105,7 +105,8 @@ def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int,
         quant_pre_process(str(src), str(tmp / "pre.onnx"))
         src = tmp / "pre.onnx"
     except Exception as err:
-        notes.append(f"quant_pre_process failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        notes.append(f"quant_pre_process failed: {type(err).__name__}: {first}")
     feeds = _feeds(model, calib, n)
 
     class Reader(q.CalibrationDataReader):
@@ -219,7 +220,7 @@ def table(rows: list[dict]) -> str:
             acc = f"{i['acc']:.4f}/{i['acc_fp32']:.4f}" if "acc" in i else "-"
             lines.append(
                 f"{r['model']:<20}{tool:<9}{i['size_x']:>7.3f}{i.get('latency_x_1t', float('nan')):>8.3f}"
-                f"{i.get('latency_x_2t', float('nan')):>8.3f}{i['cosine']:>9.5f}{i['max_abs']:>9.3g}{acc:>13}"
+                f"{i.get('latency_x_2t', float('nan')):>8.3f}{i['cosine']:>9.5f}{i['max_abs']:>9.3g} {acc:>13}"
                 f"{i['wall_s']:>8.1f}{i['peak_rss_mb']:>8.0f}  {'; '.join(i.get('notes', []))[:160]}"
             )
         lines.append(f"{'':<20}fp32 ms: 1 thread {r['fp32_ms_1t']:.2f}, 2 threads {r['fp32_ms_2t']:.2f}")
