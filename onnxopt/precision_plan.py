@@ -282,8 +282,8 @@ def paired_latency(
 ) -> tuple[float, float]:
     """(reference median ms, median of per-pair candidate/reference ratios), ORT_ENABLE_ALL, 1 thread.
 
-    Runs alternate reference and candidate, so load on a shared machine hits both alike; the
-    median of the pairwise ratios is what decisions use (robust to bursts of noise).
+    Runs alternate reference and candidate (and which of the two goes first), so load on a shared
+    machine hits both alike; the median of the pairwise ratios is what decisions use.
     """
     handles = [runtime.make_session(m, threads=1, opt_level="all") for m in (reference, candidate)]
     try:
@@ -291,12 +291,12 @@ def paired_latency(
             for h in handles:
                 h.run(dict(feed))
         ref_ms, ratios = [], []
-        for _ in range(runs):
-            pair = []
-            for h in handles:
+        for i in range(runs):
+            pair = [0.0, 0.0]
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate who runs first (no position bias)
                 t0 = time.perf_counter()
-                h.run(dict(feed))
-                pair.append((time.perf_counter() - t0) * 1e3)
+                handles[j].run(dict(feed))
+                pair[j] = (time.perf_counter() - t0) * 1e3
             ref_ms.append(pair[0])
             ratios.append(pair[1] / pair[0] if pair[0] > 0 else math.inf)
         return float(np.median(ref_ms)), float(np.median(ratios))
