@@ -5,13 +5,18 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Iterator
 
+import functools
+
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
 
 __all__ = [
     "PROVENANCE_KEY",
     "constant_array",
     "constant_input",
+    "infer_types",
     "is_float_dtype",
     "iter_nodes",
     "op_counts",
@@ -106,3 +111,34 @@ def parameter_count(model: ir.Model) -> tuple[int, int]:
         params += tensor.size
         nbytes += tensor.nbytes
     return params, nbytes
+
+
+def infer_types(model: ir.Model, *, strict: bool = False) -> int:
+    """Fill in missing value types and shapes with ``onnx.shape_inference``; returns how many.
+
+    Unlike onnx-ir's ShapeInferencePass, which sets ``dtype`` and so turns sequence and
+    optional values into tensors, this copies whole types and only where a value has none, so
+    it never rewrites what the model declares. Large weights are left out of the proto that
+    goes to the C API (onnx-ir's helper), so models over 2 GB work too.
+
+    Raises:
+        onnx.shape_inference.InferenceError: only with ``strict=True``.
+    """
+    infer = functools.partial(
+        onnx.shape_inference.infer_shapes, check_type=False, strict_mode=strict, data_prop=True
+    )
+    inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
+    filled = 0
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
+        known = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            new = known.get(name)
+            if new is None:
+                continue
+            if value.type is None and new.type is not None:
+                value.type = new.type
+                filled += 1
+            if value.shape is None and new.shape is not None and value.type == new.type:
+                value.shape = new.shape
+                filled += 1
+    return filled

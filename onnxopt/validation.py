@@ -276,33 +276,38 @@ def compare(
     cand_bytes = ir.to_proto(cand_model).SerializeToString() if _small(cand_model) else cand_model
     for provider in available:
         kw = {"threads": threads, "opt_level": opt_level}
-        with runtime.session(ref_bytes, provider, **kw) as ref_s, runtime.session(
-            cand_bytes, provider, **kw
-        ) as cand_s:
-            ref_out = runtime.run_all(ref_s, feeds)
-            cand_out = runtime.run_all(cand_s, feeds)
-            per: dict[str, OutputMetrics] = {}
-            for name in ref_s.output_names:
-                if name not in cand_s.output_names:
-                    raise ValidationFailed(f"candidate has no output {name!r}")
-                per[name] = output_metrics(
-                    [o[name] for o in ref_out],
-                    [o[name] for o in cand_out],
-                    rtol=rtol,
-                    atol=atol,
-                    labels=labels,
+        # One session at a time, so a large model and its candidate are never both loaded.
+        runs: list[tuple[list[str], list[dict[str, np.ndarray]], tuple[float, float]]] = []
+        for model_bytes in (ref_bytes, cand_bytes):
+            with runtime.session(model_bytes, provider, **kw) as s:
+                out = runtime.run_all(s, feeds)
+                timing = (
+                    measure_latency(s, feeds[0], runs=latency_runs, warmup=warmup)
+                    if latency_runs > 0
+                    else (math.nan, math.nan)
                 )
-            outputs[provider] = per
-            if latency_runs > 0:
-                r_med, r_p90 = measure_latency(ref_s, feeds[0], runs=latency_runs, warmup=warmup)
-                c_med, c_p90 = measure_latency(cand_s, feeds[0], runs=latency_runs, warmup=warmup)
-                latency[provider] = {
-                    "ref_median_ms": r_med,
-                    "ref_p90_ms": r_p90,
-                    "cand_median_ms": c_med,
-                    "cand_p90_ms": c_p90,
-                    "ratio": c_med / r_med if r_med > 0 else math.nan,
-                }
+                runs.append((s.output_names, out, timing))
+        (ref_names, ref_out, (r_med, r_p90)), (cand_names, cand_out, (c_med, c_p90)) = runs
+        per: dict[str, OutputMetrics] = {}
+        for name in ref_names:
+            if name not in cand_names:
+                raise ValidationFailed(f"candidate has no output {name!r}")
+            per[name] = output_metrics(
+                [o[name] for o in ref_out],
+                [o[name] for o in cand_out],
+                rtol=rtol,
+                atol=atol,
+                labels=labels,
+            )
+        outputs[provider] = per
+        if latency_runs > 0:
+            latency[provider] = {
+                "ref_median_ms": r_med,
+                "ref_p90_ms": r_p90,
+                "cand_median_ms": c_med,
+                "cand_p90_ms": c_p90,
+                "ratio": c_med / r_med if r_med > 0 else math.nan,
+            }
     sizes = {
         "reference_bytes": file_size(reference),
         "candidate_bytes": file_size(candidate),

@@ -111,7 +111,11 @@ class FusePass(OptPass[FuseConfig]):
             proto = onnx.version_converter.convert_version(proto, _MIN_OPSET)
         before = _fused_counts(proto)
         keys_before = {_node_key(n.name, list(n.output)) for n in proto.graph.node}
-        fused = _optimize(proto, model_type, self.config)
+        try:
+            fused = _optimize(proto, model_type, self.config)
+        except Exception as err:  # third-party fusion code fails in many ways; the model is untouched
+            report.skip(f"onnxruntime's {model_type} fusions failed: {type(err).__name__}: {err}")
+            return report
         delta = {op: n - before.get(op, 0) for op, n in _fused_counts(fused).items()}
         delta = {op: n for op, n in delta.items() if n > 0}
         if not delta:

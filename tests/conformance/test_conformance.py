@@ -33,10 +33,9 @@ RECIPES = [t for t in _all_tools if t.startswith("recipe:")]
 # (tool, case key) pairs that fail today, each with the owner's issue text; listed so the suite
 # stays green while the owner fixes them. strict xfail: a fixed pair turns the test red until it
 # is removed from here.
-_SI = ("onnx-ir 1.1 ShapeInferencePass writes tensor types for sequence/optional values in "
-       "subgraphs (onnx.shape_inference.infer_shapes is right)")
-_CALIB = ("calibration: _typed_clone runs that inference, and float_values() picks sequence "
-          "values (o.dtype is the element type); the instrumented clone does not load in ORT")
+_CALIB = ("calibration: _typed_clone runs onnx-ir's ShapeInferencePass (tensor types for "
+          "sequences), and float_values() picks sequence values (o.dtype is the element type); "
+          "the instrumented clone does not load in ORT")
 _QDQ28 = ("QDQ inserted at the model's opset 28, where onnxruntime 1.32 CPU has no QuantizeLinear "
           "kernel (NOT_IMPLEMENTED in sensitivity/quant_report sessions)")
 KNOWN: dict[str, dict[str, str]] = {
@@ -52,10 +51,6 @@ KNOWN: dict[str, dict[str, str]] = {
         "node/test_if_opt": _CALIB,
         "node/test_if_seq": _CALIB,
         "node/test_spacetodepth_crd_mode_example_expanded": _QDQ28,
-    },
-    "shape-inference": {
-        "node/test_if_opt": "output fails the checker: " + _SI,
-        "node/test_loop16_seq_none": "output fails the checker: " + _SI,
     },
 }
 

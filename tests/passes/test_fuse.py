@@ -203,3 +203,21 @@ def test_unnamed_nodes_created_by_fusion_are_tagged():
     assert len(tagged) == sum(report.counts.values()) + 1  # + the mask Cast
     untouched = [n for n in model.graph if n.op_type == "MatMul"]
     assert untouched and not any(n.metadata_props for n in untouched)
+
+
+def test_a_crash_inside_onnxruntime_fusions_leaves_the_model_unchanged_with_reason():
+    # onnxruntime.transformers' simplified-layernorm fusion raises TypeError on the expanded
+    # RMSNormalization conformance cases (found by the conformance sample run).
+    import onnx
+    import onnx_ir as ir
+
+    from onnxopt.pass_base import make
+    from tests.conformance.cases import node_cases
+
+    case = next(c for c in node_cases(["rmsnormalization"]) if c.name == "test_rms_normalization_2d_axis0_expanded")
+    model = ir.serde.deserialize_model(onnx.load_from_string(case.model))
+    before = ir.to_proto(model).SerializeToString()
+    report = make("fuse")(model)
+    assert report.modified is False
+    assert any("fusions failed: TypeError" in reason for reason in report.skipped)
+    assert ir.to_proto(model).SerializeToString() == before
