@@ -24,9 +24,8 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
-from onnxopt import channel_prune, flops, repair, weight_sharing
+from onnxopt import _ir_utils, channel_prune, flops, repair, weight_sharing
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
 
@@ -196,7 +195,7 @@ class PrunePass(OptPass[PruneConfig]):
                 repair=result,
             )
         if report.modified:
-            common.ShapeInferencePass()(model)
+            _ir_utils.infer_types(model)  # refill the channel dims cleared by the surgery
 
 
 def _weight_density(model: ir.Model) -> dict[str, float]:
