@@ -115,7 +115,11 @@ class QuantizePass(OptPass[QuantizeConfig]):
         report = self.new_report(model)
         opset = model.opset_imports.get("", 0)
         if opset < _MIN_OPSET:
+            names = {n.outputs[0].name: n.name for n in model.graph if n.name and n.outputs}
             model.graph = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(model), _MIN_OPSET)).graph
+            for node in model.graph:  # the converter re-creates some nodes without their names
+                if not node.name and node.outputs and node.outputs[0].name in names:
+                    node.name = names[node.outputs[0].name]
             report.count("opset_upgraded")
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET} for per-channel QDQ")
         float_model = model.clone() if self.context.calibration is not None else None
