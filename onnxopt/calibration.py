@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 from tqdm.auto import tqdm
@@ -53,6 +55,7 @@ Method = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 _REDUCE_SUFFIXES = ("min", "max", "size")
+_HIST_OPSET = 16  # ScatterElements with reduction="add"
 _OPT = "disable"  # exact float values as written; instrumented nodes block fusions anyway
 
 
@@ -270,6 +273,87 @@ def _histogram_phase(
     return hists
 
 
+def _histogram_model(
+    model: ir.Model, names: Sequence[str], absmax: Mapping[str, float], num_bins: int
+) -> tuple[ir.Model, dict[str, str]] | None:
+    """Return a clone computing a histogram of ``|x|`` per tensor in-graph, or None if unsupported.
+
+    ``ScatterElements(reduction="add")`` needs opset 16: older clones are converted (the float
+    model is untouched); a failed conversion falls back to fetching the tensors in chunks.
+    """
+    opset = model.opset_imports.get("", 0)
+    clone = model.clone()
+    if opset < _HIST_OPSET:
+        try:
+            proto = onnx.version_converter.convert_version(ir.to_proto(clone), _HIST_OPSET)
+        except (RuntimeError, ValueError, onnx.checker.ValidationError) as err:
+            logger.debug("no in-graph histograms (opset conversion failed: %s)", err)
+            return None
+        clone = ir.from_proto(proto)
+    values = {v.name: v for v in clone.graph.inputs}
+    for node in clone.graph:
+        values.update({o.name: o for o in node.outputs if o.name})
+    first = next(iter(clone.graph), None)
+    zeros = ir.tensor(np.zeros(num_bins, np.float32))
+    fetch = {}
+    for i, name in enumerate(names):
+        x = values.get(name)
+        top = absmax[name]
+        if x is None or top <= 0 or x.dtype not in (None, ir.DataType.FLOAT):
+            continue
+
+        def const(array: np.ndarray) -> ir.Node:
+            return ir.node("Constant", [], attributes={"value": ir.tensor(array)})
+
+        k_scale, k_max, k_flat, k_zero = (
+            const(np.array(num_bins / top, np.float32)),
+            const(np.array(num_bins - 1, np.float32)),
+            const(np.array([-1], np.int64)),
+            ir.node("Constant", [], attributes={"value": zeros}),
+        )
+        a = ir.node("Abs", [x])
+        m = ir.node("Mul", [a.outputs[0], k_scale.outputs[0]])
+        c = ir.node("Min", [m.outputs[0], k_max.outputs[0]])
+        idx = ir.node("Cast", [c.outputs[0]], attributes={"to": ir.DataType.INT64})
+        flat = ir.node("Reshape", [idx.outputs[0], k_flat.outputs[0]])
+        shape = ir.node("Shape", [flat.outputs[0]])
+        ones = ir.node("ConstantOfShape", [shape.outputs[0]],
+                       attributes={"value": ir.tensor(np.ones(1, np.float32))})
+        hist = ir.node("ScatterElements", [k_zero.outputs[0], flat.outputs[0], ones.outputs[0]],
+                       attributes={"axis": 0, "reduction": "add"})
+        hist.outputs[0].name = f"calib.hist.{i}"
+        created = [k_scale, k_max, k_flat, k_zero, a, m, c, idx, flat, shape, ones, hist]
+        producer = x.producer()
+        if producer is not None:
+            clone.graph.insert_after(producer, created)
+        elif first is not None:
+            clone.graph.insert_before(first, created)
+        clone.graph.outputs.append(hist.outputs[0])
+        fetch[name] = hist.outputs[0].name
+    return clone, fetch
+
+
+def _histogram_in_graph(
+    model: ir.Model,
+    data: Iterable[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    absmax: Mapping[str, float],
+    num_bins: int,
+    quiet: bool,
+) -> dict[str, np.ndarray] | None:
+    built = _histogram_model(model, names, absmax, num_bins)
+    if built is None:
+        return None
+    clone, fetch = built
+    hists = {n: np.zeros(num_bins, dtype=np.int64) for n in names}
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    stream = runtime.capture(clone, (dict(f) for f in data), list(fetch.values()), priority_order=True, opt_level=_OPT)
+    for got in _progress(stream, total, "calibration histograms", quiet):
+        for name, out in fetch.items():
+            hists[name] += got[out].astype(np.int64)
+    return hists
+
+
 def threshold_from_histogram(
     hist: np.ndarray, top: float, method: str, *, percentile: float = 99.99, levels: int = 128
 ) -> float:
@@ -355,6 +439,7 @@ def collect_ranges(
     num_bins: int = 2048,
     quiet: bool = False,
     max_chunk_bytes: int = 256 << 20,
+    in_graph: bool = False,
 ) -> CalibrationTable:
     """Observe ``values`` on ``data`` through onnxruntime and return their ranges.
 
@@ -368,7 +453,11 @@ def collect_ranges(
         percentile: for "percentile", the share (in %) of ``|x|`` kept unclipped.
         num_bins: histogram bins for the histogram methods.
         quiet: no progress bars.
-        max_chunk_bytes: largest total size of the tensors fetched at once in the histogram phase.
+        max_chunk_bytes: largest total size of the tensors fetched at once in the histogram phase
+            when histograms are not computed in-graph.
+        in_graph: compute histograms inside onnxruntime (one run per feed; opset >= 16 clone).
+            Off by default: measured 2x slower than chunked numpy binning on PP-OCR det crops
+            (ScatterElements with reduction is slow on CPU), though its memory is lower.
 
     Raises:
         ValueError: an unknown method or a bad option.
@@ -391,7 +480,9 @@ def collect_ranges(
     observed = [n for n in names if math.isfinite(ranges[n][0])]
     if method != "minmax":
         absmax = {n: max(abs(ranges[n][0]), abs(ranges[n][1])) for n in observed}
-        hists = _histogram_phase(typed, data, observed, absmax, sizes, num_bins, max_chunk_bytes, quiet)
+        hists = _histogram_in_graph(typed, data, observed, absmax, num_bins, quiet) if in_graph else None
+        if hists is None:
+            hists = _histogram_phase(typed, data, observed, absmax, sizes, num_bins, max_chunk_bytes, quiet)
         for name in observed:
             t = threshold_from_histogram(hists[name], absmax[name], method, percentile=percentile)
             lo, hi = ranges[name]

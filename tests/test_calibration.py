@@ -70,9 +70,12 @@ def test_histogram_methods_clip_inside_minmax_and_chunking_does_not_change_them(
     model = _model(rng)
     feeds = _feeds(rng)
     mm = collect_ranges(model, feeds, quiet=True)
-    big = collect_ranges(model, feeds, method=method, quiet=True)
-    small = collect_ranges(model, feeds, method=method, quiet=True, max_chunk_bytes=1)
+    big = collect_ranges(model, feeds, method=method, quiet=True, in_graph=False)
+    small = collect_ranges(model, feeds, method=method, quiet=True, in_graph=False, max_chunk_bytes=1)
     assert big == small
+    in_graph = collect_ranges(model, feeds, method=method, quiet=True, in_graph=True)  # ScatterElements
+    for name, rng_ in big.ranges.items():
+        np.testing.assert_allclose(in_graph.ranges[name], rng_, rtol=1e-6)
     for name, (lo, hi) in big.ranges.items():
         assert mm.ranges[name][0] <= lo <= 0.0 or lo == mm.ranges[name][0]
         assert hi <= mm.ranges[name][1]
