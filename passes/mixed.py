@@ -74,9 +74,12 @@ class MixedPass(OptPass[MixedConfig]):
     needs_calibration = True
 
     def requires(self, model: ir.Model) -> None:
-        """Calibration data is needed (plans are measured on it)."""
+        """Calibration data is needed (plans are measured on it); opset >= 10 as for quantize."""
         if self.context.calibration is None:
             raise ir.passes.PreconditionError("mixed needs calibration data (--calib)")
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset < 10:  # older ops (Scan-8, Upsample) change meaning under version conversion
+            raise ir.passes.PreconditionError(f"mixed needs default opset >= 10, model has {opset}")
 
     def call(self, model: ir.Model) -> PassReport:
         """Measure sensitivity, search, guard speed, verify; see the class docstring."""

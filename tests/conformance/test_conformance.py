@@ -41,8 +41,6 @@ _QDQ28 = ("QDQ inserted at the model's opset 28, where onnxruntime 1.32 CPU has 
 KNOWN: dict[str, dict[str, str]] = {
     "fp16": {"node/test_if_opt": _CALIB, "node/test_if_seq": _CALIB},
     "mixed": {
-        "node/test_scan_sum": "calibration.collect_ranges feeds x of rank 3 to a session that "
-        "expects rank 2 (ORT INVALID_ARGUMENT in runtime.capture)",
         "node/test_if_opt": _CALIB,
         "node/test_if_seq": _CALIB,
         "node/test_spacetodepth_crd_mode_example_expanded": _QDQ28,

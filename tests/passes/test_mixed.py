@@ -212,3 +212,11 @@ def test_opset11_model_is_upgraded_once_and_planned(rng):
     report = run_mixed(model, ctx).reports[0]
     assert report.status == "ok", report.error
     assert report.counts["opset_upgraded"] == 1 and report.counts["budget_met"] == 1
+
+
+def test_opset_below_10_is_refused(rng):
+    model = ir.from_onnx_text(ir.to_onnx_text(mlp(rng)).replace('"" : 17', '"" : 9'))
+    calib, evald = datasets(rng)
+    ctx = PassContext(calibration=calib, evaluation=evald, quiet=True)
+    with pytest.raises(ir.passes.PreconditionError, match="opset >= 10, model has 9"):
+        MixedPass(MixedConfig(**FAST), ctx)(model)
