@@ -352,6 +352,11 @@ def _gelu(a: dict[str, Any], o: int) -> OpFn:
     return lambda x: [F.gelu(x[0], approximate=approx)]
 
 
+def _constant_of_shape(a: dict[str, Any], o: int) -> OpFn:
+    value = a["value"].reshape(()) if "value" in a else torch.zeros((), dtype=torch.float32)
+    return lambda x: [torch.full(_ints(x[0]), value.item(), dtype=value.dtype)]
+
+
 OPS: dict[str, Builder] = {
     "Identity": _unary(lambda v: v),
     "Dropout": lambda a, o: lambda x: [x[0]],
@@ -406,5 +411,14 @@ OPS: dict[str, Builder] = {
     "Cast": _cast,
     "Shape": lambda a, o: lambda x: [torch.tensor(x[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64)],
     "Constant": _constant,
+    "ConstantOfShape": _constant_of_shape,
+    "Equal": _binary(torch.eq),
+    "Less": _binary(torch.lt),
+    "LessOrEqual": _binary(torch.le),
+    "Greater": _binary(torch.gt),
+    "GreaterOrEqual": _binary(torch.ge),
+    "Not": _unary(torch.logical_not),
+    "And": _binary(torch.logical_and),
+    "Or": _binary(torch.logical_or),
     "Expand": lambda a, o: lambda x: [x[0] * torch.ones(_ints(x[1]), dtype=x[0].dtype)],
 }

@@ -127,13 +127,13 @@ class DistillPass(OptPass[DistillConfig]):
         report = self.new_report(model)
         cfg = self.config
         teacher = _io.load_model(cfg.teacher) if cfg.teacher else self.context.cache[distill_data.TEACHER_KEY]
-        graph = torch_graph.TorchGraph(model)  # raises UnsupportedOpError before any change
         names, skipped = distill_data.select_trainable(model, cfg.include, cfg.exclude)
         for reason in skipped.values():
             report.skip(reason)
         if not names:
             report.skip("no trainable initializer")
             return report
+        graph = torch_graph.TorchGraph(model)  # raises UnsupportedOpError before any change
         static = distill_data.static_batch(model)
         inputs, labels = distill_data.stack_samples(self.context.calibration, cfg.max_samples, static)
         params = [

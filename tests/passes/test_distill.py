@@ -131,6 +131,23 @@ def test_torch_graph_matches_onnxruntime_on_more_ops(rng):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_graph_comparisons_and_constant_of_shape_match_onnxruntime():
+    mk = onnx.helper.make_node
+    fill = onnx.numpy_helper.from_array(np.array([2.5], np.float32))
+    nodes = [
+        mk("Shape", ["x"], ["s"]), mk("ConstantOfShape", ["s"], ["c"], value=fill),
+        mk("Less", ["x", "c"], ["l"]), mk("Greater", ["x", "c"], ["g"]), mk("Or", ["l", "g"], ["o"]),
+        mk("Not", ["o"], ["n"]), mk("Equal", ["x", "c"], ["e"]), mk("And", ["n", "e"], ["y"]),
+    ]
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, {}, [info("x", onnx.TensorProto.FLOAT, [3, 4])],
+                         [info("y", onnx.TensorProto.BOOL, None), info("c", onnx.TensorProto.FLOAT, None)])
+    feeds = {"x": np.array([[2.5, 1, 3, 2.5]] * 3, np.float32)}
+    for got, want in zip(_torch(model, feeds), _ort(model, feeds), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_codebook_gradient_is_sum_of_member_gradients(rng):
     w = rng.choice(np.array([-0.5, 0.0, 0.25, 1.0], np.float32), size=(8, 16))
     p = distill_torch.make_param("w", w)
