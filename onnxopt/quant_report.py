@@ -121,13 +121,30 @@ def local_sqnr(
 
 
 def latency_ms(
-    models: Iterable[ir.Model], feed: Mapping[str, np.ndarray], *, runs: int = 10, warmup: int = 3, threads: int = 1
+    models: Iterable[ir.Model],
+    feed: Mapping[str, np.ndarray],
+    *,
+    runs: int = 10,
+    warmup: int = 3,
+    threads: int = 1,
+    budget_s: float = 30.0,
 ) -> list[float]:
-    """Median latency (ms) of each model on ``feed``, runs interleaved, ORT_ENABLE_ALL on CPU."""
+    """Median latency (ms) of each model on ``feed``, runs interleaved, ORT_ENABLE_ALL on CPU.
+
+    ``runs`` shrinks (to at least 3, warm-up to 1) when a first run shows that all runs would
+    take longer than ``budget_s`` (PP-OCR det at 736x2944 takes seconds per run).
+    """
     handles = [runtime.make_session(m, threads=threads, opt_level="all") for m in models]
     try:
         times: list[list[float]] = [[] for _ in handles]
         feed = dict(feed)
+        t0 = time.perf_counter()
+        for h in handles:
+            h.run(feed)
+        one_round = time.perf_counter() - t0
+        if one_round * (runs + warmup) > budget_s:
+            runs = max(3, int(budget_s / max(one_round, 1e-9)) - 1)
+            warmup = 0
         for _ in range(warmup):
             for h in handles:
                 h.run(feed)
