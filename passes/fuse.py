@@ -24,6 +24,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
+import tempfile
 from typing import Literal
 
 import onnx
@@ -198,11 +200,18 @@ def _infer_types(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     """
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    try:
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-    except Exception as err:  # best effort: its failures come as many exception types
-        logger.debug("symbolic shape inference failed: %s", err)
-        return None
+    # On incomplete inference it saves "sym_shape_infer_temp.onnx" into the working directory:
+    # run it from a scratch folder so nothing lands beside the user's files.
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnxopt-fuse-") as scratch:
+        os.chdir(scratch)
+        try:
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        except Exception as err:  # best effort: its failures come as many exception types
+            logger.debug("symbolic shape inference failed: %s", err)
+            return None
+        finally:
+            os.chdir(cwd)
 
 
 def _node_key(name: str, outputs: list[str]) -> str:
