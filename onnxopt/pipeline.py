@@ -9,6 +9,7 @@ model goes on as it was before that pass, and the report says why.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import pathlib
@@ -84,7 +85,7 @@ def run(
     for p in bar:
         bar.set_postfix_str(p.name)
         before_stats = model_stats(model)
-        snapshot = model.clone()
+        snapshot = _snapshot(model)
         t0 = time.perf_counter()
         try:
             report = p(model)
@@ -116,6 +117,22 @@ def run(
         logger.info("%s: %s", p.name, report.summary())
         reports.append(report)
     return PipelineResult(model, reports)
+
+
+def _snapshot(model: ir.Model) -> ir.Model:
+    """A copy to roll back to. ``Model.clone`` shares type and shape objects with the original,
+    and ``value.dtype = ...`` mutates the shared type in place, so those are copied too; tensors
+    stay shared (passes replace tensors, they do not write into them)."""
+    clone = model.clone()
+    for graph in clone.graphs():
+        values = list(graph.inputs) + list(graph.initializers.values())
+        values += [out for node in graph for out in node.outputs]
+        for value in values:
+            if value.type is not None:
+                value.type = copy.deepcopy(value.type)
+            if value.shape is not None:
+                value.shape = copy.deepcopy(value.shape)
+    return clone
 
 
 def _quiet(passes: Sequence[OptPass]) -> bool:

@@ -117,3 +117,21 @@ def test_model_that_fails_on_random_feeds_is_checked_structurally_only():
     rep = result.reports[0]
     assert rep.status == "ok", rep.error
     assert any("numerical check skipped" in n for n in rep.notes)
+
+
+class RetypeThenFailPass(_Unregistered):
+    name = "test-retype"
+
+    def call(self, model: ir.Model) -> PassReport:
+        for node in model.graph:
+            for out in node.outputs:
+                out.dtype = ir.DataType.FLOAT16  # mutates the (shared) type object in place
+        raise RuntimeError("gave up halfway")
+
+
+def test_rollback_restores_types_mutated_in_place():
+    model = _model()
+    before = ir.to_proto(model).SerializeToString()
+    result = pipeline.run(model, [RetypeThenFailPass()])
+    assert result.reports[0].status == "rolled-back"
+    assert ir.to_proto(result.model).SerializeToString() == before
