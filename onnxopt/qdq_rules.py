@@ -103,6 +103,9 @@ def _const_weight(node: ir.Node, index: int, ctx: RuleContext) -> np.ndarray | N
     if array.dtype != np.float32:
         ctx.refuse(node, f"weight dtype {array.dtype} is not float32")
         return None
+    if any(use.node.graph is not node.graph for use in value.uses()):
+        ctx.refuse(node, "weight is also read inside a subgraph (both copies would be kept)")
+        return None
     return array
 
 
