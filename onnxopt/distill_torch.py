@@ -268,6 +268,9 @@ def _train(
         if on_epoch is not None:
             on_epoch(row)
         score = row.get("val_loss", row["train_loss"])
+        if not math.isfinite(score) or not math.isfinite(row["train_loss"]):
+            stopped = True  # a non-finite loss (e.g. masked -inf logits): keep the best weights so far
+            break
         if score < best or not len(val_index):
             best, best_epoch, waited = score, epoch + 1, 0
             best_state = [p.theta.detach().clone() for p in params]

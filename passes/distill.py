@@ -178,7 +178,7 @@ class DistillPass(OptPass[DistillConfig]):
         _write(candidate, result.weights)
         with runtime.session(candidate) as handle:
             written = [np.concatenate(o) for o in zip(*_run_chunks(handle, check_inputs, batch), strict=True)]
-        diff = max(float(np.abs(w - a).max()) for w, a in zip(written, after, strict=True))
+        diff = max(_max_abs(w, a) for w, a in zip(written, after, strict=True))
         if not diff <= cfg.check_atol:
             raise RuntimeError(f"distill: written ONNX differs from the trained torch model by {diff:.3g}")
         _write(model, result.weights)
@@ -215,6 +215,14 @@ def _run_chunks(handle: runtime.SessionHandle, inputs: dict[str, np.ndarray], si
     for start in range(0, n, size):
         out = handle.run({k: v[start : start + size] for k, v in inputs.items()})
         yield [out[name] for name in handle.output_names]
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference, where NaN against NaN and equal infinities count as equal."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    return float(np.abs(a - b)[~same].max()) if not same.all() else 0.0
 
 
 def _check_outputs(student: list[np.ndarray], teacher: list[np.ndarray], where: str) -> None:
