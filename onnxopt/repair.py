@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 # Columns of a codebook refit processed at once (bounds the one-hot tensor to K * 256 * k).
 _CHUNK = 256
 # Rows (samples x output positions) per feed kept for the moments: a large image gives a Conv
-# hundreds of thousands of patches; an evenly strided subset estimates E[x x^T] at a fraction of
+# hundreds of thousands of patches; a seeded random subset estimates E[x x^T] at a fraction of
 # the O(rows * K^2) cost.
 MAX_ROWS_PER_FEED = 16384
 
@@ -173,7 +173,7 @@ class LayerStats:
 def _rows(layer: Layer, x: np.ndarray, limit: int) -> np.ndarray:
     """Return the layer input ``x`` as rows of X (im2col patches for Conv), at most ``limit``.
 
-    Beyond ``limit`` rows an evenly strided subset is taken, before the patches are copied.
+    Beyond ``limit`` rows a seeded random subset is taken, before the patches are copied.
     """
     if layer.kind != "conv":
         rows = x.reshape(-1, x.shape[-1])
@@ -196,7 +196,8 @@ def _rows(layer: Layer, x: np.ndarray, limit: int) -> np.ndarray:
 
 
 def _subset(n: int, limit: int) -> np.ndarray:
-    return np.linspace(0, n - 1, limit).astype(np.int64)
+    # Seeded random rows: a fixed stride over (batch, height, width) can alias with the image grid.
+    return np.sort(np.random.default_rng(n).choice(n, limit, replace=False))
 
 
 def collect_stats(

@@ -311,7 +311,7 @@ def test_recipes_registered():
 
 
 def test_repair_statistics_subsample_large_feeds(monkeypatch):
-    """Above MAX_ROWS_PER_FEED the patches are an evenly strided subset; repair still helps."""
+    """Above MAX_ROWS_PER_FEED the patches are a seeded random subset; repair still helps."""
     from onnxopt import repair
 
     monkeypatch.setattr(repair, "MAX_ROWS_PER_FEED", 40)
