@@ -101,12 +101,16 @@ def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int,
         onnx.save(onnx.version_converter.convert_version(proto, 13), str(tmp / "opset13.onnx"))
         src = tmp / "opset13.onnx"
         notes.append(f"upgraded opset {opset} -> 13 by hand")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # on failure its symbolic shape inference drops a temp model into the cwd
     try:
         quant_pre_process(str(src), str(tmp / "pre.onnx"))
         src = tmp / "pre.onnx"
     except Exception as err:
         first = (str(err).strip().splitlines() or [""])[0][:120]
         notes.append(f"quant_pre_process failed: {type(err).__name__}: {first}")
+    finally:
+        os.chdir(cwd)
     feeds = _feeds(model, calib, n)
 
     class Reader(q.CalibrationDataReader):
