@@ -128,6 +128,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                 f"{r.pass_name}: {r.summary()} | nodes {b['nodes']} -> {a['nodes']}, "
                 f"weight bytes {b['weight_bytes']:,} -> {a['weight_bytes']:,} ({r.seconds:.2f}s)"
             )
+            for note in r.notes:
+                print(f"    note: {note}")
         if result.validation is not None:
             print(result.validation.table())
         written = result.export
