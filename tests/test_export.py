@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import time
 
 import numpy as np
 import onnx_ir as ir
@@ -148,9 +146,6 @@ def test_cli_export_options(tmp_path, capsys):
     assert (tmp_path / "m2.onnx.data").exists()
 
 
-BIG = os.environ.get("ONNXOPT_BIG") == "1"
-
-
 def _big_model(n_tensors: int, rows: int, cols: int) -> ir.Model:
     """Gather one row from each of ``n_tensors`` [rows, cols] float32 weights (created lazily)."""
     idx = ir.Value(name="idx", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
@@ -174,29 +169,22 @@ def _big_model(n_tensors: int, rows: int, cols: int) -> ir.Model:
     return ir.Model(graph, ir_version=8)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not BIG, reason="writes a 3 GB model; set ONNXOPT_BIG=1 to run it")
-def test_three_gigabyte_model_goes_to_external_data_and_reloads(tmp_path):
-    n, rows, cols = 6, 2048, 65536  # 6 x 512 MiB = 3 GiB of float32
+def test_auto_external_data_above_the_limit_and_reload(tmp_path, monkeypatch):
+    # The same code path as a > 2 GB model (benchmarks/big_export.py writes a real 3 GiB one),
+    # with the automatic threshold lowered so the test stays small.
+    monkeypatch.setattr(_io, "_AUTO_EXTERNAL_BYTES", 1 << 20)
+    n, rows, cols = 3, 512, 256  # 3 x 512 KiB
     model = _big_model(n, rows, cols)
-    assert _io.model_nbytes(model) == n * rows * cols * 4 > _io.PROTOBUF_LIMIT
-    t0 = time.perf_counter()
     result = export.export(model, tmp_path / "big.onnx")  # external_data="auto"
-    t_save = time.perf_counter() - t0
     assert [f.name for f in result.files] == ["big.onnx", "big.onnx.data"]
     assert result.files[1].stat().st_size == n * rows * cols * 4
-    assert result.path.stat().st_size < 100_000
-    t0 = time.perf_counter()
     reloaded = _io.load_model(result.path)
     assert len(_io.external_tensors(reloaded)) == n
-    w5 = reloaded.graph.initializers["w5"].const_value.numpy()  # memory-mapped
-    assert w5[1234, 17] == 5 * 1000 + 1234
+    assert reloaded.graph.initializers["w2"].const_value.numpy()[300, 17] == 2 * 1000 + 300
     sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    outs = sess.run(None, {"idx": np.array([777], np.int64)})
-    t_load = time.perf_counter() - t0
+    outs = sess.run(None, {"idx": np.array([77], np.int64)})
     for i, y in enumerate(outs):
-        assert y.shape == (1, cols) and np.all(y == i * 1000 + 777)
-    print(f"\n3 GiB model: save {t_save:.1f}s, reload + onnxruntime session + run {t_load:.1f}s")
+        assert y.shape == (1, cols) and np.all(y == i * 1000 + 77)
 
 
 def test_per_tensor_export_replaces_its_own_folder_but_not_a_foreign_one(tmp_path):
