@@ -32,7 +32,6 @@ import numpy as np
 import onnx
 import onnx.version_converter
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_common
 from tqdm.auto import tqdm
 
 from onnxopt import _ir_utils, runtime
@@ -140,20 +139,34 @@ class CalibrationTable:
             raise DataError(f"{path}: invalid calibration table ({err})") from None
 
 
+def _is_float_tensor(value: ir.Value) -> bool:
+    """Tell whether ``value`` is typed as a float tensor (sequence/optional values are not)."""
+    return isinstance(value.type, ir.TensorType) and value.type.dtype in _FLOAT_TYPES
+
+
 def float_values(model: ir.Model) -> list[str]:
-    """Names of the float tensors of the main graph: real inputs and node outputs (typed)."""
-    names = [v.name for v in model.graph.inputs if not v.is_initializer() and v.dtype in _FLOAT_TYPES]
+    """Names of the float tensors of the main graph: real inputs and node outputs (typed).
+
+    Only values whose type is a float ``ir.TensorType``: a sequence or optional of float
+    tensors has ``dtype`` float too, but ReduceMin/ReduceMax cannot read it.
+    """
+    names = [v.name for v in model.graph.inputs if not v.is_initializer() and _is_float_tensor(v)]
     for node in model.graph:
-        names += [o.name for o in node.outputs if o.name and o.dtype in _FLOAT_TYPES]
+        names += [o.name for o in node.outputs if o.name and _is_float_tensor(o)]
     return list(dict.fromkeys(names))
 
 
 def _typed_clone(model: ir.Model) -> ir.Model:
-    """Return a clone with inferred value types (needed to pick the float tensors)."""
+    """Return a clone with inferred value types (needed to pick the float tensors).
+
+    :func:`onnxopt._ir_utils.infer_types` fills whole types only where a value has none, so
+    sequence and optional values keep their types (onnx-ir's ShapeInferencePass makes them
+    tensors, and the instrumented clone would then not load in onnxruntime).
+    """
     clone = model.clone()
     try:
-        ir_common.ShapeInferencePass()(clone)
-    except (ir.passes.PassError, ValueError, RuntimeError) as err:  # inference is best effort
+        _ir_utils.infer_types(clone)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:  # best effort
         logger.debug("shape inference failed before calibration: %s", err)
     return clone
 

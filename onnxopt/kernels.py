@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxopt import runtime
 from onnxopt.errors import ProviderError
 
-__all__ = ["KernelSupport", "kernel_support", "registry_providers"]
+__all__ = ["KernelSupport", "has_kernel", "kernel_support", "registry_providers"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # onnxruntime turns these into initializers when it loads the model; they need no kernel.
@@ -59,6 +59,18 @@ def _registry() -> dict[tuple[str, str, str], list[_Kernel]]:
 def registry_providers() -> list[str]:
     """List the providers whose kernels the installed onnxruntime build registers."""
     return sorted({key[0] for key in _registry()})
+
+
+def has_kernel(op_type: str, version: int, provider: str = "CPUExecutionProvider", domain: str = "") -> bool:
+    """Return True if ``provider`` registers a kernel for ``op_type`` at schema ``version``.
+
+    As onnxruntime's own lookup: a kernel without an end version (``2**31 - 1``) matches only
+    the version it starts at; a closed range matches every version inside it.
+    """
+    domain = "" if domain in _DEFAULT_DOMAINS else domain
+    kernels = _registry().get((provider, domain, op_type), [])
+    open_end = 2**31 - 1
+    return any(k.low == version or (k.low < version <= k.high and k.high != open_end) for k in kernels)
 
 
 @dataclasses.dataclass

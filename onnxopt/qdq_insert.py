@@ -14,14 +14,34 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import _ir_utils
+from onnxopt import _ir_utils, kernels
 from onnxopt import quant_math as qm
 from onnxopt.qdq_rules import ABSORBED_OPS, QuantPlan
 
-__all__ = ["InsertResult", "QParams", "apply_plans"]
+__all__ = ["InsertResult", "QParams", "apply_plans", "unsupported_qdq_opset"]
+
+
+def unsupported_qdq_opset(opset: int, provider: str = "CPUExecutionProvider") -> str | None:
+    """Why Q/DQ nodes at default ``opset`` would not run in onnxruntime, or None if they would.
+
+    The schema version of QuantizeLinear/DequantizeLinear at ``opset`` must have a kernel in
+    the installed onnxruntime (1.32 CPU stops at version 25: a model at opset 28 fails to load
+    once Q/DQ nodes are in it).
+    """
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        version = onnx.defs.get_schema(op, opset).since_version
+        if not kernels.has_kernel(op, version, provider):
+            supported = [v for v in range(10, version) if kernels.has_kernel(op, v, provider)]
+            highest = max(supported, default=None)
+            return (
+                f"default opset {opset} has {op}-{version}, which onnxruntime has no "
+                f"{provider} kernel for (highest supported: {highest})"
+            )
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

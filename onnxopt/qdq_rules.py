@@ -66,6 +66,8 @@ class RuleContext:
         mask_threshold: activations with ``max |x|`` above this (attention masks such as
             -1e9 or -3.4e38) are never quantized.
         reasons: node name -> why the last rule refused it.
+        dtypes: inferred element type per tensor name, for values the graph leaves untyped;
+            only float32 activations are quantized (float16/double ones stay as they are).
 
     """
 
@@ -73,6 +75,7 @@ class RuleContext:
     per_tensor: bool = False
     mask_threshold: float = 1e4
     reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    dtypes: Mapping[str, ir.DataType] = dataclasses.field(default_factory=dict)
 
     def refuse(self, node: ir.Node, reason: str) -> None:
         """Record why ``node`` stays float; returns None for ``return ctx.refuse(...)``."""
@@ -83,6 +86,10 @@ class RuleContext:
         value = node.inputs[index] if index < len(node.inputs) else None
         if value is None or value.name not in self.ranges:
             self.refuse(node, f"input {index} has no calibrated range")
+            return False
+        dtype = value.dtype if isinstance(value.type, ir.TensorType) else self.dtypes.get(value.name)
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            self.refuse(node, f"input {index} is {dtype.name.lower()}, only float32 is quantized")
             return False
         lo, hi = self.ranges[value.name]
         if max(abs(lo), abs(hi)) > self.mask_threshold:
@@ -199,6 +206,16 @@ def _single(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
     return QuantPlan(node, (0,))
 
 
+def _average_pool(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    # onnxruntime's QLinearAveragePool (com.microsoft) has no `dilations` attribute: the fused
+    # node would not load. auto_pad, ceil_mode, count_include_pad, pads and strides it has.
+    dilations = node.attributes.get_ints("dilations", None)
+    if dilations is not None and any(d != 1 for d in dilations):
+        ctx.refuse(node, f"AveragePool with dilations {list(dilations)} (QLinearAveragePool has none)")
+        return None
+    return _single(node, ctx)
+
+
 def _concat(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
     for i in range(len(node.inputs)):
         if not ctx.activation(node, i):
@@ -215,7 +232,7 @@ RULES: dict[str, Rule] = {
     "Add": _binary,
     "Mul": _binary,
     "Concat": _concat,
-    "AveragePool": _single,
+    "AveragePool": _average_pool,
     "GlobalAveragePool": _single,
     **dict.fromkeys(
         ("MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather"),

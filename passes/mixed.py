@@ -18,7 +18,7 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 
-from onnxopt import float16, mixed_plots, precision_plan, sensitivity
+from onnxopt import float16, mixed_plots, precision_plan, qdq_insert, sensitivity
 from onnxopt.calibration import cached_ranges
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -80,6 +80,9 @@ class MixedPass(OptPass[MixedConfig]):
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         if opset < 10:  # older ops (Scan-8, Upsample) change meaning under version conversion
             raise ir.passes.PreconditionError(f"mixed needs default opset >= 10, model has {opset}")
+        problem = qdq_insert.unsupported_qdq_opset(max(opset, _QDQ_OPSET))
+        if problem:
+            raise ir.passes.PreconditionError(f"mixed: {problem}")
 
     def call(self, model: ir.Model) -> PassReport:
         """Measure sensitivity, search, guard speed, verify; see the class docstring."""

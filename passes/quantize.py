@@ -13,11 +13,12 @@ import dataclasses
 import logging
 from typing import Literal
 
+import onnx.shape_inference
 import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import calibration, qdq_insert, quant_improve, quant_report
+from onnxopt import _ir_utils, calibration, qdq_insert, quant_improve, quant_report
 from onnxopt.calibration import CalibrationTable
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -34,6 +35,17 @@ _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumula
 
 def _small_feeds(feeds: list) -> bool:
     return all(sum(a.nbytes for a in f.values()) <= (1 << 20) for f in feeds)
+
+
+def _tensor_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
+    """Element type of each main-graph tensor, inferred on a clone (the model is not touched)."""
+    typed = model.clone()
+    try:
+        _ir_utils.infer_types(typed)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:  # best effort
+        logger.debug("type inference failed before quantization: %s", err)
+    values = ir.convenience.create_value_mapping(typed.graph)
+    return {n: v.type.dtype for n, v in values.items() if isinstance(v.type, ir.TensorType)}
 
 
 def _check_ops(field: str, ops: frozenset[str]) -> None:
@@ -102,6 +114,9 @@ class QuantizePass(OptPass[QuantizeConfig]):
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         if opset < 10:
             raise ir.passes.PreconditionError(f"quantize needs default opset >= 10, model has {opset}")
+        problem = qdq_insert.unsupported_qdq_opset(max(opset, _MIN_OPSET))
+        if problem:
+            raise ir.passes.PreconditionError(f"quantize: {problem}")
         names = {n.name for n in model.graph.all_nodes()}
         for field in ("include_nodes", "exclude_nodes"):
             missing = sorted(getattr(self.config, field) - names)
@@ -126,7 +141,9 @@ class QuantizePass(OptPass[QuantizeConfig]):
         table = self._table(model)
         if self.config.save_calib_table:
             table.save(self.config.save_calib_table)
-        ctx = RuleContext(table.ranges, self.config.per_tensor, self.config.mask_threshold)
+        ctx = RuleContext(
+            table.ranges, self.config.per_tensor, self.config.mask_threshold, dtypes=_tensor_dtypes(model)
+        )
         plans = self._plans(model, ctx, report)
         if not plans:
             return report

@@ -345,3 +345,90 @@ def test_bias_correction_shrinks_the_mean_output_error(rng):
         diffs = [g[conv_out] - r[conv_out] for r, g in zip(ref_c, got_c, strict=True)]
         errors[on] = float(np.abs(np.mean(np.concatenate(diffs), axis=(0, 2, 3))).max())
     assert errors[True] < errors[False]
+
+
+# Conformance regressions (tests/conformance): each case is loaded from onnx's backend tests and
+# judged by the conformance harness, which runs the output model in onnxruntime against the
+# case's expected outputs (tolerances in tests/conformance/tools.py).
+
+
+def _conformance_case(module: str, name: str):
+    from tests.conformance import cases
+
+    if module == "simple":
+        return next(c for c in cases.folder_cases(("simple",)) if c.name == name)
+    return next(c for c in cases.node_cases([module]) if c.name == name)
+
+
+def _conformance_verdict(module: str, name: str, tool: str = "quantize"):
+    from tests.conformance import harness
+
+    outcome = harness.evaluate(_conformance_case(module, name), tool)
+    assert outcome.status not in harness.BAD, f"{outcome.status}: {outcome.detail}"
+    return outcome
+
+
+@pytest.mark.parametrize(
+    ("module", "name"), [("if_", "test_if_seq"), ("if_", "test_if_opt"), ("simple", "test_sequence_model6")]
+)
+def test_calibration_skips_sequence_and_optional_values(module, name):
+    case = _conformance_case(module, name)
+    model = ir.from_proto(onnx.load_from_string(case.model))
+    typed = model.clone()
+    from onnxopt import _ir_utils
+
+    _ir_utils.infer_types(typed)
+    not_tensors = {
+        n for n, v in ir.convenience.create_value_mapping(typed.graph).items()
+        if v.type is not None and not isinstance(v.type, ir.TensorType)
+    }
+    assert not_tensors, "the case has no sequence/optional value: the test checks nothing"
+    table = calibration.collect_ranges(model, [feed for feed, _ in case.data_sets], quiet=True)
+    assert not set(table.ranges) & not_tensors
+    assert set(calibration.float_values(typed)).isdisjoint(not_tensors)
+    _conformance_verdict(module, name)
+
+
+def test_opset_without_an_onnxruntime_qdq_kernel_is_refused(rng):
+    case = _conformance_case("spacetodepth", "test_spacetodepth_crd_mode_example_expanded")
+    model = ir.from_proto(onnx.load_from_string(case.model))
+    assert model.opset_imports[""] == 28
+    ctx = PassContext(calibration=Dataset.from_feeds([f for f, _ in case.data_sets]), quiet=True)
+    with pytest.raises(ir.passes.PreconditionError, match=r"default opset 28 has QuantizeLinear-28.*highest supported: 25"):
+        QuantizePass(QuantizeConfig(latency_runs=0), ctx)(model)
+    outcome = _conformance_verdict("depthtospace", "test_depthtospace_example_expanded")
+    assert outcome.status == "unchanged-with-reason" and "opset 28" in outcome.detail
+
+
+def test_average_pool_with_dilations_stays_float_with_a_reason(rng):
+    model = ir.from_onnx_text("""
+<ir_version: 8, opset_import: ["" : 19]>
+g (float[1, 2, 8, 8] x) => (float[1, 2, 6, 6] y) {
+    y = AveragePool <kernel_shape = [2, 2], dilations = [2, 2]> (x)
+}""")
+    feeds = [{"x": rng.standard_normal((1, 2, 8, 8)).astype(np.float32)}]
+    model, report = _run_pass(model, feeds)
+    assert report.modified is False
+    assert report.skipped["AveragePool: AveragePool with dilations [2, 2] (QLinearAveragePool has none)"] == 1
+    outcome = _conformance_verdict("averagepool", "test_averagepool_2d_dilations")
+    assert outcome.status == "unchanged-with-reason" and "dilations" in outcome.detail
+
+
+def test_float16_activations_stay_float16_with_a_reason(rng):
+    h = onnx.helper
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float16)
+    model = ir.from_proto(h.make_model(h.make_graph(
+        [h.make_node("Conv", ["x", "w"], ["y"])], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, ["N", 4, 6, 6])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    ), opset_imports=[h.make_opsetid("", 17)], ir_version=8))
+    before = ir.to_proto(model).SerializeToString()
+    feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float16)}]
+    model, report = _run_pass(model, feeds)
+    assert report.modified is False and ir.to_proto(model).SerializeToString() == before
+    assert report.skipped["Conv: input 0 is float16, only float32 is quantized"] == 1
+    # A float16 model with a float32 region: only the float32 Mul is quantized, and the result
+    # still matches the case's expected outputs in onnxruntime.
+    outcome = _conformance_verdict("causal_conv_with_state", "test_causal_conv_with_state_silu_fp16_expanded")
+    assert outcome.status == "transformed-ok", outcome.detail
