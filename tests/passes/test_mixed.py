@@ -220,3 +220,33 @@ def test_opset_below_10_is_refused(rng):
     ctx = PassContext(calibration=calib, evaluation=evald, quiet=True)
     with pytest.raises(ir.passes.PreconditionError, match="opset >= 10, model has 9"):
         MixedPass(MixedConfig(**FAST), ctx)(model)
+
+
+# Conformance regressions: onnx backend cases judged by the conformance harness (the output model
+# runs in onnxruntime against the case's expected outputs; tolerances in tests/conformance/tools.py).
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("if_", "test_if_seq"),  # calibration of a graph with sequence values
+        ("averagepool", "test_averagepool_2d_dilations"),  # no QLinearAveragePool with dilations
+        ("causal_conv_with_state", "test_causal_conv_with_state_silu_fp16_expanded"),  # float16 model
+    ],
+)
+def test_conformance_cases_that_crashed_now_run(module, name):
+    from tests.conformance import cases, harness
+
+    case = next(c for c in cases.node_cases([module]) if c.name == name)
+    outcome = harness.evaluate(case, "mixed")
+    assert outcome.status not in harness.BAD, f"{outcome.status}: {outcome.detail}"
+
+
+def test_opset_without_an_onnxruntime_qdq_kernel_is_refused():
+    from tests.conformance import cases
+
+    case = next(c for c in cases.node_cases(["depthtospace"]) if c.name == "test_depthtospace_example_expanded")
+    model = ir.from_proto(onnx.load_from_string(case.model))
+    ctx = PassContext(calibration=data.Dataset.from_feeds([f for f, _ in case.data_sets]), quiet=True)
+    with pytest.raises(ir.passes.PreconditionError, match=r"mixed: default opset 28 has QuantizeLinear-28"):
+        MixedPass(MixedConfig(**FAST), ctx)(model)
