@@ -33,24 +33,7 @@ RECIPES = [t for t in _all_tools if t.startswith("recipe:")]
 # (tool, case key) pairs that fail today, each with the owner's issue text; listed so the suite
 # stays green while the owner fixes them. strict xfail: a fixed pair turns the test red until it
 # is removed from here.
-_CALIB = ("calibration: _typed_clone runs onnx-ir's ShapeInferencePass (tensor types for "
-          "sequences), and float_values() picks sequence values (o.dtype is the element type); "
-          "the instrumented clone does not load in ORT")
-_QDQ28 = ("QDQ inserted at the model's opset 28, where onnxruntime 1.32 CPU has no QuantizeLinear "
-          "kernel (NOT_IMPLEMENTED in sensitivity/quant_report sessions)")
-KNOWN: dict[str, dict[str, str]] = {
-    "fp16": {"node/test_if_opt": _CALIB, "node/test_if_seq": _CALIB},
-    "mixed": {
-        "node/test_if_opt": _CALIB,
-        "node/test_if_seq": _CALIB,
-        "node/test_spacetodepth_crd_mode_example_expanded": _QDQ28,
-    },
-    "quantize": {
-        "node/test_if_opt": _CALIB,
-        "node/test_if_seq": _CALIB,
-        "node/test_spacetodepth_crd_mode_example_expanded": _QDQ28,
-    },
-}
+KNOWN: dict[str, dict[str, str]] = {}
 
 
 def select_cases() -> list[Case]:
