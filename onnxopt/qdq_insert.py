@@ -79,13 +79,16 @@ class _Inserter:
         self.result = InsertResult()
         self.created: set[ir.Value] = set()
         self.origin: dict[ir.Value, ir.Value] = {}
+        # Graph outputs give their name to their DQ output; the float value keeps its old name here.
+        self.original_name: dict[ir.Value, str] = {}
+        self.quantized: set[ir.Value] = set()
         self.weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
 
     def params(self, value: ir.Value) -> QParams:
         source = self.origin.get(value, value)
         while source in self.shared:
             source = self.shared[source]
-        lo, hi = self.ranges[source.name]
+        lo, hi = self.ranges[self.original_name.get(source, source.name)]
         scale, zero = qm.scale_zero_point(lo, hi, self.qtype, symmetric=self.symmetric,
                                           reduce_range=self.reduce_range)
         return QParams(scale, zero)
@@ -123,8 +126,8 @@ class _Inserter:
         return out
 
     def quantize_activation(self, value: ir.Value) -> None:
-        if value.name in self.result.dequantized or value in self.created:
-            return
+        if value in self.quantized or value in self.created:
+            return  # by identity: a quantized graph output is renamed ``<name>_float``
         users = [(u.node, u.idx) for u in value.uses() if u.node.graph is self.graph]
         if not users and not value.is_graph_output():
             return  # read only inside subgraphs, which stay float
@@ -144,8 +147,10 @@ class _Inserter:
             for i, out in enumerate(self.graph.outputs):
                 if out is value:
                     self.graph.outputs[i] = dq_out
+            self.original_name[value] = name
             value.name = _ir_utils.unique_name(self.graph, f"{name}_float", self.taken)
             dq_out.name = name
+        self.quantized.add(value)
         self.result.dequantized[name] = dq_out.name
         self.created.add(dq_out)
         self.origin[dq_out] = value

@@ -432,3 +432,24 @@ def test_float16_activations_stay_float16_with_a_reason(rng):
     # still matches the case's expected outputs in onnxruntime.
     outcome = _conformance_verdict("causal_conv_with_state", "test_causal_conv_with_state_silu_fp16_expanded")
     assert outcome.status == "transformed-ok", outcome.detail
+
+
+def test_graph_output_read_by_a_quantized_node_is_quantized_once(rng):
+    # c is a Concat output (quantized as a plan output), a graph output (its DQ takes the name)
+    # and a MatMul input (quantized as an activation first): it used to be quantized a second
+    # time under its new name `c_float` (KeyError; conformance recipe:int8 on attention cases).
+    w = rng.standard_normal((8, 4)) * 0.3
+    model = ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x, float[N, 4] z) => (float[N, 8] c, float[N, 4] y) <float[8, 4] w = {{{_arr(w)}}}> {{
+    c = Concat <axis = 1> (x, z)
+    y = MatMul (c, w)
+}}""")
+    ref = model.clone()
+    feeds = [{k: rng.standard_normal((2, 4)).astype(np.float32) for k in "xz"} for _ in range(4)]
+    model, report = _run_pass(model, feeds)
+    assert report.counts["quantized_Concat"] == 1 and report.counts["quantized_MatMul"] == 1
+    assert _ops(model)["QuantizeLinear"] == 4  # x, z, c, y: once each
+    assert [v.name for v in model.graph.outputs] == ["c", "y"]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    _assert_close_to_float(ref, model, feeds, output="c")
