@@ -89,7 +89,8 @@ def _convert(raw: Any, hint: Any) -> Any:  # noqa: PLR0911 - one branch per supp
         raise ValueError("; ".join(errors))
     if origin is typing.Literal:
         for arg in args:
-            if raw == arg or (isinstance(raw, str) and str(arg) == raw):
+            text = str(raw).lower() if isinstance(raw, bool) else raw  # TOML true -> "true"
+            if text == arg or (isinstance(text, str) and str(arg) == text):
                 return arg
         raise ValueError(f"expected one of {', '.join(map(repr, args))}, got {raw!r}")
     if origin in (frozenset, tuple, list, set):

@@ -10,11 +10,14 @@ integer kernels add to their int32 accumulators.
 
 from __future__ import annotations
 
+import pathlib
+import platform
 from typing import Literal
 
 import numpy as np
 
 __all__ = [
+    "int8_dot_saturates",
     "QRANGE",
     "QType",
     "block_quantize",
@@ -155,3 +158,19 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     if signal == 0.0:
         return float("-inf")
     return float(10.0 * np.log10(signal / noise))
+
+
+def int8_dot_saturates() -> bool:
+    """Whether onnxruntime's u8s8 integer kernels saturate on this CPU.
+
+    x86 CPUs without VNNI multiply-add uint8 x int8 pairs into int16 (``vpmaddubsw``), which
+    saturates for large values; 7-bit values (reduce_range) avoid it. VNNI/AMX and ARM do not
+    saturate. Where the flags cannot be read, an x86 CPU is assumed to saturate.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -18,7 +18,7 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import _ir_utils, calibration, qdq_insert, quant_improve, quant_report
+from onnxopt import _ir_utils, calibration, qdq_insert, quant_improve, quant_math, quant_report
 from onnxopt.calibration import CalibrationTable
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -69,7 +69,9 @@ class QuantizeConfig:
     activation_type: Literal["uint8", "int8"] = option("uint8", "integer type of activations")
     symmetric_activations: bool = option(False, "zero point at the middle of the activation type")
     per_tensor: bool = option(False, "one scale per weight tensor instead of per output channel")
-    reduce_range: bool = option(False, "7-bit weights/activations (CPUs without VNNI saturate)")
+    reduce_range: Literal["auto", "true", "false"] = option(
+        "auto", "7-bit weights/activations; auto: on for target cpu when this CPU lacks VNNI (its int8 kernels saturate)"
+    )
     include_ops: frozenset[str] = option(frozenset(), "quantize only these op types (empty: all supported)")
     exclude_ops: frozenset[str] = option(frozenset(), "op types kept float")
     include_nodes: frozenset[str] = option(frozenset(), "quantize only these node names (empty: all)")
@@ -153,7 +155,7 @@ class QuantizePass(OptPass[QuantizeConfig]):
             table.ranges,
             qtype=self.config.activation_type,
             symmetric=self.config.symmetric_activations,
-            reduce_range=self.config.reduce_range,
+            reduce_range=self._reduce_range(report),
             pass_name=self.name,
         )
         ir_common.RemoveUnusedNodesPass()(model)
@@ -169,6 +171,18 @@ class QuantizePass(OptPass[QuantizeConfig]):
         if float_model is not None:
             self._measure(float_model, model, result, report)
         return report
+
+    def _reduce_range(self, report: PassReport) -> bool:
+        """The config's choice; "auto" measures nothing, it reads the CPU's instruction set."""
+        if self.config.reduce_range != "auto":
+            return self.config.reduce_range == "true"
+        if self.context.target != "cpu" or not quant_math.int8_dot_saturates():
+            return False
+        report.note(
+            "reduce_range on (7-bit values): this CPU has no VNNI, and onnxruntime's u8s8 kernels "
+            "saturate without it; pass reduce_range=false for a VNNI or ARM deployment machine"
+        )
+        return True
 
     def _table(self, model: ir.Model) -> CalibrationTable:
         if self.config.calib_table:

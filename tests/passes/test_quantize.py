@@ -453,3 +453,20 @@ g (float[N, 4] x, float[N, 4] z) => (float[N, 8] c, float[N, 4] y) <float[8, 4] 
     assert [v.name for v in model.graph.outputs] == ["c", "y"]
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     _assert_close_to_float(ref, model, feeds, output="c")
+
+
+def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
+    from onnxopt import quant_math
+    from onnxopt.config import from_dict
+    from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
+
+    assert from_dict(QuantizeConfig, {"reduce_range": True}).reduce_range == "true"  # TOML boolean
+    assert from_dict(QuantizeConfig, {"reduce_range": "false"}).reduce_range == "false"
+    for saturates in (True, False):
+        monkeypatch.setattr(quant_math, "int8_dot_saturates", lambda s=saturates: s)
+        p = QuantizePass()
+        report = p.new_report(None)
+        assert p._reduce_range(report) is saturates
+        assert bool(report.notes) is saturates
+    p = QuantizePass(QuantizeConfig(reduce_range="false"))
+    assert p._reduce_range(p.new_report(None)) is False

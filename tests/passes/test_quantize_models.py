@@ -40,3 +40,19 @@ def test_int8_recipe_on_bundled_models(name, min_cosine, kernels, tmp_path):
         pass
     fused = collections.Counter(n.op_type for n in io.load_model(optimized).graph)
     assert kernels <= set(fused), fused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_mlp", "digits_transformer"])
+def test_int8_recipe_as_deployed_keeps_top1_within_half_a_point(tmp_path, name):
+    # optimize() validates with onnxruntime's optimisations on, i.e. through the integer kernels
+    # (on CPUs without VNNI these saturate unless reduce_range is on: the "auto" default).
+    import onnxopt
+
+    result = onnxopt.optimize(
+        model_path(f"{name}.onnx"), tmp_path / "q.onnx", recipe="int8",
+        calibration=model_path(f"{name}_calib.npz"), evaluation=model_path(f"{name}_eval.npz"), quiet=True,
+    )
+    m = result.validation.outputs["CPUExecutionProvider"]["logits"]
+    assert m.ref_accuracy - m.cand_accuracy <= 0.005, (m.ref_accuracy, m.cand_accuracy)
+    assert m.cosine >= 0.995
