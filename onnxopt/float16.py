@@ -5,7 +5,9 @@ nodes its plan lowers to FP16). Which inputs and outputs of a node change type i
 node's ONNX schema: a type parameter that allows both ``tensor(float)`` and ``tensor(float16)``
 (``T`` of Conv, MatMul, Add, ...) follows the node's precision; fixed types (Resize ``scales``) and
 parameters without float16 (LayerNormalization ``U``) keep their type. A parameter bound to one
-input and no output (Shape's ``T``, Cast's ``T1``) takes any type, so it never gets a Cast.
+input and no output (Shape's ``T``, Cast's ``T1``) takes any type, so it never gets a Cast,
+except where onnx's type inference ties it to the output anyway (``_TIED_OPS``). Outputs typed
+by an attribute follow it: a lowered Constant or ConstantOfShape gets a float16 ``value``.
 
 Why the numbers stay close: every lowered node computes on float16-rounded inputs (relative
 error <= 2^-11 per value); the caller keeps in float32 the nodes whose tensors leave float16's
@@ -52,6 +54,9 @@ NEUTRAL_OPS = frozenset(
         "DepthToSpace", "SpaceToDepth", "MaxPool", "Relu", "Dropout",
     }
 )  # fmt: skip
+# Ops whose type inference ties every float slot to one type although the schema declares
+# separate parameters (RMSNormalization: Y follows X; DequantizeLinear-23+: y follows x_scale).
+_TIED_OPS = frozenset({"RMSNormalization", "DequantizeLinear"})
 _FLOAT = "tensor(float)"
 _HALF = "tensor(float16)"
 
@@ -101,6 +106,8 @@ def float_params(node: ir.Node, opset: int) -> _Params | None:
         if in_params[i] in single and sum(f.type_str == in_params[i] for f in schema.inputs) == 1
     }  # fmt: skip
     outs = {i for i, p in enumerate(out_params) if p in flexible}
+    if node.op_type in _TIED_OPS:
+        free = set()
     return _Params(frozenset(bound_in - free), frozenset(outs), frozenset(free))
 
 
@@ -173,6 +180,8 @@ def convert(
             _set_dtype(node.outputs[0], ir.DataType.FLOAT16)
         if node.op_type == "Constant":
             _lower_constant(node)
+        if node.op_type == "ConstantOfShape":
+            _lower_fill(node)
         result.lowered.append(node)
     if not keep_io:
         for value in graph.inputs:
@@ -244,10 +253,19 @@ def _eligibility(node: ir.Node, opset: int) -> tuple[str | None, _Params]:
         if value is None or value.type != ir.AttributeType.TENSOR or value.as_tensor().dtype != ir.DataType.FLOAT:
             return "not a float32 constant", empty
         return None, _Params(frozenset(), frozenset({0}), frozenset())
+    if node.op_type == "ConstantOfShape":
+        # Its output type is the type of its ``value`` attribute (float32 zero when absent).
+        value = node.attributes.get("value")
+        if value is not None and value.as_tensor().dtype != ir.DataType.FLOAT:
+            return "not a float32 constant", empty
+        fill = 0.0 if value is None else float(value.as_tensor().numpy().reshape(-1)[0])
+        if np.isfinite(fill) and abs(fill) > FP16_MAX:
+            return "constant fill value out of float16 range", empty
+        return None, _Params(frozenset(), frozenset({0}), frozenset())
     p = float_params(node, opset)
     if p is None:
         return f"no ONNX schema for {node.op_type} at opset {opset}", empty
-    if any(a in node.attributes for a in ("dtype",)):
+    if any(a in node.attributes for a in ("dtype", "output_dtype")):
         return "output type set by a dtype attribute", empty
     kinds = {node.inputs[i].dtype for i in p.inputs if node.inputs[i] is not None}
     kinds |= {node.outputs[i].dtype for i in p.outputs}
@@ -298,6 +316,13 @@ def _lower_constant(node: ir.Node) -> None:
     tensor = node.attributes["value"].as_tensor()
     array = _to_half(tensor.numpy())
     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=tensor.name))
+    _set_dtype(node.outputs[0], ir.DataType.FLOAT16)
+
+
+def _lower_fill(node: ir.Node) -> None:
+    value = node.attributes.get("value")
+    array = np.zeros(1, np.float32) if value is None else value.as_tensor().numpy()
+    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(_to_half(array)))
     _set_dtype(node.outputs[0], ir.DataType.FLOAT16)
 
 

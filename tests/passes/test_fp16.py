@@ -268,3 +268,89 @@ def test_ppocr_cls_fp16(rng):
     assert result.reports[0].status == "ok", result.reports[0].error
     rep = validation.compare(ref, result.model, feeds)
     assert rep.worst("cosine") >= 0.999 and rep.worst("nonfinite") == 0
+
+
+# Conformance regressions: each case once wrote a model the full checker rejected.
+CONFORMANCE_CASES = [
+    ("attention", "test_attention_4d_causal_expanded"),  # ConstantOfShape output typed float16
+    ("rmsnormalization", "test_rms_normalization_4d_axis1"),  # inference ties X, scale and Y
+    ("light", "test_bvlc_alexnet"),  # weights made by ConstantOfShape, initializers as inputs
+]
+
+
+@pytest.mark.parametrize(("module", "name"), CONFORMANCE_CASES)
+def test_conformance_regressions_pass_full_checker_and_match(module, name):
+    from tests.conformance import cases
+
+    found = cases.light_cases() if module == "light" else cases.node_cases([module])
+    case = next(c for c in found if c.name == name)
+    feeds = [feed for feed, _ in case.data_sets]
+    ref = ir.from_proto(onnx.load_from_string(case.model))
+    model = ir.from_proto(onnx.load_from_string(case.model))
+    report, model = run_pass(model, feeds)
+    assert report.counts["nodes_lowered"] > 0
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    rep = validation.compare(ref, model, feeds, **TOL["fp16"])
+    rep.assert_ok()
+    assert rep.worst("nonfinite") == 0
+
+
+def test_constant_of_shape_fill_follows_its_precision(rng):
+    """ConstantOfShape's output type is its ``value`` attribute's: lowered, the fill is float16."""
+    ref = ir.from_onnx_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] x) => (float[2, 3] y) {
+            s = Shape(x)
+            z = ConstantOfShape(s)
+            t = ConstantOfShape <value = float[1] {0.5}> (s)
+            a = Add(x, z)
+            y = Mul(a, t)
+        }""")
+    model = ir.from_proto(ir.to_proto(ref))
+    report, model = run_pass(model)
+    assert dtypes_of(model, "ConstantOfShape") == [ir.DataType.FLOAT16] * 2
+    assert report.counts["casts_added"] == 2  # x in, y out
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    validation.compare(ref, model, feeds_for(rng, 2, (2, 3)), **TOL["fp16"]).assert_ok()
+
+
+def test_dequantize_linear_scale_and_output_move_together(rng):
+    """DequantizeLinear-23: y takes x_scale's type, so a lowered node casts its scale too."""
+    ref = ir.from_onnx_text("""
+        <ir_version: 10, opset_import: ["" : 23]>
+        g (int8[2, 3] q, float[2, 3] x) => (float[2, 3] y)
+        <float s = {0.125}> {
+            d = DequantizeLinear(q, s)
+            y = Add(d, x)
+        }""")
+    model = ir.from_proto(ir.to_proto(ref))
+    run_pass(model)
+    assert dtypes_of(model, "DequantizeLinear") == [ir.DataType.FLOAT16]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feeds = [
+        {"q": rng.integers(-128, 127, (2, 3)).astype(np.int8), "x": rng.standard_normal((2, 3)).astype(np.float32)}
+        for _ in range(2)
+    ]
+    validation.compare(ref, model, feeds, **TOL["fp16"]).assert_ok()
+
+
+def test_initializer_listed_as_graph_input_stays_float32(rng):
+    """IR 3 models list weights as inputs too: a feed may override them, so they keep float32."""
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4]),
+            onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 3]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 8)], ir_version=3)
+    ref, model = ir.from_proto(proto), ir.from_proto(proto)
+    run_pass(model)
+    assert model.graph.initializers["w"].dtype == ir.DataType.FLOAT
+    assert dtypes_of(model, "MatMul") == [ir.DataType.FLOAT16]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    validation.compare(ref, model, feeds_for(rng, 2, (2, 4)), **TOL["fp16"]).assert_ok()
