@@ -55,8 +55,11 @@ NEUTRAL_OPS = frozenset(
     }
 )  # fmt: skip
 # Ops whose type inference ties every float slot to one type although the schema declares
-# separate parameters (RMSNormalization: Y follows X; DequantizeLinear-23+: y follows x_scale).
-_TIED_OPS = frozenset({"RMSNormalization", "DequantizeLinear"})
+# separate parameters (RMSNormalization: Y follows X; DequantizeLinear-23+: y follows x_scale;
+# the *Like ops and Bernoulli without ``dtype``: the output follows the input).
+_TIED_OPS = frozenset(
+    {"RMSNormalization", "DequantizeLinear", "EyeLike", "Bernoulli", "RandomNormalLike", "RandomUniformLike"}
+)
 _FLOAT = "tensor(float)"
 _HALF = "tensor(float16)"
 

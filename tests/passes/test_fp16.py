@@ -354,3 +354,18 @@ def test_initializer_listed_as_graph_input_stays_float32(rng):
     assert dtypes_of(model, "MatMul") == [ir.DataType.FLOAT16]
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     validation.compare(ref, model, feeds_for(rng, 2, (2, 4)), **TOL["fp16"]).assert_ok()
+
+
+def test_eye_like_without_dtype_follows_its_input(rng):
+    """EyeLike's output takes its input's type when ``dtype`` is absent: both move together."""
+    ref = ir.from_onnx_text("""
+        <ir_version: 10, opset_import: ["" : 22]>
+        g (float[4, 4] x) => (float[4, 4] y) {
+            e = EyeLike(x)
+            y = Add(e, x)
+        }""")
+    model = ir.from_proto(ir.to_proto(ref))
+    run_pass(model)
+    assert dtypes_of(model, "EyeLike") == [ir.DataType.FLOAT16]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    validation.compare(ref, model, feeds_for(rng, 2, (4, 4)), **TOL["fp16"]).assert_ok()
