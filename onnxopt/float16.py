@@ -60,6 +60,7 @@ NEUTRAL_OPS = frozenset(
 _TIED_OPS = frozenset(
     {"RMSNormalization", "DequantizeLinear", "EyeLike", "Bernoulli", "RandomNormalLike", "RandomUniformLike"}
 )
+_DTYPE_ATTRS = frozenset({"dtype", "output_dtype", "output_datatype"})
 _FLOAT = "tensor(float)"
 _HALF = "tensor(float16)"
 
@@ -268,8 +269,13 @@ def _eligibility(node: ir.Node, opset: int) -> tuple[str | None, _Params]:
     p = float_params(node, opset)
     if p is None:
         return f"no ONNX schema for {node.op_type} at opset {opset}", empty
-    if any(a in node.attributes for a in ("dtype", "output_dtype")):
+    typing_attrs = _DTYPE_ATTRS & set(onnx.defs.get_schema(node.op_type, opset, node.domain or "").attributes)
+    if typing_attrs and (node.op_type not in _TIED_OPS or any(a in node.attributes for a in typing_attrs)):
+        # Set, or absent with a float32 default (RandomNormal, the window ops).
         return "output type set by a dtype attribute", empty
+    gap = _ort_cpu_gap(node, opset)
+    if gap is not None:
+        return gap, empty
     kinds = {node.inputs[i].dtype for i in p.inputs if node.inputs[i] is not None}
     kinds |= {node.outputs[i].dtype for i in p.outputs}
     kinds.discard(None)
@@ -282,6 +288,17 @@ def _eligibility(node: ir.Node, opset: int) -> tuple[str | None, _Params]:
     if kinds != {ir.DataType.FLOAT}:
         return "mixes float32 with other types on one type parameter", empty
     return None, p
+
+
+def _ort_cpu_gap(node: ir.Node, opset: int) -> str | None:
+    """Why onnxruntime CPU (1.32) cannot run this node in float16 although the schema allows it."""
+    if node.op_type in ("ScatterND", "ScatterElements"):
+        reduction = node.attributes.get_string("reduction", "none")
+        if reduction != "none":
+            return f"onnxruntime CPU has no float16 {node.op_type} with reduction={reduction}"
+    if node.op_type == "MeanVarianceNormalization" and opset < 19:
+        return "onnxruntime CPU rejects float16 MeanVarianceNormalization below opset 19"
+    return None
 
 
 def _is_free_input(node: ir.Node, index: int, opset: int) -> bool:
