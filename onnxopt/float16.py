@@ -60,7 +60,7 @@ NEUTRAL_OPS = frozenset(
 _TIED_OPS = frozenset(
     {"RMSNormalization", "DequantizeLinear", "EyeLike", "Bernoulli", "RandomNormalLike", "RandomUniformLike"}
 )
-_DTYPE_ATTRS = frozenset({"dtype", "output_dtype", "output_datatype"})
+_DTYPE_ATTRS = frozenset({"dtype", "output_dtype", "output_datatype", "to"})  # Cast: own rule
 _FLOAT = "tensor(float)"
 _HALF = "tensor(float16)"
 
@@ -270,9 +270,9 @@ def _eligibility(node: ir.Node, opset: int) -> tuple[str | None, _Params]:
     if p is None:
         return f"no ONNX schema for {node.op_type} at opset {opset}", empty
     typing_attrs = _DTYPE_ATTRS & set(onnx.defs.get_schema(node.op_type, opset, node.domain or "").attributes)
-    if typing_attrs and (node.op_type not in _TIED_OPS or any(a in node.attributes for a in typing_attrs)):
-        # Set, or absent with a float32 default (RandomNormal, the window ops).
-        return "output type set by a dtype attribute", empty
+    if node.op_type != "Cast" and typing_attrs and (node.op_type not in _TIED_OPS or any(a in node.attributes for a in typing_attrs)):
+        # Set (BitCast's ``to``), or absent with a float32 default (RandomNormal, window ops).
+        return "output type set by an attribute (dtype, to)", empty
     gap = _ort_cpu_gap(node, opset)
     if gap is not None:
         return gap, empty
