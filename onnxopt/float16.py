@@ -393,7 +393,7 @@ def _cast(
         "Cast",
         [value],
         attributes={"to": int(to)},
-        name=_ir_utils.unique_name(graph, f"{value.name}_cast_{suffix}"),
+        name=_node_name(graph, f"{value.name}_cast_{suffix}"),
     )
     out = node.outputs[0]
     out.name = _ir_utils.unique_name(graph, f"{value.name}_{suffix}")
@@ -409,6 +409,11 @@ def _cast(
     return out
 
 
+def _node_name(graph: ir.Graph, base: str) -> str:
+    """A node name from ``base`` that no node of ``graph`` has (onnxruntime rejects duplicates)."""
+    return _ir_utils.unique_name(graph, base, taken={n.name for n in graph.all_nodes() if n.name})
+
+
 def _restore_outputs(graph: ir.Graph, orig: dict, result: ConversionResult, pass_name: str) -> None:
     """Graph outputs that became float16 get a final Cast that takes over their name."""
     for slot, value in enumerate(list(graph.outputs)):
@@ -416,7 +421,8 @@ def _restore_outputs(graph: ir.Graph, orig: dict, result: ConversionResult, pass
             continue
         name = value.name
         value.name = _ir_utils.unique_name(graph, f"{name}_fp16")
-        node = ir.node("Cast", [value], attributes={"to": int(ir.DataType.FLOAT)}, name=f"{name}_cast_fp32")
+        cast_name = _node_name(graph, f"{name}_cast_fp32")
+        node = ir.node("Cast", [value], attributes={"to": int(ir.DataType.FLOAT)}, name=cast_name)
         out = node.outputs[0]
         out.name = name
         _set_dtype(out, ir.DataType.FLOAT)

@@ -392,3 +392,20 @@ def test_nodes_without_a_float16_form_stay_float32_with_reason(module, name, rea
     assert any(k.startswith(reason) for k in report.skipped), report.skipped
     assert report.counts["nodes_lowered"] == 0
     validation.compare(ref, model, feeds, **TOL["exact"]).assert_ok()
+
+
+def test_output_read_inside_graph_gets_uniquely_named_casts(rng):
+    """A float16 graph output also read by a float32-only input: two Casts, distinct node names."""
+    ref = ir.from_onnx_text("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[6] x) => (float s, uint8[6] q) {
+            s = ReduceMax <keepdims = 0> (x)
+            q = QuantizeLinear(x, s)
+        }""")
+    model = ir.from_proto(ir.to_proto(ref))
+    run_pass(model)
+    names = [n.name for n in model.graph if n.name]
+    assert len(names) == len(set(names))
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feeds = [{"x": rng.uniform(1, 2, 6).astype(np.float32)} for _ in range(2)]
+    validation.compare(ref, model, feeds, **TOL["fp16"]).assert_ok()
