@@ -3,8 +3,9 @@
 Each node that computes in float32 is lowered to float16 unless it is blocked (by op type or
 name), cannot be (custom domain, owner of an If/Loop/Scan subgraph, no float16 in its schema,
 output type fixed by an attribute, no float16 kernel on onnxruntime CPU), or one of its tensors
-leaves float16's range on the calibration data: ``|x| > max_abs`` (float16 overflows at 65504) or a nonzero tensor whose every value lies below float16's smallest normal
-(2^-14, where float16 keeps no relative precision). Weights are checked the same way without
+leaves float16's range on the calibration data: ``|x| > max_abs`` (float16 overflows at 65504)
+or a nonzero tensor whose every value lies below float16's smallest normal (2^-14, where
+float16 keeps no relative precision). Weights are checked the same way without
 data. The conversion itself (Casts only where precision changes) is
 :func:`onnxopt.float16.convert`.
 
