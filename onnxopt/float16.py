@@ -25,7 +25,6 @@ from collections.abc import Collection
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_common
 
 from onnxopt import _ir_utils
 from onnxopt.calibration import CalibrationTable
@@ -219,15 +218,15 @@ def convert(
 def infer_main_graph_types(model: ir.Model) -> list[ir.Value]:
     """Give untyped main-graph node outputs their inferred tensor type; returns those values.
 
-    Inference runs on a clone and only main-graph tensor types are copied back: onnx-ir's
-    ShapeInferencePass writes tensor types onto sequence/optional values inside subgraphs,
-    which the checker then rejects.
+    Inference runs on a clone and only main-graph tensor types are copied back. It uses
+    ``_ir_utils.infer_types``: onnx-ir's ShapeInferencePass gives untyped sequence/optional
+    values tensor types, which onnxruntime then rejects.
     """
     untyped = [v for node in model.graph for v in node.outputs if v.type is None and v.name]
     if not untyped:
         return []
     clone = model.clone()
-    ir_common.ShapeInferencePass()(clone)
+    _ir_utils.infer_types(clone)
     inferred = {v.name: v for node in clone.graph for v in node.outputs if v.name}
     typed = []
     for value in untyped:
@@ -266,6 +265,12 @@ def _eligibility(node: ir.Node, opset: int) -> tuple[str | None, _Params]:
         if np.isfinite(fill) and abs(fill) > FP16_MAX:
             return "constant fill value out of float16 range", empty
         return None, _Params(frozenset(), frozenset({0}), frozenset())
+    if node.op_type in _SEQUENCE_OPS or any(
+        isinstance(v.type, (ir.SequenceType, ir.OptionalType))
+        for v in (*node.inputs, *node.outputs)
+        if v is not None
+    ):
+        return "reads or writes sequence/optional values (kept float32)", empty
     p = float_params(node, opset)
     if p is None:
         return f"no ONNX schema for {node.op_type} at opset {opset}", empty
@@ -288,6 +293,14 @@ def _eligibility(node: ir.Node, opset: int) -> tuple[str | None, _Params]:
     if kinds != {ir.DataType.FLOAT}:
         return "mixes float32 with other types on one type parameter", empty
     return None, p
+
+
+# Their element types follow the sequence's, which this converter does not retype.
+_SEQUENCE_OPS = frozenset({
+    "SequenceConstruct", "SequenceAt", "SequenceInsert", "SequenceErase", "SequenceLength",
+    "SequenceEmpty", "SplitToSequence", "ConcatFromSequence", "SequenceMap",
+    "Optional", "OptionalGetElement", "OptionalHasElement",
+})
 
 
 def _ort_cpu_gap(node: ir.Node, opset: int) -> str | None:
