@@ -280,6 +280,7 @@ def _histogram_phase(
                     continue
                 # Integer binning with bincount: several times faster than np.histogram.
                 x = np.abs(np.asarray(got[name], dtype=np.float32).ravel())
+                x = x[np.isfinite(x)]  # NaN/inf entries carry no range information
                 idx = np.minimum((x * (num_bins / top)).astype(np.int64), num_bins - 1)
                 hists[name] += np.bincount(idx, minlength=num_bins)
             del got
@@ -490,7 +491,8 @@ def collect_ranges(
     if not names:
         return CalibrationTable({}, method, 0)
     ranges, sizes, count = _minmax_phase(typed, data, names, quiet)
-    observed = [n for n in names if math.isfinite(ranges[n][0])]
+    # Tensors with an infinite bound (masks of -inf, overflow) get no range: they stay float.
+    observed = [n for n in names if math.isfinite(ranges[n][0]) and math.isfinite(ranges[n][1])]
     if method != "minmax":
         absmax = {n: max(abs(ranges[n][0]), abs(ranges[n][1])) for n in observed}
         hists = _histogram_in_graph(typed, data, observed, absmax, num_bins, quiet) if in_graph else None

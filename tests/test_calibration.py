@@ -140,3 +140,19 @@ def test_cached_ranges_are_reused(rng):
     assert ("calibration", "minmax", ("h",)) in ctx.cache
     with pytest.raises(DataError, match="calibration data is needed"):
         calibration.cached_ranges(PassContext(), model, ["h"])
+
+
+def test_infinite_and_nan_activations_get_no_range_and_do_not_crash():
+    # Conformance node/test_attention_causal_boolmask_nan_robustness_expanded crashed the
+    # histogram phase (an infinite bound made the bin index negative).
+    import onnx
+
+    from onnxopt import calibration
+    from onnxopt.data import Dataset
+    from tests.conformance.cases import node_cases
+
+    case = next(c for c in node_cases(["attention"]) if c.name == "test_attention_causal_boolmask_nan_robustness_expanded")
+    model = ir.serde.deserialize_model(onnx.load_from_string(case.model))
+    feeds = Dataset.from_feeds([feed for feed, _ in case.data_sets])
+    table = calibration.collect_ranges(model, feeds, method="percentile", quiet=True)
+    assert table.ranges and all(np.isfinite(lo) and np.isfinite(hi) for lo, hi in table.ranges.values())
