@@ -516,8 +516,9 @@ def cached_ranges(
 ) -> CalibrationTable:
     """:func:`collect_ranges` on ``context.calibration``, cached in ``context.cache``.
 
-    The key is ``("calibration", method, tuple(values))``; a later pass asking for the same
-    tensors and method reuses the table instead of running onnxruntime again.
+    The key is the method, its options, the tensors asked for and a fingerprint of the graph
+    (nodes and the identity of every weight tensor), so a later pass asking the same of an
+    unchanged model reuses the table, and a model that a pass rewrote in between is measured anew.
 
     Raises:
         DataError: the context has no calibration data.
@@ -525,9 +526,22 @@ def cached_ranges(
     """
     if context.calibration is None:
         raise DataError("calibration data is needed (pass --calib DATA or calibration=...)")
-    key = ("calibration", method, tuple(values) if values is not None else None)
+    key = (
+        "calibration",
+        method,
+        tuple(sorted(kw.items())),
+        tuple(values) if values is not None else None,
+        _fingerprint(model),
+    )
     table = context.cache.get(key)  # type: ignore[call-overload]
     if table is None:
         table = collect_ranges(model, context.calibration, values, method, quiet=context.quiet, **kw)
         context.cache[key] = table  # type: ignore[index]
     return table
+
+
+def _fingerprint(model: ir.Model) -> tuple:
+    """Changes when a pass rewrites nodes or replaces a weight (passes replace tensors)."""
+    nodes = tuple((n.op_type, n.name, tuple(v.name for v in n.inputs if v is not None)) for n in model.graph)
+    weights = tuple((name, id(v.const_value)) for name, v in model.graph.initializers.items())
+    return nodes, weights
