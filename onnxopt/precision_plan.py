@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
 # (float model clone, names kept float) -> INT8 model; the mixed pass runs `quantize` here.
-QuantizeFn = Callable[[ir.Model, frozenset[str]], ir.Model]
+QuantizeFn = sensitivity.Lower
 
 
 @dataclasses.dataclass
