@@ -30,6 +30,8 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _NO_KERNEL_NEEDED = frozenset({"Constant"})
 _HALF = frozenset({"tensor(float16)", "tensor(bfloat16)"})
 _FP32 = "tensor(float)"
+# onnxruntime registers a kernel without an end version with this end version.
+_OPEN_END = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,19 @@ class _Kernel:
     low: int
     high: int
     types: dict[str, frozenset[str]]  # type variable -> allowed types
+
+    def covers(self, version: int) -> bool:
+        """Return True if this kernel serves a node whose schema starts at ``version``.
+
+        As onnxruntime's lookup (``KernelRegistry::VerifyKernelDef``): a kernel without an end
+        version matches only the version it starts at (a later schema version may change the
+        op); a closed range matches every version inside it.
+        """
+        return self.low == version or (self.low < version <= self.high and self.high != _OPEN_END)
+
+    def span(self) -> str:
+        """The versions this kernel serves, as text: ``13-18``, or ``25 only`` when open-ended."""
+        return f"{self.low} only" if self.high == _OPEN_END else f"{self.low}-{self.high}"
 
     def allows(self, typed_inputs: list[tuple[str, str]]) -> bool:
         """Return True if every (type variable, dtype) pair is allowed (unknown variables pass)."""
@@ -68,9 +83,7 @@ def has_kernel(op_type: str, version: int, provider: str = "CPUExecutionProvider
     the version it starts at; a closed range matches every version inside it.
     """
     domain = "" if domain in _DEFAULT_DOMAINS else domain
-    kernels = _registry().get((provider, domain, op_type), [])
-    open_end = 2**31 - 1
-    return any(k.low == version or (k.low < version <= k.high and k.high != open_end) for k in kernels)
+    return any(k.covers(version) for k in _registry().get((provider, domain, op_type), []))
 
 
 @dataclasses.dataclass
@@ -179,9 +192,10 @@ def kernel_support(model: ir.Model, provider: str = "cpu") -> KernelSupport:
         if not kernels:
             reason = "no kernel for this op"
         else:
-            in_range = [k for k in kernels if k.low <= version <= k.high]
+            in_range = [k for k in kernels if k.covers(version)]
             if not in_range:
-                ranges = ", ".join(sorted({f"{k.low}-{k.high}" for k in kernels}))
+                spans = {(k.low, k.span()) for k in kernels}
+                ranges = ", ".join(span for _, span in sorted(spans))
                 reason = f"no kernel for opset version {version} (kernels cover {ranges})"
             elif typed and not any(k.allows(typed) for k in in_range):
                 as_fp32 = [(var, _FP32 if t in _HALF else t) for var, t in typed]

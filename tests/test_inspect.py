@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -91,6 +92,30 @@ def test_contrib_op_is_checked_by_op_and_version():
                   "(float[N] y) { y = com.microsoft.NoSuchFusedOp(x) }")
     )
     assert missing.unsupported[0]["reason"] == "no kernel for this op"
+
+
+@pytest.mark.parametrize("opset", [25, 28])
+def test_open_ended_kernel_matches_only_its_start_version(opset):
+    # onnxruntime's newest QuantizeLinear/DequantizeLinear CPU kernels are registered from 25
+    # without an end version; like onnxruntime's lookup, they serve schema version 25 only, so
+    # the opset-28 schema (since_version 28) has no kernel and the model does not load.
+    model = from_text(
+        f"""
+        <ir_version: 10, opset_import: ["" : {opset}]>
+        g (float[N] x) => (float[N] y) <float s = {{0.1}}, int8 zp = {{0}}> {{
+            q = QuantizeLinear(x, s, zp)
+            y = DequantizeLinear(q, s, zp)
+        }}
+        """
+    )
+    support = kernels.kernel_support(model)
+    since = {n.op_type: onnx.defs.get_schema(n.op_type, opset).since_version for n in model.graph}
+    expected = all(kernels.has_kernel(op, v) for op, v in since.items())
+    assert support.all_supported is expected is loads(model)
+    if not expected:
+        assert {r["op_type"] for r in support.unsupported} == {"QuantizeLinear", "DequantizeLinear"}
+        assert all(r["reason"].startswith(f"no kernel for opset version {since[r['op_type']]}")
+                   for r in support.unsupported)
 
 
 def test_qdq_and_fp16_precision():
