@@ -50,7 +50,7 @@ class _Kernel:
         return self.low == version or (self.low < version <= self.high and self.high != _OPEN_END)
 
     def span(self) -> str:
-        """The versions this kernel serves, as text: ``13-18``, or ``25 only`` when open-ended."""
+        """Return the versions this kernel serves as text: ``13-18``, or ``25 only`` if open-ended."""
         return f"{self.low} only" if self.high == _OPEN_END else f"{self.low}-{self.high}"
 
     def allows(self, typed_inputs: list[tuple[str, str]]) -> bool:
