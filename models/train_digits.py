@@ -147,14 +147,23 @@ class DigitsCNN(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm transformer encoder layer with attention written out (MatMul/Softmax)."""
+    """Pre-norm transformer encoder layer with attention written out (MatMul/Softmax).
+
+    Written the way Hugging Face encoders are (separate query/key/value Linear layers, scores
+    divided by sqrt(head_dim), residual added as ``sublayer(x) + x``), which is the graph
+    onnxruntime's transformer optimizer recognises as self-attention: a packed QKV Linear split
+    by Gather, a Mul by 1/sqrt(head_dim), or ``x + sublayer(x)`` after an Add-ending embedding
+    are not matched by its Attention fusion.
+    """
 
     def __init__(self, d: int, heads: int, ffn: int, tokens: int, dropout: float) -> None:
         super().__init__()
         self.d, self.heads, self.tokens = d, heads, tokens
         self.head_dim = d // heads
         self.norm1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
         self.proj = nn.Linear(d, d)
         self.norm2 = nn.LayerNorm(d)
         self.ff1 = nn.Linear(d, ffn)
@@ -162,19 +171,23 @@ class EncoderLayer(nn.Module):
         self.ff2 = nn.Linear(ffn, d)
         self.drop = nn.Dropout(dropout)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        t, h, hd = self.tokens, self.heads, self.head_dim
+    def heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] -> [B, H, T, hd]."""
         # Fixed shapes except the batch axis (-1), so the exported Reshapes take constant shapes.
-        qkv = self.qkv(x).reshape(-1, t, 3, h, hd).permute(2, 0, 3, 1, 4)  # 3,B,H,T,hd
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+        return x.reshape(-1, self.tokens, self.heads, self.head_dim).transpose(1, 2)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.heads_first(self.query(x))
+        k = self.heads_first(self.key(x))
+        v = self.heads_first(self.value(x))
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         probs = self.drop(torch.softmax(scores, dim=-1))
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(-1, t, self.d)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(-1, self.tokens, self.d)
         return self.proj(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attention(self.norm1(x)))
-        return x + self.drop(self.ff2(self.drop(self.act(self.ff1(self.norm2(x))))))
+        x = self.drop(self.attention(self.norm1(x))) + x
+        return self.drop(self.ff2(self.drop(self.act(self.ff1(self.norm2(x)))))) + x
 
 
 class DigitsTransformer(nn.Module):
@@ -214,7 +227,8 @@ SPECS = {
     "digits_transformer": (
         DigitsTransformer, 100, 2e-3, 1e-2, torch.onnx.TrainingMode.EVAL,
         "Transformer encoder: 8 row tokens x 8 px, Linear 8-64 + learned positions, "
-        "2 pre-LN layers (4 heads, FFN 128, exact GELU), LayerNorm, mean pool, Linear 64-10",
+        "2 pre-LN layers (4 heads, separate Q/K/V, FFN 128, exact GELU), LayerNorm, mean pool, "
+        "Linear 64-10",
     ),
 }
 
@@ -340,10 +354,14 @@ def write_readme(out: Path, rows: list[dict], data: dict[str, np.ndarray]) -> No
         "  fold them into the Convs — folding them is onnxopt's simplify pass's job.",
         "- `digits_transformer.onnx` has attention written out (MatMul, Softmax), opset-17",
         "  `LayerNormalization`, and exact GELU decomposed by the exporter into Div/Erf/Add/Mul.",
+        "  Its attention has separate query/key/value MatMul + Add branches, scores divided by",
+        "  sqrt(head_dim) and residuals added as `sublayer(x) + x`, as in Hugging Face encoders:",
+        "  the pattern onnxruntime's transformer optimizer (onnxopt's `fuse` pass) fuses into",
+        "  `Attention`.",
         "- The MLP's and the CNN's Linear layers are exported as `Gemm` (transB=1). The",
         "  transformer's Linear layers act on 3-D tensors and export as `MatMul` + `Add`",
         "  (its classifier head is a `Gemm`). Its `Constant` nodes hold only scalars and shape",
-        "  vectors (Reshape shapes, Gather indices, the attention scale, GELU's constants);",
+        "  vectors (Reshape shapes, the attention scale sqrt(head_dim), GELU's constants);",
         "  every weight is an initializer.",
         "",
         "## sha256",
