@@ -87,7 +87,9 @@ class FusePass(OptPass[FuseConfig]):
         BiasGelu/... and default-domain LayerNormalization nodes (tagged ``fuse``); adds the
         com.microsoft opset import; may upgrade the default opset to 17; annotates value types
         and shapes (onnxruntime's symbolic shape inference, which knows the contrib ops) so
-        that later passes (quantize) see the fused nodes' outputs as float tensors.
+        that later passes (quantize) see the fused nodes' outputs as float tensors. Residual
+        Adds before a LayerNorm get their projection input first (``x + attn`` -> ``attn + x``,
+        exact), the order onnxruntime's attention pattern expects.
     Preserves: graph input/output names, dtypes and shapes; producer name; other nodes.
     Guarantees: counts per fused op type in the report; a model where nothing matches (or that
         is not a transformer) is returned unchanged with the reason as a skip.
@@ -113,6 +115,7 @@ class FusePass(OptPass[FuseConfig]):
             proto = onnx.version_converter.convert_version(proto, _MIN_OPSET)
         before = _fused_counts(proto)
         keys_before = {_node_key(n.name, list(n.output)) for n in proto.graph.node}
+        reordered = _projection_first(proto) if self.config.attention else 0
         try:
             fused = _optimize(proto, model_type, self.config)
         except Exception as err:  # third-party fusion code fails in many ways; the model is untouched
@@ -141,6 +144,9 @@ class FusePass(OptPass[FuseConfig]):
                 _ir_utils.tag(node, self.name)
         if opset < _MIN_OPSET:
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET}")
+        if reordered:
+            report.note(f"{reordered} residual Add(s) before a LayerNorm reordered to (projection, residual) "
+                        "for onnxruntime's attention pattern (exact: addition commutes)")
         for op, n in sorted(delta.items()):
             report.count(op, n)
         for node in model.graph:
@@ -190,6 +196,44 @@ def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig) -> onnx.
         opt_level=0,
     )
     return optimizer.model
+
+
+def _projection_first(proto: onnx.ModelProto) -> int:
+    """Swap the inputs of residual Adds so the projection (MatMul + bias) branch comes first.
+
+    onnxruntime's attention fusion starts from the residual Add before a LayerNorm and follows
+    the first of its inputs that is an Add up to the attention output projection. A pre-LN block
+    written ``x + attn(norm(x))`` right after an embedding that ends in an Add (token + position)
+    sends it up the embedding instead, and that layer's attention is not fused. Hugging Face
+    writes ``attn(...) + x``; this puts every graph in that order. Exact: float addition commutes.
+
+    Returns:
+        The number of Adds reordered (in ``proto``, in place).
+
+    """
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    # Inputs of a LayerNormalization, or of the ReduceMean that starts a decomposed one.
+    consumers: collections.Counter[str] = collections.Counter(
+        name for node in proto.graph.node if node.op_type in ("LayerNormalization", "ReduceMean")
+        for name in node.input[:1]
+    )
+    initializers = {t.name for t in proto.graph.initializer}
+
+    def is_projection(name: str) -> bool:  # Add(MatMul(...), bias initializer) in either order
+        node = producers.get(name)
+        if node is None or node.op_type != "Add" or len(node.input) != 2:
+            return False
+        kinds = {"const" if i in initializers else producers[i].op_type if i in producers else "" for i in node.input}
+        return kinds in ({"MatMul", "const"}, {"MatMul", "Constant"})
+
+    swapped = 0
+    for node in proto.graph.node:
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or not consumers[node.output[0]]:
+            continue
+        if len(node.input) == 2 and is_projection(node.input[1]) and not is_projection(node.input[0]):
+            node.input[0], node.input[1] = node.input[1], node.input[0]
+            swapped += 1
+    return swapped
 
 
 def _infer_types(proto: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -156,6 +156,41 @@ def test_bundled_transformer_fuses_attention_and_layer_norms():
     result.assert_ok(max_abs=1e-4)
 
 
+def residual_first(model: ir.Model) -> int:
+    """Rewrite the residual Adds before each LayerNorm as ``x + sublayer(x)`` (timm's order)."""
+    swapped = 0
+    for node in model.graph:
+        feeds_norm = any(u.node.op_type == "LayerNormalization" for u in node.outputs[0].uses())
+        first = node.inputs[0].producer() if node.op_type == "Add" else None
+        if feeds_norm and first is not None and node.inputs[1].producer() is not None and first.op_type == "Add" and "MatMul" in {
+            i.producer().op_type for i in first.inputs if i.producer() is not None
+        }:
+            a, b = node.inputs
+            node.replace_input_with(0, b)
+            node.replace_input_with(1, a)
+            swapped += 1
+    return swapped
+
+
+@pytest.mark.slow
+def test_residual_written_before_sublayer_still_fuses_attention():
+    # ``x + attn(norm(x))`` right after the (token + position) embedding Add: onnxruntime's
+    # attention fusion alone follows the embedding Add and misses the first layer's attention.
+    ref = load_model("digits_transformer.onnx")
+    assert residual_first(ref) == 4
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    plain = optimize_model(ir.to_proto(ref.clone()), model_type="bert", num_heads=4, hidden_size=64, opt_level=0)
+    assert plain.get_fused_operator_statistics()["Attention"] == 1
+    model = ref.clone()
+    report = fuse(model)
+    assert report.counts["Attention"] == 2 and report.counts["SkipLayerNormalization"] == 4
+    assert any("reordered" in note for note in report.notes)
+    evald = np.load(model_path("digits_transformer_eval.npz"))
+    feeds = [{"input": evald["input"][i : i + 64]} for i in range(0, len(evald["input"]), 64)]
+    compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
 def test_fused_outputs_are_typed_for_later_passes():
     from onnxopt import calibration
 
