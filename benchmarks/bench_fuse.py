@@ -127,6 +127,10 @@ def main() -> None:
             print(f"  {k:<11} {f['cosine']:>9.6f} {f['max_abs']:>9.3g} {f['top1_agree']:>6.3f} {acc:>6} | "
                   f"{r['latency_ms']['disable'][k]:>11.3f} {r['ratio_vs_fp32']['disable'][k]:>6.3f} | "
                   f"{r['latency_ms']['all'][k]:>8.3f} {r['ratio_vs_fp32']['all'][k]:>6.3f}")
+        lat = r["latency_ms"]
+        print("  latency ratios (same run): " + "; ".join(
+            f"{level}: fused/fp32 {lat[level]['fused'] / lat[level]['fp32']:.3f}, "
+            f"fuse->int8 / int8 {lat[level]['fuse->int8'] / lat[level]['int8']:.3f}" for level in lat))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
 
