@@ -238,6 +238,28 @@ def test_fuse_int8_recipe_end_to_end(tmp_path):
     assert ops["Attention"] == 1 and ops["QuantizeLinear"] > 0
 
 
+@pytest.mark.slow
+def test_fuse_int8_recipe_on_bundled_transformer(tmp_path):
+    # Same bar as the int8 recipe on this model (tests/passes/test_quantize_models.py), with the
+    # attention kept in the two fused Attention nodes and the remaining MatMuls in INT8.
+    import onnxopt
+    from onnxopt import io as _io
+
+    result = onnxopt.optimize(
+        model_path("digits_transformer.onnx"), tmp_path / "t.onnx", recipe="fuse-int8",
+        calibration=model_path("digits_transformer_calib.npz"),
+        evaluation=model_path("digits_transformer_eval.npz"), quiet=True,
+    )
+    assert [r.status for r in result.reports] == ["ok", "ok", "ok"], [r.error for r in result.reports]
+    assert result.reports[1].counts["Attention"] == 2
+    assert result.reports[2].counts["quantized_MatMul"] == 7  # per layer: out-proj + 2 FFN; + embed
+    ops = op_counts(_io.load_model(tmp_path / "t.onnx"))
+    assert ops["Attention"] == 2 and ops["QuantizeLinear"] > 0
+    m = result.validation.outputs["CPUExecutionProvider"]["logits"]
+    assert m.ref_accuracy - m.cand_accuracy <= 0.005, (m.ref_accuracy, m.cand_accuracy)
+    assert m.cosine >= 0.995
+
+
 def test_unnamed_nodes_created_by_fusion_are_tagged():
     proto = make_bert(layers=1)
     for node in proto.graph.node:  # exporters may leave names empty
