@@ -27,6 +27,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import _ir_utils
+from onnxopt import io as _io
 from onnxopt.calibration import CalibrationTable
 
 __all__ = [
@@ -376,10 +377,13 @@ def _convert_initializers(graph: ir.Graph, low: set[ir.Node], params: dict, resu
             continue
         if not any(n in low and i in params[n].inputs for n, i in uses):
             continue
-        array = value.const_value.numpy()
+        source = value.const_value
+        array = source.numpy()
         if np.any(np.abs(array) > FP16_MAX):
             continue  # lowered users of an out-of-range weight are the caller's error; stay safe
         value.const_value = ir.tensor(_to_half(array), name=value.name)
+        del array  # one weight at a time: its float32 data is unmapped before the next is read
+        _io.release_external(source)
         _set_dtype(value, ir.DataType.FLOAT16)
         result.initializers += 1
 
@@ -496,6 +500,7 @@ def range_reasons(
         if value.const_value is None or value.dtype != ir.DataType.FLOAT:
             continue
         reason = _weight_reason(value.const_value.numpy(), max_abs, underflow_fraction)
+        _io.release_external(value.const_value)
         if reason:
             bad[name] = f"{reason}: weight {name!r}"
     if table is not None:

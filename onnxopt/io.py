@@ -29,6 +29,7 @@ __all__ = [
     "load_model",
     "model_nbytes",
     "check_output_path",
+    "release_external",
     "save_model",
 ]
 
@@ -152,6 +153,17 @@ def _expected_nbytes(tensor: ir.ExternalTensor) -> int | None:
         return math.ceil(size * tensor.dtype.itemsize)
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def release_external(tensor: object) -> None:
+    """Unmap an external tensor's data file once its values have been read.
+
+    onnx-ir keeps the file memory-mapped after the first read, so without this every weight a
+    pass reads stays resident (and counted in RSS) for the whole run; the next read maps it again.
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still views the mapping: leave it mapped
+            tensor.release()
 
 
 def _internalize(model: ir.Model) -> None:

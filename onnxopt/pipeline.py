@@ -93,6 +93,7 @@ def run(
                 report = _wrap(p, report)
             if report.model is not model:
                 model = report.model
+            _unmap(model, snapshot)
             if check and report.modified:
                 check_model(model)
                 _check_numerics(p, snapshot, model, report)
@@ -133,6 +134,13 @@ def _snapshot(model: ir.Model) -> ir.Model:
             if value.shape is not None:
                 value.shape = copy.deepcopy(value.shape)
     return clone
+
+
+def _unmap(*models: ir.Model) -> None:
+    """Unmap the external-data files a pass read (the pages would otherwise stay in RSS)."""
+    for model in models:
+        for tensor in _io.external_tensors(model):
+            _io.release_external(tensor)
 
 
 def _quiet(passes: Sequence[OptPass]) -> bool:

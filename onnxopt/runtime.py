@@ -44,8 +44,10 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-# Above this many weight bytes a model cannot go through one protobuf; it is saved to a temp folder.
-_IN_MEMORY_LIMIT = 1_500_000_000
+# Above this many weight bytes a model goes to onnxruntime and the checker as a saved copy (external
+# data in a temp folder), not as serialized bytes: a protobuf plus its bytes are two more copies
+# of every weight in RAM, and above 2 GB one protobuf cannot hold the model at all.
+_IN_MEMORY_LIMIT = 256_000_000
 
 
 def available_providers() -> list[str]:
@@ -113,11 +115,15 @@ def make_session(
     opt_level: OptLevel = "disable",
     optimized_model_path: str | os.PathLike | None = None,
     priority_order: bool = False,
+    low_memory: bool | None = None,
 ) -> SessionHandle:
     """An onnxruntime session on ``model`` (an ir.Model, a path or serialized bytes).
 
     ``opt_level`` defaults to "disable" so that validation compares the graphs as written;
-    "all" measures what a deployment gets.
+    "all" measures what a deployment gets. ``low_memory`` turns onnxruntime's CPU memory arena
+    off, so that what a run allocates is freed after it (a float16 model on CPU casts its
+    weights to float32 at run time: with the arena they stay allocated); ``None`` does so for
+    an ir.Model or bytes above ``_IN_MEMORY_LIMIT`` (a path's caller says).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[opt_level]
@@ -129,6 +135,10 @@ def make_session(
         options.optimized_model_filepath = str(optimized_model_path)
     if priority_order:  # run nodes in graph order: instrumented models free activations early
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if low_memory is None:
+        low_memory = _nbytes(model) > _IN_MEMORY_LIMIT
+    if low_memory:
+        options.enable_cpu_mem_arena = False
     tmp_dir = None
     target: str | bytes
     if isinstance(model, ir.Model):
@@ -152,6 +162,13 @@ def make_session(
             shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return SessionHandle(session, tmp_dir)
+
+
+def _nbytes(model: ir.Model | str | os.PathLike | bytes) -> int:
+    """Weight bytes of an ir.Model, length of bytes, 0 for a path (its caller decides)."""
+    if isinstance(model, ir.Model):
+        return _io.model_nbytes(model)
+    return len(model) if isinstance(model, bytes) else 0
 
 
 def run_all(handle: SessionHandle, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

@@ -272,14 +272,14 @@ def compare(
     available, skipped = runtime.resolve_providers(providers, require=require_providers)
     outputs: dict[str, dict[str, OutputMetrics]] = {}
     latency: dict[str, dict[str, float]] = {}
-    ref_bytes = ir.to_proto(ref_model).SerializeToString() if _small(ref_model) else ref_model
-    cand_bytes = ir.to_proto(cand_model).SerializeToString() if _small(cand_model) else cand_model
+    ref_bytes = _session_input(reference, ref_model)
+    cand_bytes = _session_input(candidate, cand_model)
     for provider in available:
         kw = {"threads": threads, "opt_level": opt_level}
         # One session at a time, so a large model and its candidate are never both loaded.
         runs: list[tuple[list[str], list[dict[str, np.ndarray]], tuple[float, float]]] = []
-        for model_bytes in (ref_bytes, cand_bytes):
-            with runtime.session(model_bytes, provider, **kw) as s:
+        for model_bytes, model in ((ref_bytes, ref_model), (cand_bytes, cand_model)):
+            with runtime.session(model_bytes, provider, low_memory=not _small(model), **kw) as s:
                 out = runtime.run_all(s, feeds)
                 timing = (
                     measure_latency(s, feeds[0], runs=latency_runs, warmup=warmup)
@@ -313,6 +313,14 @@ def compare(
         "candidate_bytes": file_size(candidate),
     }
     return ValidationReport(outputs, latency, skipped, sizes, len(feeds), rtol, atol)
+
+
+def _session_input(source: ModelLike, model: ir.Model) -> bytes | str | ir.Model:
+    """Serialized bytes for a small model; for a large one its own file when it came as a path
+    (no temp copy), else the ir.Model (which :func:`runtime.make_session` saves to a temp folder)."""
+    if _small(model):
+        return ir.to_proto(model).SerializeToString()
+    return str(source) if isinstance(source, (str, os.PathLike)) else model
 
 
 def _small(model: ir.Model) -> bool:

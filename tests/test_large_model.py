@@ -86,3 +86,110 @@ def test_above_the_limit_route_saves_external_data_and_validates(large, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnxopt-")]
     _check_output(name, out, src, feed)
     assert src.with_name("large.onnx.data").stat().st_size == nbytes  # input untouched
+
+
+# Peak memory of the > 2 GB run (benchmarks/large_model.py) comes from copies these tests pin
+# down at test size: mapped external data left resident, a second serialized copy for
+# onnxruntime, and onnxruntime's arena keeping what a run allocated.
+
+
+def _mapped(tensors):
+    return [t for t in tensors if t.raw is not None]
+
+
+def test_release_external_unmaps_and_the_tensor_still_reads(large):
+    src, _, _, _ = large
+    model = _io.load_model(src)
+    tensor = model.graph.initializers["W0"].const_value
+    first = tensor.numpy().copy()
+    assert tensor.raw is not None  # onnx-ir keeps the file mapped after a read
+    _io.release_external(tensor)
+    assert tensor.raw is None
+    np.testing.assert_array_equal(tensor.numpy(), first)  # mapped again on the next read
+    view = tensor.numpy()
+    _io.release_external(tensor)  # an array still views the mapping: no error, stays readable
+    np.testing.assert_array_equal(view, first)
+    _io.release_external(model.graph.initializers["b0"].const_value)  # in-memory tensor: no-op
+
+
+def test_fp16_unmaps_each_weight_it_read(large):
+    src, _, _, _ = large
+    model = _io.load_model(src)
+    external = _io.external_tensors(model)
+    assert len(external) == 3
+    from onnxopt import float16
+
+    float16.range_reasons(model, None)
+    assert not _mapped(external)
+    result = float16.convert(model, list(model.graph), keep_io=True, pass_name="fp16")
+    assert result.initializers >= 3 and not _mapped(external)
+    assert not _io.external_tensors(model)  # the float16 weights are in memory now
+
+
+@pytest.mark.parametrize("name", ["simplify", "fp16"])
+def test_pipeline_leaves_no_external_data_mapped(large, name):
+    src, _, calib, _ = large
+    from onnxopt import context, data, pipeline, recipes
+
+    model = _io.load_model(src)
+    external = _io.external_tensors(model)
+    ctx = context.PassContext(calibration=data.load_data(calib, data.input_signature(model)), quiet=True)
+    result = pipeline.run(model, recipes.build([recipes.Step(name)], ctx))
+    assert result.reports[0].status == "ok", result.reports[0].summary()
+    assert not _mapped(external) and not _mapped(_io.external_tensors(result.model))
+
+
+def _spy_sessions(monkeypatch):
+    seen = []
+    real = runtime.make_session
+
+    def spy(model, *args, **kw):
+        handle = real(model, *args, **kw)
+        arena = handle.session.get_session_options().enable_cpu_mem_arena
+        seen.append((type(model).__name__, arena))
+        return handle
+
+    monkeypatch.setattr(runtime, "make_session", spy)
+    return seen
+
+
+def test_compare_small_models_go_as_bytes_with_the_arena(large, monkeypatch, rng):
+    from onnxopt import validation
+
+    src, _, _, feed = large
+    model = _io.load_model(src)
+    _io._internalize(model)  # in memory and under the limit: the bytes route, as before
+    seen = _spy_sessions(monkeypatch)
+    report = validation.compare(model, model, [feed])
+    report.assert_ok()
+    assert seen == [("bytes", True), ("bytes", True)]
+
+
+def test_compare_large_models_use_their_file_or_a_saved_copy_without_arena(large, monkeypatch):
+    from onnxopt import validation
+
+    src, nbytes, _, feed = large
+    monkeypatch.setattr(runtime, "_IN_MEMORY_LIMIT", nbytes // 4)
+    candidate = _io.load_model(src)
+    _io._internalize(candidate)  # above the limit in memory: saved to a temp folder, never bytes
+    seen = _spy_sessions(monkeypatch)
+    report = validation.compare(src, candidate, [feed])
+    report.assert_ok()
+    # The reference path goes to onnxruntime as it is (no temp copy); neither is serialized.
+    assert seen == [("str", False), ("Model", False)]
+    assert report.sizes["candidate_bytes"] == _io.model_nbytes(candidate)
+
+
+def test_make_session_low_memory_by_size(large, monkeypatch):
+    src, nbytes, _, feed = large
+    model = _io.load_model(src)
+    _io._internalize(model)
+    with runtime.session(model) as small:
+        assert small.session.get_session_options().enable_cpu_mem_arena
+        expected = small.run(feed)
+    monkeypatch.setattr(runtime, "_IN_MEMORY_LIMIT", nbytes // 4)
+    with runtime.session(model) as big:
+        assert not big.session.get_session_options().enable_cpu_mem_arena
+        np.testing.assert_array_equal(big.run(feed)["y"], expected["y"])
+    with runtime.session(src, low_memory=True) as by_path:
+        assert not by_path.session.get_session_options().enable_cpu_mem_arena
