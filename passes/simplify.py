@@ -1,9 +1,13 @@
-"""Simplify: exact graph clean-ups and BatchNormalization folded into Conv/Gemm weights.
+"""Simplify: exact graph clean-ups; BatchNormalization and per-channel Mul/Add folded into Conv/Gemm.
 
 Algebra of the fold: BatchNormalization(y) = s * y + (B - mean * s), with
 s = scale / sqrt(var + eps) per channel. For y = Conv(x, W, b): s * y = Conv(x, s * W, s * b),
 so W' = s * W (per output channel) and b' = s * (b - mean) + B. For Gemm the same holds along
-its output features, with beta folded into the new bias. Outputs change only by float rounding.
+its output features, with beta folded into the new bias. A Mul by a per-channel constant c is the
+same fold with s = c and no shift; an Add of a per-channel constant t shifts the bias only
+(re-parameterisable blocks such as MobileOne export their branch scales this way, and a quantizer
+would otherwise insert a Q/DQ pair after the Conv, the Mul and the Add). Outputs change only by
+float rounding.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class SimplifyConfig:
 
     fold_constants: bool = option(True, "evaluate nodes whose inputs are all constant")
     fold_batchnorm: bool = option(True, "fold BatchNormalization into a preceding Conv/Gemm")
+    fold_affine: bool = option(True, "fold Mul/Add by per-channel constants into a preceding Conv/Gemm")
     cse: bool = option(True, "merge identical nodes (common subexpression elimination)")
     max_fold_elements: int = option(1 << 20, "largest constant (elements) folding may create")
 
@@ -94,6 +99,10 @@ class SimplifyPass(OptPass[SimplifyConfig]):
                         report.count("batchnorm_folded")
                     else:
                         report.skip(f"BatchNormalization not folded: {reason}")
+        if cfg.fold_affine:
+            for node in list(model.graph):
+                if node.op_type in ("Mul", "Add") and node.domain == "" and _fold_affine(model.graph, node, self.name):
+                    report.count("affine_folded")
         tail = [common.RemoveUnusedNodesPass(), common.DeduplicateInitializersPass()]
         if cfg.cse:
             tail.append(common.CommonSubexpressionEliminationPass())
@@ -140,34 +149,95 @@ def _fold_batchnorm(graph: ir.Graph, bn: ir.Node, pass_name: str) -> str | None:
     if len(producer.inputs) > 2 and producer.inputs[2] is not None and bias is None:
         return "bias is not a constant initializer"
     scale, b_bn, mean, var = (_ir_utils.constant_array(p).astype(np.float64) for p in params)
-    eps = bn.attributes.get_float("epsilon", 1e-5)
-    s = scale / np.sqrt(var + eps)
+    s = scale / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
+    return _fold_into(graph, bn, producer, s, b_bn - mean * s, pass_name, "_bnfold")
+
+
+def _fold_affine(graph: ir.Graph, node: ir.Node, pass_name: str) -> bool:
+    """Fold ``y = Conv/Gemm(...) * c`` or ``+ c`` (c constant per output channel); whether it did."""
+    for i in (0, 1):
+        x, const = node.inputs[i], _constant(node, 1 - i)
+        producer = x.producer() if x is not None else None
+        if const is None or producer is None or producer.op_type not in ("Conv", "Gemm") or producer.domain != "":
+            continue
+        if len(x.uses()) != 1 or x.is_graph_output() or len(producer.outputs) != 1:
+            return False
+        weight = _ir_utils.constant_input(producer, 1)
+        if weight is None or producer.inputs[0] is None:
+            return False
+        if len(producer.inputs) > 2 and producer.inputs[2] is not None and _ir_utils.constant_input(producer, 2) is None:
+            return False
+        w = _ir_utils.constant_array(weight)
+        c = _ir_utils.constant_array(const)
+        n_out = _out_channels(producer, w)
+        per_channel = _per_channel(c, rank=w.ndim if producer.op_type == "Conv" else 2, n_out=n_out)
+        if per_channel is None or c.dtype != w.dtype or n_out is None:
+            return False
+        if node.op_type == "Mul":
+            s, t = per_channel, np.zeros(n_out)
+        else:
+            s, t = np.ones(n_out), per_channel
+        return _fold_into(graph, node, producer, s, t, pass_name, "_affinefold") is None
+    return False
+
+
+def _constant(node: ir.Node, index: int) -> ir.Value | None:
+    """A constant initializer, or the output of a Constant node (small scalars are not lifted)."""
+    value = node.inputs[index]
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Constant" and value.const_value is not None:
+        return value
+    return _ir_utils.constant_input(node, index)
+
+
+def _out_channels(producer: ir.Node, w: np.ndarray) -> int | None:
+    if producer.op_type == "Conv":
+        return int(w.shape[0])
+    if w.ndim != 2 or producer.attributes.get_int("transA", 0):
+        return None
+    return int(w.shape[0] if producer.attributes.get_int("transB", 0) else w.shape[1])
+
+
+def _per_channel(c: np.ndarray, rank: int, n_out: int | None) -> np.ndarray | None:
+    """``c`` as a float64 vector over output channels (axis 1 of a rank-``rank`` output), or None."""
+    if n_out is None or c.ndim > rank or not np.issubdtype(c.dtype, np.floating):
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, n_out):
+        return None
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (n_out,)).copy()
+
+
+def _fold_into(graph: ir.Graph, node: ir.Node, producer: ir.Node, s: np.ndarray, t: np.ndarray,
+               pass_name: str, suffix: str) -> str | None:
+    """Replace ``node(producer(x))`` = ``s * producer(x) + t`` (per output channel) by ``producer``."""
+    weight = _ir_utils.constant_input(producer, 1)
+    bias = _ir_utils.constant_input(producer, 2) if len(producer.inputs) > 2 else None
     w = _ir_utils.constant_array(weight)
     dtype = w.dtype
     w64 = w.astype(np.float64)
     n_out = s.shape[0]
     if producer.op_type == "Conv":
         if w.shape[0] != n_out:
-            return f"weight has {w.shape[0]} output channels, BatchNormalization {n_out}"
+            return f"weight has {w.shape[0]} output channels, the folded node {n_out}"
         new_w = w64 * s.reshape((-1,) + (1,) * (w.ndim - 1))
         old_b = _ir_utils.constant_array(bias).astype(np.float64) if bias is not None else np.zeros(n_out)
-        new_b = s * (old_b - mean) + b_bn
     else:
         if producer.attributes.get_int("transA", 0) not in (0, 1) or w.ndim != 2:
             return "Gemm weight is not 2-D"
         trans_b = producer.attributes.get_int("transB", 0)
         if (w.shape[0] if trans_b else w.shape[1]) != n_out:
-            return "Gemm output features do not match BatchNormalization channels"
+            return "Gemm output features do not match the folded node's channels"
         new_w = w64 * (s[:, None] if trans_b else s[None, :])
         beta = producer.attributes.get_float("beta", 1.0)
         old_c = _ir_utils.constant_array(bias).astype(np.float64) if bias is not None else np.zeros(n_out)
         if old_c.size not in (1, n_out):
             return "Gemm bias is not per output feature"
         old_b = np.broadcast_to(old_c.reshape(-1), (n_out,)) * beta
-        new_b = s * (old_b - mean) + b_bn
         producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    w_value = ir.Value(name=f"{weight.name}_bnfold", const_value=ir.tensor(new_w.astype(dtype)))
-    b_value = ir.Value(name=f"{(bias.name if bias is not None else weight.name + '_bias')}_bnfold",
+    new_b = s * old_b + t
+    w_value = ir.Value(name=f"{weight.name}{suffix}", const_value=ir.tensor(new_w.astype(dtype)))
+    b_value = ir.Value(name=f"{(bias.name if bias is not None else weight.name + '_bias')}{suffix}",
                        const_value=ir.tensor(new_b.astype(dtype)))
     for v in (w_value, b_value):
         v.name = _ir_utils.unique_name(graph, v.name)
@@ -175,17 +245,15 @@ def _fold_batchnorm(graph: ir.Graph, bn: ir.Node, pass_name: str) -> str | None:
         v.dtype = v.const_value.dtype
         graph.register_initializer(v)
     producer.replace_input_with(1, w_value)
-    if len(producer.inputs) > 2:
-        producer.replace_input_with(2, b_value)
-    else:
+    if len(producer.inputs) <= 2:
         producer.resize_inputs(3)
-        producer.replace_input_with(2, b_value)
+    producer.replace_input_with(2, b_value)
     _ir_utils.tag(producer, pass_name)
-    old, new = bn.outputs[0], producer.outputs[0]
+    old, new = node.outputs[0], producer.outputs[0]
     keep_name = old.name if old.is_graph_output() else None
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     if keep_name is not None:  # a graph output keeps its name
         old.name = None
         new.name = keep_name
-    graph.remove(bn, safe=True)
+    graph.remove(node, safe=True)
     return None

@@ -54,6 +54,48 @@ def test_gemm_batchnorm_fold_with_beta():
     validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
 
 
+def test_per_channel_mul_and_add_after_conv_fold_into_it():
+    # MobileOne-style branch scale: Conv -> Mul(c[C,1,1]) -> Add(t[1,C,1,1]) (PP-OCR det has 20 of these).
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 2, 5, 5] x) => (float[N, 3, 5, 5] y) <
+        float[3, 2, 3, 3] W = {1., -2., 3., 4., 5., -6., 7., 8., 9., 1., 2., 3., 4., 5., 6., 7., 8., 9.,
+                               -1., 2., 3., 4., 5., 6., 7., 8., 9., 1., 2., 3., 4., -5., 6., 7., 8., 9.,
+                               1., 2., 3., 4., 5., 6., 7., -8., 9., 1., 2., 3., 4., 5., 6., 7., 8., -9.},
+        float[3] b = {0.1, 0.2, 0.3}, float[3, 1, 1] c = {1.5, -0.5, 2.}, float[1, 3, 1, 1] t = {1., 2., -3.}
+    > {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W, b)
+        m = Mul (c, h)
+        a = Add (m, t)
+        k = Constant <value = float {0.5}> ()
+        y = Mul (a, k)
+    }
+    """
+    ref, model = ir.from_onnx_text(text), ir.from_onnx_text(text)
+    report = SimplifyPass()(model)
+    assert report.counts["affine_folded"] == 3 and op_counts(model) == {"Conv": 1}
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    feeds = data.random_data(data.input_signature(ref), 2, dims={"N": 2})
+    validation.compare(ref, model, feeds, **TOL["reassociate_fp32"]).assert_ok()
+
+
+@pytest.mark.parametrize("const", ["float[1, 3, 5, 1] c", "float[5] c", "float[3, 5, 5] c"])
+def test_mul_by_a_constant_that_is_not_per_channel_is_left_alone(const):
+    values = ", ".join(["2."] * {"float[1, 3, 5, 1] c": 15, "float[5] c": 5, "float[3, 5, 5] c": 75}[const])
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 2, 5, 5] x) => (float[N, 3, 5, 5] y) <
+        float[3, 2, 1, 1] W = {{1., 2., 3., 4., 5., 6.}}, {const} = {{{values}}}
+    > {{
+        h = Conv (x, W)
+        y = Mul (h, c)
+    }}
+    """
+    model = ir.from_onnx_text(text)
+    report = SimplifyPass()(model)
+    assert report.counts["affine_folded"] == 0 and op_counts(model) == {"Conv": 1, "Mul": 1}
+
+
 def test_no_op_on_a_graph_with_nothing_to_simplify():
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
