@@ -89,8 +89,8 @@ class _Inserter:
         while source in self.shared:
             source = self.shared[source]
         lo, hi = self.ranges[self.original_name.get(source, source.name)]
-        scale, zero = qm.scale_zero_point(lo, hi, self.qtype, symmetric=self.symmetric,
-                                          reduce_range=self.reduce_range)
+        # reduce_range narrows weights only: |w| <= 63 keeps u8 x s8 pair sums below int16 saturation.
+        scale, zero = qm.scale_zero_point(lo, hi, self.qtype, symmetric=self.symmetric)
         return QParams(scale, zero)
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:

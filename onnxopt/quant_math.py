@@ -25,6 +25,7 @@ __all__ = [
     "per_channel_symmetric",
     "quantize",
     "quantize_bias",
+    "relative_l2",
     "scale_zero_point",
     "sqnr_db",
 ]
@@ -158,6 +159,16 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     if signal == 0.0:
         return float("-inf")
     return float(10.0 * np.log10(signal / noise))
+
+
+def relative_l2(reference: np.ndarray, approx: np.ndarray) -> float:
+    """``||approx - reference|| / ||reference||`` (0 when both are zero, inf when only the reference is)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.linalg.norm(np.asarray(approx, dtype=np.float64) - ref))
+    signal = float(np.linalg.norm(ref))
+    if noise == 0.0:
+        return 0.0
+    return noise / signal if signal else float("inf")
 
 
 def int8_dot_saturates() -> bool:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxopt import runtime
 
-__all__ = ["latency_ms", "layer_sqnr", "local_sqnr"]
+__all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "run_once"]
 
 
 def layer_sqnr(
@@ -118,6 +118,13 @@ def local_sqnr(
         for n in names:
             sums[n] += float(got[n])
     return {t: _db(sums[sig], sums[noi]) for t, (sig, noi) in fetch.items()}
+
+
+def run_once(model: ir.Model, feed: Mapping[str, np.ndarray], opt_level: runtime.OptLevel) -> np.ndarray:
+    """All outputs of one run of ``model`` on ``feed``, flattened into one float64 vector."""
+    with runtime.session(model, opt_level=opt_level) as handle:
+        outs = handle.run(dict(feed))
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in outs.values()])
 
 
 def latency_ms(

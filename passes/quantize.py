@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
 _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
+_REDUCED_NOTE = ("reduce_range on (7-bit weights): this CPU has no VNNI, and onnxruntime's u8s8 kernels "
+                 "saturate without it; pass reduce_range=false for a VNNI or ARM deployment machine")
 
 
 def _small_feeds(feeds: list) -> bool:
@@ -70,7 +72,8 @@ class QuantizeConfig:
     symmetric_activations: bool = option(False, "zero point at the middle of the activation type")
     per_tensor: bool = option(False, "one scale per weight tensor instead of per output channel")
     reduce_range: Literal["auto", "true", "false"] = option(
-        "auto", "7-bit weights/activations; auto: on for target cpu when this CPU lacks VNNI (its int8 kernels saturate)"
+        "auto", "7-bit weights (activations keep 8 bits); auto: on for target cpu when this CPU lacks VNNI "
+        "and onnxruntime's integer kernels, run on calibration data, are measured to saturate"
     )
     include_ops: frozenset[str] = option(frozenset(), "quantize only these op types (empty: all supported)")
     exclude_ops: frozenset[str] = option(frozenset(), "op types kept float")
@@ -149,15 +152,15 @@ class QuantizePass(OptPass[QuantizeConfig]):
         plans = self._plans(model, ctx, report)
         if not plans:
             return report
-        result = qdq_insert.apply_plans(
-            model,
-            plans,
-            table.ranges,
-            qtype=self.config.activation_type,
-            symmetric=self.config.symmetric_activations,
-            reduce_range=self._reduce_range(report),
-            pass_name=self.name,
-        )
+        reduce_range = self._reduce_range(report)
+        pristine = model.clone() if reduce_range is None else None
+        result = self._apply(model, plans, table, bool(reduce_range))
+        if pristine is not None:
+            if float_model is not None and self._saturates(float_model, model, report):
+                model.graph = pristine.graph
+                plans = self._plans(model, ctx, self.new_report(model))  # skips already reported
+                result = self._apply(model, plans, table, True)
+            del pristine
         ir_common.RemoveUnusedNodesPass()(model)
         if self.config.bias_correction and float_model is not None:
             shifts = quant_improve.bias_correction(float_model, model, list(self.context.calibration))
@@ -172,17 +175,52 @@ class QuantizePass(OptPass[QuantizeConfig]):
             self._measure(float_model, model, result, report)
         return report
 
-    def _reduce_range(self, report: PassReport) -> bool:
-        """The config's choice; "auto" measures nothing, it reads the CPU's instruction set."""
+    def _apply(self, model: ir.Model, plans: list[QuantPlan], table: CalibrationTable, reduce_range: bool):
+        return qdq_insert.apply_plans(
+            model,
+            plans,
+            table.ranges,
+            qtype=self.config.activation_type,
+            symmetric=self.config.symmetric_activations,
+            reduce_range=reduce_range,
+            pass_name=self.name,
+        )
+
+    def _reduce_range(self, report: PassReport) -> bool | None:
+        """The config's choice; None where "auto" must measure (x86 CPU without VNNI, target cpu)."""
         if self.config.reduce_range != "auto":
             return self.config.reduce_range == "true"
         if self.context.target != "cpu" or not quant_math.int8_dot_saturates():
             return False
-        report.note(
-            "reduce_range on (7-bit values): this CPU has no VNNI, and onnxruntime's u8s8 kernels "
-            "saturate without it; pass reduce_range=false for a VNNI or ARM deployment machine"
-        )
-        return True
+        if self.context.calibration is None:  # nothing to measure with: the safe choice
+            report.note(_REDUCED_NOTE)
+            return True
+        return None
+
+    def _saturates(self, float_model: ir.Model, model: ir.Model, report: PassReport) -> bool:
+        """Whether onnxruntime's integer kernels visibly depart from the QDQ model's arithmetic.
+
+        Runs one calibration feed through the float model, the QDQ graph as written (float
+        arithmetic) and the QDQ graph as onnxruntime deploys it (fused integer kernels). Without
+        VNNI, u8 x s8 pair sums saturate at int16; when that error exceeds half the quantization
+        error itself, weights are re-quantized with 7 bits.
+        """
+        feed = next(iter(self.context.calibration))
+        outs = [quant_report.run_once(m, feed, level) for m, level in
+                ((float_model, "all"), (model, "disable"), (model, "all"))]
+        ref, simulated, deployed = outs
+        quant_err = quant_math.relative_l2(ref, simulated)
+        kernel_err = quant_math.relative_l2(simulated, deployed)
+        saturates = kernel_err > 0.5 * quant_err
+        report.record("reduce_range_check", quantization_rel_l2=round(quant_err, 6),
+                      kernel_vs_qdq_rel_l2=round(kernel_err, 6), reduce_range=saturates)
+        if saturates:
+            report.note(_REDUCED_NOTE + f" (measured: integer kernels depart from the QDQ arithmetic by "
+                        f"{kernel_err:.2g} relative L2, quantization itself {quant_err:.2g})")
+        else:
+            report.note(f"reduce_range off: this CPU lacks VNNI but its integer kernels were measured "
+                        f"within {kernel_err:.2g} relative L2 of the QDQ arithmetic (quantization error {quant_err:.2g})")
+        return saturates
 
     def _table(self, model: ir.Model) -> CalibrationTable:
         if self.config.calib_table:
