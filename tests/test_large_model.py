@@ -145,8 +145,10 @@ def _spy_sessions(monkeypatch):
 
     def spy(model, *args, **kw):
         handle = real(model, *args, **kw)
-        arena = handle.session.get_session_options().enable_cpu_mem_arena
-        seen.append((type(model).__name__, arena))
+        options = handle.session.get_session_options()
+        in_order = options.execution_order == ort.ExecutionOrder.PRIORITY_BASED
+        assert in_order is not options.enable_cpu_mem_arena  # low memory: both, else neither
+        seen.append((type(model).__name__, options.enable_cpu_mem_arena))
         return handle
 
     monkeypatch.setattr(runtime, "make_session", spy)
