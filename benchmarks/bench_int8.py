@@ -9,11 +9,15 @@ format, per-channel int8 weights, uint8 activations, the same calibration method
 
 The parent then reports, per model: file size (x FP32), onnxruntime CPU latency at 1 and 2
 threads as a ratio to FP32 (median of ``--runs`` runs after warm-up, the three models timed
-interleaved in the same sessions' loop), fidelity to FP32 on held-out feeds (cosine, max abs,
-top-1 accuracy where labels exist), tool wall time and peak RSS.
+interleaved in the same sessions' loop), fidelity to FP32 on held-out feeds as deployed
+(onnxruntime's optimisations on, so the integer kernels run; cosine, max abs, top-1 accuracy
+where labels exist), tool wall time and peak RSS. onnxopt runs without its report extras
+(layer-wise SQNR and its own FP32-vs-INT8 latency check: ``sqnr_samples=0, latency_runs=0``),
+so that both tools' wall time is calibration plus quantization. ``--onnxopt-method`` adds a
+third row: onnxopt with another calibration method (e.g. ``mse``, which quantize_static lacks).
 
     python benchmarks/bench_int8.py [--models digits_mlp,det,...] [--samples 20] [--runs 30]
-        [--method minmax|percentile|entropy] [--eval-feeds 8] [--json OUT]
+        [--method minmax|percentile|entropy] [--onnxopt-method mse] [--eval-feeds 8] [--json OUT]
     python benchmarks/bench_int8.py --quick      # 4 samples, 5 runs: proves the script works
 """
 
@@ -78,7 +82,8 @@ def run_onnxopt(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: 
 
     m = io.load_model(model)
     ctx = PassContext(calibration=data.load_data(calib, data.input_signature(m)).take(n), quiet=True)
-    passes = [make("simplify", {}, ctx), make("quantize", {"calibration_method": method}, ctx)]
+    options = {"calibration_method": method, "sqnr_samples": 0, "latency_runs": 0}
+    passes = [make("simplify", {}, ctx), make("quantize", options, ctx)]
     result = pipeline.run(m, passes, check=False, strict=True)
     io.save_model(result.model, out)
     rep = result.reports[-1]
@@ -129,7 +134,7 @@ def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int,
 
 
 def _child(args: argparse.Namespace) -> int:
-    fn = run_onnxopt if args.tool == "onnxopt" else run_ort
+    fn = run_onnxopt if args.tool.startswith("onnxopt") else run_ort
     t0 = time.perf_counter()
     info = fn(pathlib.Path(args.model), pathlib.Path(args.calib), pathlib.Path(args.out), args.samples, args.method)
     info["seconds"] = time.perf_counter() - t0
@@ -161,7 +166,7 @@ def spawn(tool: str, model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path
 def fidelity(ref: pathlib.Path, cand: pathlib.Path, eval_src: pathlib.Path, max_feeds: int | None) -> dict:
     from onnxopt import validation
 
-    rep = validation.compare(ref, cand, eval_src, max_feeds=max_feeds)
+    rep = validation.compare(ref, cand, eval_src, max_feeds=max_feeds, opt_level="all")
     m = next(iter(next(iter(rep.outputs.values())).values()))
     out = {"cosine": m.cosine, "max_abs": m.max_abs}
     if m.ref_accuracy is not None:
@@ -192,9 +197,11 @@ def bench_model(name: str, paths: tuple, args: argparse.Namespace, work: pathlib
     model, calib, eval_src = paths
     row: dict[str, Any] = {"model": name, "fp32_bytes": model.stat().st_size}
     outs = {}
-    for tool in ("onnxopt", "ort"):
+    for tool in tools(args):
         out = work / f"{name}.{tool}.onnx"
-        info = spawn(tool, model, calib, out, args.samples, args.method)
+        method = args.onnxopt_method if tool == "onnxopt+" else args.method
+        info = spawn(tool, model, calib, out, args.samples, method)
+        info["method"] = method
         if info["ok"] and out.exists():
             outs[tool] = out
             info["size_x"] = out.stat().st_size / row["fp32_bytes"]
@@ -211,19 +218,24 @@ def bench_model(name: str, paths: tuple, args: argparse.Namespace, work: pathlib
     return row
 
 
+def tools(args: argparse.Namespace) -> list[str]:
+    """onnxopt and onnxruntime with --method; "onnxopt+" with --onnxopt-method when given."""
+    return ["onnxopt", "ort"] + (["onnxopt+"] if args.onnxopt_method and args.onnxopt_method != args.method else [])
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':<20}{'tool':<9}{'size x':>7}{'lat1 x':>8}{'lat2 x':>8}{'cosine':>9}{'max abs':>9}"
+    head = (f"{'model':<20}{'tool':<9}{'method':<11}{'size x':>7}{'lat1 x':>8}{'lat2 x':>8}{'cosine':>9}{'max abs':>9}"
             f"{'acc':>13}{'wall s':>8}{'RSS MB':>8}  notes")
     lines = [head, "-" * len(head)]
     for r in rows:
-        for tool in ("onnxopt", "ort"):
-            i = r.get(tool, {})
+        for tool in [t for t in ("onnxopt", "ort", "onnxopt+") if t in r]:
+            i = r[tool]
             if not i.get("ok"):
                 lines.append(f"{r['model']:<20}{tool:<9}FAILED: {i.get('error', '?')}")
                 continue
             acc = f"{i['acc']:.4f}/{i['acc_fp32']:.4f}" if "acc" in i else "-"
             lines.append(
-                f"{r['model']:<20}{tool:<9}{i['size_x']:>7.3f}{i.get('latency_x_1t', float('nan')):>8.3f}"
+                f"{r['model']:<20}{tool:<9}{i['method']:<11}{i['size_x']:>7.3f}{i.get('latency_x_1t', float('nan')):>8.3f}"
                 f"{i.get('latency_x_2t', float('nan')):>8.3f}{i['cosine']:>9.5f}{i['max_abs']:>9.3g} {acc:>13}"
                 f"{i['wall_s']:>8.1f}{i['peak_rss_mb']:>8.0f}  {'; '.join(i.get('notes', []))[:160]}"
             )
@@ -236,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="", help="comma list (default: all available)")
     ap.add_argument("--samples", type=int, default=20, help="calibration feeds for both tools")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per model and thread count")
-    ap.add_argument("--method", default="minmax", choices=sorted(_ORT_METHODS))
+    ap.add_argument("--method", default="minmax", choices=[*sorted(_ORT_METHODS), "mse"],
+                    help="calibration method of both tools (mse: onnxopt only, for its child runs)")
+    ap.add_argument("--onnxopt-method", default="", choices=["", "minmax", "percentile", "entropy", "mse"],
+                    help="also run onnxopt with this calibration method")
     ap.add_argument("--eval-feeds", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="4 samples, 5 runs, 2 eval feeds")
     ap.add_argument("--json", default="")
@@ -246,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         return _child(args)
+    if args.method not in _ORT_METHODS:
+        ap.error(f"--method {args.method}: quantize_static has no such method; use --onnxopt-method")
     if args.quick:
         args.samples, args.runs, args.eval_feeds = 4, 5, 2
     available = sources()

@@ -31,6 +31,7 @@ __all__ = [
     "check_output_path",
     "release_external",
     "save_model",
+    "serialized_size",
 ]
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -199,6 +200,32 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple[os.PathLike | st
     return path
 
 
+@contextlib.contextmanager
+def _no_initializer_value_info(model: ir.Model):
+    """Save without a value_info entry per initializer (its tensor already holds dtype and dims).
+
+    onnx-ir writes one for every typed initializer: 848 of them in an INT8 PP-OCR det model, 3 %
+    of its file. Types and shapes are restored on exit: the model is not changed.
+    """
+    saved = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None and not value.is_graph_input() and (value.type or value.shape):
+                saved.append((value, value.type, value.shape))
+                value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, type_, shape in saved:
+            value.type, value.shape = type_, shape
+
+
+def serialized_size(model: ir.Model) -> int:
+    """Bytes of ``model`` as :func:`save_model` writes it in one file."""
+    with _no_initializer_value_info(model):
+        return ir.to_proto(model).ByteSize()
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -229,12 +256,13 @@ def save_model(
     tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
     try:
         tmp_model = tmp_dir / path.name
-        ir.save(
-            model,
-            tmp_model,
-            external_data=data_name,
-            size_threshold_bytes=size_threshold,
-        )
+        with _no_initializer_value_info(model):
+            ir.save(
+                model,
+                tmp_model,
+                external_data=data_name,
+                size_threshold_bytes=size_threshold,
+            )
         if data_name is not None and (tmp_dir / data_name).exists():
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_model, path)

@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import float16, pass_base, runtime, sensitivity
+from onnxopt import io as _io
 from onnxopt.context import PassContext
 from onnxopt.qdq_rules import SUPPORTED_OPS
 from onnxopt.sensitivity import Budget, Measurement
@@ -145,7 +146,7 @@ class Planner:
         feeds = self.calib if data == "calibration" else self.evald
         m = sensitivity.measure(self.reference(data), sensitivity.run_outputs(model, feeds), self.budget)
         self.runs += 1
-        size = ir.to_proto(model).ByteSize()
+        size = _io.serialized_size(model)
         point = PlanPoint(label, fallback, fp32 & fallback, m, data, size, self.latency(model))
         self.frontier.append(point)
         logger.debug("plan %s: %d fallbacks, loss %.4g, ok=%s", label, len(fallback), m.loss, m.ok)

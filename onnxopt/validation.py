@@ -196,7 +196,7 @@ def file_size(model: ModelLike) -> int:
     if isinstance(model, ir.Model):
         if _io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT:
             return _io.model_nbytes(model)
-        return ir.to_proto(model).ByteSize()
+        return _io.serialized_size(model)
     path = pathlib.Path(model)
     total = path.stat().st_size
     locations = {t.location for t in _io.external_tensors(_io.load_model(path))}

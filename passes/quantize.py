@@ -163,8 +163,7 @@ class QuantizePass(OptPass[QuantizeConfig]):
             del pristine
         ir_common.RemoveUnusedNodesPass()(model)
         if self.config.bias_correction and float_model is not None:
-            shifts = quant_improve.bias_correction(float_model, model, list(self.context.calibration))
-            report.count("biases_corrected", len(shifts))
+            self._bias_correction(float_model, model, report)
         for op, n in collections.Counter(p.node.op_type for p in plans).items():
             report.count(f"quantized_{op}", n)
         report.count("int8_weights", result.weights)
@@ -174,6 +173,25 @@ class QuantizePass(OptPass[QuantizeConfig]):
         if float_model is not None:
             self._measure(float_model, model, result, report)
         return report
+
+    def _bias_correction(self, float_model: ir.Model, model: ir.Model, report: PassReport) -> None:
+        """Shift biases by the measured mean output error; kept only if the output error drops."""
+        feeds = list(self.context.calibration)
+        biases = {v: v.const_value for v in model.graph.initializers.values()
+                  if v.const_value is not None and v.const_value.dtype == ir.DataType.INT32}
+        ref = quant_report.run_once(float_model, feeds[0], "disable")
+        before = quant_math.relative_l2(ref, quant_report.run_once(model, feeds[0], "disable"))
+        shifts = quant_improve.bias_correction(float_model, model, feeds)
+        after = quant_math.relative_l2(ref, quant_report.run_once(model, feeds[0], "disable"))
+        report.record("bias_correction", rel_l2_before=round(before, 6), rel_l2_after=round(after, 6),
+                      kept=after < before)
+        if after < before:
+            report.count("biases_corrected", len(shifts))
+            return
+        for value, tensor in biases.items():
+            value.const_value = tensor
+        report.note(f"bias correction not kept: output error on a calibration feed rose from "
+                    f"{before:.3g} to {after:.3g} relative L2")
 
     def _apply(self, model: ir.Model, plans: list[QuantPlan], table: CalibrationTable, reduce_range: bool):
         return qdq_insert.apply_plans(

@@ -347,6 +347,27 @@ def test_bias_correction_shrinks_the_mean_output_error(rng):
     assert errors[True] < errors[False]
 
 
+def test_a_bias_correction_that_raises_the_output_error_is_not_kept(rng, monkeypatch):
+    from onnxopt import quant_improve
+
+    def harmful(float_model, model, feeds, **kw):  # a correction gone wrong: every bias off by 1e5 steps
+        for v in model.graph.initializers.values():
+            if v.const_value.dtype == ir.DataType.INT32:
+                v.const_value = ir.tensor(v.const_value.numpy() + 100000, name=v.name)
+        return {"x": 1.0}
+
+    feeds = image_feeds(rng, 4)
+    plain, _ = _run_pass(conv_relu(np.random.default_rng(1)), feeds, per_tensor=True)
+    monkeypatch.setattr(quant_improve, "bias_correction", harmful)
+    model, report = _run_pass(conv_relu(np.random.default_rng(1)), feeds, bias_correction=True, per_tensor=True)
+    assert report.counts["biases_corrected"] == 0
+    assert any("bias correction not kept" in n for n in report.notes)
+    check = next(r for r in report.records if r["item"] == "bias_correction")
+    assert check["kept"] is False and check["rel_l2_after"] > check["rel_l2_before"]
+    for a, b in zip(_outputs(plain, feeds), _outputs(model, feeds), strict=True):
+        np.testing.assert_array_equal(a["y"], b["y"])
+
+
 # Conformance regressions (tests/conformance): each case is loaded from onnx's backend tests and
 # judged by the conformance harness, which runs the output model in onnxruntime against the
 # case's expected outputs (tolerances in tests/conformance/tools.py).
