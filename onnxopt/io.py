@@ -205,14 +205,21 @@ def _no_initializer_value_info(model: ir.Model):
     """Save without a value_info entry per initializer (its tensor already holds dtype and dims).
 
     onnx-ir writes one for every typed initializer: 848 of them in an INT8 PP-OCR det model, 3 %
-    of its file. Types and shapes are restored on exit: the model is not changed.
+    of its file. Types and shapes are restored on exit: the model is not changed. Kept where
+    onnx's shape inference needs them: subgraph initializers, graph outputs, and main-graph
+    initializers read inside a subgraph (outer-scope types come from value_info only; without
+    them the full checker failed on conformance affine_grid_3d_align_corners_expanded).
     """
     saved = []
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None and not value.is_graph_input() and (value.type or value.shape):
-                saved.append((value, value.type, value.shape))
-                value.type, value.shape = None, None
+    graph = model.graph
+    for value in graph.initializers.values():
+        if value.const_value is None or value.is_graph_input() or value.is_graph_output():
+            continue
+        if any(use.node.graph is not graph for use in value.uses()):
+            continue
+        if value.type or value.shape:
+            saved.append((value, value.type, value.shape))
+            value.type, value.shape = None, None
     try:
         yield
     finally:

@@ -124,3 +124,42 @@ def test_optimize_never_modifies_the_input(tmp_path):
     onnxopt.optimize(src, tmp_path / "out.onnx", quiet=True)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
     assert os.stat(src).st_mtime_ns == mtime
+
+
+def _if_model_reading_outer_initializers() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    c = helper.make_tensor("c", TensorProto.FLOAT, [2], [1.0, 2.0])
+    unused_by_subgraphs = helper.make_tensor("w", TensorProto.FLOAT, [2], [3.0, 4.0])
+    then_graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["t"])], "then", [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])],
+    )
+    else_graph = helper.make_graph(  # a branch whose output is its own initializer
+        [], "else", [], [helper.make_tensor_value_info("k", TensorProto.FLOAT, [2])],
+        [helper.make_tensor("k", TensorProto.FLOAT, [2], [5.0, 6.0])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("If", ["cond"], ["y0"], then_branch=then_graph, else_branch=else_graph),
+            helper.make_node("Mul", ["y0", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [c, unused_by_subgraphs],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_save_keeps_initializer_types_that_subgraphs_need(tmp_path):
+    # Regression (conformance affine_grid_3d_align_corners_expanded after simplify): saving without
+    # initializer value_info dropped the types of main-graph initializers read inside an If branch
+    # and of a branch initializer that is the branch's output; the full checker then failed.
+    model = ir.serde.deserialize_model(_if_model_reading_outer_initializers())
+    ir.passes.common.ShapeInferencePass()(model)  # types every value, initializers included
+    out = io.save_model(model, tmp_path / "if.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    saved = {v.name for v in onnx.load(str(out)).graph.value_info}
+    assert "c" in saved and "w" not in saved  # only the ones inference needs are kept
