@@ -236,8 +236,11 @@ def _fold_into(graph: ir.Graph, node: ir.Node, producer: ir.Node, s: np.ndarray,
         old_b = np.broadcast_to(old_c.reshape(-1), (n_out,)) * beta
         producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     new_b = s * old_b + t
-    w_value = ir.Value(name=f"{weight.name}{suffix}", const_value=ir.tensor(new_w.astype(dtype)))
-    b_value = ir.Value(name=f"{(bias.name if bias is not None else weight.name + '_bias')}{suffix}",
+    def renamed(name: str) -> str:  # a second fold into the same Conv keeps one suffix (unique_name numbers it)
+        return name if name.endswith(suffix) else name + suffix
+
+    w_value = ir.Value(name=renamed(weight.name), const_value=ir.tensor(new_w.astype(dtype)))
+    b_value = ir.Value(name=renamed(bias.name if bias is not None else weight.name + "_bias"),
                        const_value=ir.tensor(new_b.astype(dtype)))
     for v in (w_value, b_value):
         v.name = _ir_utils.unique_name(graph, v.name)
