@@ -74,7 +74,8 @@ class _Inserter:
         self.symmetric = symmetric
         self.reduce_range = reduce_range
         self.pass_name = pass_name
-        self.taken = _ir_utils._value_names(self.graph)
+        # Q/DQ nodes are named as their outputs: names of existing nodes are avoided too.
+        self.taken = _ir_utils._value_names(self.graph) | {n.name for n in self.graph.all_nodes() if n.name}
         self.shared: dict[ir.Value, ir.Value] = {}
         self.result = InsertResult()
         self.created: set[ir.Value] = set()

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from typing import Literal
 
+import numpy as np
 import onnx.shape_inference
 import onnx.version_converter
 import onnx_ir as ir
@@ -30,6 +31,7 @@ __all__ = ["QuantizeConfig", "QuantizePass"]
 logger = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
+_RANGE_CHECK_FEEDS = 2  # calibration feeds that decide reduce_range=auto
 _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
 _REDUCED_NOTE = ("reduce_range on (7-bit weights): this CPU has no VNNI, and onnxruntime's u8s8 kernels "
                  "saturate without it; pass reduce_range=false for a VNNI or ARM deployment machine")
@@ -149,9 +151,12 @@ class QuantizePass(OptPass[QuantizeConfig]):
         if opset < _MIN_OPSET:
             names = {n.outputs[0].name: n.name for n in model.graph if n.name and n.outputs}
             model.graph = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(model), _MIN_OPSET)).graph
+            taken = {node.name for node in model.graph if node.name}
             for node in model.graph:  # the converter re-creates some nodes without their names
                 if not node.name and node.outputs and node.outputs[0].name in names:
-                    node.name = names[node.outputs[0].name]
+                    # A node it split (Softmax-11 -> Softmax-13 + Reshape) keeps the name on one part.
+                    node.name = _ir_utils.unique_name(model.graph, names[node.outputs[0].name], taken)
+                    taken.add(node.name)
             report.count("opset_upgraded")
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET} for per-channel QDQ")
         float_model = model.clone() if self.context.calibration is not None else None
@@ -233,13 +238,14 @@ class QuantizePass(OptPass[QuantizeConfig]):
 
         Without VNNI, onnxruntime's u8 x s8 kernels add pairs of products in int16 and saturate
         (the QDQ graph's arithmetic does not); 7-bit weights avoid that at the cost of a coarser
-        weight grid. Which costs more depends on the model, so both are run on a calibration feed
-        with onnxruntime's optimisations on (the fused integer kernels) and compared with FP32.
+        weight grid. Which costs more depends on the model, so both are run on the first
+        calibration feeds with onnxruntime's optimisations on (the fused integer kernels) and
+        compared with FP32.
         """
-        feed = next(iter(self.context.calibration))
-        ref = quant_report.run_once(float_model, feed, "all")
-        err_full = quant_math.relative_l2(ref, quant_report.run_once(full, feed, "all"))
-        err_reduced = quant_math.relative_l2(ref, quant_report.run_once(reduced, feed, "all"))
+        feeds = list(self.context.calibration.take(_RANGE_CHECK_FEEDS))
+        ref = np.concatenate([quant_report.run_once(float_model, f, "all") for f in feeds])
+        err_full = quant_math.relative_l2(ref, np.concatenate([quant_report.run_once(full, f, "all") for f in feeds]))
+        err_reduced = quant_math.relative_l2(ref, np.concatenate([quant_report.run_once(reduced, f, "all") for f in feeds]))
         chosen = err_reduced < err_full
         report.record("reduce_range_check", rel_l2_8bit_weights=round(err_full, 6),
                       rel_l2_7bit_weights=round(err_reduced, 6), reduce_range=chosen)

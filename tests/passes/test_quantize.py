@@ -519,3 +519,26 @@ def test_reduce_range_auto_is_measured_on_the_integer_kernels(monkeypatch):
     weights = [v.const_value.numpy() for v in model.graph.initializers.values()
                if v.name.endswith("_quantized") and v.const_value.dtype == ir.DataType.INT8]
     assert weights and max(int(np.abs(w).max()) for w in weights) == (63 if saturating_cpu else 127)
+
+
+def test_opset_11_softmax_split_by_the_upgrade_keeps_node_names_unique(rng):
+    # onnx's converter turns Softmax-11 (axis 1 of a 3-D tensor) into Softmax-13 plus reshapes;
+    # the name restored on the new nodes must not be given twice (onnxruntime refuses the model;
+    # PP-OCR cls, opset 11, hit this).
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    text = f"""
+    <ir_version: 7, opset_import: ["" : 11]>
+    g (float[N, 4, 8] x) => (float[N, 4, 8] y) <float[8, 8] w = {{{_arr(w)}}}> {{
+        h = MatMul(x, w)
+        y = Softmax <axis = 1> (h)
+    }}
+    """
+    model = ir.from_onnx_text(text)
+    model.graph.node(1).name = "Softmax@0"
+    feeds = [{"x": rng.standard_normal((2, 4, 8)).astype(np.float32)} for _ in range(4)]
+    model, report = _run_pass(model, feeds)
+    assert report.counts["opset_upgraded"] == 1
+    names = [n.name for n in model.graph if n.name]
+    assert len(names) == len(set(names)), names
+    with runtime.session(model) as handle:  # loads: names are unique
+        assert handle.run(feeds[0])["y"].shape == (2, 4, 8)
