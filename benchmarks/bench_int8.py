@@ -2,7 +2,7 @@
 
 For each model (bundled digits models; PP-OCR det and cls from rapidocr-onnxruntime with the
 feeds written by ``benchmarks/ocr/ocr_data.py capture``), each tool runs in its own subprocess
-(wall time and peak RSS of that process, from ``os.wait4``) on the same first N calibration
+(wall time and peak RSS of that process: VmHWM, else ``os.wait4``) on the same first N calibration
 feeds. onnxruntime's side is what its users run: opset upgraded to 13 where lower,
 ``quant_pre_process`` (skipped with a note when it fails), then ``quantize_static`` in QDQ
 format, per-channel int8 weights, uint8 activations, the same calibration method.
@@ -18,6 +18,7 @@ third row: onnxopt with another calibration method (e.g. ``mse``, which quantize
 
     python benchmarks/bench_int8.py [--models digits_mlp,det,...] [--samples 20] [--runs 30]
         [--method minmax|percentile|entropy] [--onnxopt-method mse] [--eval-feeds 8] [--json OUT]
+        [--keep DIR]
     python benchmarks/bench_int8.py --quick      # 4 samples, 5 runs: proves the script works
 """
 
@@ -133,11 +134,24 @@ def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int,
     return {"notes": notes}
 
 
+def _own_peak_mb() -> float | None:
+    """This process's peak RSS since exec (VmHWM). wait4's ru_maxrss also counts the parent's
+    pages the child had between fork and exec: up to GBs when the parent holds eval data."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _child(args: argparse.Namespace) -> int:
     fn = run_onnxopt if args.tool.startswith("onnxopt") else run_ort
     t0 = time.perf_counter()
     info = fn(pathlib.Path(args.model), pathlib.Path(args.calib), pathlib.Path(args.out), args.samples, args.method)
     info["seconds"] = time.perf_counter() - t0
+    info["peak_rss_mb"] = _own_peak_mb()
     print("RESULT " + json.dumps(info, default=str))
     return 0
 
@@ -154,7 +168,10 @@ def spawn(tool: str, model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path
     info: dict[str, Any] = {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "ok": status == 0}
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            info.update(json.loads(line[7:]))
+            got = json.loads(line[7:])
+            if got.get("peak_rss_mb") is None:  # no /proc: keep wait4's figure
+                got.pop("peak_rss_mb", None)
+            info.update(got)
     if status != 0:
         info["error"] = (stderr.strip().splitlines() or ["?"])[-1][:200]
     return info
@@ -255,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-feeds", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="4 samples, 5 runs, 2 eval feeds")
     ap.add_argument("--json", default="")
+    ap.add_argument("--keep", default="", help="folder to keep the quantized models in")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--tool", "--model", "--calib", "--out"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -269,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.models.split(",") if n] or list(available)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
+        work = pathlib.Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in names:
             if name not in available:
                 print(f"skip {name}: not available", file=sys.stderr)
                 continue
             print(f"... {name}", file=sys.stderr, flush=True)
-            rows.append(bench_model(name, available[name], args, pathlib.Path(tmp)))
+            rows.append(bench_model(name, available[name], args, work))
     print(f"method={args.method} samples={args.samples} runs={args.runs} eval_feeds={args.eval_feeds}")
     print(table(rows))
     if args.json:

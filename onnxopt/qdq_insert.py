@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from onnxopt import _ir_utils, kernels
+from onnxopt import io as _io
 from onnxopt import quant_math as qm
 from onnxopt.qdq_rules import ABSORBED_OPS, QuantPlan
 
@@ -183,6 +184,8 @@ class _Inserter:
         else:
             q, scales = qm.per_channel_symmetric(w, axis, reduce_range=self.reduce_range)
         self.dq_constant(node, index, q, scales, np.zeros(scales.shape, np.int8), axis, value.name)
+        del w
+        _io.release_external(value.const_value)  # a large model's weights are not all kept mapped
         self.result.weights += 1
         return scales
 

@@ -101,26 +101,27 @@ class RuleContext:
         return True
 
 
-def _const_weight(node: ir.Node, index: int, ctx: RuleContext) -> np.ndarray | None:
+def _const_weight(node: ir.Node, index: int, ctx: RuleContext) -> tuple[int, ...] | None:
+    """The weight's shape if it can be quantized (read from the tensor's header, not its data)."""
     value = _ir_utils.constant_input(node, index)
     if value is None:
         ctx.refuse(node, f"input {index} (weight) is not a constant initializer")
         return None
-    array = _ir_utils.constant_array(value)
-    if array.dtype != np.float32:
-        ctx.refuse(node, f"weight dtype {array.dtype} is not float32")
+    tensor = value.const_value
+    if tensor.dtype != ir.DataType.FLOAT:
+        ctx.refuse(node, f"weight dtype {tensor.dtype.numpy()} is not float32")
         return None
     if any(use.node.graph is not node.graph for use in value.uses()):
         ctx.refuse(node, "weight is also read inside a subgraph (both copies would be kept)")
         return None
-    return array
+    return tuple(tensor.shape.numpy())
 
 
 def _bias_index(node: ir.Node, index: int) -> int | None:
     if index >= len(node.inputs) or node.inputs[index] is None:
         return None
     value = _ir_utils.constant_input(node, index)
-    if value is None or _ir_utils.constant_array(value).ndim != 1:
+    if value is None or len(value.const_value.shape) != 1:
         return None
     return index
 
@@ -150,11 +151,11 @@ def _matmul(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
         return None
     if _ir_utils.constant_input(node, 1) is not None:
         w = _const_weight(node, 1, ctx)
-        if w is None or w.ndim < 2:
+        if w is None or len(w) < 2:
             if w is not None:
                 ctx.refuse(node, "weight has rank < 2")
             return None
-        return QuantPlan(node, (0,), WeightSpec(1, None if ctx.per_tensor else w.ndim - 1))
+        return QuantPlan(node, (0,), WeightSpec(1, None if ctx.per_tensor else len(w) - 1))
     if not ctx.activation(node, 1):
         return None
     return QuantPlan(node, (0, 1))

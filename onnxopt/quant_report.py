@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import io as _io
 from onnxopt import runtime
 
 __all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "run_once"]
@@ -141,6 +142,10 @@ def latency_ms(
     ``runs`` shrinks (to at least 3, warm-up to 1) when a first run shows that all runs would
     take longer than ``budget_s`` (PP-OCR det at 736x2944 takes seconds per run).
     """
+    models = list(models)
+    if len(models) > 1 and sum(_io.model_nbytes(m) for m in models) > runtime._IN_MEMORY_LIMIT:
+        # Large models: one session at a time (not interleaved) so that one copy of weights is live.
+        return [latency_ms([m], feed, runs=runs, warmup=warmup, threads=threads, budget_s=budget_s)[0] for m in models]
     handles = [runtime.make_session(m, threads=threads, opt_level="all") for m in models]
     try:
         times: list[list[float]] = [[] for _ in handles]

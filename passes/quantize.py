@@ -19,7 +19,8 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import _ir_utils, calibration, qdq_insert, quant_improve, quant_math, quant_report
+from onnxopt import _ir_utils, calibration, qdq_insert, quant_improve, quant_math, quant_report, runtime
+from onnxopt import io as _io
 from onnxopt.calibration import CalibrationTable
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -295,12 +296,13 @@ class QuantizePass(OptPass[QuantizeConfig]):
             params = {k: (float(p.scale), p.zero) for k, p in result.params.items()}
             local = quant_report.local_sqnr(float_model, params, cfg.activation_type, feeds)
             accumulated: dict[str, float] = {}
-            if _small_feeds(feeds) and len(result.dequantized) <= _MAX_ACCUMULATED:
+            small_model = _io.model_nbytes(float_model) <= runtime._IN_MEMORY_LIMIT  # both sessions live at once
+            if small_model and _small_feeds(feeds) and len(result.dequantized) <= _MAX_ACCUMULATED:
                 live = {k: v for k, v in result.dequantized.items() if k in local}
                 rows = quant_report.layer_sqnr(float_model, model, live, feeds)
                 accumulated = {str(r["tensor"]): float(r["sqnr_db"]) for r in rows}
             else:
-                report.note("layer-wise SQNR is local only (feeds too large to hold both models' tensors)")
+                report.note("layer-wise SQNR is local only (model or feeds too large to hold both models' tensors)")
             order = sorted(local, key=lambda k: (accumulated.get(k, local[k]), local[k]))
             for name in order:
                 fields = {"sqnr_db": local[name]}

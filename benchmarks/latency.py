@@ -1,0 +1,66 @@
+"""onnxruntime CPU latency of several models on one feed, timed interleaved; ratios to the first.
+
+Needs only onnxruntime and numpy (no onnxopt), so it runs on a machine that has just those,
+e.g. to time the models ``bench_int8.py --keep DIR`` wrote on a quiet machine. Pin the cores
+from outside (``taskset -c 0,1``) to mimic a smaller machine.
+
+    python benchmarks/latency.py --feed feed.npz fp32.onnx int8_a.onnx int8_b.onnx [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session(path: pathlib.Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def medians(paths: list[pathlib.Path], feed: dict[str, np.ndarray], threads: int, runs: int) -> list[float]:
+    """Median ms per model: warm-up, then rounds in a shuffled order (noise hits all alike)."""
+    sessions = [session(p, threads) for p in paths]
+    for s in sessions:
+        for _ in range(3):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    rng = random.Random(0)
+    for _ in range(runs):
+        rng.shuffle(order)
+        for i in order:
+            t0 = time.perf_counter()
+            sessions[i].run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", type=pathlib.Path, help="the first is the baseline")
+    ap.add_argument("--feed", required=True, type=pathlib.Path, help=".npz keyed by input name")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args(argv)
+    feed = dict(np.load(args.feed))
+    print(f"onnxruntime {ort.__version__}, {args.runs} runs, feed {[a.shape for a in feed.values()]}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        ms = medians(args.models, feed, threads, args.runs)
+        for path, m in zip(args.models, ms, strict=True):
+            print(f"{threads} thread(s)  {path.name:<32} {m:9.2f} ms  {m / ms[0]:6.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
