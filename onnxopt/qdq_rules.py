@@ -109,7 +109,7 @@ def _const_weight(node: ir.Node, index: int, ctx: RuleContext) -> tuple[int, ...
         return None
     tensor = value.const_value
     if tensor.dtype != ir.DataType.FLOAT:
-        ctx.refuse(node, f"weight dtype {tensor.dtype.numpy()} is not float32")
+        ctx.refuse(node, f"weight dtype {tensor.dtype.name.lower()} is not float32")
         return None
     if any(use.node.graph is not node.graph for use in value.uses()):
         ctx.refuse(node, "weight is also read inside a subgraph (both copies would be kept)")
