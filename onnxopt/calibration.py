@@ -181,8 +181,7 @@ def _typed_clone(model: ir.Model) -> ir.Model:
 def _reduce_model(
     model: ir.Model, names: Sequence[str], sketch: bool = False
 ) -> tuple[ir.Model, dict[str, tuple[str, ...]]]:
-    """Return a clone with ReduceMin/ReduceMax/Size (and, with ``sketch``, a strided sample of
-    |x|) per tensor exposed as outputs."""
+    """Return a clone exposing ReduceMin/ReduceMax/Size (with ``sketch``, a |x| sample) per tensor."""
     clone = model.clone()
     values = {v.name: v for v in clone.graph.inputs}
     for node in clone.graph:

@@ -102,7 +102,7 @@ class RuleContext:
 
 
 def _const_weight(node: ir.Node, index: int, ctx: RuleContext) -> tuple[int, ...] | None:
-    """The weight's shape if it can be quantized (read from the tensor's header, not its data)."""
+    """Return the weight's shape if it can be quantized (from the tensor's header, not its data)."""
     value = _ir_utils.constant_input(node, index)
     if value is None:
         ctx.refuse(node, f"input {index} (weight) is not a constant initializer")

@@ -19,7 +19,15 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import _ir_utils, calibration, qdq_insert, quant_improve, quant_math, quant_report, runtime
+from onnxopt import (
+    _ir_utils,
+    calibration,
+    qdq_insert,
+    quant_improve,
+    quant_math,
+    quant_report,
+    runtime,
+)
 from onnxopt import io as _io
 from onnxopt.calibration import CalibrationTable
 from onnxopt.config import option
@@ -224,7 +232,7 @@ class QuantizePass(OptPass[QuantizeConfig]):
         )
 
     def _reduce_range(self, report: PassReport) -> bool | None:
-        """The config's choice; None where "auto" must measure (x86 CPU without VNNI, target cpu)."""
+        """Return the config's choice; None where "auto" must measure (x86 CPU without VNNI, target cpu)."""
         if self.config.reduce_range != "auto":
             return self.config.reduce_range == "true"
         if self.context.target != "cpu" or not quant_math.int8_dot_saturates():

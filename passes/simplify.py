@@ -182,7 +182,7 @@ def _fold_affine(graph: ir.Graph, node: ir.Node, pass_name: str) -> bool:
 
 
 def _constant(node: ir.Node, index: int) -> ir.Value | None:
-    """A constant initializer, or the output of a Constant node (small scalars are not lifted)."""
+    """Return a constant initializer, or the output of a Constant node (small scalars are not lifted)."""
     value = node.inputs[index]
     producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "Constant" and value.const_value is not None:
