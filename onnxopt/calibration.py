@@ -267,10 +267,14 @@ class _Histogram:
         self._bin(sample, size / sample.size)
 
     def _bin(self, x: np.ndarray, weight: float) -> None:
-        n = len(self.counts)
-        # Integer binning with bincount: several times faster than np.histogram.
-        idx = np.minimum((x * (n / self.top)).astype(np.int64), n - 1)
-        self.counts += weight * np.bincount(idx, minlength=n)
+        self.counts += weight * _bincount(x, self.top, len(self.counts))
+
+
+def _bincount(x: np.ndarray, top: float, bins: int) -> np.ndarray:
+    """Counts of ``x >= 0`` in ``bins`` equal bins over ``[0, top]`` (larger values in the last)."""
+    # Integer binning with bincount: several times faster than np.histogram.
+    idx = np.minimum((x * (bins / top)).astype(np.int64), bins - 1)
+    return np.bincount(idx, minlength=bins)
 
 
 def _reiterable(data: Iterable[Mapping[str, np.ndarray]]) -> Iterable[Mapping[str, np.ndarray]]:
@@ -356,11 +360,9 @@ def _histogram_phase(
                 top = absmax[name]
                 if top <= 0 or name not in got:
                     continue
-                # Integer binning with bincount: several times faster than np.histogram.
                 x = np.abs(np.asarray(got[name], dtype=np.float32).ravel())
                 x = x[np.isfinite(x)]  # NaN/inf entries carry no range information
-                idx = np.minimum((x * (num_bins / top)).astype(np.int64), num_bins - 1)
-                hists[name] += np.bincount(idx, minlength=num_bins)
+                hists[name] += _bincount(x, top, num_bins)
             del got
     return hists
 
