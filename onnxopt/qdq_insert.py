@@ -98,7 +98,7 @@ class _Inserter:
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = _ir_utils.unique_name(self.graph, base, self.taken)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array, name=name))
+                         const_value=ir.Tensor(array, name=name))  # ir.tensor: 0.3 ms a call (protocol checks)
         self.graph.register_initializer(value)
         return value
 

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxopt import io as _io
 from onnxopt import runtime
 
-__all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "run_once"]
+__all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "run_flat"]
 
 
 def layer_sqnr(
@@ -121,11 +121,11 @@ def local_sqnr(
     return {t: _db(sums[sig], sums[noi]) for t, (sig, noi) in fetch.items()}
 
 
-def run_once(model: ir.Model, feed: Mapping[str, np.ndarray], opt_level: runtime.OptLevel) -> np.ndarray:
-    """All outputs of one run of ``model`` on ``feed``, flattened into one float64 vector."""
+def run_flat(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_level: runtime.OptLevel) -> np.ndarray:
+    """All outputs of ``model`` on each feed (one session), flattened into one float64 vector."""
     with runtime.session(model, opt_level=opt_level) as handle:
-        outs = handle.run(dict(feed))
-    return np.concatenate([np.asarray(v, np.float64).ravel() for v in outs.values()])
+        runs = [handle.run(dict(feed)) for feed in feeds]
+    return np.concatenate([np.asarray(v, np.float64).ravel() for outs in runs for v in outs.values()])
 
 
 def latency_ms(

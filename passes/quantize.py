@@ -206,10 +206,10 @@ class QuantizePass(OptPass[QuantizeConfig]):
         feeds = list(self.context.calibration)
         biases = {v: v.const_value for v in model.graph.initializers.values()
                   if v.const_value is not None and v.const_value.dtype == ir.DataType.INT32}
-        ref = quant_report.run_once(float_model, feeds[0], "disable")
-        before = quant_math.relative_l2(ref, quant_report.run_once(model, feeds[0], "disable"))
+        ref = quant_report.run_flat(float_model, feeds[:1], "disable")
+        before = quant_math.relative_l2(ref, quant_report.run_flat(model, feeds[:1], "disable"))
         shifts = quant_improve.bias_correction(float_model, model, feeds)
-        after = quant_math.relative_l2(ref, quant_report.run_once(model, feeds[0], "disable"))
+        after = quant_math.relative_l2(ref, quant_report.run_flat(model, feeds[:1], "disable"))
         report.record("bias_correction", rel_l2_before=round(before, 6), rel_l2_after=round(after, 6),
                       kept=after < before)
         if after < before:
@@ -252,9 +252,9 @@ class QuantizePass(OptPass[QuantizeConfig]):
         compared with FP32.
         """
         feeds = list(self.context.calibration.take(_RANGE_CHECK_FEEDS))
-        ref = np.concatenate([quant_report.run_once(float_model, f, "all") for f in feeds])
-        err_full = quant_math.relative_l2(ref, np.concatenate([quant_report.run_once(full, f, "all") for f in feeds]))
-        err_reduced = quant_math.relative_l2(ref, np.concatenate([quant_report.run_once(reduced, f, "all") for f in feeds]))
+        ref = quant_report.run_flat(float_model, feeds, "all")
+        err_full = quant_math.relative_l2(ref, quant_report.run_flat(full, feeds, "all"))
+        err_reduced = quant_math.relative_l2(ref, quant_report.run_flat(reduced, feeds, "all"))
         chosen = err_reduced < err_full
         report.record("reduce_range_check", rel_l2_8bit_weights=round(err_full, 6),
                       rel_l2_7bit_weights=round(err_reduced, 6), reduce_range=chosen)
