@@ -73,12 +73,15 @@ class CalibrationTable:
         ranges: tensor name -> (low, high) in float; low <= 0 <= high is not implied.
         method: the calibration method that produced the ranges.
         num_samples: number of feeds the statistics were collected on.
+        smoothing: SmoothQuant scales applied before the ranges were measured, tensor name ->
+            one factor per channel (the ranges of those tensors are of ``x / s``).
 
     """
 
     ranges: Mapping[str, tuple[float, float]]
     method: str = "minmax"
     num_samples: int = 0
+    smoothing: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, rng in self.ranges.items():
@@ -97,7 +100,8 @@ class CalibrationTable:
 
     def merged(self, other: CalibrationTable) -> CalibrationTable:
         """Return a table holding the ranges of both (``other`` wins on a shared name)."""
-        return CalibrationTable({**self.ranges, **other.ranges}, self.method, max(self.num_samples, other.num_samples))
+        return CalibrationTable({**self.ranges, **other.ranges}, self.method, max(self.num_samples, other.num_samples),
+                                {**self.smoothing, **other.smoothing})
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -107,6 +111,7 @@ class CalibrationTable:
             "method": self.method,
             "num_samples": self.num_samples,
             "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()},
+            **({"smoothing": {k: [float(x) for x in v] for k, v in self.smoothing.items()}} if self.smoothing else {}),
         }
 
     @classmethod
@@ -123,7 +128,8 @@ class CalibrationTable:
         if not isinstance(ranges, Mapping):
             raise ValueError("calibration table has no 'ranges' object")
         parsed = {str(k): (float(v[0]), float(v[1])) for k, v in ranges.items()}
-        return cls(parsed, str(doc.get("method", "minmax")), int(doc.get("num_samples", 0)))
+        smoothing = {str(k): tuple(float(x) for x in v) for k, v in doc.get("smoothing", {}).items()}
+        return cls(parsed, str(doc.get("method", "minmax")), int(doc.get("num_samples", 0)), smoothing)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as JSON."""

@@ -67,9 +67,10 @@ class InsertResult:
 class _Inserter:
     def __init__(
         self, model: ir.Model, ranges: Mapping[str, tuple[float, float]], qtype: str,
-        symmetric: bool, reduce_range: bool, pass_name: str,
+        symmetric: bool, reduce_range: bool, pass_name: str, float_readers: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = model.graph
+        self.float_readers = float_readers
         self.ranges = ranges
         self.qtype = qtype
         self.symmetric = symmetric
@@ -130,7 +131,8 @@ class _Inserter:
     def quantize_activation(self, value: ir.Value) -> None:
         if value in self.quantized or value in self.created:
             return  # by identity: a quantized graph output is renamed ``<name>_float``
-        users = [(u.node, u.idx) for u in value.uses() if u.node.graph is self.graph]
+        users = [(u.node, u.idx) for u in value.uses()
+                 if u.node.graph is self.graph and (not u.node.name or u.node.name not in self.float_readers)]
         if not users and not value.is_graph_output():
             return  # read only inside subgraphs, which stay float
         p = self.params(value)
@@ -221,13 +223,15 @@ def apply_plans(
     symmetric: bool = False,
     reduce_range: bool = False,
     pass_name: str = "quantize",
+    float_readers: frozenset[str] = frozenset(),
 ) -> InsertResult:
     """Insert the Q/DQ nodes and quantized initializers that ``plans`` ask for (main graph).
 
-    Plans must be in topological order. Output tensors without a calibrated range (and not
+    Plans must be in topological order. Nodes named in ``float_readers`` keep reading the float
+    tensor where its other users read the DQ output. Output tensors without a calibrated range (and not
     sharing an input's scale) are left float.
     """
-    ins = _Inserter(model, ranges, qtype, symmetric, reduce_range, pass_name)
+    ins = _Inserter(model, ranges, qtype, symmetric, reduce_range, pass_name, float_readers)
     outputs: list[ir.Value] = []
     for plan in plans:
         for j in plan.outputs:

@@ -63,8 +63,8 @@ class RuleContext:
     Attributes:
         ranges: calibrated (low, high) per tensor name.
         per_tensor: weights per tensor instead of per channel.
-        mask_threshold: activations with ``max |x|`` above this (attention masks such as
-            -1e9 or -3.4e38) are never quantized.
+        mask_threshold: activations with ``max |x|`` at or above this (attention masks such as
+            -1e4, -1e9 or -3.4e38) are never quantized.
         reasons: node name -> why the last rule refused it.
         dtypes: inferred element type per tensor name, for values the graph leaves untyped;
             only float32 activations are quantized (float16/double ones stay as they are).
@@ -92,7 +92,7 @@ class RuleContext:
             self.refuse(node, f"input {index} is {dtype.name.lower()}, only float32 is quantized")
             return False
         lo, hi = self.ranges[value.name]
-        if max(abs(lo), abs(hi)) > self.mask_threshold:
+        if max(abs(lo), abs(hi)) >= self.mask_threshold:
             self.refuse(
                 node,
                 f"input {index} reaches {max(abs(lo), abs(hi)):.3g} (attention mask or outlier): kept float",
@@ -174,13 +174,45 @@ def _gemm(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
     return QuantPlan(node, (0,), WeightSpec(1, axis), _bias_index(node, 2) if plain else None)
 
 
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _normalized(value: ir.Value | None) -> bool:
+    """Whether ``value`` is ``(x - mean(x)) / std``: the core of a LayerNorm written out in primitives."""
+    div = _producer(value, "Div")
+    sub = _producer(div.inputs[0], "Sub") if div is not None else None
+    return sub is not None and _producer(sub.inputs[1], "ReduceMean") is not None
+
+
+def _layer_norm_part(node: ir.Node) -> str | None:
+    """Which part of a written-out LayerNorm ``node`` is (its variance + eps, gamma or beta), or None.
+
+    LayerNormalization stays float; so do these, which exporters before opset 17 emit instead of it.
+    """
+    inputs = [v for v in node.inputs if v is not None and v.const_value is None]
+    if node.op_type == "Mul" and any(_normalized(v) for v in inputs):
+        return "its scale (gamma)"
+    if node.op_type == "Add":
+        if any((m := _producer(v, "Mul")) is not None and any(_normalized(u) for u in m.inputs) for v in inputs):
+            return "its bias (beta)"
+        if any(_producer(v, "ReduceMean") is not None for v in inputs):
+            return "its variance + epsilon"
+    return None
+
+
 def _binary(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
+    part = _layer_norm_part(node)
+    if part is not None:
+        ctx.refuse(node, f"{part} of a LayerNorm written out in primitives: kept float, as LayerNormalization")
+        return None
     acts, consts = [], []
     for i in (0, 1):
         value = _ir_utils.constant_input(node, i)
         if value is not None:
             array = _ir_utils.constant_array(value)
-            if array.dtype != np.float32 or (array.size and np.abs(array).max() > ctx.mask_threshold):
+            if array.dtype != np.float32 or (array.size and np.abs(array).max() >= ctx.mask_threshold):
                 ctx.refuse(node, f"constant input {i} is not float32 or is an additive mask")
                 return None
             consts.append(i)

@@ -18,44 +18,72 @@ import onnx_ir as ir
 
 from onnxopt import runtime
 
-__all__ = ["bias_correction", "channel_means"]
+__all__ = ["bias_correction", "channel_means", "channel_stats"]
 
 
 def channel_means(
     model: ir.Model, ranks: Mapping[str, int], feeds: Iterable[Mapping[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
     """Mean over every axis but 1 (channels) of each main-graph tensor (name -> rank), over feeds."""
+    return channel_stats(model, ranks, feeds)
+
+
+def channel_stats(
+    model: ir.Model,
+    shapes: Mapping[str, int],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    last_axis: bool = False,
+    absmax: bool = False,
+) -> dict[str, np.ndarray]:
+    """Per-channel mean (or, with ``absmax``, max |x|) of main-graph tensors over ``feeds``.
+
+    Channels are axis 1 (``shapes`` maps name -> rank) or, with ``last_axis``, the last axis
+    (``shapes`` maps name -> number of channels). Each tensor is reduced inside the graph right
+    after its producer, so memory is that of one inference.
+    """
     clone = model.clone()
-    values = {}
+    values = {v.name: v for v in clone.graph.inputs}
     for node in clone.graph:
         values.update({o.name: o for o in node.outputs if o.name})
     opset = clone.opset_imports.get("", 13)
+    reduce_op, reduce_axis = ("ReduceMax" if absmax else "ReduceMean"), (0 if last_axis else 1)
     fetch = {}
-    for i, (name, rank) in enumerate(ranks.items()):
+    for i, (name, dim) in enumerate(shapes.items()):
         value = values.get(name)
         if value is None:
             continue
-        t = ir.node("Transpose", [value], attributes={"perm": [1, 0, *range(2, rank)]})
-        flat = ir.node("Flatten", [t.outputs[0]], attributes={"axis": 1})
-        created = [t, flat]
-        if opset >= 18:
-            axes = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})
-            mean = ir.node("ReduceMean", [flat.outputs[0], axes.outputs[0]], attributes={"keepdims": 0})
-            created += [axes, mean]
+        if last_axis:
+            shape = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array([-1, dim], np.int64))})
+            created = [shape, ir.node("Reshape", [value, shape.outputs[0]])]
         else:
-            mean = ir.node("ReduceMean", [flat.outputs[0]], attributes={"axes": [1], "keepdims": 0})
-            created.append(mean)
-        mean.outputs[0].name = f"biascorr.{i}.mean"
-        clone.graph.insert_after(value.producer(), created)
-        clone.graph.outputs.append(mean.outputs[0])
-        fetch[name] = mean.outputs[0].name
-    sums: dict[str, np.ndarray] = {}
+            t = ir.node("Transpose", [value], attributes={"perm": [1, 0, *range(2, dim)]})
+            created = [t, ir.node("Flatten", [t.outputs[0]], attributes={"axis": 1})]
+        if absmax:
+            created.append(ir.node("Abs", [created[-1].outputs[0]]))
+        if opset >= 18:
+            axes = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array([reduce_axis], np.int64))})
+            reduced = ir.node(reduce_op, [created[-1].outputs[0], axes.outputs[0]], attributes={"keepdims": 0})
+            created += [axes, reduced]
+        else:
+            reduced = ir.node(reduce_op, [created[-1].outputs[0]], attributes={"axes": [reduce_axis], "keepdims": 0})
+            created.append(reduced)
+        reduced.outputs[0].name = f"channel_stats.{i}"
+        producer = value.producer()
+        if producer is not None:
+            clone.graph.insert_after(producer, created)
+        else:
+            clone.graph.insert_before(next(iter(clone.graph)), created)
+        clone.graph.outputs.append(reduced.outputs[0])
+        fetch[name] = reduced.outputs[0].name
+    acc: dict[str, np.ndarray] = {}
     count = 0
     for got in runtime.capture(clone, (dict(f) for f in feeds), list(fetch.values()), priority_order=True):
         count += 1
         for name, out in fetch.items():
-            sums[name] = sums.get(name, 0.0) + got[out].astype(np.float64)
-    return {k: v / max(count, 1) for k, v in sums.items()}
+            x = got[out].astype(np.float64)
+            acc[name] = np.maximum(acc[name], x) if absmax and name in acc else acc.get(name, 0.0) + x
+    return {k: v if absmax else v / max(count, 1) for k, v in acc.items()}
 
 
 def bias_correction(

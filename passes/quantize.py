@@ -27,6 +27,7 @@ from onnxopt import (
     quant_math,
     quant_report,
     runtime,
+    smooth,
 )
 from onnxopt import io as _io
 from onnxopt.calibration import CalibrationTable
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
 _RANGE_CHECK_FEEDS = 2  # calibration feeds that decide reduce_range=auto
+_SMOOTH_MIN_RATIO = 4.0  # SmoothQuant: max / median per-channel range that counts as outlier channels
 _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
 _REDUCED_NOTE = ("reduce_range on (7-bit weights): this CPU has no VNNI, and onnxruntime's u8s8 kernels "
                  "saturate without it; pass reduce_range=false for a VNNI or ARM deployment machine")
@@ -102,8 +104,14 @@ class QuantizeConfig:
     exclude_ops: frozenset[str] = option(frozenset(), "op types kept float")
     include_nodes: frozenset[str] = option(frozenset(), "quantize only these node names (empty: all)")
     exclude_nodes: frozenset[str] = option(frozenset(), "node names kept float")
-    mask_threshold: float = option(1e4, "activations with max |x| above this (attention masks) stay float")
+    mask_threshold: float = option(
+        1e4, "activations with max |x| at or above this (attention masks: -1e4, -1e9, -3.4e38) stay float"
+    )
     bias_correction: bool = option(False, "shift int32 biases by the mean output error measured on calibration data")
+    smooth_quant: float = option(
+        0.5, "SmoothQuant alpha in (0, 1]: LayerNorm outputs with outlier channels (largest channel range "
+        f">= {_SMOOTH_MIN_RATIO:g}x the median) hand them to the MatMul/Gemm weights that read them (0: off)"
+    )
     sqnr_samples: int = option(4, "calibration feeds used for the layer-wise SQNR report (0: off)")
     latency_runs: int = option(10, "runs for the FP32 vs INT8 CPU latency check (0: off)")
 
@@ -114,6 +122,8 @@ class QuantizeConfig:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.mask_threshold <= 0:
             raise ValueError(f"mask_threshold must be > 0, got {self.mask_threshold}")
+        if not 0.0 <= self.smooth_quant <= 1.0:
+            raise ValueError(f"smooth_quant must be in [0, 1] (0: off), got {self.smooth_quant}")
         if self.sqnr_samples < 0 or self.latency_runs < 0:
             raise ValueError("sqnr_samples and latency_runs must be >= 0")
 
@@ -125,10 +135,12 @@ class QuantizePass(OptPass[QuantizeConfig]):
     Changes: inserts QuantizeLinear/DequantizeLinear pairs on activations of Conv, ConvTranspose,
         MatMul, Gemm, Add, Mul, Concat, pooling and data-movement ops; replaces their float
         weights by int8 initializers (``<W>_quantized``) and biases by int32; upgrades the default
-        opset to 13 when it is lower (onnx.version_converter).
+        opset to 13 when it is lower (onnx.version_converter). LayerNorm outputs with outlier
+        channels are smoothed first (SmoothQuant: LayerNorm gamma/beta, or an inserted float Mul,
+        divided by per-channel factors that multiply the rows of the MatMul/Gemm weights reading them).
     Preserves: graph input/output names, dtypes and shapes; dynamic dimensions; subgraphs (their
         nodes stay float, with the reason in the report); Softmax/LayerNorm/GELU stay float.
-    Guarantees: never quantizes a tensor whose range exceeds ``mask_threshold`` (additive attention
+    Guarantees: never quantizes a tensor whose range reaches ``mask_threshold`` (additive attention
         masks); every node left float has a reason in ``report.skipped``; layer-wise SQNR (worst
         first) in ``report.records``; a note when INT8 is measured slower than FP32 on CPU.
     Not exact: output error ~ the output scale; tests use atol = 2 x output scale.
@@ -168,22 +180,23 @@ class QuantizePass(OptPass[QuantizeConfig]):
                     taken.add(node.name)
             report.count("opset_upgraded")
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET} for per-channel QDQ")
+        smoothing, float_readers = self._smooth(model, report)
         float_model = model.clone() if self.context.calibration is not None else None
-        table = self._table(model)
+        table = self._table(model, smoothing)
         if self.config.save_calib_table:
             table.save(self.config.save_calib_table)
         ctx = RuleContext(
             table.ranges, self.config.per_tensor, self.config.mask_threshold, dtypes=_tensor_dtypes(model)
         )
-        plans = self._plans(model, ctx, report)
+        plans = self._plans(model, ctx, report, float_readers)
         if not plans:
             return report
         reduce_range = self._reduce_range(report)
         reduced = model.clone() if reduce_range is None and float_model is not None else None
-        result = self._apply(model, plans, table, bool(reduce_range))
+        result = self._apply(model, plans, table, bool(reduce_range), float_readers)
         if reduced is not None:
-            reduced_plans = self._plans(reduced, ctx, self.new_report(reduced))  # skips already reported
-            reduced_result = self._apply(reduced, reduced_plans, table, True)
+            reduced_plans = self._plans(reduced, ctx, self.new_report(reduced), float_readers)  # skips reported
+            reduced_result = self._apply(reduced, reduced_plans, table, True, float_readers)
             if self._reduced_is_closer(float_model, model, reduced, report):
                 model.graph, plans, result = reduced.graph, reduced_plans, reduced_result
             del reduced
@@ -220,7 +233,30 @@ class QuantizePass(OptPass[QuantizeConfig]):
         report.note(f"bias correction not kept: output error on a calibration feed rose from "
                     f"{before:.3g} to {after:.3g} relative L2")
 
-    def _apply(self, model: ir.Model, plans: list[QuantPlan], table: CalibrationTable, reduce_range: bool):
+    def _smooth(self, model: ir.Model, report: PassReport) -> tuple[dict[str, tuple[float, ...]], frozenset[str]]:
+        """SmoothQuant on the float model (measured, or a saved table's scales).
+
+        Returns the scales applied and the names of the Mul nodes inserted (kept float).
+        """
+        if self.config.calib_table:
+            stored = CalibrationTable.load(self.config.calib_table).smoothing
+            if not stored:
+                return {}, frozenset()
+            done = smooth.smooth(model, None, scales=stored)
+            report.note(f"SmoothQuant scales of {len(stored)} tensors applied from the calibration table")
+        elif self.config.smooth_quant and self.context.calibration is not None:
+            done = smooth.smooth(model, self.context.calibration, self.config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO)
+        else:
+            return {}, frozenset()
+        for rec in done.records:
+            report.record(f"smooth:{rec.pop('tensor')}", **rec)
+        for reason in done.skipped:
+            report.note(f"SmoothQuant: {reason}")
+        report.count("smoothed_activations", len(done.scales))
+        return done.scales, frozenset(done.inserted)
+
+    def _apply(self, model: ir.Model, plans: list[QuantPlan], table: CalibrationTable, reduce_range: bool,
+               float_readers: frozenset[str]):
         return qdq_insert.apply_plans(
             model,
             plans,
@@ -229,6 +265,7 @@ class QuantizePass(OptPass[QuantizeConfig]):
             symmetric=self.config.symmetric_activations,
             reduce_range=reduce_range,
             pass_name=self.name,
+            float_readers=float_readers,
         )
 
     def _reduce_range(self, report: PassReport) -> bool | None:
@@ -263,20 +300,24 @@ class QuantizePass(OptPass[QuantizeConfig]):
                     f"calibration feed is {err_full:.3g} relative L2 with 8-bit weights, {err_reduced:.3g} with 7-bit")
         return chosen
 
-    def _table(self, model: ir.Model) -> CalibrationTable:
+    def _table(self, model: ir.Model, smoothing: dict[str, tuple[float, ...]]) -> CalibrationTable:
         if self.config.calib_table:
             return CalibrationTable.load(self.config.calib_table)
         method = self.config.calibration_method
         kw = {"percentile": self.config.percentile} if method == "percentile" else {}
-        return calibration.cached_ranges(self.context, model, None, method, **kw)
+        table = calibration.cached_ranges(self.context, model, None, method, **kw)
+        return dataclasses.replace(table, smoothing=smoothing) if smoothing else table
 
-    def _plans(self, model: ir.Model, ctx: RuleContext, report: PassReport) -> list[QuantPlan]:
+    def _plans(self, model: ir.Model, ctx: RuleContext, report: PassReport, float_readers: frozenset[str]) -> list[QuantPlan]:
         cfg = self.config
         plans = []
         for node in model.graph:
             if node.op_type not in RULES or node.domain not in ("", "ai.onnx"):
                 continue
             label = node.name or node.op_type
+            if node.name in float_readers:
+                report.skip(f"{node.op_type}: SmoothQuant scaling, kept float (it reads the float LayerNorm output)")
+                continue
             if (cfg.include_ops and node.op_type not in cfg.include_ops) or node.op_type in cfg.exclude_ops:
                 report.skip(f"{node.op_type}: op type excluded by config")
                 continue

@@ -16,10 +16,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["bert_feeds", "make_bert"]
 
+_OUTLIER_CHANNELS = (3, 17)
+
 
 class _Builder:
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, outlier_scale: float = 1.0) -> None:
         self.rng = rng
+        self.outlier_scale = outlier_scale
+        self.normalized: set[str] = set()  # LayerNorm outputs
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
@@ -50,10 +54,24 @@ class _Builder:
         norm = self.op("Div", [d, std])
         gamma = self.const("ln_gamma", (1.0 + 0.1 * self.rng.standard_normal(hidden)).astype(np.float32))
         beta = self.const("ln_beta", (0.1 * self.rng.standard_normal(hidden)).astype(np.float32))
-        return self.op("Add", [self.op("Mul", [norm, gamma]), beta])
+        if self.outlier_scale != 1.0:  # a few channels far larger than the rest, as in trained BERTs
+            for name in (gamma, beta):
+                t = next(t for t in self.inits if t.name == name)
+                a = numpy_helper.to_array(t).copy()
+                a[list(_OUTLIER_CHANNELS)] *= self.outlier_scale
+                t.CopyFrom(numpy_helper.from_array(a, name))
+        out = self.op("Add", [self.op("Mul", [norm, gamma]), beta])
+        self.normalized.add(out)
+        return out
 
     def linear(self, x: str, k: int, n: int) -> str:
-        return self.op("Add", [self.op("MatMul", [x, self.weight("w", (k, n))]), self.weight("b", (n,))])
+        w = self.weight("w", (k, n))
+        if self.outlier_scale != 1.0 and x in self.normalized:  # trained weights read outlier channels lightly
+            t = self.inits[-1]
+            a = numpy_helper.to_array(t).copy()
+            a[list(_OUTLIER_CHANNELS)] /= self.outlier_scale
+            t.CopyFrom(numpy_helper.from_array(a, w))
+        return self.op("Add", [self.op("MatMul", [x, w]), self.weight("b", (n,))])
 
     def gelu(self, x: str) -> str:
         e = self.op("Erf", [self.op("Div", [x, self.const("sqrt2", np.array(1.4142135, np.float32))])])
@@ -71,11 +89,17 @@ def make_bert(
     classes: int = 4,
     seed: int = 0,
     opset: int = 17,
+    outlier_scale: float = 1.0,
 ) -> onnx.ModelProto:
-    """A BERT-style encoder (default opset 17) with inputs input_ids/attention_mask [batch, seq] int64."""
+    """A BERT-style encoder (default opset 17) with inputs input_ids/attention_mask [batch, seq] int64.
+
+    ``outlier_scale`` multiplies two channels of every LayerNorm's gamma and beta and divides the
+    matching rows of the weights that read them: the outlier channels of trained transformers'
+    normalized activations, which their weights read lightly (what SmoothQuant is for).
+    """
     if hidden % heads:
         raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
-    b = _Builder(np.random.default_rng(seed))
+    b = _Builder(np.random.default_rng(seed), outlier_scale)
     head_dim = hidden // heads
     def i64(*v: int) -> np.ndarray:
         return np.array(v, np.int64)

@@ -1,0 +1,243 @@
+"""SmoothQuant: move activation outlier channels into the weights that follow a LayerNorm.
+
+Xiao et al., "SmoothQuant" (ICML 2023). Transformers' LayerNorm outputs carry a few channels
+tens of times larger than the rest; one per-tensor activation scale then spends its 256 levels
+on them and rounds every other channel coarsely. For ``Y = X W`` and a per-input-channel scale
+``s``, ``Y = (X / s) (diag(s) W)`` exactly; with ``s_j = max|X_j|^a / max|W_j|^(1-a)`` the
+activation's channels are evened out and the weights, quantized per output channel, take the
+difficulty they handle better. ``1 / s`` is folded into the producer where that is exact and
+free: a LayerNormalization or SkipLayerNormalization (scale and bias), or a ``Mul(x, gamma) ->
+Add(beta)`` pair with per-channel constants (a LayerNorm written out in primitives). Where the
+normalized tensor also feeds something else (a post-LN residual Add), an explicit ``Mul(X, 1/s)``
+is inserted in front of the MatMul/Gemm consumers; it stays float (it reads the float tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import _ir_utils, quant_improve
+from onnxopt.errors import DataError
+
+__all__ = ["SmoothGroup", "SmoothResult", "find_groups", "smooth"]
+
+_NORMS = {("", "LayerNormalization"), ("com.microsoft", "SkipLayerNormalization")}
+_SCALE_LIMIT = 1e4  # s is clipped to [1/limit, limit]: dead channels must not blow weights up
+
+
+@dataclasses.dataclass
+class SmoothGroup:
+    """One normalized activation and the MatMul/Gemm nodes reading it.
+
+    ``weights`` are (node, input index, axis of the weight that runs over X's channels).
+    ``fold`` holds the producer's per-channel constants to divide by ``s``; empty means that an
+    explicit Mul is needed (the activation has other readers, or is a graph output).
+    """
+
+    value: ir.Value
+    channels: int
+    weights: list[tuple[ir.Node, int, int]]
+    fold: list[tuple[ir.Node, int]]
+
+
+@dataclasses.dataclass
+class SmoothResult:
+    """What :func:`smooth` did: one record per group, inserted (float) Mul nodes, the scales applied."""
+
+    records: list[dict] = dataclasses.field(default_factory=list)
+    inserted: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    scales: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+
+
+def _weight_axis(node: ir.Node, x: ir.Value) -> int | None:
+    """Axis of the constant weight of ``node`` that X's channels run over, or None if not smoothable."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is not x:
+        return None
+    w = _ir_utils.constant_input(node, 1)
+    if w is None or w.const_value.dtype != ir.DataType.FLOAT or len(w.const_value.shape) != 2:
+        return None
+    if node.op_type == "MatMul":
+        return 0
+    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
+        return 1 if node.attributes.get_int("transB", 0) else 0
+    return None
+
+
+def _per_channel(node: ir.Node, index: int, channels: int) -> bool:
+    """Whether input ``index`` of ``node`` is a float constant of ``channels`` values along the last axis."""
+    c = _ir_utils.constant_input(node, index)
+    if c is None or c.const_value.dtype != ir.DataType.FLOAT:
+        return False
+    shape = tuple(c.const_value.shape)
+    return bool(shape) and shape[-1] == channels and int(np.prod(shape)) == channels
+
+
+def _foldable(x: ir.Value, channels: int) -> list[tuple[ir.Node, int]] | None:
+    """Return the producer's constants that scale X per channel (exactly); None if X is not a LayerNorm output."""
+    node = x.producer()
+    if node is None:
+        return None
+    if (node.domain or "", node.op_type) in _NORMS and node.outputs[0] is x:
+        first = 1 if node.op_type == "LayerNormalization" else 2  # Skip...: input, skip, gamma, beta
+        if node.op_type == "LayerNormalization" and node.attributes.get_int("axis", -1) != -1:
+            return None
+        found = [(node, i) for i in (first, first + 1) if i < len(node.inputs) and node.inputs[i] is not None]
+        return found if found and all(_per_channel(n, i, channels) for n, i in found) else None
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+        return None
+    for b in (0, 1):
+        mul = node.inputs[1 - b].producer() if node.inputs[1 - b] is not None else None
+        if mul is None or mul.op_type != "Mul" or len(node.inputs[1 - b].uses()) != 1:
+            continue
+        if not _per_channel(node, b, channels):
+            continue
+        for g in (0, 1):
+            if _per_channel(mul, g, channels):
+                return [(mul, g), (node, b)]
+    return None
+
+
+def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
+    """LayerNorm outputs read by MatMul/Gemm nodes with constant 2-D weights; skip reasons."""
+    groups, reasons = [], []
+    seen: set[ir.Value] = set()
+    for node in model.graph:
+        for x in node.outputs:
+            if x in seen or x.dtype not in (None, ir.DataType.FLOAT):
+                continue
+            seen.add(x)
+            weights = [(u.node, 1, axis) for u in x.uses()
+                       if u.node.graph is model.graph and (axis := _weight_axis(u.node, x)) is not None]
+            if not weights:
+                continue
+            dims = {u[0].inputs[1].const_value.shape[u[2]] for u in weights}
+            if len(dims) != 1:
+                reasons.append(f"{x.name}: its MatMul/Gemm weights disagree on the channel count")
+                continue
+            channels = int(dims.pop())
+            fold = _foldable(x, channels)
+            if fold is None:
+                continue  # not a normalized activation: SmoothQuant leaves it alone
+            others = len(x.uses()) > len(weights) or x.is_graph_output()
+            groups.append(SmoothGroup(x, channels, weights, [] if others else fold))
+    return groups, reasons
+
+
+def _scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """``s = max|X|^a / max|W|^(1-a)`` per channel; 1 where either side is zero."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(x_max, alpha) / np.power(w_max, 1.0 - alpha)
+    ok = (x_max > 0) & (w_max > 0) & np.isfinite(s)
+    return np.where(ok, np.clip(s, 1.0 / _SCALE_LIMIT, _SCALE_LIMIT), 1.0)
+
+
+def _replace_constant(node: ir.Node, index: int, array: np.ndarray, taken: set[str], graph: ir.Graph) -> None:
+    """Give input ``index`` of ``node`` a new initializer ``array``; drop the old one when unused."""
+    old = node.inputs[index]
+    name = _ir_utils.unique_name(graph, f"{old.name}_smooth", taken)
+    new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                   const_value=ir.Tensor(array.astype(np.float32), name=name))
+    graph.register_initializer(new)
+    node.replace_input_with(index, new)
+    if not old.uses() and not old.is_graph_output() and old.name in graph.initializers:
+        graph.initializers.pop(old.name)
+
+
+def smooth(
+    model: ir.Model,
+    feeds: Iterable[Mapping[str, np.ndarray]] | None,
+    alpha: float = 0.5,
+    *,
+    min_ratio: float = 0.0,
+    scales: Mapping[str, Sequence[float]] | None = None,
+) -> SmoothResult:
+    """Apply SmoothQuant to ``model`` in place; the float function is unchanged (up to rounding).
+
+    Args:
+        model: the float model (edited in place).
+        feeds: calibration feeds; each group's per-channel max |X| is measured on them.
+        alpha: migration strength in (0, 1]: near 0 keeps activations as they are, 1 moves all
+            of their range into the weights.
+        min_ratio: only smooth activations whose largest channel range is at least this many
+            times the median channel range (outlier channels); the others are recorded as left.
+        scales: per-channel factors to apply instead of measuring (a saved calibration table's
+            ``smoothing``); ``feeds``, ``alpha`` and ``min_ratio`` are then not used.
+
+    Raises:
+        ValueError: alpha outside (0, 1].
+        DataError: ``scales`` names a tensor that is not a smoothable LayerNorm output here, or
+            has the wrong number of channels.
+
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"SmoothQuant alpha must be in (0, 1], got {alpha}")
+    result = SmoothResult()
+    groups, result.skipped = find_groups(model)
+    by_name = {g.value.name: g for g in groups}
+    if scales is not None:
+        for name, factors in scales.items():
+            g = by_name.get(name)
+            if g is None or len(factors) != g.channels:
+                raise DataError(f"calibration table smoothing: {name!r} is not a LayerNorm output with "
+                                f"{len(factors)} channels read by MatMul/Gemm in this model (a table from another model?)")
+        planned = {name: (by_name[name], np.asarray(f, np.float64), None) for name, f in scales.items()}
+    elif groups and feeds is not None:
+        x_max = quant_improve.channel_stats(model, {g.value.name: g.channels for g in groups}, feeds,
+                                            last_axis=True, absmax=True)
+        planned = {}
+        for g in groups:
+            xm = x_max.get(g.value.name)
+            if xm is None or xm.shape != (g.channels,):
+                result.skipped.append(f"{g.value.name}: no per-channel statistics")
+                continue
+            ratio = float(xm.max() / max(np.median(xm), 1e-12))
+            if ratio < min_ratio:
+                result.records.append({"tensor": g.value.name, "channels": g.channels, "outlier_ratio_before": round(ratio, 2),
+                                       "how": f"left: no outlier channels (max/median channel range < {min_ratio:g})"})
+                continue
+            w_max = np.max([np.abs(_ir_utils.constant_array(n.inputs[i])).max(axis=1 - axis) for n, i, axis in g.weights],
+                           axis=0)
+            planned[g.value.name] = (g, _scales(xm, w_max.astype(np.float64), alpha), xm)
+    else:
+        planned = {}
+    taken = _ir_utils._value_names(model.graph) | {n.name for n in model.graph.all_nodes() if n.name}
+    for name, (g, s, xm) in planned.items():
+        how = _apply(model, g, s, taken, result)
+        result.scales[name] = tuple(float(x) for x in s)
+        record = {"tensor": name, "channels": g.channels, "consumers": len(g.weights), "how": how}
+        if xm is not None:
+            record["outlier_ratio_before"] = round(float(xm.max() / max(np.median(xm), 1e-12)), 2)
+            smoothed = xm / s
+            record["outlier_ratio_after"] = round(float(smoothed.max() / max(np.median(smoothed), 1e-12)), 2)
+        result.records.append(record)
+    return result
+
+
+def _apply(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], result: SmoothResult) -> str:
+    """Scale ``g``'s weights by ``s`` and its activation by ``1 / s``; say how the latter was done."""
+    for node, i, axis in g.weights:
+        w = _ir_utils.constant_array(node.inputs[i])
+        _replace_constant(node, i, w * (s[:, None] if axis == 0 else s[None, :]), taken, model.graph)
+    if g.fold:
+        for node, i in g.fold:
+            c = _ir_utils.constant_array(node.inputs[i])
+            _replace_constant(node, i, c / s.reshape(c.shape), taken, model.graph)
+        producer = g.value.producer()
+        return "folded into " + (producer.name or producer.op_type)
+    inv = ir.Value(name=_ir_utils.unique_name(model.graph, f"{g.value.name}_smooth_inv", taken),
+                   const_value=ir.Tensor((1.0 / s).astype(np.float32)))
+    inv.const_value.name = inv.name
+    model.graph.register_initializer(inv)
+    name = _ir_utils.unique_name(model.graph, f"{g.value.name}_smooth", taken)
+    mul = ir.node("Mul", [g.value, inv], name=name)
+    mul.outputs[0].name = name
+    model.graph.insert_after(g.value.producer(), [mul])
+    for node, _, _ in g.weights:
+        node.replace_input_with(0, mul.outputs[0])
+    result.inserted.append(name)
+    return "Mul inserted (the activation has other readers)"

@@ -1,0 +1,176 @@
+"""SmoothQuant: exact float rescaling, folding vs inserted Mul, measured gain on INT8, saved scales."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
+
+from onnxopt import quant_math, runtime, smooth
+from onnxopt.context import PassContext
+from onnxopt.data import Dataset
+from onnxopt.errors import DataError
+from tests.bert_builder import bert_feeds, make_bert
+
+HIDDEN, OUT = 32, 24
+OUTLIERS = [3, 17]
+
+
+def ln_model(k: float, *, residual: bool = False, gemm: bool = False, seed: int = 0) -> ir.Model:
+    """x -> LayerNormalization -> two linears; channels OUTLIERS of the LN output are k times larger
+    and the weight rows reading them k times smaller (as in trained transformers)."""
+    rng = np.random.default_rng(seed)
+    gamma = (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+    gamma[OUTLIERS] *= k
+    beta[OUTLIERS] *= k
+    inits = [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(beta, "beta")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y"], name="ln", axis=-1)]
+    outputs = []
+    for i in range(2):
+        w = (rng.standard_normal((HIDDEN, OUT)) * 0.2).astype(np.float32)
+        w[OUTLIERS] /= k
+        if gemm:  # Gemm with transB=1 reads W^T
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}"))
+            nodes.append(helper.make_node("Gemm", ["y", f"w{i}"], [f"out{i}"], name=f"gemm{i}", transB=1))
+        else:
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", ["y", f"w{i}"], [f"out{i}"], name=f"mm{i}"))
+        outputs.append(f"out{i}")
+    if residual:  # the normalized tensor also feeds something that is not a linear layer
+        nodes.append(helper.make_node("Relu", ["y"], ["res"], name="res"))
+        outputs.append("res")
+    shape = ["N", HIDDEN] if gemm else ["N", 8, HIDDEN]
+    graph = helper.make_graph(
+        nodes, "ln_linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [*shape[:-1], HIDDEN if o == "res" else OUT]) for o in outputs],
+        inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.from_proto(proto)
+
+
+def feeds(n: int, *, gemm: bool = False, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shape = (16, HIDDEN) if gemm else (4, 8, HIDDEN)
+    return [{"x": (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)} for _ in range(n)]
+
+
+def outputs(model: ir.Model, data) -> np.ndarray:
+    with runtime.session(model, opt_level="all") as s:
+        return np.concatenate([np.concatenate([v.ravel() for v in s.run(f).values()]) for f in data])
+
+
+def quantize(model: ir.Model, data, **options) -> object:
+    options = {"latency_runs": 0, "sqnr_samples": 0, "calibration_method": "minmax", **options}
+    ctx = PassContext(calibration=Dataset.from_feeds(data), quiet=True)
+    return QuantizePass(QuantizeConfig(**options), ctx)(model)
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_folding_into_layernorm_is_exact_and_evens_out_channels(gemm):
+    model = ln_model(30.0, gemm=gemm)
+    ref = outputs(model, feeds(3, gemm=gemm, seed=5))
+    done = smooth.smooth(model, feeds(8, gemm=gemm), 0.5)
+    assert done.inserted == [] and len(done.records) == 1
+    rec = done.records[0]
+    assert rec["how"] == "folded into ln" and rec["consumers"] == 2
+    assert rec["outlier_ratio_before"] > 20 and rec["outlier_ratio_after"] < 6
+    assert sorted(n.op_type for n in model.graph) == sorted(["LayerNormalization"] + (["Gemm"] * 2 if gemm else ["MatMul"] * 2))
+    np.testing.assert_allclose(outputs(model, feeds(3, gemm=gemm, seed=5)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_normalized_tensor_with_another_reader_gets_a_float_mul_that_reads_it_unquantized():
+    model = ln_model(30.0, residual=True)
+    ref = outputs(model, feeds(3, seed=5))
+    report = quantize(model, feeds(8))
+    assert report.counts["smoothed_activations"] == 1
+    mul = next(n for n in model.graph if n.op_type == "Mul")
+    assert mul.inputs[0].name == "y" and mul.inputs[0].producer().op_type == "LayerNormalization"
+    assert any("SmoothQuant scaling, kept float" in reason for reason in report.skipped)
+    # The MatMuls read the quantized Mul output; the Relu reads the quantized LN output.
+    for name in ("mm0", "mm1"):
+        node = next(n for n in model.graph if n.name == name)
+        assert node.inputs[0].producer().op_type == "DequantizeLinear"
+    got = outputs(model, feeds(3, seed=5))
+    assert quant_math.relative_l2(ref, got) < 0.02
+
+
+def test_smoothing_shrinks_int8_error_on_outlier_channels_and_is_measurable_on_off():
+    data, evals = feeds(8), feeds(4, seed=7)
+    ref = outputs(ln_model(30.0), evals)
+    off, on = ln_model(30.0), ln_model(30.0)
+    quantize(off, data, smooth_quant=0.0)
+    report = quantize(on, data)  # default alpha 0.5
+    err_off = quant_math.relative_l2(ref, outputs(off, evals))
+    err_on = quant_math.relative_l2(ref, outputs(on, evals))
+    assert report.counts["smoothed_activations"] == 1
+    assert err_on < err_off / 3, (err_on, err_off)
+
+
+def test_activations_without_outlier_channels_are_left_alone():
+    model = ln_model(1.0)
+    before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    report = quantize(model, feeds(8))
+    assert report.counts.get("smoothed_activations", 0) == 0
+    rec = next(r for r in report.records if r["item"] == "smooth:y")
+    assert rec["how"].startswith("left: no outlier channels")
+    np.testing.assert_array_equal(before["gamma"], next(n for n in model.graph if n.op_type == "LayerNormalization")
+                                  .inputs[1].const_value.numpy())
+
+
+def test_saved_table_carries_the_scales_and_reproduces_the_model(tmp_path):
+    table = tmp_path / "calib.json"
+    first = ln_model(30.0)
+    quantize(first, feeds(8), save_calib_table=str(table))
+    doc = json.loads(table.read_text())
+    assert list(doc["smoothing"]) == ["y"] and len(doc["smoothing"]["y"]) == HIDDEN
+    second = ln_model(30.0)
+    report = QuantizePass(QuantizeConfig(calib_table=str(table), latency_runs=0, sqnr_samples=0),
+                          PassContext(quiet=True))(second)
+    assert any("SmoothQuant scales of 1 tensors applied" in n for n in report.notes)
+    evals = feeds(2, seed=9)
+    np.testing.assert_array_equal(outputs(first, evals), outputs(second, evals))
+
+
+def test_table_scales_for_another_model_are_refused(tmp_path):
+    model = ln_model(30.0)
+    with pytest.raises(DataError, match="'nope' is not a LayerNorm output"):
+        smooth.smooth(model, None, scales={"nope": (1.0,) * HIDDEN})
+    with pytest.raises(DataError, match="'y' is not a LayerNorm output with 3 channels"):
+        smooth.smooth(model, None, scales={"y": (1.0, 2.0, 3.0)})
+
+
+def test_alpha_is_validated():
+    with pytest.raises(ValueError, match="smooth_quant must be in"):
+        QuantizeConfig(smooth_quant=1.5)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        smooth.smooth(ln_model(1.0), feeds(1), 0.0)
+
+
+def test_written_out_layernorm_and_post_ln_bert_keep_their_function():
+    # A BERT in primitives (LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add), post-LN: the
+    # normalized tensors also feed residual Adds, so every smoothed group gets a float Mul.
+    model = ir.from_proto(make_bert(outlier_scale=30.0))
+    evals = bert_feeds(2, seed=3)
+    ref = outputs(model, evals)
+    done = smooth.smooth(model, bert_feeds(8), 0.5, min_ratio=4.0)
+    assert len(done.scales) == 4 and len(done.inserted) == 4
+    got = outputs(model, evals)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_bert_int8_keeps_layernorm_parts_and_the_minus_1e4_mask_float():
+    model = ir.from_proto(make_bert())
+    report = quantize(model, bert_feeds(8), smooth_quant=0.0)
+    reasons = " | ".join(report.skipped)
+    assert "its scale (gamma) of a LayerNorm written out in primitives" in reasons
+    assert "its bias (beta) of a LayerNorm written out in primitives" in reasons
+    assert "its variance + epsilon of a LayerNorm written out in primitives" in reasons
+    assert "attention mask" in reasons
