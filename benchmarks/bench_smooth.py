@@ -1,0 +1,172 @@
+"""SmoothQuant on/off: static INT8 fidelity where LayerNorm outputs have outlier channels.
+
+Trained transformers' LayerNorm outputs carry a few channels far larger than the rest, which
+their weights read lightly. This script makes that happen exactly: in the bundled
+models/digits_transformer.onnx (pre-LN: each LayerNorm feeds only MatMuls) two channels of every
+LayerNorm's gamma and beta are multiplied by ``k`` and the matching weight rows divided by ``k``,
+so the FP32 function (and accuracy) is unchanged, and only the activations INT8 must represent
+change. The BERT-style encoder of tests/bert_builder.py (post-LN, LayerNorm written out in
+primitives, -1e4 attention mask) is built with the same kind of outliers.
+
+Per model and ``k``: onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax, after
+quant_pre_process where it succeeds) and onnxopt's quantize with SmoothQuant off (``smooth_quant=0``) and on
+(default: alpha 0.5 on outlier groups), all on the same calibration feeds; fidelity to FP32 on
+held-out feeds as deployed (onnxruntime's optimisations on): cosine, relative L2, and top-1
+accuracy against labels (digits) or agreement with FP32's top-1 (BERT); latency of smoothing on
+vs off (1 thread, interleaved runs, ratio).
+
+    python benchmarks/bench_smooth.py [--ks 1,10,30,100] [--runs 200] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx_ir as ir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxopt import data, pipeline, runtime, validation
+from onnxopt import io as _io
+from onnxopt.context import PassContext
+from onnxopt.pass_base import make
+from tests.bert_builder import bert_feeds, make_bert
+
+OUTLIER_CHANNELS = (5, 41)
+
+
+def with_outliers(model: ir.Model, k: float) -> ir.Model:
+    """Scale channels OUTLIER_CHANNELS of every LayerNorm feeding only MatMuls by k, their weight rows by 1/k."""
+    model = model.clone()
+    for node in model.graph:
+        users = [u.node for u in node.outputs[0].uses()] if node.outputs else []
+        if node.op_type != "LayerNormalization" or not users or any(u.op_type != "MatMul" for u in users):
+            continue
+        for value, factor in [(node.inputs[1], k), (node.inputs[2], k), *((u.inputs[1], 1 / k) for u in users)]:
+            a = value.const_value.numpy().copy()
+            a[list(OUTLIER_CHANNELS)] *= factor
+            value.const_value = ir.Tensor(a.astype(np.float32), name=value.name)
+    return model
+
+
+def run(model: ir.Model | pathlib.Path, feeds: list[dict]) -> np.ndarray:
+    with runtime.session(model, opt_level="all") as s:
+        return np.concatenate([next(iter(s.run(f).values())) for f in feeds])
+
+
+def ort_int8(model: ir.Model, calib: list[dict], work: pathlib.Path) -> pathlib.Path:
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, pre, out = work / "fp32.onnx", work / "pre.onnx", work / "ort.onnx"
+    _io.save_model(model, src)
+    try:
+        quant_pre_process(str(src), str(pre))
+    except Exception as err:  # as bench_int8: its users then quantize the model as it is
+        print(f"quant_pre_process failed ({type(err).__name__}: {err}); quantizing without it", file=sys.stderr)
+        pre = src
+    feeds = iter(calib)
+
+    class Reader(q.CalibrationDataReader):
+        def get_next(self):
+            return next(feeds, None)
+
+    q.quantize_static(str(pre), str(out), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    return out
+
+
+def ours(model: ir.Model, calib: list[dict], alpha: float) -> tuple[ir.Model, int]:
+    ctx = PassContext(calibration=data.load_data(calib), quiet=True)
+    options = {"smooth_quant": alpha, "latency_runs": 0, "sqnr_samples": 0, "calibration_method": "minmax"}
+    result = pipeline.run(model.clone(), [make("simplify", {}, ctx), make("quantize", options, ctx)], strict=True)
+    return result.model, result.reports[-1].counts.get("smoothed_activations", 0)
+
+
+def latency_ratio(a: ir.Model, b: ir.Model, feed: dict, runs: int) -> float:
+    """Median latency of b over a, 1 thread, runs interleaved."""
+    sessions = [runtime.make_session(m, threads=1, opt_level="all") for m in (a, b)]
+    times: list[list[float]] = [[], []]
+    for _ in range(10):
+        for s in sessions:
+            s.run(feed)
+    for _ in range(runs):
+        for s, t in zip(sessions, times, strict=True):
+            t0 = time.perf_counter()
+            s.run(feed)
+            t.append(time.perf_counter() - t0)
+    for s in sessions:
+        s.close()
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
+def bench(name: str, fp32: ir.Model, calib: list[dict], evals: list[dict], labels: np.ndarray | None,
+          runs: int, work: pathlib.Path) -> dict:
+    ref = run(fp32, evals)
+    row: dict = {"model": name}
+    outs = {"ort": run(ort_int8(fp32, calib, work), evals)}
+    smooth_off, _ = ours(fp32, calib, 0.0)
+    smooth_on, row["smoothed"] = ours(fp32, calib, 0.5)
+    outs["onnxopt off"], outs["onnxopt on"] = run(smooth_off, evals), run(smooth_on, evals)
+    truth = labels if labels is not None else ref.argmax(1)
+    row["fp32_top1"] = float((ref.argmax(1) == truth).mean())
+    for tool, got in outs.items():
+        m = validation.output_metrics([ref], [got])
+        row[tool] = {"cosine": m.cosine, "rel_l2": m.rel_l2, "top1": float((got.argmax(1) == truth).mean())}
+    row["latency_on_over_off"] = latency_ratio(smooth_off, smooth_on, evals[0], runs)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'model':<28}{'tool':<13}{'cosine':>9}{'rel L2':>9}{'top-1':>8}{'fp32 top-1':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        for tool in ("ort", "onnxopt off", "onnxopt on"):
+            m = r[tool]
+            lines.append(f"{r['model']:<28}{tool:<13}{m['cosine']:>9.5f}{m['rel_l2']:>9.4f}{m['top1']:>8.4f}"
+                         f"{r['fp32_top1']:>11.4f}")
+        lines.append(f"{'':<28}smoothed activations: {r['smoothed']}; latency on/off: {r['latency_on_over_off']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ks", default="1,10,30,100", help="outlier factors")
+    ap.add_argument("--runs", type=int, default=200, help="timed runs per variant for the latency ratio")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static warns once per LayerNorm weight
+    ks = [float(k) for k in args.ks.split(",")]
+    digits = _io.load_model(ROOT / "models" / "digits_transformer.onnx")
+    sig = data.input_signature(digits)
+    calib = list(data.load_data(ROOT / "models" / "digits_transformer_calib.npz", sig).take(128))
+    evald = np.load(ROOT / "models" / "digits_transformer_eval.npz")
+    evals = [{"input": evald["input"][i : i + 64]} for i in range(0, len(evald["input"]), 64)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-smooth-") as tmp:
+        for k in ks:
+            print(f"... digits_transformer k={k:g}", file=sys.stderr, flush=True)
+            rows.append(bench(f"digits_transformer k={k:g}", with_outliers(digits, k), calib, evals,
+                              evald["label"], args.runs, pathlib.Path(tmp)))
+        for k in ks:
+            print(f"... bert k={k:g}", file=sys.stderr, flush=True)
+            bert = ir.from_proto(make_bert(hidden=128, outlier_scale=k))
+            rows.append(bench(f"bert (post-LN) k={k:g}", bert, bert_feeds(32, seq=32), bert_feeds(16, seq=32, seed=1),
+                              None, args.runs, pathlib.Path(tmp)))
+    print(table(rows))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
