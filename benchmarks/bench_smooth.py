@@ -1,11 +1,12 @@
-"""SmoothQuant on/off: static INT8 fidelity where LayerNorm outputs have outlier channels.
+"""SmoothQuant on/off: static INT8 fidelity where activations have outlier channels.
 
 Trained transformers' LayerNorm outputs carry a few channels far larger than the rest, which
 their weights read lightly. This script makes that happen exactly: in the bundled
 models/digits_transformer.onnx (pre-LN: each LayerNorm feeds only MatMuls) two channels of every
 LayerNorm's gamma and beta are multiplied by ``k`` and the matching weight rows divided by ``k``,
 so the FP32 function (and accuracy) is unchanged, and only the activations INT8 must represent
-change. The BERT-style encoder of tests/bert_builder.py (post-LN, LayerNorm written out in
+change. models/digits_cnn.onnx gets the same between BatchNorm -> Relu and the Conv after it
+(cross-layer equalisation's case). The BERT-style encoder of tests/bert_builder.py (post-LN, LayerNorm written out in
 primitives, -1e4 attention mask) is built with the same kind of outliers.
 
 Per model and ``k``: onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax, after
@@ -55,6 +56,28 @@ def with_outliers(model: ir.Model, k: float) -> ir.Model:
             a = value.const_value.numpy().copy()
             a[list(OUTLIER_CHANNELS)] *= factor
             value.const_value = ir.Tensor(a.astype(np.float32), name=value.name)
+    return model
+
+
+def cnn_with_outliers(model: ir.Model, k: float) -> ir.Model:
+    """The CNN counterpart: BatchNorm -> Relu -> Conv; channels OUTLIER_CHANNELS (mod C) of the
+    BatchNorm output times k (gamma and beta), the Conv's weights reading them divided by k."""
+    model = model.clone()
+    for node in model.graph:
+        if node.op_type != "BatchNormalization":
+            continue
+        relu = [u.node for u in node.outputs[0].uses()]
+        if len(relu) != 1 or relu[0].op_type != "Relu":
+            continue
+        convs = [u.node for u in relu[0].outputs[0].uses()]
+        if not convs or any(c.op_type != "Conv" for c in convs):
+            continue
+        channels = node.inputs[1].const_value.shape[0]
+        picked = sorted({c % channels for c in OUTLIER_CHANNELS})
+        for value, factor, axis in [(node.inputs[1], k, 0), (node.inputs[2], k, 0), *((c.inputs[1], 1 / k, 1) for c in convs)]:
+            a = np.moveaxis(value.const_value.numpy().copy(), axis, 0)
+            a[picked] *= factor
+            value.const_value = ir.Tensor(np.moveaxis(a, 0, axis).astype(np.float32), name=value.name)
     return model
 
 
@@ -151,12 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     calib = list(data.load_data(ROOT / "models" / "digits_transformer_calib.npz", sig).take(128))
     evald = np.load(ROOT / "models" / "digits_transformer_eval.npz")
     evals = [{"input": evald["input"][i : i + 64]} for i in range(0, len(evald["input"]), 64)]
+    cnn = _io.load_model(ROOT / "models" / "digits_cnn.onnx")
+    cnn_calib = list(data.load_data(ROOT / "models" / "digits_cnn_calib.npz", data.input_signature(cnn)).take(128))
+    cnn_eval = np.load(ROOT / "models" / "digits_cnn_eval.npz")
+    cnn_evals = [{"input": cnn_eval["input"][i : i + 64]} for i in range(0, len(cnn_eval["input"]), 64)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-smooth-") as tmp:
         for k in ks:
             print(f"... digits_transformer k={k:g}", file=sys.stderr, flush=True)
             rows.append(bench(f"digits_transformer k={k:g}", with_outliers(digits, k), calib, evals,
                               evald["label"], args.runs, pathlib.Path(tmp)))
+        for k in ks:
+            print(f"... digits_cnn k={k:g}", file=sys.stderr, flush=True)
+            rows.append(bench(f"digits_cnn k={k:g}", cnn_with_outliers(cnn, k), cnn_calib, cnn_evals,
+                              cnn_eval["label"], args.runs, pathlib.Path(tmp)))
         for k in ks:
             print(f"... bert k={k:g}", file=sys.stderr, flush=True)
             bert = ir.from_proto(make_bert(hidden=128, outlier_scale=k))

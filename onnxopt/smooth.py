@@ -1,4 +1,4 @@
-"""SmoothQuant: move activation outlier channels into the weights that follow a LayerNorm.
+"""SmoothQuant / cross-layer equalisation: even out activation channels before INT8.
 
 Xiao et al., "SmoothQuant" (ICML 2023). Transformers' LayerNorm outputs carry a few channels
 tens of times larger than the rest; one per-tensor activation scale then spends its 256 levels
@@ -10,6 +10,14 @@ free: a LayerNormalization or SkipLayerNormalization (scale and bias), or a ``Mu
 Add(beta)`` pair with per-channel constants (a LayerNorm written out in primitives). Where the
 normalized tensor also feeds something else (a post-LN residual Add), an explicit ``Mul(X, 1/s)``
 is inserted in front of the MatMul/Gemm consumers; it stays float (it reads the float tensor).
+
+The same algebra between two convolutions is cross-layer equalisation (Nagel et al., "Data-Free
+Quantization", 2019), here driven by measured activation ranges: a Conv (optionally through a
+Relu, which commutes with positive scales) whose output only feeds Convs gets ``1 / s`` folded
+into its weights and bias per output channel, and the readers' weights take ``s`` per input
+channel (any group count). MobileNet-style depthwise -> pointwise pairs are where it matters: a
+depthwise output's channels differ in range by orders of magnitude, and one per-tensor scale
+cannot hold them all.
 """
 
 from __future__ import annotations
@@ -23,25 +31,62 @@ import onnx_ir as ir
 from onnxopt import _ir_utils, quant_improve
 from onnxopt.errors import DataError
 
-__all__ = ["SmoothGroup", "SmoothResult", "find_groups", "smooth"]
+__all__ = ["Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
 
 _NORMS = {("", "LayerNormalization"), ("com.microsoft", "SkipLayerNormalization")}
 _SCALE_LIMIT = 1e4  # s is clipped to [1/limit, limit]: dead channels must not blow weights up
 
 
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """A node reading X through a constant weight: input ``index``; how X's channels run over it.
+
+    ``kind`` is "rows" (MatMul/Gemm weight [C, N]), "cols" (Gemm transB weight [N, C]) or "conv"
+    (Conv weight [O, C / group, ...]).
+    """
+
+    node: ir.Node
+    index: int
+    kind: str
+    group: int = 1
+
+    def in_absmax(self) -> np.ndarray:
+        """Max |w| per input channel of X."""
+        w = np.abs(_ir_utils.constant_array(self.node.inputs[self.index]))
+        if self.kind == "rows":
+            return w.max(axis=1)
+        if self.kind == "cols":
+            return w.max(axis=0)
+        g = self.group
+        return w.reshape(g, w.shape[0] // g, w.shape[1], -1).max(axis=(1, 3)).reshape(-1)
+
+    def scaled(self, s: np.ndarray) -> np.ndarray:
+        """Return the weight with input channel j multiplied by ``s[j]``."""
+        w = _ir_utils.constant_array(self.node.inputs[self.index])
+        if self.kind == "rows":
+            return w * s[:, None]
+        if self.kind == "cols":
+            return w * s[None, :]
+        g = self.group
+        return (w.reshape(g, w.shape[0] // g, w.shape[1], -1) * s.reshape(g, 1, -1, 1)).reshape(w.shape)
+
+
 @dataclasses.dataclass
 class SmoothGroup:
-    """One normalized activation and the MatMul/Gemm nodes reading it.
+    """One activation X and the nodes reading it through constant weights.
 
-    ``weights`` are (node, input index, axis of the weight that runs over X's channels).
-    ``fold`` holds the producer's per-channel constants to divide by ``s``; empty means that an
-    explicit Mul is needed (the activation has other readers, or is a graph output).
+    ``fold`` holds the producer's constants to divide by ``s`` (node, input index, axis of the
+    channels); empty means that an explicit Mul is needed (X has other readers, or is a graph
+    output). ``channel_axis`` is X's channel axis: -1 after a LayerNorm, 1 after a Conv;
+    ``rank`` is X's rank where it is known (Conv groups).
     """
 
     value: ir.Value
     channels: int
-    weights: list[tuple[ir.Node, int, int]]
-    fold: list[tuple[ir.Node, int]]
+    readers: list[Reader]
+    fold: list[tuple[ir.Node, int, int]]
+    channel_axis: int = -1
+    rank: int = 0
 
 
 @dataclasses.dataclass
@@ -54,18 +99,28 @@ class SmoothResult:
     scales: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
 
-def _weight_axis(node: ir.Node, x: ir.Value) -> int | None:
-    """Axis of the constant weight of ``node`` that X's channels run over, or None if not smoothable."""
+def _reader(node: ir.Node, x: ir.Value) -> Reader | None:
+    """How ``node`` reads X through a constant float weight, or None if it does not."""
     if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is not x:
         return None
     w = _ir_utils.constant_input(node, 1)
-    if w is None or w.const_value.dtype != ir.DataType.FLOAT or len(w.const_value.shape) != 2:
+    if w is None or w.const_value.dtype != ir.DataType.FLOAT:
         return None
-    if node.op_type == "MatMul":
-        return 0
-    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
-        return 1 if node.attributes.get_int("transB", 0) else 0
+    rank = len(w.const_value.shape)
+    if node.op_type == "MatMul" and rank == 2:
+        return Reader(node, 1, "rows")
+    if node.op_type == "Gemm" and rank == 2 and not node.attributes.get_int("transA", 0):
+        return Reader(node, 1, "cols" if node.attributes.get_int("transB", 0) else "rows")
+    if node.op_type == "Conv" and rank >= 3:
+        return Reader(node, 1, "conv", node.attributes.get_int("group", 1))
     return None
+
+
+def _channels(reader: Reader) -> int:
+    shape = reader.node.inputs[reader.index].const_value.shape
+    if reader.kind == "conv":
+        return int(shape[1]) * reader.group
+    return int(shape[0] if reader.kind == "rows" else shape[1])
 
 
 def _per_channel(node: ir.Node, index: int, channels: int) -> bool:
@@ -86,8 +141,8 @@ def _foldable(x: ir.Value, channels: int) -> list[tuple[ir.Node, int]] | None:
         first = 1 if node.op_type == "LayerNormalization" else 2  # Skip...: input, skip, gamma, beta
         if node.op_type == "LayerNormalization" and node.attributes.get_int("axis", -1) != -1:
             return None
-        found = [(node, i) for i in (first, first + 1) if i < len(node.inputs) and node.inputs[i] is not None]
-        return found if found and all(_per_channel(n, i, channels) for n, i in found) else None
+        found = [(node, i, -1) for i in (first, first + 1) if i < len(node.inputs) and node.inputs[i] is not None]
+        return found if found and all(_per_channel(n, i, channels) for n, i, _ in found) else None
     if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
         return None
     for b in (0, 1):
@@ -98,33 +153,57 @@ def _foldable(x: ir.Value, channels: int) -> list[tuple[ir.Node, int]] | None:
             continue
         for g in (0, 1):
             if _per_channel(mul, g, channels):
-                return [(mul, g), (node, b)]
+                return [(mul, g, -1), (node, b, -1)]
     return None
 
 
+def _conv_producer(x: ir.Value, channels: int) -> tuple[list[tuple[ir.Node, int, int]], int] | None:
+    """Find the Conv (possibly through a Relu read by nothing else) that makes X: its weight and bias, X's rank."""
+    node = x.producer()
+    if node is not None and node.op_type == "Relu" and node.domain in ("", "ai.onnx"):
+        inner = node.inputs[0]
+        if inner is None or len(inner.uses()) != 1 or inner.is_graph_output():
+            return None
+        node = inner.producer()
+    if node is None or node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        return None
+    w = _ir_utils.constant_input(node, 1)
+    if w is None or w.const_value.dtype != ir.DataType.FLOAT or w.const_value.shape[0] != channels:
+        return None
+    fold = [(node, 1, 0)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if not _per_channel(node, 2, channels):
+            return None
+        fold.append((node, 2, 0))
+    return fold, len(w.const_value.shape)
+
+
 def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
-    """LayerNorm outputs read by MatMul/Gemm nodes with constant 2-D weights; skip reasons."""
+    """Smoothable activations: LayerNorm outputs read by MatMul/Gemm, Conv outputs read by Convs.
+
+    Returns the groups and reasons for candidates left alone.
+    """
     groups, reasons = [], []
-    seen: set[ir.Value] = set()
     for node in model.graph:
         for x in node.outputs:
-            if x in seen or x.dtype not in (None, ir.DataType.FLOAT):
+            if x.dtype not in (None, ir.DataType.FLOAT):
                 continue
-            seen.add(x)
-            weights = [(u.node, 1, axis) for u in x.uses()
-                       if u.node.graph is model.graph and (axis := _weight_axis(u.node, x)) is not None]
-            if not weights:
+            readers = [r for u in x.uses() if u.node.graph is model.graph and (r := _reader(u.node, x)) is not None]
+            if not readers:
                 continue
-            dims = {u[0].inputs[1].const_value.shape[u[2]] for u in weights}
+            dims = {_channels(r) for r in readers}
             if len(dims) != 1:
-                reasons.append(f"{x.name}: its MatMul/Gemm weights disagree on the channel count")
+                reasons.append(f"{x.name}: the weights reading it disagree on the channel count")
                 continue
-            channels = int(dims.pop())
-            fold = _foldable(x, channels)
-            if fold is None:
-                continue  # not a normalized activation: SmoothQuant leaves it alone
-            others = len(x.uses()) > len(weights) or x.is_graph_output()
-            groups.append(SmoothGroup(x, channels, weights, [] if others else fold))
+            channels = dims.pop()
+            others = len(x.uses()) > len(readers) or x.is_graph_output()
+            kinds = {r.kind == "conv" for r in readers}
+            if kinds == {False}:
+                fold = _foldable(x, channels)
+                if fold is not None:
+                    groups.append(SmoothGroup(x, channels, readers, [] if others else fold))
+            elif kinds == {True} and not others and (conv := _conv_producer(x, channels)) is not None:
+                groups.append(SmoothGroup(x, channels, readers, conv[0], channel_axis=1, rank=conv[1]))
     return groups, reasons
 
 
@@ -183,12 +262,15 @@ def smooth(
         for name, factors in scales.items():
             g = by_name.get(name)
             if g is None or len(factors) != g.channels:
-                raise DataError(f"calibration table smoothing: {name!r} is not a LayerNorm output with "
-                                f"{len(factors)} channels read by MatMul/Gemm in this model (a table from another model?)")
+                raise DataError(f"calibration table smoothing: {name!r} is not a smoothable activation with "
+                                f"{len(factors)} channels in this model (a table from another model?)")
         planned = {name: (by_name[name], np.asarray(f, np.float64), None) for name, f in scales.items()}
     elif groups and feeds is not None:
-        x_max = quant_improve.channel_stats(model, {g.value.name: g.channels for g in groups}, feeds,
-                                            last_axis=True, absmax=True)
+        feeds = feeds if isinstance(feeds, Sequence) or hasattr(feeds, "take") else list(feeds)  # read twice
+        x_max = quant_improve.channel_stats(model, {g.value.name: g.channels for g in groups if g.channel_axis == -1},
+                                            feeds, last_axis=True, absmax=True)
+        x_max.update(quant_improve.channel_stats(model, {g.value.name: g.rank for g in groups if g.channel_axis == 1},
+                                                 feeds, absmax=True))
         planned = {}
         for g in groups:
             xm = x_max.get(g.value.name)
@@ -200,8 +282,7 @@ def smooth(
                 result.records.append({"tensor": g.value.name, "channels": g.channels, "outlier_ratio_before": round(ratio, 2),
                                        "how": f"left: no outlier channels (max/median channel range < {min_ratio:g})"})
                 continue
-            w_max = np.max([np.abs(_ir_utils.constant_array(n.inputs[i])).max(axis=1 - axis) for n, i, axis in g.weights],
-                           axis=0)
+            w_max = np.max([r.in_absmax() for r in g.readers], axis=0)
             planned[g.value.name] = (g, _scales(xm, w_max.astype(np.float64), alpha), xm)
     else:
         planned = {}
@@ -209,7 +290,7 @@ def smooth(
     for name, (g, s, xm) in planned.items():
         how = _apply(model, g, s, taken, result)
         result.scales[name] = tuple(float(x) for x in s)
-        record = {"tensor": name, "channels": g.channels, "consumers": len(g.weights), "how": how}
+        record = {"tensor": name, "channels": g.channels, "consumers": len(g.readers), "how": how}
         if xm is not None:
             record["outlier_ratio_before"] = round(float(xm.max() / max(np.median(xm), 1e-12)), 2)
             smoothed = xm / s
@@ -219,15 +300,17 @@ def smooth(
 
 
 def _apply(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], result: SmoothResult) -> str:
-    """Scale ``g``'s weights by ``s`` and its activation by ``1 / s``; say how the latter was done."""
-    for node, i, axis in g.weights:
-        w = _ir_utils.constant_array(node.inputs[i])
-        _replace_constant(node, i, w * (s[:, None] if axis == 0 else s[None, :]), taken, model.graph)
+    """Scale ``g``'s reading weights by ``s`` and its activation by ``1 / s``; say how the latter was done."""
+    for r in g.readers:
+        _replace_constant(r.node, r.index, r.scaled(s), taken, model.graph)
     if g.fold:
-        for node, i in g.fold:
+        for node, i, axis in g.fold:
             c = _ir_utils.constant_array(node.inputs[i])
-            _replace_constant(node, i, c / s.reshape(c.shape), taken, model.graph)
-        producer = g.value.producer()
+            shape = [1] * c.ndim
+            shape[axis] = -1
+            factor = s.reshape(c.shape) if c.size == g.channels else s.reshape(shape)
+            _replace_constant(node, i, c / factor, taken, model.graph)
+        producer = g.fold[0][0]
         return "folded into " + (producer.name or producer.op_type)
     inv = ir.Value(name=_ir_utils.unique_name(model.graph, f"{g.value.name}_smooth_inv", taken),
                    const_value=ir.Tensor((1.0 / s).astype(np.float32)))
@@ -237,7 +320,7 @@ def _apply(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], resu
     mul = ir.node("Mul", [g.value, inv], name=name)
     mul.outputs[0].name = name
     model.graph.insert_after(g.value.producer(), [mul])
-    for node, _, _ in g.weights:
-        node.replace_input_with(0, mul.outputs[0])
+    for r in g.readers:
+        r.node.replace_input_with(0, mul.outputs[0])
     result.inserted.append(name)
     return "Mul inserted (the activation has other readers)"

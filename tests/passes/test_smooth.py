@@ -19,6 +19,7 @@ from tests.bert_builder import bert_feeds, make_bert
 
 HIDDEN, OUT = 32, 24
 OUTLIERS = [3, 17]
+CONV_OUTLIERS = [2, 11]
 
 
 def ln_model(k: float, *, residual: bool = False, gemm: bool = False, seed: int = 0) -> ir.Model:
@@ -54,6 +55,37 @@ def ln_model(k: float, *, residual: bool = False, gemm: bool = False, seed: int 
     proto.ir_version = 8
     onnx.checker.check_model(proto, full_check=True)
     return ir.from_proto(proto)
+
+
+def conv_model(k: float, *, relu: bool = True, seed: int = 0) -> ir.Model:
+    """x -> Conv 3x3 (8 -> 16) [-> Relu] -> depthwise 3x3 -> pointwise 1x1 (16 -> 12); output
+    channels CONV_OUTLIERS of the first Conv are k times larger, the depthwise weights reading them
+    k times smaller: conv -> conv pairs whose activations have outlier channels."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
+    b1 = (rng.standard_normal(16) * 0.1).astype(np.float32)
+    w1[CONV_OUTLIERS] *= k
+    b1[CONV_OUTLIERS] *= k
+    dw = (rng.standard_normal((16, 1, 3, 3)) * 0.3).astype(np.float32)
+    dw[CONV_OUTLIERS] /= k
+    pw = (rng.standard_normal((12, 16, 1, 1)) * 0.3).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (dw, "dw"), (pw, "pw"))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c1"], ["r1"], name="relu1"))
+    nodes += [helper.make_node("Conv", ["r1" if relu else "c1", "dw"], ["d"], name="dw", group=16, pads=[1, 1, 1, 1]),
+              helper.make_node("Conv", ["d", "pw"], ["y"], name="pw")]
+    graph = helper.make_graph(nodes, "conv_pairs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12, 12, 12])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.from_proto(proto)
+
+
+def conv_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, 8, 12, 12)).astype(np.float32)} for _ in range(n)]
 
 
 def feeds(n: int, *, gemm: bool = False, seed: int = 1) -> list[dict[str, np.ndarray]]:
@@ -141,9 +173,9 @@ def test_saved_table_carries_the_scales_and_reproduces_the_model(tmp_path):
 
 def test_table_scales_for_another_model_are_refused(tmp_path):
     model = ln_model(30.0)
-    with pytest.raises(DataError, match="'nope' is not a LayerNorm output"):
+    with pytest.raises(DataError, match="'nope' is not a smoothable activation"):
         smooth.smooth(model, None, scales={"nope": (1.0,) * HIDDEN})
-    with pytest.raises(DataError, match="'y' is not a LayerNorm output with 3 channels"):
+    with pytest.raises(DataError, match="'y' is not a smoothable activation with 3 channels"):
         smooth.smooth(model, None, scales={"y": (1.0, 2.0, 3.0)})
 
 
@@ -174,3 +206,27 @@ def test_bert_int8_keeps_layernorm_parts_and_the_minus_1e4_mask_float():
     assert "its bias (beta) of a LayerNorm written out in primitives" in reasons
     assert "its variance + epsilon of a LayerNorm written out in primitives" in reasons
     assert "attention mask" in reasons
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_pairs_are_equalised_exactly_through_relu_and_depthwise(relu):
+    model = conv_model(30.0, relu=relu)
+    evals = conv_feeds(2, seed=5)
+    ref = outputs(model, evals)
+    done = smooth.smooth(model, conv_feeds(4), 0.5)
+    assert [r["how"] for r in done.records] == ["folded into conv1", "folded into dw"]
+    assert done.records[0]["outlier_ratio_before"] > 10 and done.records[0]["outlier_ratio_after"] < 4
+    assert done.inserted == []
+    np.testing.assert_allclose(outputs(model, evals), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_equalisation_shrinks_int8_error_on_outlier_channels():
+    data, evals = conv_feeds(8), conv_feeds(4, seed=7)
+    ref = outputs(conv_model(30.0), evals)
+    off, on = conv_model(30.0), conv_model(30.0)
+    quantize(off, data, smooth_quant=0.0)
+    report = quantize(on, data)
+    assert report.counts["smoothed_activations"] >= 1
+    err_off = quant_math.relative_l2(ref, outputs(off, evals))
+    err_on = quant_math.relative_l2(ref, outputs(on, evals))
+    assert err_on < err_off / 3, (err_on, err_off)
