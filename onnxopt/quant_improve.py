@@ -1,4 +1,4 @@
-"""Data-aware repairs of a QDQ model: bias correction.
+"""Data-aware repairs of a QDQ model: bias correction; per-channel statistics (also for smoothing).
 
 Bias correction (Nagel et al., "Data-Free Quantization", sec. 4.2, measured instead of
 estimated): quantization shifts the mean of a layer's output, ``E[y_q] != E[y]``, and downstream
@@ -47,43 +47,64 @@ def channel_stats(
     for node in clone.graph:
         values.update({o.name: o for o in node.outputs if o.name})
     opset = clone.opset_imports.get("", 13)
-    reduce_op, reduce_axis = ("ReduceMax" if absmax else "ReduceMean"), (0 if last_axis else 1)
-    fetch = {}
+    ops = ("ReduceMax", "ReduceMin") if absmax else ("ReduceMean",)  # max |x| = max(max x, -min x)
+    fetch: dict[str, list[str]] = {}
     for i, (name, dim) in enumerate(shapes.items()):
         value = values.get(name)
         if value is None:
             continue
-        if last_axis:
-            shape = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array([-1, dim], np.int64))})
-            created = [shape, ir.node("Reshape", [value, shape.outputs[0]])]
-        else:
-            t = ir.node("Transpose", [value], attributes={"perm": [1, 0, *range(2, dim)]})
-            created = [t, ir.node("Flatten", [t.outputs[0]], attributes={"axis": 1})]
-        if absmax:
-            created.append(ir.node("Abs", [created[-1].outputs[0]]))
-        if opset >= 18:
-            axes = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array([reduce_axis], np.int64))})
-            reduced = ir.node(reduce_op, [created[-1].outputs[0], axes.outputs[0]], attributes={"keepdims": 0})
-            created += [axes, reduced]
-        else:
-            reduced = ir.node(reduce_op, [created[-1].outputs[0]], attributes={"axes": [reduce_axis], "keepdims": 0})
-            created.append(reduced)
-        reduced.outputs[0].name = f"channel_stats.{i}"
+        created, outs = _channel_reduction(value, -1 if last_axis else 1, dim, ops, opset)
+        for j, out in enumerate(outs):
+            out.name = f"channel_stats.{i}.{j}"
+        clone.graph.outputs.extend(outs)
+        fetch[name] = [out.name for out in outs]
         producer = value.producer()
         if producer is not None:
             clone.graph.insert_after(producer, created)
         else:
             clone.graph.insert_before(next(iter(clone.graph)), created)
-        clone.graph.outputs.append(reduced.outputs[0])
-        fetch[name] = reduced.outputs[0].name
     acc: dict[str, np.ndarray] = {}
     count = 0
-    for got in runtime.capture(clone, (dict(f) for f in feeds), list(fetch.values()), priority_order=True):
+    names = [n for outs in fetch.values() for n in outs]
+    for got in runtime.capture(clone, (dict(f) for f in feeds), names, priority_order=True):
         count += 1
-        for name, out in fetch.items():
-            x = got[out].astype(np.float64)
-            acc[name] = np.maximum(acc[name], x) if absmax and name in acc else acc.get(name, 0.0) + x
+        for name, outs in fetch.items():
+            if absmax:
+                x = np.maximum(got[outs[0]].astype(np.float64), -got[outs[1]].astype(np.float64))
+                acc[name] = np.maximum(acc[name], x) if name in acc else x
+            else:
+                acc[name] = acc.get(name, 0.0) + got[outs[0]].astype(np.float64)
     return {k: v if absmax else v / max(count, 1) for k, v in acc.items()}
+
+
+def _channel_reduction(
+    value: ir.Value, axis: int, dim: int, ops: Sequence[str], opset: int
+) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Nodes reducing ``value`` to one number per channel with each of ``ops`` (ReduceMax, ...).
+
+    ``axis`` is the channel axis: 1 (``dim`` is the rank) or -1 (``dim`` is the channel count;
+    the tensor is viewed as ``[-1, C]``). The tensor is reduced where it is, over the other
+    axes: no transposed copy.
+    """
+    created: list[ir.Node] = []
+    source = value
+    if axis == -1:
+        shape = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array([-1, dim], np.int64))})
+        created += [shape, ir.node("Reshape", [value, shape.outputs[0]])]
+        source, axes = created[-1].outputs[0], [0]
+    else:
+        axes = [0, *range(2, dim)]
+    outs = []
+    for op in ops:
+        if opset >= 18:
+            c = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array(axes, np.int64))})
+            reduced = ir.node(op, [source, c.outputs[0]], attributes={"keepdims": 0})
+            created += [c, reduced]
+        else:
+            reduced = ir.node(op, [source], attributes={"axes": axes, "keepdims": 0})
+            created.append(reduced)
+        outs.append(reduced.outputs[0])
+    return created, outs
 
 
 def bias_correction(

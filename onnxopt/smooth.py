@@ -207,6 +207,11 @@ def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
     return groups, reasons
 
 
+def _channel_specs(groups: Iterable[SmoothGroup]) -> dict[str, tuple[int, int]]:
+    """Name -> (channel axis, channel count or rank) of each group's activation, as calibration takes them."""
+    return {g.value.name: (g.channel_axis, g.channels if g.channel_axis == -1 else g.rank) for g in groups}
+
+
 def _scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     """``s = max|X|^a / max|W|^(1-a)`` per channel; 1 where either side is zero."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -267,10 +272,11 @@ def smooth(
         planned = {name: (by_name[name], np.asarray(f, np.float64), None) for name, f in scales.items()}
     elif groups and feeds is not None:
         feeds = feeds if isinstance(feeds, Sequence) or hasattr(feeds, "take") else list(feeds)  # read twice
-        x_max = quant_improve.channel_stats(model, {g.value.name: g.channels for g in groups if g.channel_axis == -1},
-                                            feeds, last_axis=True, absmax=True)
-        x_max.update(quant_improve.channel_stats(model, {g.value.name: g.rank for g in groups if g.channel_axis == 1},
-                                                 feeds, absmax=True))
+        x_max = {}
+        for axis in (-1, 1):
+            specs = {n: dim for n, (a, dim) in _channel_specs(groups).items() if a == axis}
+            if specs:
+                x_max.update(quant_improve.channel_stats(model, specs, feeds, last_axis=axis == -1, absmax=True))
         planned = {}
         for g in groups:
             xm = x_max.get(g.value.name)

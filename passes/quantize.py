@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
 _RANGE_CHECK_FEEDS = 2  # calibration feeds that decide reduce_range=auto
-_SMOOTH_MIN_RATIO = 4.0  # SmoothQuant: max / median per-channel range that counts as outlier channels
+_SMOOTH_MIN_RATIO = 4.0  # smoothing: max / median per-channel range that counts as outlier channels
+_SMOOTH_FEEDS = 4  # calibration feeds whose per-channel ranges decide smoothing
 _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
 _REDUCED_NOTE = ("reduce_range on (7-bit weights): this CPU has no VNNI, and onnxruntime's u8s8 kernels "
                  "saturate without it; pass reduce_range=false for a VNNI or ARM deployment machine")
@@ -109,8 +110,9 @@ class QuantizeConfig:
     )
     bias_correction: bool = option(False, "shift int32 biases by the mean output error measured on calibration data")
     smooth_quant: float = option(
-        0.5, "SmoothQuant alpha in (0, 1]: LayerNorm outputs with outlier channels (largest channel range "
-        f">= {_SMOOTH_MIN_RATIO:g}x the median) hand them to the MatMul/Gemm weights that read them (0: off)"
+        0.5, "SmoothQuant alpha in (0, 1]: activations with outlier channels (largest channel range "
+        f">= {_SMOOTH_MIN_RATIO:g}x the median) after a LayerNorm or a Conv hand them to the MatMul/Gemm/Conv "
+        "weights that read them (0: off)"
     )
     sqnr_samples: int = option(4, "calibration feeds used for the layer-wise SQNR report (0: off)")
     latency_runs: int = option(10, "runs for the FP32 vs INT8 CPU latency check (0: off)")
@@ -137,7 +139,8 @@ class QuantizePass(OptPass[QuantizeConfig]):
         weights by int8 initializers (``<W>_quantized``) and biases by int32; upgrades the default
         opset to 13 when it is lower (onnx.version_converter). LayerNorm outputs with outlier
         channels are smoothed first (SmoothQuant: LayerNorm gamma/beta, or an inserted float Mul,
-        divided by per-channel factors that multiply the rows of the MatMul/Gemm weights reading them).
+        divided by per-channel factors that multiply the rows of the MatMul/Gemm weights reading
+        them); so are Conv (-> Relu) -> Conv pairs (cross-layer equalisation).
     Preserves: graph input/output names, dtypes and shapes; dynamic dimensions; subgraphs (their
         nodes stay float, with the reason in the report); Softmax/LayerNorm/GELU stay float.
     Guarantees: never quantizes a tensor whose range reaches ``mask_threshold`` (additive attention
@@ -180,9 +183,8 @@ class QuantizePass(OptPass[QuantizeConfig]):
                     taken.add(node.name)
             report.count("opset_upgraded")
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET} for per-channel QDQ")
-        smoothing, float_readers = self._smooth(model, report)
+        table, float_readers = self._calibrate(model, report)
         float_model = model.clone() if self.context.calibration is not None else None
-        table = self._table(model, smoothing)
         if self.config.save_calib_table:
             table.save(self.config.save_calib_table)
         ctx = RuleContext(
@@ -233,27 +235,36 @@ class QuantizePass(OptPass[QuantizeConfig]):
         report.note(f"bias correction not kept: output error on a calibration feed rose from "
                     f"{before:.3g} to {after:.3g} relative L2")
 
-    def _smooth(self, model: ir.Model, report: PassReport) -> tuple[dict[str, tuple[float, ...]], frozenset[str]]:
-        """SmoothQuant on the float model (measured, or a saved table's scales).
+    def _calibrate(self, model: ir.Model, report: PassReport) -> tuple[CalibrationTable, frozenset[str]]:
+        """Smooth outlier channels, then calibrate; the table and the inserted float Mul nodes.
 
-        Returns the scales applied and the names of the Mul nodes inserted (kept float).
+        Smoothing decides on the first calibration feeds (per-channel max |x|), then the whole
+        calibration set is measured on the smoothed model.
         """
-        if self.config.calib_table:
-            stored = CalibrationTable.load(self.config.calib_table).smoothing
-            if not stored:
-                return {}, frozenset()
-            done = smooth.smooth(model, None, scales=stored)
-            report.note(f"SmoothQuant scales of {len(stored)} tensors applied from the calibration table")
-        elif self.config.smooth_quant and self.context.calibration is not None:
-            done = smooth.smooth(model, self.context.calibration, self.config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO)
+        cfg = self.config
+        done = None
+        if cfg.calib_table:
+            table = CalibrationTable.load(cfg.calib_table)
+            if table.smoothing:
+                done = smooth.smooth(model, None, scales=table.smoothing)
+                report.note(f"SmoothQuant scales of {len(table.smoothing)} tensors applied from the calibration table")
         else:
-            return {}, frozenset()
+            if cfg.smooth_quant:
+                feeds = self.context.calibration.take(_SMOOTH_FEEDS)
+                done = smooth.smooth(model, feeds, cfg.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO)
+            method = cfg.calibration_method
+            kw = {"percentile": cfg.percentile} if method == "percentile" else {}
+            table = calibration.cached_ranges(self.context, model, None, method, **kw)
+            if done is not None and done.scales:
+                table = dataclasses.replace(table, smoothing=done.scales)
+        if done is None:
+            return table, frozenset()
         for rec in done.records:
             report.record(f"smooth:{rec.pop('tensor')}", **rec)
         for reason in done.skipped:
             report.note(f"SmoothQuant: {reason}")
         report.count("smoothed_activations", len(done.scales))
-        return done.scales, frozenset(done.inserted)
+        return table, frozenset(done.inserted)
 
     def _apply(self, model: ir.Model, plans: list[QuantPlan], table: CalibrationTable, reduce_range: bool,
                float_readers: frozenset[str]):
@@ -299,14 +310,6 @@ class QuantizePass(OptPass[QuantizeConfig]):
         report.note(f"reduce_range {verdict}: this CPU lacks VNNI; as deployed, output error vs FP32 on a "
                     f"calibration feed is {err_full:.3g} relative L2 with 8-bit weights, {err_reduced:.3g} with 7-bit")
         return chosen
-
-    def _table(self, model: ir.Model, smoothing: dict[str, tuple[float, ...]]) -> CalibrationTable:
-        if self.config.calib_table:
-            return CalibrationTable.load(self.config.calib_table)
-        method = self.config.calibration_method
-        kw = {"percentile": self.config.percentile} if method == "percentile" else {}
-        table = calibration.cached_ranges(self.context, model, None, method, **kw)
-        return dataclasses.replace(table, smoothing=smoothing) if smoothing else table
 
     def _plans(self, model: ir.Model, ctx: RuleContext, report: PassReport, float_readers: frozenset[str]) -> list[QuantPlan]:
         cfg = self.config
