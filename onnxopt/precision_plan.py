@@ -333,7 +333,7 @@ def quantized_nodes(model: ir.Model) -> list[str]:
     return out
 
 
-def quantizer(context: PassContext, calibration_method: str = "percentile") -> QuantizeFn:
+def quantizer(context: PassContext, calibration_method: str = "mse") -> QuantizeFn:
     """A :data:`QuantizeFn` running the registered ``quantize`` pass (looked up by name).
 
     The calibration table is cached in ``context``, so every plan reuses one calibration.

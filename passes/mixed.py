@@ -39,7 +39,7 @@ class MixedConfig:
     plan_feeds: int = option(8, "calibration feeds each plan and each sensitivity run is measured on")
     eval_feeds: int = option(32, "evaluation feeds the chosen plan is verified on")
     latency_runs: int = option(20, "CPU: interleaved timing runs per plan (0: no latency, no speed guard)")
-    calibration_method: str = option("percentile", "activation ranges for INT8 (the quantize pass option)")
+    calibration_method: str = option("mse", "activation ranges for INT8 (the quantize pass option)")
     sqnr_feeds: int = option(4, "feeds for the cheap SQNR estimate (0: off)")
     speed_guard: bool = option(True, "CPU: put INT8 regions measured slower than float back to float")
     plots: bool = option(True, "attach sensitivity and frontier plots (matplotlib) to the report")

@@ -89,7 +89,7 @@ class QuantizeConfig:
     """Options of the quantize pass."""
 
     calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = option(
-        "percentile", "how activation ranges are chosen from calibration data"
+        "mse", "how activation ranges are chosen from calibration data (mse: the clipping with the least squared error)"
     )
     percentile: float = option(99.999, "for calibration_method=percentile: share (%) of |x| kept unclipped")
     calib_table: str = option("", "path of a saved calibration table (JSON) to use instead of data")
