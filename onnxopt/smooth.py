@@ -221,15 +221,16 @@ def _scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _replace_constant(node: ir.Node, index: int, array: np.ndarray, taken: set[str], graph: ir.Graph) -> None:
-    """Give input ``index`` of ``node`` a new initializer ``array``; drop the old one when unused."""
+    """Set input ``index`` of ``node`` to ``array``: in place when only this node reads it, else a new initializer."""
     old = node.inputs[index]
+    if len(old.uses()) == 1 and not old.is_graph_output():
+        old.const_value = ir.Tensor(array.astype(np.float32), name=old.name)
+        return
     name = _ir_utils.unique_name(graph, f"{old.name}_smooth", taken)
     new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
                    const_value=ir.Tensor(array.astype(np.float32), name=name))
     graph.register_initializer(new)
     node.replace_input_with(index, new)
-    if not old.uses() and not old.is_graph_output() and old.name in graph.initializers:
-        graph.initializers.pop(old.name)
 
 
 def smooth(
