@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 import tempfile
@@ -90,19 +91,24 @@ def ort_int8(model: ir.Model, calib: list[dict], work: pathlib.Path) -> pathlib.
 
     src, pre, out = work / "fp32.onnx", work / "pre.onnx", work / "ort.onnx"
     _io.save_model(model, src)
-    try:
-        quant_pre_process(str(src), str(pre))
-    except Exception as err:  # as bench_int8: its users then quantize the model as it is
-        print(f"quant_pre_process failed ({type(err).__name__}: {err}); quantizing without it", file=sys.stderr)
-        pre = src
     feeds = iter(calib)
 
     class Reader(q.CalibrationDataReader):
         def get_next(self):
             return next(feeds, None)
 
-    q.quantize_static(str(pre), str(out), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    cwd = os.getcwd()
+    os.chdir(work)  # both drop temp files (failed shape inference, calibration data) into the cwd
+    try:
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception as err:  # as bench_int8: its users then quantize the model as it is
+            print(f"quant_pre_process failed ({type(err).__name__}: {err}); quantizing without it", file=sys.stderr)
+            pre = src
+        q.quantize_static(str(pre), str(out), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    finally:
+        os.chdir(cwd)
     return out
 
 
