@@ -197,7 +197,8 @@ def _layer_norm_part(node: ir.Node) -> str | None:
     if node.op_type == "Add":
         if any((m := _producer(v, "Mul")) is not None and any(_normalized(u) for u in m.inputs) for v in inputs):
             return "its bias (beta)"
-        if any(_producer(v, "ReduceMean") is not None for v in inputs):
+        means = [m for v in inputs if (m := _producer(v, "ReduceMean")) is not None]
+        if any(_producer(m.inputs[0], "Pow") or _producer(m.inputs[0], "Mul") for m in means):  # mean of squares
             return "its variance + epsilon"
     return None
 
