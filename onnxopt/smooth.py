@@ -212,6 +212,11 @@ def _channel_specs(groups: Iterable[SmoothGroup]) -> dict[str, tuple[int, int]]:
     return {g.value.name: (g.channel_axis, g.channels if g.channel_axis == -1 else g.rank) for g in groups}
 
 
+def _outlier_ratio(x_max: np.ndarray) -> float:
+    """Largest per-channel range over the median one."""
+    return float(x_max.max() / max(float(np.median(x_max)), 1e-12))
+
+
 def _scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     """``s = max|X|^a / max|W|^(1-a)`` per channel; 1 where either side is zero."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -255,8 +260,8 @@ def smooth(
 
     Raises:
         ValueError: alpha outside (0, 1].
-        DataError: ``scales`` names a tensor that is not a smoothable LayerNorm output here, or
-            has the wrong number of channels.
+        DataError: ``scales`` names a tensor that is not a smoothable activation here, or has
+            the wrong number of channels.
 
     """
     if not 0.0 < alpha <= 1.0:
@@ -284,7 +289,7 @@ def smooth(
             if xm is None or xm.shape != (g.channels,):
                 result.skipped.append(f"{g.value.name}: no per-channel statistics")
                 continue
-            ratio = float(xm.max() / max(np.median(xm), 1e-12))
+            ratio = _outlier_ratio(xm)
             if ratio < min_ratio:
                 result.records.append({"tensor": g.value.name, "channels": g.channels, "outlier_ratio_before": round(ratio, 2),
                                        "how": f"left: no outlier channels (max/median channel range < {min_ratio:g})"})
@@ -299,9 +304,8 @@ def smooth(
         result.scales[name] = tuple(float(x) for x in s)
         record = {"tensor": name, "channels": g.channels, "consumers": len(g.readers), "how": how}
         if xm is not None:
-            record["outlier_ratio_before"] = round(float(xm.max() / max(np.median(xm), 1e-12)), 2)
-            smoothed = xm / s
-            record["outlier_ratio_after"] = round(float(smoothed.max() / max(np.median(smoothed), 1e-12)), 2)
+            record["outlier_ratio_before"] = round(_outlier_ratio(xm), 2)
+            record["outlier_ratio_after"] = round(_outlier_ratio(xm / s), 2)
         result.records.append(record)
     return result
 
