@@ -229,8 +229,7 @@ def _sketch_constants(graph: ir.Graph, taken: set[str]) -> dict[str, ir.Value]:
     values = {"flat": [-1], "one_d": [1], "sample_m1": _SAMPLE - 1, "sample": _SAMPLE, "one": 1, "two": 2, "zero": [0]}
     out = {}
     for key, value in values.items():
-        name = _ir_utils.unique_name(graph, f"calib_sketch_{key}", taken)
-        taken.add(name)
+        name = _ir_utils.unique_name(graph, f"calib_sketch_{key}", taken)  # adds it to taken
         out[key] = ir.Value(name=name, const_value=ir.Tensor(np.array(value, np.int64), name=name))
         graph.register_initializer(out[key])
     return out

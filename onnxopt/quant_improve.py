@@ -18,14 +18,7 @@ import onnx_ir as ir
 
 from onnxopt import runtime
 
-__all__ = ["bias_correction", "channel_means", "channel_stats"]
-
-
-def channel_means(
-    model: ir.Model, ranks: Mapping[str, int], feeds: Iterable[Mapping[str, np.ndarray]]
-) -> dict[str, np.ndarray]:
-    """Mean over every axis but 1 (channels) of each main-graph tensor (name -> rank), over feeds."""
-    return channel_stats(model, ranks, feeds)
+__all__ = ["bias_correction", "channel_stats"]
 
 
 def channel_stats(
@@ -137,13 +130,13 @@ def bias_correction(
         targets[node.outputs[0].name] = dq
     if not targets:
         return {}
-    ref = channel_means(float_model, ranks, feeds)
+    ref = channel_stats(float_model, ranks, feeds)
     shifts: dict[str, float] = {}
     names = list(targets)  # graph order: upstream corrections change what downstream layers see
     size = max(1, -(-len(names) // stages))
     for start in range(0, len(names), size):
         group = names[start : start + size]
-        got = channel_means(quant_model, {n: ranks[n] for n in group}, feeds)
+        got = channel_stats(quant_model, {n: ranks[n] for n in group}, feeds)
         shifts.update(_shift({n: targets[n] for n in group}, ref, got))
     return shifts
 

@@ -207,11 +207,6 @@ def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
     return groups, reasons
 
 
-def _channel_specs(groups: Iterable[SmoothGroup]) -> dict[str, tuple[int, int]]:
-    """Name -> (channel axis, channel count or rank) of each group's activation, as calibration takes them."""
-    return {g.value.name: (g.channel_axis, g.channels if g.channel_axis == -1 else g.rank) for g in groups}
-
-
 def _outlier_ratio(x_max: np.ndarray) -> float:
     """Largest per-channel range over the median one."""
     return float(x_max.max() / max(float(np.median(x_max)), 1e-12))
@@ -278,11 +273,13 @@ def smooth(
         planned = {name: (by_name[name], np.asarray(f, np.float64), None) for name, f in scales.items()}
     elif groups and feeds is not None:
         feeds = feeds if isinstance(feeds, Sequence) or hasattr(feeds, "take") else list(feeds)  # read twice
+        after_norm = {g.value.name: g.channels for g in groups if g.channel_axis == -1}
+        after_conv = {g.value.name: g.rank for g in groups if g.channel_axis == 1}
         x_max = {}
-        for axis in (-1, 1):
-            specs = {n: dim for n, (a, dim) in _channel_specs(groups).items() if a == axis}
-            if specs:
-                x_max.update(quant_improve.channel_stats(model, specs, feeds, last_axis=axis == -1, absmax=True))
+        if after_norm:
+            x_max.update(quant_improve.channel_stats(model, after_norm, feeds, last_axis=True, absmax=True))
+        if after_conv:
+            x_max.update(quant_improve.channel_stats(model, after_conv, feeds, absmax=True))
         planned = {}
         for g in groups:
             xm = x_max.get(g.value.name)
