@@ -49,7 +49,7 @@ class PassReport(ir.passes.PassResult):
     seconds: float = 0.0
     before: dict[str, int] = dataclasses.field(default_factory=dict)
     after: dict[str, int] = dataclasses.field(default_factory=dict)
-    fidelity: dict[str, float] = dataclasses.field(default_factory=dict)
+    fidelity: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Plots for the HTML report: {"title": str, "png_base64": str} (rendered by onnxopt.report).
     figures: list[dict[str, str]] = dataclasses.field(default_factory=list)
 

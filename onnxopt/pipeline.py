@@ -2,8 +2,10 @@
 
 After every pass: ``onnx.checker`` (full check, which includes strict shape inference) on the
 result; for passes declared lossless, outputs compared with the pass's input on the context's
-data (or seeded random feeds) at the pass's tolerance; for lossy passes, the error against the
-pass's input is measured and recorded. A pass that raises or fails a check is rolled back: the
+data (or seeded random feeds) at the pass's tolerance widened by this machine's float noise on
+that model (the noise floor, see :mod:`onnxopt.validation`: the input model run with
+onnxruntime's optimisations off vs on, measured once and reused until a lossy pass changes the
+function); for lossy passes, the error against the pass's input is measured and recorded. A pass that raises or fails a check is rolled back: the
 model goes on as it was before that pass, and the report says why.
 """
 
@@ -25,7 +27,7 @@ from onnxopt import _ir_utils, data, runtime, validation
 from onnxopt import io as _io
 from onnxopt.pass_base import OptPass, PassReport
 
-__all__ = ["PipelineResult", "check_model", "model_stats", "run"]
+__all__ = ["PipelineResult", "check_model", "model_stats", "noise_level", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,22 +83,25 @@ def run(
         strict: re-raise a pass's exception instead of rolling back.
     """
     reports: list[PassReport] = []
+    noise = _NoiseCache()
     bar = tqdm.tqdm(passes, desc="passes", unit="pass", disable=_quiet(passes) or len(passes) < 2, leave=False)
     for p in bar:
         bar.set_postfix_str(p.name)
         before_stats = model_stats(model)
         snapshot = _snapshot(model)
         t0 = time.perf_counter()
+        attempt: PassReport | None = None
         try:
             report = p(model)
             if not isinstance(report, PassReport):
                 report = _wrap(p, report)
+            attempt = report
             if report.model is not model:
                 model = report.model
             _unmap(model, snapshot)
             if check and report.modified:
                 check_model(model)
-                _check_numerics(p, snapshot, model, report)
+                _check_numerics(p, snapshot, model, report, noise)
         except Exception as err:
             if strict:
                 raise
@@ -108,9 +113,13 @@ def run(
             report.status = "rolled-back"
             report.error = f"{type(cause).__name__}: {message}"
             report.modified = False
+            if attempt is not None:  # what the rejected result measured (deviation, noise floor)
+                report.fidelity = dict(attempt.fidelity)
         else:
             if not report.modified:
                 report.status = "unchanged"
+            elif not p.lossless:
+                noise.floor = None  # the function changed: the next lossless check measures again
         report.seconds = time.perf_counter() - t0
         report.before = before_stats
         report.after = model_stats(model)
@@ -153,8 +162,36 @@ def _wrap(p: OptPass, result: ir.passes.PassResult) -> PassReport:
     return report
 
 
-def _check_numerics(p: OptPass, before: ir.Model, after: ir.Model, report: PassReport) -> None:
-    """Lossless: outputs must match the pass input at its tolerance. Lossy: record the error."""
+@dataclasses.dataclass
+class _NoiseCache:
+    """The noise floor of the current model's function on the check feeds (None: not measured)."""
+
+    floor: dict | None = None
+    level: str | None = None
+
+
+# Q/DQ and float16 graphs: onnxruntime's level "all" swaps them for integer / fused kernels whose
+# rounding is a different function, not float noise; level "basic" (constant folding, Conv+BN and
+# other exact fusions) still re-associates float arithmetic.
+_NOT_FLOAT_NOISE = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def noise_level(model: ir.Model) -> runtime.OptLevel:
+    """The onnxruntime level whose difference from level "disable" is float noise for ``model``."""
+    for node in model.graph.all_nodes():
+        if node.op_type in _NOT_FLOAT_NOISE or node.op_type.startswith("QLinear"):
+            return "basic"
+        for out in node.outputs:
+            if out.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+                return "basic"
+    return "all"
+
+
+def _check_numerics(
+    p: OptPass, before: ir.Model, after: ir.Model, report: PassReport, noise: _NoiseCache
+) -> None:
+    """Lossless: outputs must match the pass input within its tolerance and the noise floor.
+    Lossy: record the error."""
     feeds = p.context.check_data
     signature = data.input_signature(before)
     if feeds is None:
@@ -162,8 +199,15 @@ def _check_numerics(p: OptPass, before: ir.Model, after: ir.Model, report: PassR
     elif len(feeds) > CHECK_FEEDS:
         feeds = feeds.take(CHECK_FEEDS)
     rtol, atol = p.tolerance
+    kw: dict = {}
+    if p.lossless:
+        if noise.floor is None:
+            noise.level = noise_level(before)
+            kw["noise_level"] = noise.level
+        else:
+            kw["noise"] = noise.floor
     try:
-        result = validation.compare(before, after, feeds, rtol=rtol, atol=atol)
+        result = validation.compare(before, after, feeds, rtol=rtol, atol=atol, **kw)
     except Exception:
         if p.context.check_data is None and not _runs(before, feeds):
             # Random feeds can be invalid for the model (indices out of range, ...): no check.
@@ -173,11 +217,24 @@ def _check_numerics(p: OptPass, before: ir.Model, after: ir.Model, report: PassR
     worst_cos = result.worst("cosine")
     report.fidelity = {
         "max_abs": result.worst("max_abs"),
+        "rms_abs": result.worst("rms_abs"),
         "rel_l2": result.worst("rel_l2"),
         "cosine": worst_cos,
         "feeds": result.num_feeds,
     }
     if p.lossless:
+        noise.floor = result.noise
+        floor_max = max((m.max_abs for per in result.noise.values() for m in per.values()), default=0.0)
+        floor_rms = max((m.rms_abs for per in result.noise.values() for m in per.values()), default=0.0)
+        x_max, x_rms = result.noise_multiples()
+        report.fidelity.update({
+            "noise_level": noise.level,
+            "noise_floor_max_abs": floor_max,
+            "noise_floor_rms": floor_rms,
+            "noise_multiple_max_abs": x_max,
+            "noise_multiple_rms": x_rms,
+            "noise_allowed_multiple": validation.NOISE_MULTIPLE,
+        })
         missed = result.failures()
         if missed:
             raise AssertionError(f"lossless pass changed the outputs: {missed[0]}")
