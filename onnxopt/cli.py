@@ -128,6 +128,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                 f"{r.pass_name}: {r.summary()} | nodes {b['nodes']} -> {a['nodes']}, "
                 f"weight bytes {b['weight_bytes']:,} -> {a['weight_bytes']:,} ({r.seconds:.2f}s)"
             )
+            check = _noise_line(r.fidelity)
+            if check:
+                print(f"    check: {check}")
             for note in r.notes:
                 print(f"    note: {note}")
         if result.validation is not None:
@@ -242,5 +245,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _noise_line(fidelity: dict) -> str:
+    """A lossless pass's deviation against this machine's noise floor, for the summary."""
+    if "noise_floor_max_abs" not in fidelity:
+        return ""
+
+    def times(x: float) -> str:
+        return f"{x:.2f}x" if x == x and x != float("inf") else "-"
+
+    return (
+        f"max abs {fidelity['max_abs']:.2g} = {times(fidelity['noise_multiple_max_abs'])} and rms "
+        f"{fidelity['rms_abs']:.2g} = {times(fidelity['noise_multiple_rms'])} the noise floor "
+        f"(onnxruntime opt level {fidelity['noise_level']} vs off: max abs "
+        f"{fidelity['noise_floor_max_abs']:.2g}, rms {fidelity['noise_floor_rms']:.2g}); "
+        f"allowed {fidelity['noise_allowed_multiple']:g}x + tolerance"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
