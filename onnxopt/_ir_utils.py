@@ -63,7 +63,7 @@ def constant_input(node: ir.Node, index: int) -> ir.Value | None:
 
 
 def from_constant_node(value: ir.Value | None) -> bool:
-    """True if ``value`` is the output of a Constant node (a weight not lifted to an initializer)."""
+    """Whether ``value`` is the output of a Constant node (a weight not lifted to an initializer)."""
     producer = value.producer() if value is not None else None
     return producer is not None and producer.op_type == "Constant" and producer.domain == ""
 
