@@ -79,14 +79,14 @@ def run(
 ) -> PipelineResult:
     """Run ``passes`` on ``model`` (in place where a pass succeeds) and return the result.
 
+    Before the first pass, Constant nodes holding tensors become initializers
+    (:func:`onnxopt.normalize.lift_constants`, exact), so every pass finds its weights.
+
     Args:
         model: the model; passes edit it in place, so pass a copy to keep the original.
         passes: pass instances, sharing one context.
         check: run the checker and numerical comparison after every pass.
         strict: re-raise a pass's exception instead of rolling back.
-
-    Before the first pass, Constant nodes holding tensors become initializers
-    (:func:`onnxopt.normalize.lift_constants`, exact), so every pass finds its weights.
     """
     reports: list[PassReport] = []
     # Weights may be initializers or Constant nodes; passes read initializers only (exact).
