@@ -16,6 +16,7 @@ __all__ = [
     "PROVENANCE_KEY",
     "constant_array",
     "constant_input",
+    "from_constant_node",
     "infer_types",
     "is_float_dtype",
     "iter_nodes",
@@ -45,7 +46,11 @@ def iter_nodes(
 def constant_input(node: ir.Node, index: int) -> ir.Value | None:
     """Return input ``index`` of ``node`` if it is an initializer with a value, else ``None``.
 
-    Graph inputs that are also initializers (overridable at run time) are not constants.
+    Graph inputs that are also initializers (overridable at run time) are not constants. The
+    output of a Constant node is not returned either: passes write new tensors into
+    ``value.const_value``, which reaches the saved model only for an initializer. The pipeline
+    lifts Constant nodes into initializers before its first pass (:mod:`onnxopt.normalize`);
+    :func:`from_constant_node` tells a caller that skips such a value why.
     """
     if index >= len(node.inputs):
         return None
@@ -55,6 +60,12 @@ def constant_input(node: ir.Node, index: int) -> ir.Value | None:
     if value.is_graph_input():
         return None
     return value
+
+
+def from_constant_node(value: ir.Value | None) -> bool:
+    """Whether ``value`` is the output of a Constant node (a weight not lifted to an initializer)."""
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "Constant" and producer.domain == ""
 
 
 def constant_array(value: ir.Value) -> np.ndarray:

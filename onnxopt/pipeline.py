@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 import tqdm
 
-from onnxopt import _ir_utils, data, runtime, validation
+from onnxopt import _ir_utils, data, normalize, runtime, validation
 from onnxopt import io as _io
 from onnxopt.pass_base import OptPass, PassReport
 
@@ -37,10 +37,15 @@ CHECK_FEEDS = 8
 
 @dataclasses.dataclass
 class PipelineResult:
-    """The final model and one report per pass, in order."""
+    """The final model and one report per pass, in order.
+
+    ``lifted`` says which Constant-node weights became initializers before the first pass
+    (also a note on the first report, so the CLI, JSON and HTML reports show it).
+    """
 
     model: ir.Model
     reports: list[PassReport]
+    lifted: normalize.LiftResult | None = None
 
     def to_json(self) -> list[dict]:
         """The reports as JSON-serialisable dicts."""
@@ -76,6 +81,9 @@ def run(
 ) -> PipelineResult:
     """Run ``passes`` on ``model`` (in place where a pass succeeds) and return the result.
 
+    Before the first pass, Constant nodes holding tensors become initializers
+    (:func:`onnxopt.normalize.lift_constants`, exact), so every pass finds its weights.
+
     Args:
         model: the model; passes edit it in place, so pass a copy to keep the original.
         passes: pass instances, sharing one context.
@@ -84,6 +92,10 @@ def run(
     """
     reports: list[PassReport] = []
     noise = _NoiseCache()
+    # Weights may be initializers or Constant nodes; passes read initializers only (exact).
+    lifted = normalize.lift_constants(model) if passes else None
+    if lifted is not None and lifted.note():
+        logger.info("normalize: %s", lifted.note())
     bar = tqdm.tqdm(passes, desc="passes", unit="pass", disable=_quiet(passes) or len(passes) < 2, leave=False)
     for p in bar:
         bar.set_postfix_str(p.name)
@@ -126,7 +138,9 @@ def run(
         report.model = model
         logger.info("%s: %s", p.name, report.summary())
         reports.append(report)
-    return PipelineResult(model, reports)
+    if lifted is not None and lifted.note():
+        reports[0].notes.insert(0, lifted.note())
+    return PipelineResult(model, reports, lifted)
 
 
 def _snapshot(model: ir.Model) -> ir.Model:

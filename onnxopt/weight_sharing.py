@@ -88,9 +88,9 @@ def select(model: ir.Model, opts: SharingOptions, report: PassReport) -> list[Ta
     for node in nodes:
         weight = _ir_utils.constant_input(node, 1)
         if weight is None:
-            lifted = node.inputs[1] is not None and node.inputs[1].producer() is not None and (
-                node.inputs[1].producer().op_type == "Constant")
-            hint = " (a Constant node: run simplify first to lift it)" if lifted else ""
+            # Only a pass called outside the pipeline still sees Constant nodes.
+            hint = " (a Constant node: onnxopt.normalize.lift_constants lifts it)"
+            hint = hint if _ir_utils.from_constant_node(node.inputs[1]) else ""
             report.skip(f"{node.op_type}: weight is not a constant initializer{hint}")
             continue
         reason = _skip_reason(weight, opts)

@@ -182,10 +182,13 @@ def _fold_affine(graph: ir.Graph, node: ir.Node, pass_name: str) -> bool:
 
 
 def _constant(node: ir.Node, index: int) -> ir.Value | None:
-    """Return a constant initializer, or the output of a Constant node (small scalars are not lifted)."""
+    """Return a constant initializer, or the output of a Constant node with a known value (read only).
+
+    A direct call on an un-lifted model keeps Constant nodes of < 16 elements (the pipeline
+    lifts every one first, :mod:`onnxopt.normalize`); constant folding gives them a value.
+    """
     value = node.inputs[index]
-    producer = value.producer() if value is not None else None
-    if producer is not None and producer.op_type == "Constant" and value.const_value is not None:
+    if _ir_utils.from_constant_node(value) and value.const_value is not None:
         return value
     return _ir_utils.constant_input(node, index)
 
