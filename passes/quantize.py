@@ -53,15 +53,20 @@ def _small_feeds(feeds: list) -> bool:
     return all(sum(a.nbytes for a in f.values()) <= (1 << 20) for f in feeds)
 
 
-def _tensor_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
-    """Element type of each main-graph tensor, inferred on a clone (the model is not touched)."""
+def _tensor_types(model: ir.Model) -> tuple[dict[str, ir.DataType], dict[str, int]]:
+    """Element type and rank (where known) of each main-graph tensor, inferred on a clone.
+
+    The model is not touched.
+    """
     typed = model.clone()
     try:
         _ir_utils.infer_types(typed)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:  # best effort
         logger.debug("type inference failed before quantization: %s", err)
     values = ir.convenience.create_value_mapping(typed.graph)
-    return {n: v.type.dtype for n, v in values.items() if isinstance(v.type, ir.TensorType)}
+    dtypes = {n: v.type.dtype for n, v in values.items() if isinstance(v.type, ir.TensorType)}
+    ranks = {n: len(v.shape) for n, v in values.items() if v.shape is not None}
+    return dtypes, ranks
 
 
 def _drop_inner_value_info(model: ir.Model) -> None:
@@ -187,9 +192,8 @@ class QuantizePass(OptPass[QuantizeConfig]):
         float_model = model.clone() if self.context.calibration is not None else None
         if self.config.save_calib_table:
             table.save(self.config.save_calib_table)
-        ctx = RuleContext(
-            table.ranges, self.config.per_tensor, self.config.mask_threshold, dtypes=_tensor_dtypes(model)
-        )
+        dtypes, ranks = _tensor_types(model)
+        ctx = RuleContext(table.ranges, self.config.per_tensor, self.config.mask_threshold, dtypes=dtypes, ranks=ranks)
         plans = self._plans(model, ctx, report, float_readers)
         if not plans:
             return report

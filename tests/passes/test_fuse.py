@@ -203,8 +203,8 @@ def test_fused_outputs_are_typed_for_later_passes():
 
 def test_fuse_then_int8_quantizes_what_fusion_leaves_and_keeps_fidelity():
     # The order the project uses: fuse first (Attention/LayerNorm/GELU stay float in fused
-    # kernels, the remaining MatMuls go INT8). INT8 first breaks the attention, skip-LayerNorm
-    # and GELU patterns fuse looks for; only the LayerNorms (which INT8 leaves float) still fuse.
+    # kernels, the remaining MatMuls go INT8). INT8 first breaks the attention and skip-LayerNorm
+    # patterns fuse looks for; only the LayerNorms and bias + GELU (which INT8 leaves float) still fuse.
     ref = bert()
     calib = data.load_data(bert_feeds(8, seed=1))
     evals = bert_feeds(4, seed=2)
@@ -219,7 +219,7 @@ def test_fuse_then_int8_quantizes_what_fusion_leaves_and_keeps_fidelity():
     int8_first = pipeline.run(bert(), [make("quantize", {"latency_runs": 0, "sqnr_samples": 0},
                                             PassContext(calibration=calib, quiet=True)),
                                        make("fuse", {}, PassContext(calibration=calib, quiet=True))])
-    assert dict(int8_first.reports[1].counts) == {"LayerNormalization": 5}
+    assert dict(int8_first.reports[1].counts) == {"LayerNormalization": 5, "BiasGelu": 2}
     assert op_counts(int8_first.model)["Attention"] == 0
 
 
