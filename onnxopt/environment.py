@@ -211,7 +211,7 @@ def _version(dist: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
-    """The CPU, OS, Python and library versions, for reports (cached for the process)."""
+    """Return the CPU, OS, Python and library versions, for reports (cached for the process)."""
     versions = {name: _version(name) for name in ("onnxopt", "onnxruntime", "onnx", "onnx-ir", "numpy")}
     if versions["onnxruntime"] is None:  # onnxruntime-gpu, onnxruntime-openvino, ... builds
         try:

@@ -177,7 +177,7 @@ def _conv_transpose(node: ir.Node, ctx: RuleContext) -> QuantPlan | None:
 
 
 def _linear_bias_add(matmul: ir.Node, ctx: RuleContext) -> ir.Node | None:
-    """The constant bias Add that completes ``matmul`` (constant weight) into a Linear layer, or None.
+    """Return the constant bias Add that makes ``matmul`` (constant weight) a Linear layer, or None.
 
     Only when the MatMul output has no other reader (and is not a graph output): the Add is then
     the layer's bias, added in float to the float output of the integer product

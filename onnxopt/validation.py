@@ -20,8 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import data as _data
-from onnxopt import io as _io
 from onnxopt import environment, runtime
+from onnxopt import io as _io
 from onnxopt.errors import ValidationFailed
 
 __all__ = [

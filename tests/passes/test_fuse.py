@@ -254,7 +254,13 @@ def test_fuse_int8_recipe_on_bundled_transformer(tmp_path, reduce_range):
     # VNNI, onnxruntime 1.32.0): cosine 0.99996 / 0.99995 (8 / 7-bit), 0 / 1 top-1 changes.
     import onnxopt
     from onnxopt import io as _io
-    from tests.passes.test_quantize_models import MAX_LOST, MIN_COSINE, SETTINGS, _logits, worst_top1_loss
+    from tests.passes.test_quantize_models import (
+        MAX_LOST,
+        MIN_COSINE,
+        SETTINGS,
+        _logits,
+        worst_top1_loss,
+    )
 
     result = onnxopt.optimize(
         model_path("digits_transformer.onnx"), tmp_path / "t.onnx",
