@@ -6,6 +6,7 @@ A tensor whose only user is a Relu/Clip is not quantized itself: the Relu/Clip o
 (its range starts at 0, so the zero point is the type minimum and onnxruntime drops the op).
 Weights are stored as int8 initializers behind a DequantizeLinear (4x smaller files); biases as
 int32 with scale ``s_x * s_w``. Graph output names are kept: a quantized output's DQ takes it.
+MatMul/Gemm outputs that are graph outputs are not quantized (see :mod:`onnxopt.qdq_rules`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import onnx_ir.passes.common as ir_common
 from onnxopt import _ir_utils, kernels
 from onnxopt import io as _io
 from onnxopt import quant_math as qm
-from onnxopt.qdq_rules import ABSORBED_OPS, QuantPlan
+from onnxopt.qdq_rules import ABSORBED_OPS, FLOAT_OUTPUT_OPS, QuantPlan
 
 __all__ = ["InsertResult", "QParams", "apply_plans", "unsupported_qdq_opset"]
 
@@ -125,7 +126,6 @@ class _Inserter:
         out = user.outputs[0]
         if out.name not in self.ranges:
             return value
-        self.result.absorbed += 1
         return out
 
     def quantize_activation(self, value: ir.Value) -> None:
@@ -229,7 +229,8 @@ def apply_plans(
 
     Plans must be in topological order. Nodes named in ``float_readers`` keep reading the float
     tensor where its other users read the DQ output. Output tensors without a calibrated range (and not
-    sharing an input's scale) are left float.
+    sharing an input's scale) are left float, and so are graph outputs of MatMul/Gemm
+    (``FLOAT_OUTPUT_OPS``) unless another quantized node reads them.
     """
     ins = _Inserter(model, ranges, qtype, symmetric, reduce_range, pass_name, float_readers)
     outputs: list[ir.Value] = []
@@ -237,10 +238,13 @@ def apply_plans(
         for j in plan.outputs:
             out = plan.node.outputs[j]
             target = ins.resolve_output(out)
+            if target.is_graph_output() and plan.node.op_type in FLOAT_OUTPUT_OPS:
+                continue  # an integer kernel with a float output: the model's output is not clipped
             if plan.share and target is out and plan.node.inputs[0].name in ranges:
                 ins.shared[out] = plan.node.inputs[0]
             elif target.name not in ranges:
                 continue
+            ins.result.absorbed += target is not out
             outputs.append(target)
     for plan in plans:
         ins.apply(plan)

@@ -10,11 +10,11 @@ integer kernels add to their int32 accumulators.
 
 from __future__ import annotations
 
-import pathlib
-import platform
 from typing import Literal
 
 import numpy as np
+
+from onnxopt import environment
 
 __all__ = [
     "int8_dot_saturates",
@@ -176,12 +176,7 @@ def int8_dot_saturates() -> bool:
 
     x86 CPUs without VNNI multiply-add uint8 x int8 pairs into int16 (``vpmaddubsw``), which
     saturates for large values; 7-bit values (reduce_range) avoid it. VNNI/AMX and ARM do not
-    saturate. Where the flags cannot be read, an x86 CPU is assumed to saturate.
+    saturate. Where the flags cannot be read, an x86 CPU is assumed to saturate. The CPU is read
+    once by :func:`onnxopt.environment.cpu_info`.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return False
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return environment.cpu_info().int8_dot_saturates

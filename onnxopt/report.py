@@ -1,4 +1,9 @@
-"""Write reports: JSON (machine-readable) or HTML (tables, plus plots where passes give data)."""
+"""Write reports: JSON (machine-readable) or HTML (tables, plus plots where passes give data).
+
+Every report records the environment it was measured in (CPU model, ISA flags, cores, OS and
+library versions: :func:`onnxopt.environment.environment`), since latency, the integer kernels'
+results and the choices made from them depend on the machine.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,19 @@ import pathlib
 import tempfile
 from typing import Any
 
+from onnxopt import environment
+
 __all__ = ["write_report"]
 
 
 def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:
-    """Write ``payload`` as JSON or HTML (by the file suffix), atomically."""
+    """Write ``payload`` as JSON or HTML (by the file suffix), atomically.
+
+    An ``environment`` entry (this machine's) is added when the payload has none.
+    """
     path = pathlib.Path(path)
+    if "environment" not in payload:
+        payload = {**payload, "environment": environment.environment()}
     if not path.parent.is_dir():
         from onnxopt.errors import OutputPathError
 
@@ -72,6 +84,14 @@ def _html(payload: dict[str, Any]) -> str:
             parts.append(f"<h3>{html.escape(p['pass'])}: details</h3>" + _table(p["records"][:500]))
         for note in p.get("notes", []):
             parts.append(f"<p>{html.escape(note)}</p>")
+    env = payload.get("environment")
+    if env:
+        cpu = env.get("cpu", {})
+        row = {"cpu": cpu.get("model"), "arch": cpu.get("arch"), "cores": cpu.get("cores"),
+               "isa flags": " ".join(cpu.get("flags", [])) if cpu.get("flags_known") else "unknown",
+               "int8 kernels": cpu.get("int8_dot"), "os": env.get("os"), "python": env.get("python"),
+               **{k: v for k, v in env.get("versions", {}).items()}}
+        parts.append("<h2>Environment</h2>" + _table([row]))
     validation = payload.get("validation")
     if validation:
         rows = [

@@ -33,8 +33,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import data as _data
+from onnxopt import environment, runtime
 from onnxopt import io as _io
-from onnxopt import runtime
 from onnxopt.errors import ValidationFailed
 
 __all__ = [
@@ -216,8 +216,9 @@ class ValidationReport:
             raise ValidationFailed("; ".join(missed))
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-serialisable dict."""
+        """JSON-serialisable dict, with the environment measured in (CPU, ISA flags, versions)."""
         return {
+            "environment": environment.environment(),
             "num_feeds": self.num_feeds,
             "rtol": self.rtol,
             "atol": self.atol,

@@ -22,6 +22,7 @@ import onnx_ir.passes.common as ir_common
 from onnxopt import (
     _ir_utils,
     calibration,
+    environment,
     qdq_insert,
     quant_improve,
     quant_math,
@@ -47,21 +48,29 @@ _SMOOTH_FEEDS = 4  # calibration feeds whose per-channel ranges decide smoothing
 _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
 _REDUCED_NOTE = ("reduce_range on (7-bit weights): this CPU has no VNNI, and onnxruntime's u8s8 kernels "
                  "saturate without it; pass reduce_range=false for a VNNI or ARM deployment machine")
+_FULL_NOTE = ("reduce_range off (8-bit weights): onnxruntime's u8s8 kernels are exact on this CPU ({how}); "
+              "on an x86 CPU without VNNI they sum product pairs in int16 and saturate with 8-bit weights: "
+              "pass reduce_range=true (or quantize there) for such a deployment machine")
 
 
 def _small_feeds(feeds: list) -> bool:
     return all(sum(a.nbytes for a in f.values()) <= (1 << 20) for f in feeds)
 
 
-def _tensor_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
-    """Element type of each main-graph tensor, inferred on a clone (the model is not touched)."""
+def _tensor_types(model: ir.Model) -> tuple[dict[str, ir.DataType], dict[str, int]]:
+    """Element type and rank (where known) of each main-graph tensor, inferred on a clone.
+
+    The model is not touched.
+    """
     typed = model.clone()
     try:
         _ir_utils.infer_types(typed)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:  # best effort
         logger.debug("type inference failed before quantization: %s", err)
     values = ir.convenience.create_value_mapping(typed.graph)
-    return {n: v.type.dtype for n, v in values.items() if isinstance(v.type, ir.TensorType)}
+    dtypes = {n: v.type.dtype for n, v in values.items() if isinstance(v.type, ir.TensorType)}
+    ranks = {n: len(v.shape) for n, v in values.items() if v.shape is not None}
+    return dtypes, ranks
 
 
 def _drop_inner_value_info(model: ir.Model) -> None:
@@ -187,9 +196,8 @@ class QuantizePass(OptPass[QuantizeConfig]):
         float_model = model.clone() if self.context.calibration is not None else None
         if self.config.save_calib_table:
             table.save(self.config.save_calib_table)
-        ctx = RuleContext(
-            table.ranges, self.config.per_tensor, self.config.mask_threshold, dtypes=_tensor_dtypes(model)
-        )
+        dtypes, ranks = _tensor_types(model)
+        ctx = RuleContext(table.ranges, self.config.per_tensor, self.config.mask_threshold, dtypes=dtypes, ranks=ranks)
         plans = self._plans(model, ctx, report, float_readers)
         if not plans:
             return report
@@ -280,12 +288,26 @@ class QuantizePass(OptPass[QuantizeConfig]):
         )
 
     def _reduce_range(self, report: PassReport) -> bool | None:
-        """Return the config's choice; None where "auto" must measure (x86 CPU without VNNI, target cpu)."""
+        """Return the config's choice, or auto's; None where auto must measure (target cpu, saturating kernels).
+
+        Every outcome is recorded (``reduce_range`` record) with the CPU it was decided on: its
+        model, cores and ISA flags, and how onnxruntime's u8 x s8 kernels multiply-add there.
+        """
+        cpu = environment.cpu_info()
+        seen = {"cpu": cpu.describe(), "int8_dot": cpu.int8_dot}
         if self.config.reduce_range != "auto":
-            return self.config.reduce_range == "true"
-        if self.context.target != "cpu" or not quant_math.int8_dot_saturates():
+            chosen = self.config.reduce_range == "true"
+            report.record("reduce_range", reduce_range=chosen, how="set in the config", **seen)
+            return chosen
+        if self.context.target != "cpu":
+            report.record("reduce_range", reduce_range=False, how=f"auto, target {self.context.target}", **seen)
+            return False
+        if not quant_math.int8_dot_saturates():
+            report.record("reduce_range", reduce_range=False, how="auto: integer kernels do not saturate here", **seen)
+            report.note(_FULL_NOTE.format(how=cpu.int8_dot))
             return False
         if self.context.calibration is None:  # nothing to measure with: the safe choice
+            report.record("reduce_range", reduce_range=True, how="auto: saturating kernels, no data to measure", **seen)
             report.note(_REDUCED_NOTE)
             return True
         return None
@@ -297,15 +319,17 @@ class QuantizePass(OptPass[QuantizeConfig]):
         (the QDQ graph's arithmetic does not); 7-bit weights avoid that at the cost of a coarser
         weight grid. Which costs more depends on the model, so both are run on the first
         calibration feeds with onnxruntime's optimisations on (the fused integer kernels) and
-        compared with FP32.
+        compared with FP32. The measurement and the CPU it ran on are recorded.
         """
         feeds = list(self.context.calibration.take(_RANGE_CHECK_FEEDS))
         ref = quant_report.run_flat(float_model, feeds, "all")
         err_full = quant_math.relative_l2(ref, quant_report.run_flat(full, feeds, "all"))
         err_reduced = quant_math.relative_l2(ref, quant_report.run_flat(reduced, feeds, "all"))
         chosen = err_reduced < err_full
-        report.record("reduce_range_check", rel_l2_8bit_weights=round(err_full, 6),
-                      rel_l2_7bit_weights=round(err_reduced, 6), reduce_range=chosen)
+        cpu = environment.cpu_info()
+        report.record("reduce_range", reduce_range=chosen, how="auto: measured through this CPU's integer kernels",
+                      cpu=cpu.describe(), int8_dot=cpu.int8_dot, rel_l2_8bit_weights=round(err_full, 6),
+                      rel_l2_7bit_weights=round(err_reduced, 6), feeds=len(feeds))
         verdict = "on (7-bit weights)" if chosen else "off (8-bit weights)"
         report.note(f"reduce_range {verdict}: this CPU lacks VNNI; as deployed, output error vs FP32 on a "
                     f"calibration feed is {err_full:.3g} relative L2 with 8-bit weights, {err_reduced:.3g} with 7-bit")
@@ -364,7 +388,8 @@ class QuantizePass(OptPass[QuantizeConfig]):
         if cfg.latency_runs:
             feed = next(iter(data))
             fp32, int8 = quant_report.latency_ms([float_model, model], feed, runs=cfg.latency_runs)
-            report.record("latency", fp32_ms=round(fp32, 3), int8_ms=round(int8, 3), ratio=round(int8 / fp32, 3))
+            report.record("latency", fp32_ms=round(fp32, 3), int8_ms=round(int8, 3), ratio=round(int8 / fp32, 3),
+                          cpu=environment.cpu_info().describe())
             if int8 > fp32:
                 report.note(
                     f"INT8 is slower than FP32 on CPU (1 thread, ORT_ENABLE_ALL): {int8:.2f} ms vs "

@@ -69,7 +69,17 @@ def test_optimize_validate_inspect_round_trip(workdir, capsys, monkeypatch):
     assert main(["validate", "m.onnx", "out.onnx", "--data", "d.npz", "--max-abs", "1e-5", "--runs", "3",
                  "--json", "v.json"]) == 0
     assert "cosine=1.000000" in capsys.readouterr().out
-    assert json.loads((workdir / "v.json").read_text())["num_feeds"] == 1
+    validated = json.loads((workdir / "v.json").read_text())
+    assert validated["num_feeds"] == 1
+    # Both record the machine the numbers come from: CPU model, ISA flags, cores, versions.
+    from onnxopt.environment import cpu_info
+
+    for env in (report["environment"], validated["environment"]):
+        assert env["cpu"]["model"] == cpu_info().model and env["cpu"]["flags"] == list(cpu_info().flags)
+        assert env["cpu"]["cores"] == cpu_info().cores and env["versions"]["onnxruntime"] and env["os"]
+    assert main(["-q", "optimize", "m.onnx", "-o", "out2.onnx", "--report", "r.html"]) == 0
+    page = (workdir / "r.html").read_text()
+    assert "<h2>Environment</h2>" in page and cpu_info().model in page
     # A threshold that cannot be met is exit code 1, not 2.
     onnx.save(conv_bn_model(seed=5), workdir / "other.onnx")
     assert main(["validate", "m.onnx", "other.onnx", "--data", "d.npz", "--min-cosine", "0.999", "--runs", "0"]) == 1

@@ -50,8 +50,15 @@ def _check_output(name, out, src, feed):
     if name == "simplify":
         np.testing.assert_allclose(got, ref, **TOL["reassociate_fp32"])
     elif name == "fp16":
-        np.testing.assert_allclose(got, ref, rtol=TOL["fp16"]["rtol"], atol=TOL["fp16"]["atol"] * np.abs(ref).max())
+        # K = 256: on x86 onnxruntime computes float16 MatMuls in float32 (max error 5.7e-4 x
+        # max|y| here); ARM64 CPUs with FP16 arithmetic accumulate in float16 (MLAS half GEMM),
+        # which a numpy model of it (8 lanes of sequential float16 FMA) puts at 1.6e-3 x max|y|.
+        # 5e-3 x max|y| leaves 3x over the float16-accumulating kernel.
+        np.testing.assert_allclose(got, ref, rtol=TOL["fp16"]["rtol"], atol=5e-3 * np.abs(ref).max())
     else:
+        # INT8, 3 layers: measured cosine 0.99973 (8-bit weights, AVX-512 VNNI); 7-bit weights (what
+        # reduce_range=auto may choose on an x86 CPU without VNNI) cost at most ~3x in 1 - cosine
+        # on the bundled models. 0.99 leaves 1 - cosine 37x what was measured.
         cos = float(np.dot(got.ravel(), ref.ravel()) / (np.linalg.norm(got) * np.linalg.norm(ref)))
         assert cos >= 0.99
 

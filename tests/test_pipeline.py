@@ -95,6 +95,7 @@ def test_reports_carry_sizes_time_and_fidelity():
     rep = result.reports[0]
     assert rep.status == "ok" and rep.counts["batchnorm_folded"] == 1
     assert rep.before["nodes"] == 7 and rep.after["nodes"] == 5
+    # A BatchNorm fold on a small Conv (outputs of order 1): float re-association, ~1e-6 on any CPU.
     assert rep.fidelity["max_abs"] < 1e-4 and rep.seconds > 0
     js = rep.to_json()
     assert js["pass"] == "simplify" and js["counts"]["batchnorm_folded"] == 1

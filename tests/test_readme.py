@@ -36,6 +36,8 @@ def test_quick_start_prints_the_documented_op_counts(tmp_path):
     assert printed[0].rsplit("(", 1)[0] == documented[0].rsplit("(", 1)[0]
     assert printed[1] == documented[1]
     assert printed[2].split(" max_abs=")[0] == documented[2].split(" max_abs=")[0]
+    # cosine, top-1 and accuracy of a lossless simplify print the same on any CPU (1 - cosine
+    # ~1e-12 is below the 6 printed decimals); max_abs (float noise, CPU-dependent) is not compared.
     assert printed[2].split("cosine=")[1] == documented[2].split("cosine=")[1]
     assert printed[-1].replace(str(tmp_path) + "/", "") == documented[-1]
 

@@ -277,8 +277,11 @@ def test_bundled_models_pack_and_repair(name):
     np.testing.assert_allclose(y_packed, y_baked, rtol=1e-5, atol=1e-5)
     assert np.linalg.norm(y_baked - y) < np.linalg.norm(y_plain - y)
     top1 = lambda out: float((out.argmax(1) == ev["label"]).mean())
+    # FP32 compute: another CPU moves these logits by ~3e-6 (onnxruntime's noise floor on the
+    # CNN), 200x below the smallest top-2 margin of the packed models (6.7e-4), so no sample
+    # can change class. 0.01 (5 of 597 samples) is the quality bar; measured: 0 (MLP), 1 (CNN).
     assert top1(y_packed) >= top1(y) - 0.01
-    validation.compare(ref, packed, held_out, rtol=1, atol=10).assert_ok()
+    validation.compare(ref, packed, held_out, rtol=1, atol=10).assert_ok()  # only: finite, shapes
 
 
 @pytest.mark.slow
@@ -299,6 +302,9 @@ def test_deep_compression_recipe_on_bundled_cnn(tmp_path):
     ev = np.load(model_path("digits_cnn_eval.npz"))
     held_out = data.Dataset.from_feeds([{"input": ev["input"]}])
     top1 = lambda m: float((_outputs(m, held_out).argmax(1) == ev["label"]).mean())
+    # FP32 compute (pruned, clustered, packed): the smallest top-2 margin of the result is 0.087,
+    # 3e4x onnxruntime's float noise on this model (3e-6), so the accuracy is the same on any
+    # CPU. Measured drop 4 of 597 samples against the bar of 1 point (5 samples).
     assert top1(load_model("digits_cnn.onnx")) - top1(io.load_model(out)) <= 0.01
 
 

@@ -246,6 +246,9 @@ def test_bundled_models_cosine_size_finite(name):
     assert result.reports[0].status == "ok", result.reports[0].error
     evald = data.load_data(model_path(f"{name}_eval.npz"), sig).take(8)
     rep = validation.compare(model_path(f"{name}.onnx"), result.model, evald)
+    # Measured 1 - cosine <= 1e-6 (x86: float16 storage, float32 compute). A CPU that also
+    # accumulates in float16 (ARM64 FP16) adds ~sqrt(K) roundings per dot product: ~10x the error,
+    # 100x in 1 - cosine, still 10x inside 0.999.
     assert rep.worst("cosine") >= 0.999
     assert rep.worst("nonfinite") == 0
     assert rep.sizes["candidate_bytes"] <= 0.55 * rep.sizes["reference_bytes"]
@@ -267,6 +270,7 @@ def test_ppocr_cls_fp16(rng):
     result = pipeline.run(model, [Fp16Pass(None, ctx)])
     assert result.reports[0].status == "ok", result.reports[0].error
     rep = validation.compare(ref, result.model, feeds)
+    # Measured 1 - cosine < 5e-7; float16 accumulation (ARM64 FP16) ~100x that: inside 0.999.
     assert rep.worst("cosine") >= 0.999 and rep.worst("nonfinite") == 0
 
 

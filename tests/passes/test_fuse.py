@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxopt import data, pipeline
+from onnxopt import data, pipeline, validation
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
 from onnxopt.validation import compare
@@ -203,8 +203,8 @@ def test_fused_outputs_are_typed_for_later_passes():
 
 def test_fuse_then_int8_quantizes_what_fusion_leaves_and_keeps_fidelity():
     # The order the project uses: fuse first (Attention/LayerNorm/GELU stay float in fused
-    # kernels, the remaining MatMuls go INT8). INT8 first breaks the attention, skip-LayerNorm
-    # and GELU patterns fuse looks for; only the LayerNorms (which INT8 leaves float) still fuse.
+    # kernels, the remaining MatMuls go INT8). INT8 first breaks the attention and skip-LayerNorm
+    # patterns fuse looks for; only the LayerNorms and bias + GELU (which INT8 leaves float) still fuse.
     ref = bert()
     calib = data.load_data(bert_feeds(8, seed=1))
     evals = bert_feeds(4, seed=2)
@@ -215,11 +215,14 @@ def test_fuse_then_int8_quantizes_what_fusion_leaves_and_keeps_fidelity():
     assert fuse_report.status == "ok" and quant_report.status == "ok", quant_report.error
     assert quant_report.counts["quantized_MatMul"] == 7  # out-proj + 2 FFN per layer, + head
     assert op_counts(fused_int8.model)["Attention"] == 2
+    # Measured (AMD EPYC, AVX-512 VNNI, onnxruntime 1.32.0): cosine 0.99968 with 8-bit and
+    # 0.99930 with 7-bit weights (the two models reduce_range=auto deploys on some CPU), the same
+    # at both opt levels and 1/2 threads. 0.99 allows 1 - cosine 10x the worse of the two.
     compare(ref, fused_int8.model, evals).assert_ok(min_cosine=0.99)
     int8_first = pipeline.run(bert(), [make("quantize", {"latency_runs": 0, "sqnr_samples": 0},
                                             PassContext(calibration=calib, quiet=True)),
                                        make("fuse", {}, PassContext(calibration=calib, quiet=True))])
-    assert dict(int8_first.reports[1].counts) == {"LayerNormalization": 5}
+    assert dict(int8_first.reports[1].counts) == {"LayerNormalization": 5, "BiasGelu": 2}
     assert op_counts(int8_first.model)["Attention"] == 0
 
 
@@ -230,6 +233,8 @@ def test_fuse_int8_recipe_end_to_end(tmp_path):
     src = tmp_path / "bert.onnx"
     _io.save_model(bert(layers=1), src)
     calib = data.load_data(bert_feeds(8, seed=1))
+    # Budget 0.99: measured 0.99947 (8-bit weights) / 0.99915 (7-bit) on this 1-layer model, at
+    # both opt levels and 1/2 threads (AMD EPYC, AVX-512 VNNI): 1 - cosine has 10x headroom.
     result = onnxopt.optimize(src, tmp_path / "bert.int8.onnx", recipe="fuse-int8", calibration=calib,
                               evaluation=bert_feeds(4, seed=2), min_cosine=0.99, quiet=True)
     assert [r.pass_name for r in result.reports] == ["simplify", "fuse", "quantize"]
@@ -240,14 +245,26 @@ def test_fuse_int8_recipe_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_fuse_int8_recipe_on_bundled_transformer(tmp_path):
-    # Same bar as the int8 recipe on this model (tests/passes/test_quantize_models.py), with the
-    # attention kept in the two fused Attention nodes and the remaining MatMuls in INT8.
+@pytest.mark.parametrize("reduce_range", ["false", "true"])
+def test_fuse_int8_recipe_on_bundled_transformer(tmp_path, reduce_range):
+    # Same bar as the int8 recipe on this model, checked the same way (tests/passes/
+    # test_quantize_models.py): both weight widths reduce_range=auto can deploy on some CPU, QDQ
+    # math and integer kernels, 1 and 2 threads, plus simulated machines; the attention stays in
+    # the two fused Attention nodes and the remaining MatMuls go INT8. Measured (AMD EPYC, AVX-512
+    # VNNI, onnxruntime 1.32.0): cosine 0.99996 / 0.99995 (8 / 7-bit), 0 / 1 top-1 changes.
     import onnxopt
     from onnxopt import io as _io
+    from tests.passes.test_quantize_models import (
+        MAX_LOST,
+        MIN_COSINE,
+        SETTINGS,
+        _logits,
+        worst_top1_loss,
+    )
 
     result = onnxopt.optimize(
-        model_path("digits_transformer.onnx"), tmp_path / "t.onnx", recipe="fuse-int8",
+        model_path("digits_transformer.onnx"), tmp_path / "t.onnx",
+        passes=["simplify", "fuse", f"quantize:reduce_range={reduce_range}"],  # the fuse-int8 recipe
         calibration=model_path("digits_transformer_calib.npz"),
         evaluation=model_path("digits_transformer_eval.npz"), quiet=True,
     )
@@ -256,9 +273,12 @@ def test_fuse_int8_recipe_on_bundled_transformer(tmp_path):
     assert result.reports[2].counts["quantized_MatMul"] == 7  # per layer: out-proj + 2 FFN; + embed
     ops = op_counts(_io.load_model(tmp_path / "t.onnx"))
     assert ops["Attention"] == 2 and ops["QuantizeLinear"] > 0
-    m = result.validation.outputs["CPUExecutionProvider"]["logits"]
-    assert m.ref_accuracy - m.cand_accuracy <= 0.005, (m.ref_accuracy, m.cand_accuracy)
-    assert m.cosine >= 0.995
+    evald = np.load(model_path("digits_transformer_eval.npz"))
+    ref = _logits(model_path("digits_transformer.onnx"), evald["input"], "disable", 1)
+    candidates = [_logits(result.model, evald["input"], level, threads) for level, threads in SETTINGS]
+    for cand in candidates:
+        assert validation.output_metrics([ref], [cand]).cosine >= MIN_COSINE
+    assert worst_top1_loss(ref, candidates, evald["label"]) <= MAX_LOST
 
 
 def test_unnamed_nodes_created_by_fusion_are_tagged():

@@ -16,6 +16,11 @@ from onnxopt import data, pipeline, precision_plan, sensitivity
 from onnxopt.context import PassContext
 from tests.conftest import load_model, model_path
 
+# Budgets here are self-consistent on any CPU: they are set from this machine's own full-INT8
+# cosine (cos8), the pass verifies them on the evaluation data through onnxruntime, and the tests
+# re-measure with the same function and session settings, so the same CPU gives the same number.
+# With a fixed budget (0.99, 0.995) the pass keeps layers float until it is met; full INT8 of the
+# opset-11 MLP already meets 0.99 with 1 - cosine 7x inside it (0.9987).
 FAST = {"latency_runs": 0, "plan_feeds": 4, "eval_feeds": 4, "sqnr_feeds": 2, "plots": False}
 
 

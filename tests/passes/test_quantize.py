@@ -22,6 +22,10 @@ def _arr(a: np.ndarray) -> str:
 def _run_pass(model: ir.Model, feeds, **options) -> tuple[ir.Model, object]:
     options.setdefault("latency_runs", 0)
     options.setdefault("calibration_method", "minmax")  # no clipping: the 2 x scale bound holds
+    # The same QDQ graph on every CPU: reduce_range=auto would measure 8- against 7-bit weights on
+    # an x86 CPU without VNNI and could keep either (with 7-bit weights this file's bias correction
+    # is measured worse on its check feed and rolled back). auto has its own tests below.
+    options.setdefault("reduce_range", "false")
     ctx = PassContext(calibration=Dataset.from_feeds(feeds), quiet=True)
     report = QuantizePass(QuantizeConfig(**options), ctx)(model)
     return model, report
@@ -42,9 +46,13 @@ def _outputs(model: ir.Model, feeds) -> list[dict[str, np.ndarray]]:
 
 
 def _output_scale(model: ir.Model, name: str) -> float:
+    """The output's quantization scale; 0 for a MatMul/Gemm output, which stays float."""
     out = next(v for v in model.graph.outputs if v.name == name)
     dq = out.producer()
-    assert dq is not None and dq.op_type == "DequantizeLinear", "output is not quantized"
+    assert dq is not None
+    if dq.op_type in ("MatMul", "Gemm"):
+        return 0.0
+    assert dq.op_type == "DequantizeLinear", "output is not quantized"
     return float(dq.inputs[1].const_value.numpy())
 
 
@@ -81,8 +89,13 @@ def _extra(ref: ir.Model, quant: ir.Model, feeds, reduce_axes: tuple[int, ...]) 
 
 
 def _assert_close_to_float(ref: ir.Model, quant: ir.Model, feeds, output: str = "y", extra: float = 0.0) -> None:
-    """atol = 2 x output scale (tests/tolerances.py) + ``extra`` (propagated input rounding)."""
-    atol = 2 * _output_scale(quant, output) + extra
+    """atol = 2 x output scale (tests/tolerances.py) + ``extra`` (propagated input rounding).
+
+    ``extra`` is a worst-case bound (every rounding error at its maximum, same sign), so it
+    holds on any CPU; float32 accumulation order (threads, SIMD width) moves outputs of order 1
+    by ~1e-6, far inside it. 1e-5 is added for that when the output is float (no output scale).
+    """
+    atol = 2 * _output_scale(quant, output) + extra + 1e-5
     for r, q in zip(_outputs(ref, feeds), _outputs(quant, feeds), strict=True):
         np.testing.assert_allclose(q[output], r[output], rtol=0, atol=atol)
 
@@ -124,13 +137,14 @@ def test_conv_relu_structure_dtypes_and_numerics(rng):
 def test_onnxruntime_fuses_into_integer_kernels(rng, tmp_path):
     model, _ = _run_pass(conv_relu(rng), image_feeds(rng))
     mm, _ = _run_pass(matmul_model(rng), vector_feeds(rng))
-    for m, kernel in ((model, "QLinearConv"), (mm, "QLinearMatMul")):
+    # The MatMul writes the graph output, which stays float: an integer kernel with a float output.
+    for m, kernel, op in ((model, "QLinearConv", "Conv"), (mm, "MatMulIntegerToFloat", "MatMul")):
         path = tmp_path / f"{kernel}.onnx"
         with runtime.session(m, opt_level="extended", optimized_model_path=path):
             pass
         fused = _ops(io.load_model(path))
         assert fused[kernel] == 1, fused
-        assert kernel.removeprefix("QLinear") not in fused
+        assert op not in fused
 
 
 def matmul_model(rng, transposed_gemm: bool = False) -> ir.Model:
@@ -150,7 +164,8 @@ def test_matmul_weight_is_per_column(rng):
     model, feeds = matmul_model(rng), vector_feeds(rng)
     ref = model.clone()
     model, _report = _run_pass(model, feeds)
-    assert _ops(model) == {"QuantizeLinear": 2, "DequantizeLinear": 3, "MatMul": 1}
+    # x only: y is a graph output written by a MatMul, which stays float (unclipped).
+    assert _ops(model) == {"QuantizeLinear": 1, "DequantizeLinear": 2, "MatMul": 1}
     wdq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None)
     assert wdq.attributes["axis"].value == 1 and wdq.inputs[1].const_value.shape == (8,)
     _assert_close_to_float(ref, model, feeds, extra=_extra(ref, model, feeds, (0,)))
@@ -225,8 +240,15 @@ g (float[N, 4, 4] s, float[N, 4, 4] mask) => (float[N, 4, 4] y) <float[4, 4] w =
     assert any("attention mask" in r for r in report.skipped) and any("attention mask" in n for n in report.notes)
     add = next(n for n in model.graph if n.op_type == "Add")
     assert add.inputs[1].name == "mask"  # the mask reaches the Add unquantized
+    # Worst case: the quantized q = s @ w is off by at most its own rounding (s_q / 2) plus the
+    # propagated input and weight rounding; Softmax moves each output by at most half the largest
+    # change of its inputs (|d p_i| <= sum_j p_i |delta_ij - p_j| |d a_j| <= 2 p_i (1 - p_i) max|d a|).
+    # Every scale is read back from the model, so the bound holds on any CPU.
+    w = ref.graph.initializers["w"].const_value.numpy()
+    s_q = float(model.graph.initializers["q_s"].const_value.numpy())
+    q_err = s_q / 2 + _linear_atol(model, w, max(float(np.abs(f["s"]).max()) for f in feeds), (0,))
     for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds), strict=True):
-        np.testing.assert_allclose(q["y"], r["y"], atol=0.05)
+        np.testing.assert_allclose(q["y"], r["y"], rtol=0, atol=0.5 * q_err + 1e-6)
 
 
 def test_no_op_on_a_graph_without_quantizable_ops(rng):
@@ -281,7 +303,8 @@ def test_saved_calibration_table_replaces_data(rng, tmp_path):
     table.save(tmp_path / "t.json")
     ref = model.clone()
     report = QuantizePass(QuantizeConfig(calib_table=str(tmp_path / "t.json")))(model)
-    assert report.counts["quantized_Conv"] == 1 and not report.records  # no data: no SQNR
+    # no data: no SQNR, only the recorded reduce_range decision
+    assert report.counts["quantized_Conv"] == 1 and [r["item"] for r in report.records] == ["reduce_range"]
     _assert_close_to_float(ref, model, feeds, extra=_extra(ref, model, feeds, (1, 2, 3)))
 
 
@@ -291,6 +314,9 @@ def test_sqnr_records_sorted_and_latency_measured(rng):
     assert {r["item"] for r in sqnr} == {"x", "y"}
     acc = [r["accumulated_sqnr_db"] for r in sqnr]
     assert acc == sorted(acc)  # worst first
+    # 8-bit min/max rounding of a Gaussian tensor: SQNR = 10 log10(12 var / s^2) with
+    # s = range / 255, ~40 dB for a range of 8 sigma (measured 39.6-47.2 dB). Computed from the QDQ
+    # math, the same on any CPU up to float noise; 20 dB leaves 20 dB.
     assert all(r["sqnr_db"] > 20 and r["accumulated_sqnr_db"] > 20 for r in sqnr)
     # the input is quantized first: nothing accumulated before it, local == accumulated
     x = next(r for r in sqnr if r["item"] == "x")
@@ -326,8 +352,13 @@ g (float[N, 64] x, bool c) => (float[N, 32] y) <float[64, 32] w = {%s}, float[64
     assert report.skipped["MatMul: inside a subgraph (If/Loop/Scan body), left float"] == 1
     assert ir.to_proto(model).ByteSize() < size_before  # w is int8 now; w2 stays float for the branch
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    # The else branch reads h = x @ w computed from quantized x and w (h itself is read only in
+    # the branch, so it stays float): worst-case bound from the model's scales; the then branch
+    # is float (1e-5 covers float noise).
+    w_main = ref.graph.initializers["w"].const_value.numpy()
+    atol = _linear_atol(model, w_main, max(float(np.abs(f["x"]).max()) for f in feeds), (0,)) + 1e-5
     for r, q in zip(_outputs(ref, feeds), _outputs(model, feeds), strict=True):
-        np.testing.assert_allclose(q["y"], r["y"], atol=0.02 * np.abs(r["y"]).max())  # 2% of range
+        np.testing.assert_allclose(q["y"], r["y"], rtol=0, atol=atol)
 
 
 def test_bias_correction_shrinks_the_mean_output_error(rng):
@@ -459,6 +490,7 @@ def test_graph_output_read_by_a_quantized_node_is_quantized_once(rng):
     # c is a Concat output (quantized as a plan output), a graph output (its DQ takes the name)
     # and a MatMul input (quantized as an activation first): it used to be quantized a second
     # time under its new name `c_float` (KeyError; conformance recipe:int8 on attention cases).
+    # y, a MatMul's graph output, stays float.
     w = rng.standard_normal((8, 4)) * 0.3
     model = ir.from_onnx_text(f"""
 <ir_version: 8, opset_import: ["" : 17]>
@@ -470,10 +502,104 @@ g (float[N, 4] x, float[N, 4] z) => (float[N, 8] c, float[N, 4] y) <float[8, 4] 
     feeds = [{k: rng.standard_normal((2, 4)).astype(np.float32) for k in "xz"} for _ in range(4)]
     model, report = _run_pass(model, feeds)
     assert report.counts["quantized_Concat"] == 1 and report.counts["quantized_MatMul"] == 1
-    assert _ops(model)["QuantizeLinear"] == 4  # x, z, c, y: once each
+    assert _ops(model)["QuantizeLinear"] == 3  # x, z, c: once each
+    assert model.graph.outputs[1].producer().op_type == "MatMul"
     assert [v.name for v in model.graph.outputs] == ["c", "y"]
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     _assert_close_to_float(ref, model, feeds, output="c")
+
+
+def test_linear_layer_is_rounded_once_after_its_bias(rng, tmp_path):
+    # x @ W + b on a 3-D input exports as MatMul + Add. The MatMul output is not quantized and the
+    # bias is added in float: the layer's output is rounded once (by its reader), as a Gemm's is,
+    # and onnxruntime runs each MatMul as MatMulIntegerToFloat (integer inputs, float output).
+    w = rng.standard_normal((16, 8)) * 0.3
+    b = rng.standard_normal(8) * 0.1
+    w2 = rng.standard_normal((8, 4)) * 0.3
+    model = ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 16] x) => (float[N, 3, 4] y) <float[16, 8] w = {{{_arr(w)}}}, float[8] b = {{{_arr(b)}}},
+                                            float[8, 4] w2 = {{{_arr(w2)}}}> {{
+    h = MatMul(x, w)
+    a = Add(h, b)
+    y = MatMul(a, w2)
+}}""")
+    feeds = [{"x": rng.standard_normal((2, 3, 16)).astype(np.float32)} for _ in range(4)]
+    ref = model.clone()
+    model, report = _run_pass(model, feeds)
+    assert report.counts["quantized_MatMul"] == 2 and "quantized_Add" not in report.counts
+    assert report.skipped["Add: bias of a MatMul (a Linear layer): added in float, the sum is quantized once by its readers"] == 1
+    quantized = {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x", "a"}  # not h
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    path = tmp_path / "fused.onnx"
+    with runtime.session(model, opt_level="all", optimized_model_path=path):
+        pass
+    fused = _ops(io.load_model(path))
+    assert fused["MatMulIntegerToFloat"] == 2 and "MatMul" not in fused and "QLinearAdd" not in fused, fused
+    # Worst-case bound, every rounding at its maximum: a = x W + b carries x's and W's rounding
+    # (no rounding of h), then a is rounded once (s_a / 2) and goes through W2 with W2's rounding.
+    s_x, s_a = (float(model.graph.initializers[f"{t}_s"].const_value.numpy()) for t in ("x", "a"))
+    s_w, s_w2 = (float(s.max()) for s in _scales(model, weights=True))
+    x_max = max(float(np.abs(f["x"]).max()) for f in feeds)
+    err_a = s_x / 2 * float(np.abs(w).sum(0).max()) + x_max * 16 * s_w / 2
+    a_max = x_max * float(np.abs(w).sum(0).max()) + float(np.abs(b).max())
+    extra = (err_a + s_a / 2) * float(np.abs(w2).sum(0).max()) + a_max * 8 * s_w2 / 2
+    _assert_close_to_float(ref, model, feeds, extra=extra)
+
+
+def test_linear_layer_on_2d_input_keeps_its_integer_kernels(rng, tmp_path):
+    # On 2-D inputs onnxruntime fuses MatMul + Add into a float Gemm unless Q/DQ separates them:
+    # there the MatMul output stays quantized, so both run as integer kernels.
+    w = rng.standard_normal((16, 8)) * 0.3
+    b = rng.standard_normal(8) * 0.1
+    model = ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16] x) => (float[N, 8] y) <float[16, 8] w = {{{_arr(w)}}}, float[8] b = {{{_arr(b)}}}> {{
+    h = MatMul(x, w)
+    a = Add(h, b)
+    y = Relu(a)
+}}""")
+    model, report = _run_pass(model, vector_feeds(rng))
+    assert report.counts["quantized_MatMul"] == 1 and report.counts["quantized_Add"] == 1
+    path = tmp_path / "fused.onnx"
+    with runtime.session(model, opt_level="all", optimized_model_path=path):
+        pass
+    fused = _ops(io.load_model(path))
+    assert fused["QLinearMatMul"] == 1 and fused["QLinearAdd"] == 1 and "Gemm" not in fused, fused
+
+
+def test_written_out_gelu_stays_float(rng, tmp_path):
+    # GELU as torch exports it after a Linear layer: x * (1 + erf(x / sqrt 2)) * 0.5. Its Add and
+    # Muls stay float (no integer kernel runs Erf), only the Linear layers around it are INT8, and
+    # onnxruntime fuses bias + GELU into one float BiasGelu.
+    w = rng.standard_normal((8, 16)) * 0.3
+    b = rng.standard_normal(16) * 0.1
+    w2 = rng.standard_normal((16, 8)) * 0.3
+    model = ir.from_onnx_text(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8] x) => (float[N, 3, 8] y) <float[8, 16] w = {{{_arr(w)}}}, float[16] b = {{{_arr(b)}}},
+                                           float[16, 8] w2 = {{{_arr(w2)}}},
+                                     float r2 = {{1.4142135}}, float one = {{1.0}}, float half = {{0.5}}> {{
+    l = MatMul(x, w)
+    h = Add(l, b)
+    d = Div(h, r2)
+    e = Erf(d)
+    p = Add(e, one)
+    m = Mul(h, p)
+    g = Mul(m, half)
+    y = MatMul(g, w2)
+}}""")
+    feeds = [{"x": rng.standard_normal((2, 3, 8)).astype(np.float32)} for _ in range(4)]
+    model, report = _run_pass(model, feeds)
+    assert report.skipped["Add: part of a GELU written out around Erf: kept float (no integer kernel runs Erf)"] == 1
+    assert report.skipped["Mul: part of a GELU written out around Erf: kept float (no integer kernel runs Erf)"] == 2
+    assert {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"} == {"x", "g"}
+    path = tmp_path / "fused.onnx"
+    with runtime.session(model, opt_level="all", optimized_model_path=path):
+        pass
+    fused = _ops(io.load_model(path))
+    assert fused["BiasGelu"] == 1 and "Erf" not in fused and fused["MatMulIntegerToFloat"] == 2, fused
 
 
 def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
@@ -484,24 +610,39 @@ def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
 
     assert from_dict(QuantizeConfig, {"reduce_range": True}).reduce_range == "true"  # TOML boolean
     assert from_dict(QuantizeConfig, {"reduce_range": "false"}).reduce_range == "false"
+    from onnxopt.environment import cpu_info
+
+    def decided(report) -> dict:
+        (rec,) = [r for r in report.records if r["item"] == "reduce_range"]
+        assert rec["cpu"] == cpu_info().describe() and rec["int8_dot"] == cpu_info().int8_dot  # what it saw
+        return rec
+
     monkeypatch.setattr(quant_math, "int8_dot_saturates", lambda: False)
     p = QuantizePass()
-    assert p._reduce_range(p.new_report(None)) is False  # VNNI/ARM: never
+    report = p.new_report(None)
+    assert p._reduce_range(report) is False  # VNNI/ARM: never
+    assert decided(report)["reduce_range"] is False and "reduce_range=true" in report.notes[0]
     monkeypatch.setattr(quant_math, "int8_dot_saturates", lambda: True)
     p = QuantizePass()
     report = p.new_report(None)
     assert p._reduce_range(report) is True and report.notes  # no data to measure with: the safe choice
+    assert decided(report)["reduce_range"] is True
     p = QuantizePass(context=PassContext(calibration=Dataset.from_feeds([{"x": np.zeros((1, 4), np.float32)}])))
-    assert p._reduce_range(p.new_report(None)) is None  # measured in call()
+    report = p.new_report(None)
+    assert p._reduce_range(report) is None and not report.records  # measured (and recorded) in call()
     p = QuantizePass(QuantizeConfig(reduce_range="false"))
-    assert p._reduce_range(p.new_report(None)) is False
+    report = p.new_report(None)
+    assert p._reduce_range(report) is False and decided(report)["how"] == "set in the config"
 
 
 @pytest.mark.slow
 def test_reduce_range_auto_is_measured_on_the_integer_kernels(monkeypatch):
     # The digits CNN's u8 x s8 pair sums saturate int16 without VNNI: as deployed, its INT8 model
-    # with 8-bit weights is further from FP32 than with 7-bit ones (cosine 0.982 vs 0.9997 here);
-    # with VNNI nothing saturates and the finer 8-bit grid wins.
+    # with 8-bit weights is further from FP32 than with 7-bit ones (AVX2 without VNNI, 2 cores:
+    # cosine 0.982 vs 0.9997); with VNNI (or AMX, ARM) nothing saturates and the finer 8-bit grid
+    # wins (AMD EPYC, AVX-512 VNNI: relative L2 0.0186 vs 0.0222 on the 2 check feeds). Either
+    # gap comes from the weight grid or from saturation, not from float noise (~1e-6), so the
+    # comparison cannot turn on a correct CPU of the same kind.
     from onnxopt import quant_math
 
     saturating_cpu = quant_math.int8_dot_saturates()
@@ -513,7 +654,8 @@ def test_reduce_range_auto_is_measured_on_the_integer_kernels(monkeypatch):
     model = load_model("digits_cnn.onnx")
     calib = data.load_data(model_path("digits_cnn_calib.npz")).take(8)
     report = make("quantize", {"latency_runs": 0, "sqnr_samples": 0}, PassContext(calibration=calib, quiet=True))(model)
-    check = next(r for r in report.records if r["item"] == "reduce_range_check")
+    check = next(r for r in report.records if r["item"] == "reduce_range")
+    assert check["how"].startswith("auto: measured") and check["cpu"]
     assert check["reduce_range"] is saturating_cpu, check
     assert (check["rel_l2_7bit_weights"] < check["rel_l2_8bit_weights"]) is saturating_cpu
     weights = [v.const_value.numpy() for v in model.graph.initializers.values()

@@ -59,6 +59,8 @@ def test_weight_only_formats_match_the_float_model_within_the_rounding_bound(rng
     bound = np.abs(x).sum(axis=1, keepdims=True) * np.abs(w).max() / qmax / 2
     assert np.all(np.abs(_run(model, x) - _run(ref, x)) <= bound + 1e-5)
     rel = report.records[0]["rel_error"]
+    # The weights' own relative error, computed in numpy (no CPU kernel involved): uniform
+    # rounding of a Gaussian to 15 / 255 levels gives ~0.1 / ~0.006.
     assert 0 < rel < (0.2 if options["bits"] == 4 else 0.02)
 
 

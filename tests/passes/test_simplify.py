@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxopt import data, validation
+from onnxopt import data, runtime, validation
 from onnxopt.pass_base import make
 from onnxopt.passes.simplify import SimplifyConfig, SimplifyPass
 from tests.builders import conv_bn_feeds, conv_bn_model
@@ -142,6 +143,18 @@ def test_bundled_cnn_simplified_matches_and_is_smaller():
     assert report.counts["batchnorm_folded"] == 3
     assert "BatchNormalization" not in op_counts(model)
     assert sum(1 for _ in model.graph) < sum(1 for _ in ref.graph)
-    result = validation.compare(ref, model, model_path("digits_cnn_eval.npz"), atol=1e-5, rtol=0)
-    assert result.worst("max_abs") <= 1e-5
+    # Folding re-associates float32 sums, as onnxruntime's own optimisations do, so the deviation
+    # is of the order of the model's float noise on the CPU at hand: the reference against itself
+    # at opt level disable vs all and 1 vs 2 threads (3.1e-6 on AMD EPYC AVX-512, as large as the
+    # fold's own 3.1e-6). Another CPU's noise differs; 10x its own floor (at least 1e-5) holds there.
+    x = np.load(model_path("digits_cnn_eval.npz"))["input"]
+    runs = []
+    for level in ("disable", "all"):
+        for threads in (1, 2):
+            with runtime.session(ref, opt_level=level, threads=threads) as s:
+                runs.append(s.run({"input": x})["logits"])
+    tol = max(10 * max(float(np.abs(r - runs[0]).max()) for r in runs), 1e-5)
+    result = validation.compare(ref, model, model_path("digits_cnn_eval.npz"), atol=tol, rtol=0)
+    assert result.worst("max_abs") <= tol
+    # Top-1 equal: the smallest top-2 margin of this model (0.017) is 5000x the float noise.
     assert result.worst("cosine") >= REAL_MODEL_MIN_COSINE and result.worst("top1") == 1.0
