@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from onnxopt import config as _config
 from onnxopt.context import PassContext
+from onnxopt.outcome import Outcome
 
 __all__ = [
     "EmptyConfig",
@@ -70,6 +71,15 @@ class PassReport(ir.passes.PassResult):
     def note(self, text: str) -> None:
         """A free-text remark shown with the pass summary (e.g. a measured slow-down)."""
         self.notes.append(text)
+
+    def absorb(self, outcome: Outcome) -> None:
+        """Copy what an engine did into this report (its counts mark the model modified)."""
+        for what, n in outcome.counts.items():
+            self.count(what, n)
+        for reason, n in outcome.skipped.items():
+            self.skip(reason, n)
+        self.records.extend(outcome.records)
+        self.notes.extend(outcome.notes)
 
     def summary(self) -> str:
         """One line: status, counts, skips."""

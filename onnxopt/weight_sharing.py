@@ -22,8 +22,8 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils, repair
 from onnxopt.codebook import Codebook, IndexDType, write_weight
-from onnxopt.context import PassContext
-from onnxopt.pass_base import PassReport
+from onnxopt.data import Dataset
+from onnxopt.outcome import Outcome
 
 __all__ = ["SUPPORTED_OPS", "SharingOptions", "Target", "apply", "select"]
 
@@ -75,7 +75,7 @@ class Target:
     axis: int | None
 
 
-def select(model: ir.Model, opts: SharingOptions, report: PassReport) -> list[Target]:
+def select(model: ir.Model, opts: SharingOptions, report: Outcome) -> list[Target]:
     """Pick the weights to share, each once; every candidate left out is a ``report.skip``."""
     nodes = list(_ir_utils.iter_nodes(model, opts.op_types, subgraphs=False))
     if opts.skip_first and nodes:
@@ -138,13 +138,34 @@ def _skip_reason(weight: ir.Value, opts: SharingOptions) -> str | None:
     return None
 
 
-def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContext, report: PassReport, pass_name: str) -> None:
-    """Fit a codebook for every selected weight, repair when asked and possible, and store it."""
+def apply(
+    model: ir.Model,
+    fit: FitFn,
+    opts: SharingOptions,
+    *,
+    calibration: Dataset | None,
+    pass_name: str,
+    quiet: bool = True,
+) -> Outcome:
+    """Fit a codebook for every selected weight, repair when asked and possible, and store it.
+
+    Args:
+        model: edited in place.
+        fit: ``(w, axis) -> Codebook``.
+        opts: selection and storage options.
+        calibration: feeds for repair (None: no repair, with a note when repair was asked for).
+        pass_name: provenance tag for created nodes.
+        quiet: no progress bars.
+
+    Returns:
+        What was shared, repaired, packed and skipped, with a record per tensor.
+    """
+    report = Outcome()
     targets = select(model, opts, report)
     if not targets:
-        return
+        return report
     stats: dict[int, repair.LayerStats] = {}
-    calib = context.calibration if opts.repair else None
+    calib = calibration if opts.repair else None
     teacher = None
     if opts.repair:
         repairable = [t for t in targets if t.layer is not None]
@@ -153,7 +174,7 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
         elif opts.sequential:
             teacher = model.clone()
         elif repairable:
-            found = repair.collect_stats(model, [t.layer for t in repairable], calib, quiet=context.quiet)
+            found = repair.collect_stats(model, [t.layer for t in repairable], calib, quiet=quiet)
             stats = {id(t.weight): s for t, s in zip(repairable, found, strict=True)}
         skipped = len(targets) - len(repairable)
         if skipped and calib is not None:
@@ -164,7 +185,7 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
         st = stats.get(id(target.weight))
         if teacher is not None and target.layer is not None:
             # Sequential: this layer's inputs come from the model with the layers before it shared.
-            st = repair.collect_stats(model, [target.layer], calib, quiet=context.quiet, teacher=teacher)[0]
+            st = repair.collect_stats(model, [target.layer], calib, quiet=quiet, teacher=teacher)[0]
         _share_one(model.graph, target, fit, opts, st, report, opset, pass_name, shared)
     done = [r for r in report.records if "bytes_before" in r]
     if done:
@@ -172,6 +193,7 @@ def apply(model: ir.Model, fit: FitFn, opts: SharingOptions, context: PassContex
         after = sum(r["bytes_after"] for r in done)
         zipped = sum(r["zlib_bytes_after"] for r in done)
         report.note(f"shared weights: {before} -> {after} bytes ({zipped} deflated)")
+    return report
 
 
 def _share_one(
@@ -180,7 +202,7 @@ def _share_one(
     fit: FitFn,
     opts: SharingOptions,
     stats: repair.LayerStats | None,
-    report: PassReport,
+    report: Outcome,
     opset: int,
     pass_name: str,
     shared: dict[str, ir.Value],

@@ -103,5 +103,9 @@ class ClusterPass(OptPass[ClusterConfig]):
         def fit(w: np.ndarray, axis: int | None) -> Codebook:
             return fit_kmeans(w, cfg.clusters, axis, init=cfg.init, keep_zeros=cfg.keep_zeros, seed=seed)
 
-        weight_sharing.apply(model, fit, opts, self.context, report, self.name)
+        ctx = self.context
+        shared = weight_sharing.apply(
+            model, fit, opts, calibration=ctx.calibration, pass_name=self.name, quiet=ctx.quiet
+        )
+        report.absorb(shared)
         return report

@@ -92,5 +92,9 @@ class LogQuantPass(OptPass[LogQuantConfig]):
         def fit(w: np.ndarray, axis: int | None) -> Codebook:
             return fit_log(w, cfg.bits, axis)
 
-        weight_sharing.apply(model, fit, opts, self.context, report, self.name)
+        ctx = self.context
+        shared = weight_sharing.apply(
+            model, fit, opts, calibration=ctx.calibration, pass_name=self.name, quiet=ctx.quiet
+        )
+        report.absorb(shared)
         return report

@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils, channel_prune, flops, repair, weight_sharing
 from onnxopt.config import option
+from onnxopt.outcome import Outcome
 from onnxopt.pass_base import OptPass, PassReport, register
 
 __all__ = ["PruneConfig", "PrunePass"]
@@ -102,7 +103,9 @@ class PrunePass(OptPass[PruneConfig]):
             min_elements=cfg.min_elements, skip_first=cfg.skip_first, skip_last=cfg.skip_last,
             repair=cfg.repair, bias_correction=True, pack=False, index_dtype="auto",
         )
-        targets = weight_sharing.select(model, opts, report)
+        selection = Outcome()
+        targets = weight_sharing.select(model, opts, selection)
+        report.absorb(selection)
         if cfg.repair and self.context.calibration is None and targets:
             report.note("repair requested but no calibration data: pruned without repair")
         if cfg.structured:
