@@ -22,10 +22,11 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils, repair
 from onnxopt.codebook import Codebook, IndexDType, write_weight
+from onnxopt.config import option
 from onnxopt.data import Dataset
 from onnxopt.outcome import Outcome
 
-__all__ = ["SUPPORTED_OPS", "SharingOptions", "Target", "apply", "select"]
+__all__ = ["SUPPORTED_OPS", "CodebookConfig", "SharingOptions", "Target", "apply", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,50 @@ class SharingOptions:
     index_dtype: IndexDType
     scale_only: bool = False
     sequential: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookConfig:
+    """The options every codebook pass (cluster, logquant) has: which weights, repair, storage."""
+
+    per_channel: bool = option(False, "one codebook per output channel instead of per tensor")
+    op_types: frozenset[str] = option(
+        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is replaced"
+    )
+    include: str = option("", "regular expression: only weights whose name matches")
+    exclude: str = option("", "regular expression: leave weights whose name matches")
+    min_elements: int = option(256, "leave smaller weights alone")
+    skip_first: bool = option(False, "leave the first matching layer alone")
+    skip_last: bool = option(False, "leave the last matching layer alone")
+    repair: bool = option(False, "re-fit the codebook on calibration data (skipped with a note without data)")
+    bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
+    sequential: bool = option(
+        True, "with repair: fit each layer on the inputs the already compressed layers give (one "
+        "calibration pass per layer); false: one pass on the original inputs"
+    )
+    pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
+    index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if it fits), uint8, uint4")  # noqa: RUF009
+
+    def __post_init__(self) -> None:
+        check_options(self.op_types, self.include, self.exclude, self.min_elements)
+
+    def sharing_options(self, *, scale_only: bool = False) -> SharingOptions:
+        """These options as the engine's :class:`SharingOptions`."""
+        return SharingOptions(
+            per_channel=self.per_channel,
+            op_types=self.op_types,
+            include=self.include,
+            exclude=self.exclude,
+            min_elements=self.min_elements,
+            skip_first=self.skip_first,
+            skip_last=self.skip_last,
+            repair=self.repair,
+            bias_correction=self.bias_correction,
+            pack=self.pack,
+            index_dtype=self.index_dtype,
+            scale_only=scale_only,
+            sequential=self.sequential,
+        )
 
 
 def check_options(op_types: frozenset[str], include: str, exclude: str, min_elements: int) -> None:

@@ -29,28 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class ClusterConfig:
+class ClusterConfig(weight_sharing.CodebookConfig):
     """Options of the cluster pass."""
 
     clusters: int = option(16, "k, centroids per tensor (or per channel), 2..256")
-    per_channel: bool = option(False, "one codebook per output channel instead of per tensor")
     init: Init = option("kmeans++", "k-means initialisation: kmeans++, linear or density")  # noqa: RUF009 - a str Literal
-    op_types: frozenset[str] = option(
-        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is clustered"
-    )
-    include: str = option("", "regular expression: only weights whose name matches")
-    exclude: str = option("", "regular expression: leave weights whose name matches")
-    min_elements: int = option(256, "leave smaller weights alone")
-    skip_first: bool = option(False, "leave the first matching layer alone")
-    skip_last: bool = option(False, "leave the last matching layer alone")
     keep_zeros: bool = option(True, "exact zeros (pruned weights) keep a fixed zero centroid")
     repair: bool = option(False, "re-fit centroids on calibration data (skipped with a note without data)")
-    bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
-    sequential: bool = option(
-        True, "with repair: fit each layer on the inputs the already compressed layers give (one "
-        "calibration pass per layer); false: one pass on the original inputs"
-    )
-    pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
     index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if k <= 16), uint8, uint4")  # noqa: RUF009
 
     def __post_init__(self) -> None:
@@ -58,7 +43,7 @@ class ClusterConfig:
             raise ValueError(f"clusters must be in 2..256, got {self.clusters}")
         if self.index_dtype == "uint4" and self.clusters > 16:
             raise ValueError(f"index_dtype=uint4 holds at most 16 clusters, got clusters={self.clusters}")
-        weight_sharing.check_options(self.op_types, self.include, self.exclude, self.min_elements)
+        super().__post_init__()
 
 
 @register("cluster")
@@ -84,20 +69,7 @@ class ClusterPass(OptPass[ClusterConfig]):
         """Transform ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
-        opts = weight_sharing.SharingOptions(
-            per_channel=cfg.per_channel,
-            op_types=cfg.op_types,
-            include=cfg.include,
-            exclude=cfg.exclude,
-            min_elements=cfg.min_elements,
-            skip_first=cfg.skip_first,
-            skip_last=cfg.skip_last,
-            repair=cfg.repair,
-            bias_correction=cfg.bias_correction,
-            pack=cfg.pack,
-            index_dtype=cfg.index_dtype,
-            sequential=cfg.sequential,
-        )
+        opts = cfg.sharing_options()
         seed = self.context.seed
 
         def fit(w: np.ndarray, axis: int | None) -> Codebook:

@@ -25,26 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class LogQuantConfig:
+class LogQuantConfig(weight_sharing.CodebookConfig):
     """Options of the logquant pass."""
 
     bits: int = option(4, "bits per weight (1 sign bit + exponent), 2..8")
     per_channel: bool = option(True, "one scale per output channel instead of per tensor")
-    op_types: frozenset[str] = option(
-        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is quantized"
-    )
-    include: str = option("", "regular expression: only weights whose name matches")
-    exclude: str = option("", "regular expression: leave weights whose name matches")
-    min_elements: int = option(256, "leave smaller weights alone")
-    skip_first: bool = option(False, "leave the first matching layer alone")
-    skip_last: bool = option(False, "leave the last matching layer alone")
     repair: bool = option(False, "re-fit the scales on calibration data (skipped with a note without data)")
-    bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
-    sequential: bool = option(
-        True, "with repair: fit each layer on the inputs the already compressed layers give (one "
-        "calibration pass per layer); false: one pass on the original inputs"
-    )
-    pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
     index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if bits <= 4), uint8, uint4")  # noqa: RUF009
 
     def __post_init__(self) -> None:
@@ -52,7 +38,7 @@ class LogQuantConfig:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
         if self.index_dtype == "uint4" and self.bits > 4:
             raise ValueError(f"index_dtype=uint4 holds at most 4 bits, got bits={self.bits}")
-        weight_sharing.check_options(self.op_types, self.include, self.exclude, self.min_elements)
+        super().__post_init__()
 
 
 @register("logquant")
@@ -73,21 +59,7 @@ class LogQuantPass(OptPass[LogQuantConfig]):
         """Transform ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
-        opts = weight_sharing.SharingOptions(
-            per_channel=cfg.per_channel,
-            op_types=cfg.op_types,
-            include=cfg.include,
-            exclude=cfg.exclude,
-            min_elements=cfg.min_elements,
-            skip_first=cfg.skip_first,
-            skip_last=cfg.skip_last,
-            repair=cfg.repair,
-            bias_correction=cfg.bias_correction,
-            pack=cfg.pack,
-            index_dtype=cfg.index_dtype,
-            sequential=cfg.sequential,
-            scale_only=True,
-        )
+        opts = cfg.sharing_options(scale_only=True)
 
         def fit(w: np.ndarray, axis: int | None) -> Codebook:
             return fit_log(w, cfg.bits, axis)
