@@ -10,6 +10,7 @@ the registered ``quantize`` pass (looked up by name), FP16 by :mod:`onnxopt.floa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -27,6 +28,10 @@ from onnxopt.recipes import Recipe, Step, add_recipe
 __all__ = ["MixedConfig", "MixedPass"]
 
 logger = logging.getLogger(__name__)
+
+# The record with the plan's metrics (budget met, model runs, nodes per precision): metrics are
+# records, counts are changes.
+SUMMARY = "summary"
 
 _QDQ_OPSET = 13  # as the quantize pass: QuantizeLinear/DequantizeLinear with per-channel axis
 
@@ -140,7 +145,6 @@ class MixedPass(OptPass[MixedConfig]):
             report.note(f"SQNR estimate vs measured sensitivity: Spearman rank correlation {agree:.3f}")
         fallback, fp32 = planner.search(order)
         groups = {n.name: _region(n) for n in float_model.graph if n.name in set(candidates)}
-        report.count("accuracy_plan_non_int8", len(fallback))
         report.record("accuracy plan", non_int8=len(fallback), fallback=sorted(fallback))
         notes = []
         if cfg.speed_guard:
@@ -151,7 +155,8 @@ class MixedPass(OptPass[MixedConfig]):
             report.note(note)
         self._report(report, float_model, planner, (sens, sens16, sqnr), fallback, fp32, final, budget)
         report.note(f"planning took {time.perf_counter() - t0:.2f} s and {planner.runs} model runs")
-        report.count("model_runs", planner.runs)
+        summary = next(r for r in report.records if r["item"] == SUMMARY)
+        summary.update(model_runs=planner.runs, accuracy_plan_non_int8=len(fallback))
         return report
 
     def _report(self, report, float_model, planner, scores, fallback, fp32, final, budget) -> None:
@@ -161,7 +166,8 @@ class MixedPass(OptPass[MixedConfig]):
         for name in planner.candidates:
             p = precision_plan.precision_of(name, fallback, fp32, planner.target)
             precision[name] = p
-            report.count(f"{p}_nodes")
+            if p != "fp32":  # a change; FP32 nodes are counted in the summary record
+                report.count(f"{p}_nodes")
             if p == "int8":
                 reason = "INT8 within budget"
             elif p == "fp16":
@@ -177,7 +183,11 @@ class MixedPass(OptPass[MixedConfig]):
         for i, row in enumerate(frontier):
             report.record(f"plan {i}", **row)
         met = final.measurement.ok
-        report.count("budget_met" if met else "budget_missed")
+        per_precision = collections.Counter(precision.values())
+        report.record(
+            SUMMARY, budget_met=bool(met), int8_nodes=per_precision["int8"],
+            fp16_nodes=per_precision["fp16"], fp32_nodes=per_precision["fp32"],
+        )  # fmt: skip
         report.note(
             f"budget {budget.describe()}: {'met' if met else 'NOT met'} on {len(planner.evald)} evaluation feeds "
             f"(cosine {final.measurement.cosine:.6f}, max abs {final.measurement.max_abs:.4g}); "

@@ -73,8 +73,9 @@ class SimplifyPass(OptPass[SimplifyConfig]):
         inits_before = sum(len(g.initializers) for g in model.graphs())
         cfg = self.config
         if model.functions:
+            inlined = len(model.functions)
             common.InlinePass()(model)
-            report.count("functions_inlined", 0)
+            report.count("functions_inlined", inlined - len(model.functions))
         sequence_ops = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in _SEQUENCE_OPS})
         if cfg.fold_constants and sequence_ops:
             report.skip(f"constant folding skipped: sequence ops ({', '.join(sequence_ops)})")
