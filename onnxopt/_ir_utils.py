@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
-
 import functools
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
 
@@ -24,6 +24,8 @@ __all__ = [
     "parameter_count",
     "tag",
     "unique_name",
+    "upgrade_opset",
+    "upgrade_opset_proto",
 ]
 
 PROVENANCE_KEY = "pkg.onnxopt.pass"
@@ -90,6 +92,37 @@ def unique_name(graph: ir.Graph, base: str, taken: set[str] | None = None) -> st
         i += 1
     used.add(name)
     return name
+
+
+def upgrade_opset_proto(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``proto`` converted to default opset ``target`` by onnx's version converter, node names kept.
+
+    The converter re-creates some nodes without their names and splits others (Softmax-11 ->
+    Softmax-13 + Reshape); each gets back the name of the node that made its first output, made
+    unique (onnxruntime refuses a model with two nodes of one name).
+    """
+    names = {n.output[0]: n.name for n in proto.graph.node if n.name and n.output}
+    converted = onnx.version_converter.convert_version(proto, target)
+    taken = {n.name for n in converted.graph.node if n.name}
+    for node in converted.graph.node:
+        if not node.name and node.output and node.output[0] in names:
+            base = names[node.output[0]]
+            name = base
+            i = 1
+            while name in taken:
+                name = f"{base}_{i}"
+                i += 1
+            node.name = name
+            taken.add(name)
+    return converted
+
+
+def upgrade_opset(model: ir.Model, target: int) -> bool:
+    """Upgrade ``model``'s default opset to ``target`` in place (names kept); False if already there."""
+    if model.opset_imports.get("", 0) >= target:
+        return False
+    model.graph = ir.from_proto(upgrade_opset_proto(ir.to_proto(model), target)).graph
+    return True
 
 
 def _value_names(graph: ir.Graph) -> set[str]:

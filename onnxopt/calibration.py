@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-import onnx.version_converter
 import onnx_ir as ir
 from tqdm.auto import tqdm
 

@@ -29,7 +29,6 @@ import tempfile
 from typing import Literal
 
 import onnx
-import onnx.version_converter
 import onnx_ir as ir
 
 from onnxopt import _ir_utils
@@ -112,7 +111,7 @@ class FusePass(OptPass[FuseConfig]):
         proto = ir.to_proto(model)
         opset = model.opset_imports.get("", 0)
         if opset < _MIN_OPSET:
-            proto = onnx.version_converter.convert_version(proto, _MIN_OPSET)
+            proto = _ir_utils.upgrade_opset_proto(proto, _MIN_OPSET)
         before = _fused_counts(proto)
         keys_before = {_node_key(n.name, list(n.output)) for n in proto.graph.node}
         reordered = _projection_first(proto) if self.config.attention else 0

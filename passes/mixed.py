@@ -15,11 +15,9 @@ import dataclasses
 import logging
 import time
 
-import onnx
-import onnx.version_converter
 import onnx_ir as ir
 
-from onnxopt import float16, mixed_plots, precision_plan, qdq_insert, sensitivity
+from onnxopt import _ir_utils, float16, mixed_plots, precision_plan, qdq_insert, sensitivity
 from onnxopt.calibration import cached_ranges
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -95,10 +93,8 @@ class MixedPass(OptPass[MixedConfig]):
         report = self.new_report(model)
         cfg, ctx = self.config, self.context
         opset = model.opset_imports.get("", 0)
-        if opset < _QDQ_OPSET:
-            # Upgrade once here: the quantize pass would do it per plan and rename nodes each time.
-            proto = onnx.version_converter.convert_version(ir.to_proto(model), _QDQ_OPSET)
-            model.graph = ir.from_proto(proto).graph
+        # Upgrade once here: the quantize pass would do it per plan.
+        if _ir_utils.upgrade_opset(model, _QDQ_OPSET):
             report.count("opset_upgraded")
             report.note(f"default opset upgraded from {opset} to {_QDQ_OPSET} (per-channel QDQ)")
         named = precision_plan.name_nodes(model)

@@ -13,9 +13,7 @@ import dataclasses
 import logging
 from typing import Literal
 
-import numpy as np
 import onnx.shape_inference
-import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
@@ -181,15 +179,7 @@ class QuantizePass(OptPass[QuantizeConfig]):
         """Quantize ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         opset = model.opset_imports.get("", 0)
-        if opset < _MIN_OPSET:
-            names = {n.outputs[0].name: n.name for n in model.graph if n.name and n.outputs}
-            model.graph = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(model), _MIN_OPSET)).graph
-            taken = {node.name for node in model.graph if node.name}
-            for node in model.graph:  # the converter re-creates some nodes without their names
-                if not node.name and node.outputs and node.outputs[0].name in names:
-                    # A node it split (Softmax-11 -> Softmax-13 + Reshape) keeps the name on one part.
-                    node.name = _ir_utils.unique_name(model.graph, names[node.outputs[0].name], taken)
-                    taken.add(node.name)
+        if _ir_utils.upgrade_opset(model, _MIN_OPSET):
             report.count("opset_upgraded")
             report.note(f"default opset upgraded from {opset} to {_MIN_OPSET} for per-channel QDQ")
         table, float_readers = self._calibrate(model, report)

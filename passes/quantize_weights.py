@@ -18,7 +18,6 @@ import logging
 from typing import Literal
 
 import numpy as np
-import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
@@ -113,9 +112,7 @@ class QuantizeWeightsPass(OptPass[QuantizeWeightsConfig]):
             return report
         need = 21 if cfg.format == "qdq" and (cfg.block_size or cfg.bits == 4) else 13
         opset = model.opset_imports.get("", 0)
-        if cfg.format == "qdq" and opset < need:
-            converted = onnx.version_converter.convert_version(ir.to_proto(model), need)
-            model.graph = ir.from_proto(converted).graph
+        if cfg.format == "qdq" and _ir_utils.upgrade_opset(model, need):
             report.note(f"default opset upgraded from {opset} to {need} for {cfg.bits}-bit DequantizeLinear")
             return self.call(model) if model.opset_imports.get("", 0) >= need else report
         taken = _ir_utils._value_names(model.graph)
