@@ -1,4 +1,4 @@
-"""Recipes: named pipelines written as data, also loadable from a TOML file.
+"""Recipes: named pipelines written as data, all built-in ones here, also loadable from a TOML file.
 
 A TOML recipe::
 
@@ -77,6 +77,30 @@ add_recipe(Recipe("deep-compression", "Deep Compression (Han et al. 2016) on the
                    Step("cluster", {"clusters": 16, "repair": True, "pack": True, "min_elements": 0})),
                   needs_calibration=True))
 
+add_recipe(Recipe("int8", "simplify, then static INT8 QDQ quantization from calibration data",
+                  (Step("simplify"), Step("quantize")), needs_calibration=True))
+add_recipe(Recipe("fp16", "simplify, then float16 weights and compute; nodes whose calibrated ranges "
+                  "leave float16 stay float32 (--calib optional: without it only weights are checked)",
+                  (Step("simplify"), Step("fp16"))))
+add_recipe(Recipe("mixed", "simplify, then per-node INT8/FP16/FP32 chosen to meet the accuracy budget "
+                  "(--min-cosine / --max-error) for --target, verified on --eval data",
+                  (Step("simplify"), Step("mixed")), needs_calibration=True))
+add_recipe(Recipe("fuse", "simplify, then onnxruntime's transformer fusions (attention, layer norms, GELU)",
+                  (Step("simplify"), Step("fuse"))))
+# Fusion before INT8: the fused kernels keep attention/LayerNorm/GELU float and quantize takes the
+# remaining MatMuls; Q/DQ pairs placed first would break the patterns (benchmarks/bench_fuse.py).
+add_recipe(Recipe("fuse-int8", "simplify, transformer fusions, then static INT8 QDQ of the remaining MatMuls",
+                  (Step("simplify"), Step("fuse"), Step("quantize")), needs_calibration=True))
+add_recipe(Recipe("compress-distill", "teacher, then 80% global pruning and 16 clusters per output channel "
+                  "(both repaired on --calib data), distillation against the input model on --calib data "
+                  "(labels used when present), and 4-bit packing of the trained codebooks",
+                  (Step("teacher"), Step("simplify"),
+                   Step("prune", {"sparsity": 0.8, "scope": "global", "skip_last": True, "repair": True}),
+                   Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0}),
+                   Step("distill"),
+                   Step("cluster", {"clusters": 16, "per_channel": True, "pack": True, "min_elements": 0})),
+                  needs_calibration=True))
+
 
 def get_recipe(name_or_path: str) -> Recipe:
     """A built-in recipe by name, or a recipe read from a ``.toml`` file.
@@ -87,7 +111,6 @@ def get_recipe(name_or_path: str) -> Recipe:
     """
     if name_or_path.endswith(".toml"):
         return load_toml(name_or_path)
-    pass_base.all_passes()  # importing the passes also registers their recipes
     try:
         return RECIPES[name_or_path]
     except KeyError:

@@ -28,7 +28,6 @@ from onnxopt import io as _io
 from onnxopt.config import option
 from onnxopt.errors import OnnxOptError
 from onnxopt.pass_base import OptPass, PassReport, register
-from onnxopt.recipes import Recipe, Step, add_recipe
 
 __all__ = ["DistillConfig", "DistillPass"]
 
@@ -241,14 +240,3 @@ def _write(model: ir.Model, weights: dict[str, np.ndarray]) -> None:
         if array.shape != old_shape:
             raise RuntimeError(f"distill: {name} changed shape {old_shape} -> {array.shape}")
         value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name)
-
-
-add_recipe(Recipe("compress-distill", "teacher, then 80% global pruning and 16 clusters per output channel "
-                  "(both repaired on --calib data), distillation against the input model on --calib data "
-                  "(labels used when present), and 4-bit packing of the trained codebooks",
-                  (Step("teacher"), Step("simplify"),
-                   Step("prune", {"sparsity": 0.8, "scope": "global", "skip_last": True, "repair": True}),
-                   Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0}),
-                   Step("distill"),
-                   Step("cluster", {"clusters": 16, "per_channel": True, "pack": True, "min_elements": 0})),
-                  needs_calibration=True))

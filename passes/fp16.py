@@ -24,7 +24,6 @@ import onnx_ir as ir
 from onnxopt import calibration, float16
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
-from onnxopt.recipes import Recipe, Step, add_recipe
 
 __all__ = ["Fp16Config", "Fp16Pass"]
 
@@ -118,8 +117,3 @@ class Fp16Pass(OptPass[Fp16Config]):
         if result.lowered and result.bytes_before:
             report.note(f"weights {result.bytes_before:,} B -> {result.bytes_after:,} B")
         return report
-
-
-add_recipe(Recipe("fp16", "simplify, then float16 weights and compute; nodes whose calibrated ranges "
-                  "leave float16 stay float32 (--calib optional: without it only weights are checked)",
-                  (Step("simplify"), Step("fp16"))))

@@ -35,7 +35,6 @@ from onnxopt import _ir_utils
 from onnxopt import io as _io
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
-from onnxopt.recipes import Recipe, Step, add_recipe
 
 __all__ = ["FUSED_OPS", "FuseConfig", "FusePass"]
 
@@ -272,11 +271,3 @@ def _transplant(source: ir.Model, target: ir.Model) -> None:
     target.ir_version = max(target.ir_version, source.ir_version)
     target.functions.clear()
     target.functions.update(source.functions)
-
-
-add_recipe(Recipe("fuse", "simplify, then onnxruntime's transformer fusions (attention, layer norms, GELU)",
-                  (Step("simplify"), Step("fuse"))))
-# Fusion before INT8: the fused kernels keep attention/LayerNorm/GELU float and quantize takes the
-# remaining MatMuls; Q/DQ pairs placed first would break the patterns (benchmarks/bench_fuse.py).
-add_recipe(Recipe("fuse-int8", "simplify, transformer fusions, then static INT8 QDQ of the remaining MatMuls",
-                  (Step("simplify"), Step("fuse"), Step("quantize")), needs_calibration=True))

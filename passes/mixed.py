@@ -21,7 +21,6 @@ from onnxopt import _ir_utils, float16, mixed_plots, precision_plan, qdq_insert,
 from onnxopt.calibration import cached_ranges
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
-from onnxopt.recipes import Recipe, Step, add_recipe
 
 __all__ = ["MixedConfig", "MixedPass"]
 
@@ -202,8 +201,3 @@ def _region(node: ir.Node) -> str:
     if node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1:
         return "Conv (depthwise/grouped)"
     return node.op_type
-
-
-add_recipe(Recipe("mixed", "simplify, then per-node INT8/FP16/FP32 chosen to meet the accuracy budget "
-                  "(--min-cosine / --max-error) for --target, verified on --eval data",
-                  (Step("simplify"), Step("mixed")), needs_calibration=True))

@@ -33,7 +33,6 @@ from onnxopt.calibration import CalibrationTable
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
 from onnxopt.qdq_rules import RULES, SUPPORTED_OPS, QuantPlan, RuleContext
-from onnxopt.recipes import Recipe, Step, add_recipe
 
 __all__ = ["QuantizeConfig", "QuantizePass"]
 
@@ -385,7 +384,3 @@ class QuantizePass(OptPass[QuantizeConfig]):
                     f"INT8 is slower than FP32 on CPU (1 thread, ORT_ENABLE_ALL): {int8:.2f} ms vs "
                     f"{fp32:.2f} ms ({int8 / fp32:.2f}x); consider the mixed recipe"
                 )
-
-
-add_recipe(Recipe("int8", "simplify, then static INT8 QDQ quantization from calibration data",
-                  (Step("simplify"), Step("quantize")), needs_calibration=True))
