@@ -1,4 +1,4 @@
-"""The README's quick start runs and prints what the README says it prints."""
+"""The README's quick start runs and prints what the README says it prints; the docs' links resolve."""
 
 from __future__ import annotations
 
@@ -49,3 +49,29 @@ def test_ci_runs_the_readme_test_command():
         part = part.replace("python3 -m venv .venv", "").strip()
         if part:
             assert part in ci, f"README test step {part!r} is not in .ci/run"
+
+
+def _outside_code(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _outside_code(page.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # an external URL: not checked offline
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name}: link {target!r} points at a missing file"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", _outside_code(dest.read_text()), flags=re.M)
+                assert anchor in {_anchor(h) for h in headings}, f"{page.name}: no heading for {target!r}"
+            checked += 1
+    assert checked >= 10, "the link pattern found (almost) no links: the check itself is broken"
