@@ -72,6 +72,8 @@ def _html(payload: dict[str, Any]) -> str:
             parts.append(f"<h3>{html.escape(p['pass'])}: details</h3>" + _table(p["records"][:500]))
         for note in p.get("notes", []):
             parts.append(f"<p>{html.escape(note)}</p>")
+    for note in payload.get("notes", []):
+        parts.append(f"<p>note: {html.escape(note)}</p>")
     validation = payload.get("validation")
     if validation:
         rows = [
