@@ -221,7 +221,7 @@ def _generated(
 
     """
     try:
-        return feedgen.runnable_feeds(model, 4, seed=seed, cache=context.cache)
+        return feedgen.runnable_feeds(model, 4, seed=seed, cache=context.cache, source=path)
     except ModelLoadError as err:
         raise ModelLoadError(f"{path}: {err}") from err
     except DataError as err:
@@ -281,7 +281,8 @@ def validate(
     if data is None:
         ref = reference if isinstance(reference, ir.Model) else _io.load_model(reference)
         try:
-            data = feedgen.runnable_feeds(ref, 4, seed=seed)
+            source = None if isinstance(reference, ir.Model) else reference
+            data = feedgen.runnable_feeds(ref, 4, seed=seed, source=source)
         except DataError as err:
             raise DataError(f"{reference}: cannot validate without data: {err}; pass data (--data)") from err
     return validation.compare(

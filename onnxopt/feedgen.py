@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -62,7 +63,7 @@ _DOMAINS = {
     ("ConstantOfShape", 0): "positive",
 }
 # Inputs that hold axes of their op's data input (input 0): distinct, within its rank.
-_AXES_INPUT = {"CumSum": 1, "Slice": 3, **{op: 1 for op in (
+_AXES_INPUT = {"CumSum": 1, "CumProd": 1, "Slice": 3, **{op: 1 for op in (
     "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")}}
 # From an Equal to the If condition it decides.
@@ -95,7 +96,7 @@ class _Plan:
     mask: bool = False
     split: tuple[_Bound, int] | None = None  # (size of the split axis, number of parts)
     domain: str | None = None  # a key of _DOMAINS' values, or "axes"
-    rank: int | None = None  # for "axes": the rank of the data they index
+    axes: list[int] | None = None  # for "axes": the axes allowed (distinct draws from these)
 
 
 def generated_data(
@@ -134,6 +135,7 @@ def runnable_feeds(
     *,
     seed: int = 0,
     cache: MutableMapping[Any, Any] | None = None,
+    source: str | os.PathLike | None = None,
 ) -> Dataset:
     """Generated feeds that onnxruntime runs ``model`` on, or :class:`DataError` saying why.
 
@@ -144,13 +146,14 @@ def runnable_feeds(
 
     The first guess is tried first; when the model refuses it, the free dims take the retry
     sizes in turn (tries above ``_MAX_TRY_ELEMENTS`` are not made). All runs share one
-    session. ``cache`` (a pass context's) remembers the try that worked, keyed by the input
-    signature, so later checks of the same run generate it directly without a probe.
+    session (on ``source``, the model's file, when given: no temp copy of a large model).
+    ``cache`` (a pass context's) remembers the try that worked, keyed by the input signature
+    and seed, so later checks of the same run generate it directly without a probe.
 
     """
     from onnxopt import runtime
 
-    key = ("feedgen.attempt", tuple(map(repr, input_signature(model))), seed, n)
+    key = ("feedgen.attempt", tuple(map(repr, input_signature(model))), seed)
     if cache is not None and key in cache:
         known = cache[key]
         if isinstance(known, tuple):  # it failed before, and an equivalent model fails the same way
@@ -163,7 +166,7 @@ def runnable_feeds(
     quiet.log_severity_level = 4  # a refused try is expected: keep onnxruntime's error log quiet
     first_error = ""
     try:
-        handle = runtime.make_session(model)
+        handle = runtime.make_session(source if source is not None else model)
     except Exception as err:  # no feeds involved: the model itself is at fault
         why = f"onnxruntime cannot run the input model: it does not load ({_first_line(err)})"
         if cache is not None:
@@ -263,10 +266,8 @@ def _trace(start: ir.Value, plan: _Plan) -> None:
                 plan.mask = True
             if (op, idx) in _DOMAINS:
                 plan.domain = _DOMAINS[(op, idx)]
-            if _AXES_INPUT.get(op) == idx:
-                shape = _shape_of(node.inputs[0]) if node.inputs[0] is not None else None
-                if shape is not None:
-                    plan.domain, plan.rank = "axes", len(shape)
+            if _AXES_INPUT.get(op) == idx or (op in ("Squeeze", "Unsqueeze") and idx == 1):
+                _axes_domain(node, value, plan)
             if op == "Equal" and _reaches_if(node.outputs[0]):
                 other = node.inputs[1 - idx] if len(node.inputs) == 2 else None
                 const = _const_array(other) if other is not None else None
@@ -278,6 +279,27 @@ def _trace(start: ir.Value, plan: _Plan) -> None:
                     if id(out) not in seen:
                         seen.add(id(out))
                         todo.append(out)
+
+
+def _axes_domain(node: ir.Node, axes: ir.Value, plan: _Plan) -> None:
+    """Note the axes ``axes`` may hold: any axis of the node's data input.
+
+    For Squeeze only axes of size 1; for Unsqueeze those of the output (data rank + count).
+    """
+    shape = _shape_of(node.inputs[0]) if node.inputs[0] is not None else None
+    if shape is None:
+        return
+    if node.op_type == "Squeeze":
+        allowed = [i for i, d in enumerate(shape) if d == 1]
+    elif node.op_type == "Unsqueeze":
+        count = axes.shape[0] if axes.shape is not None and len(axes.shape) == 1 else None
+        if not isinstance(count, int):
+            return
+        allowed = list(range(len(shape) + count))
+    else:
+        allowed = list(range(len(shape)))
+    if allowed:
+        plan.domain, plan.axes = "axes", allowed
 
 
 def _rows(node: ir.Node) -> _Bound:
@@ -520,10 +542,10 @@ def _domain_values(plan: _Plan, shape: tuple[int, ...], rng: np.random.Generator
         if count:
             target[rng.integers(0, count)] = -1
         return target.reshape(shape)
-    rank = plan.rank or 1  # "axes": distinct axes of the data
-    if count > rank:
-        return rng.integers(0, rank, shape)
-    return rng.permutation(rank)[:count].reshape(shape)
+    allowed = np.asarray(plan.axes or [0])  # "axes": distinct where there are enough
+    if count > len(allowed):
+        return rng.choice(allowed, size=shape)
+    return rng.permutation(allowed)[:count].reshape(shape)
 
 
 def _partition(rng: np.random.Generator, total: int, parts: int) -> np.ndarray:
