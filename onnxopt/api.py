@@ -14,8 +14,8 @@ import onnx_ir as ir
 from onnxopt import config as _config
 from onnxopt import data as _data
 from onnxopt import export as _export
+from onnxopt import feedgen, pipeline, recipes, report, validation
 from onnxopt import io as _io
-from onnxopt import pipeline, recipes, report, validation
 from onnxopt.context import Metric, PassContext, Target
 from onnxopt.errors import DataError, ModelLoadError, OnnxOptError
 
@@ -28,7 +28,11 @@ PassSpec = str | tuple[str, dict[str, Any]] | recipes.Step
 
 @dataclasses.dataclass
 class OptimizeResult:
-    """What :func:`optimize` produced."""
+    """What :func:`optimize` produced.
+
+    ``validation`` is None when the final check was skipped (no data was given and the input
+    model does not run on generated feeds); ``notes`` then says so.
+    """
 
     output: pathlib.Path
     model: ir.Model
@@ -36,6 +40,7 @@ class OptimizeResult:
     validation: validation.ValidationReport | None
     failures: list[str]
     export: _export.ExportResult | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -108,6 +113,7 @@ def optimize(
     Raises:
         OnnxOptError: bad model, data or output path (typed subclasses).
         ValueError / KeyError: unknown pass, recipe or option.
+
     """
     steps: list[recipes.Step] = []
     if recipe is not None or not passes:
@@ -142,17 +148,27 @@ def optimize(
     work = _io.load_model(model)
     result = pipeline.run(work, pass_objs, check=check, strict=strict)
     check_data = context.check_data
-    try:
-        # The final check runs as deployed (onnxruntime's optimisations on): INT8 QDQ then goes
-        # through the integer kernels, whose rounding and saturation the QDQ graph alone hides.
-        final = validation.compare(model, result.model, check_data, seed=seed, opt_level="all")
-    except Exception as err:
-        if not isinstance(err, OnnxOptError) and not _runs(original, check_data, seed):
-            raise ModelLoadError(f"{model}: onnxruntime cannot run the input model ({_first_line(err)})") from err
-        raise
-    failures = final.failures(min_cosine=min_cosine, max_abs=max_error)
+    notes: list[str] = []
+    feeds = check_data if check_data is not None else _generated(model, original, seed, context, notes)
+    final = None
+    if feeds is not None:
+        try:
+            # The final check runs as deployed (onnxruntime's optimisations on): INT8 QDQ then goes
+            # through the integer kernels, whose rounding and saturation the QDQ graph alone hides.
+            final = validation.compare(model, result.model, feeds, seed=seed, opt_level="all")
+        except Exception as err:
+            if isinstance(err, OnnxOptError) or _runs(original, feeds, "all"):
+                raise
+            if check_data is not None:  # the user's own data: the input model is at fault
+                raise ModelLoadError(
+                    f"{model}: onnxruntime cannot run the input model on the given data ({_first_line(err)})"
+                ) from err
+            notes.append(_skip_note(f"the input model does not run on generated feeds as deployed ({_first_line(err)})"))
+    failures = final.failures(min_cosine=min_cosine, max_abs=max_error) if final is not None else []
     if min_cosine is None and max_error is None:
         failures = [f for f in failures if "non-finite" in f]
+    elif final is None:
+        failures.append("the accuracy budget was not checked (no data the input model runs on); pass --eval DATA")
     if metric is not None and min_metric is not None and check_data is not None:
         score = _score(metric, original, result.model, check_data)
         if not score >= min_metric:
@@ -161,8 +177,9 @@ def optimize(
         mode = {None: "auto", True: "one-file", False: "off"}[external_data]
         export = _export.ExportOptions(external_data=mode)  # type: ignore[arg-type]
     written = _export.export(result.model, out_path, export, inputs=(model,))
-    if written.format == "ort":
-        feeds = check_data if check_data is not None else _data.random_data(signature, 2, seed=seed)
+    if written.format == "ort" and feeds is None:
+        notes.append("ORT format check skipped: no feeds the input model runs on")
+    elif written.format == "ort":
         # Level "all" swaps QDQ pairs for integer kernels, so compare by cosine, not bit-exactness.
         for name, m in _export.check_ort(result.model, written.path, feeds).items():
             written.check[name] = {"max_abs": m.max_abs, "cosine": m.cosine}
@@ -179,12 +196,37 @@ def optimize(
                 "input": str(model),
                 "output": str(out_path),
                 "passes": result.to_json(),
-                "validation": final.to_json(),
+                "validation": final.to_json() if final is not None else None,
                 "failures": failures,
+                "notes": notes,
                 "export": written.to_json(),
             },
         )
-    return OptimizeResult(out_path, result.model, result.reports, final, failures, written)
+    for note in notes:
+        logger.info("%s", note)
+    return OptimizeResult(out_path, result.model, result.reports, final, failures, written, notes)
+
+
+def _skip_note(why: str) -> str:
+    return f"final check skipped: {why}; pass --eval DATA to check the result on real data"
+
+
+def _generated(
+    path: str | os.PathLike, model: ir.Model, seed: int, context: PassContext, notes: list[str]
+) -> _data.Dataset | None:
+    """Generated feeds the input model runs on, or None with the reason added to ``notes``.
+
+    Raises:
+        ModelLoadError: onnxruntime cannot load the input model (no feed could help).
+
+    """
+    try:
+        return feedgen.runnable_feeds(model, 4, seed=seed, cache=context.cache, source=path)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{path}: {err}") from err
+    except DataError as err:
+        notes.append(_skip_note(str(err)))
+        return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -192,13 +234,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _runs(model: ir.Model, data: _data.Dataset | None, seed: int) -> bool:
-    """Whether onnxruntime runs ``model`` itself (on ``data`` or seeded random feeds)."""
+def _runs(model: ir.Model, feeds: _data.Dataset, opt_level: str = "disable") -> bool:
+    """Whether onnxruntime runs ``model`` itself on ``feeds``."""
     from onnxopt import runtime
 
     try:
-        feeds = data if data is not None else _data.random_data(_data.input_signature(model), 1, seed=seed)
-        with runtime.session(model) as handle:
+        with runtime.session(model, opt_level=opt_level) as handle:
             runtime.run_all(handle, feeds)
     except Exception:  # any failure of the input model itself
         return False
@@ -229,11 +270,21 @@ def validate(
 ) -> validation.ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data`` on each provider.
 
+    Without ``data``, on 4 feeds generated from the reference's graph
+    (:func:`onnxopt.feedgen.runnable_feeds`).
+
     Returns the report; check ``report.failures(min_cosine=..., max_abs=...)`` or call
     ``report.assert_ok(...)`` to raise :class:`onnxopt.errors.ValidationFailed`.
     """
     if isinstance(reference, (str, os.PathLike)) and not pathlib.Path(reference).exists():
         raise OnnxOptError(f"{reference}: model file not found")
+    if data is None:
+        ref = reference if isinstance(reference, ir.Model) else _io.load_model(reference)
+        try:
+            source = None if isinstance(reference, ir.Model) else reference
+            data = feedgen.runnable_feeds(ref, 4, seed=seed, source=source)
+        except DataError as err:
+            raise DataError(f"{reference}: cannot validate without data: {err}; pass data (--data)") from err
     return validation.compare(
         reference,
         candidate,

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", parents=[common], help="compare a candidate model with its reference")
     val.add_argument("reference")
     val.add_argument("candidate")
-    val.add_argument("--data", help="feeds (default: 4 seeded random feeds)")
+    val.add_argument("--data", help="feeds (default: 4 seeded feeds generated from the reference's graph)")
     val.add_argument("--providers", default="cpu", help="comma-separated: cpu,cuda,tensorrt")
     val.add_argument("--require-providers", action="store_true", help="a missing provider is an error")
     val.add_argument("--min-cosine", type=float)
@@ -133,6 +133,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                 print(f"    check: {check}")
             for note in r.notes:
                 print(f"    note: {note}")
+        for note in result.notes:
+            print(f"note: {note}")
         if result.validation is not None:
             print(result.validation.table())
         written = result.export

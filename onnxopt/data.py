@@ -47,16 +47,22 @@ _RANDOM_FEED_LIMIT = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """A graph input: name, numpy dtype, and dims (int for static, str/None for symbolic)."""
+    """A graph input: name, numpy dtype, and dims (int for static, str/None for symbolic).
+
+    ``kind`` is ``tensor``, ``sequence`` (a list of tensors of ``dtype``; ``shape`` is that of
+    an element, when declared), ``optional`` or ``optional-sequence`` (the value or None).
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None
+    kind: str = "tensor"
 
     def describe(self) -> str:
         """For error messages: ``input[batch,64] float32``."""
         dims = "?" if self.shape is None else ",".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}[{dims}] {self.dtype}"
+        text = f"{self.name}[{dims}] {self.dtype}"
+        return text if self.kind == "tensor" else f"{text} ({self.kind})"
 
 
 def input_signature(model: ir.Model) -> list[InputSpec]:
@@ -73,8 +79,16 @@ def input_signature(model: ir.Model) -> list[InputSpec]:
                 (d if d >= 0 else None) if isinstance(d, int) else (d.value if d.value else None)
                 for d in value.shape
             )
-        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape, _kind(value.type)))
     return specs
+
+
+def _kind(type_: ir.TypeProtocol | None) -> str:
+    if isinstance(type_, ir.OptionalType):
+        return "optional-sequence" if isinstance(type_.elem_type, ir.SequenceType) else "optional"
+    if isinstance(type_, ir.SequenceType):
+        return "sequence"
+    return "tensor"
 
 
 class Dataset:
@@ -136,6 +150,7 @@ def load_data(
 
     Raises:
         DataError: missing path, unknown format, or data that does not fit the model's inputs.
+
     """
     if isinstance(source, Dataset):
         feeds = list(source)
@@ -160,11 +175,21 @@ def load_data(
 def _from_memory(feeds: list[Feed], signature: Sequence[InputSpec] | None, where: str) -> Dataset:
     if not feeds:
         raise DataError(f"{where}: no feeds")
-    feeds = [{k: np.asarray(v) for k, v in feed.items()} for feed in feeds]
+    kinds = {spec.name: spec.kind for spec in signature or ()}
+    feeds = [{k: _as_value(v, kinds.get(k, "tensor")) for k, v in feed.items()} for feed in feeds]
     if signature is not None:
         for i, feed in enumerate(feeds):
             check_feed(feed, signature, f"{where} item {i}")
     return Dataset.from_feeds(feeds, where)
+
+
+def _as_value(value: Any, kind: str) -> Any:
+    """An array; for a sequence input a list of arrays, for an optional one also None."""
+    if value is None and kind.startswith("optional"):
+        return None
+    if kind.endswith("sequence") and isinstance(value, (list, tuple)):
+        return [np.asarray(v) for v in value]
+    return np.asarray(value)
 
 
 def _load_path(path: pathlib.Path, signature: Sequence[InputSpec] | None, batch_size: int) -> Dataset:
@@ -280,24 +305,33 @@ def _pb_sets(dirs: list[pathlib.Path], signature: Sequence[InputSpec] | None, wh
         inputs = sorted(d.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
         feed: Feed = {}
         for i, p in enumerate(inputs):
-            tensor = _read_pb(p)
-            name = tensor.name or (signature[i].name if signature and i < len(signature) else f"input_{i}")
-            feed[name] = onnx.numpy_helper.to_array(tensor)
+            spec = signature[i] if signature and i < len(signature) else None
+            name, value = _read_value(p, spec.kind if spec is not None else "tensor")
+            feed[name or (spec.name if spec is not None else f"input_{i}")] = value
         if signature is not None:
             check_feed(feed, signature, str(d))
         feeds.append(feed)
         outputs = sorted(d.glob("output_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
-        expected.append([onnx.numpy_helper.to_array(_read_pb(p)) for p in outputs])
+        expected.append([_read_value(p, "tensor")[1] for p in outputs])
     return Dataset.from_feeds(feeds, where, expected=expected)
 
 
-def _read_pb(path: pathlib.Path) -> onnx.TensorProto:
-    tensor = onnx.TensorProto()
+def _read_value(path: pathlib.Path, kind: str) -> tuple[str, Any]:
+    """(name, value) of an ``input_*.pb`` holding an input of ``kind``.
+
+    A TensorProto for tensors; for sequence and optional inputs the SequenceProto /
+    OptionalProto onnx writes for them (a list of arrays; the value or None).
+    """
+    proto: Any = {"tensor": onnx.TensorProto, "sequence": onnx.SequenceProto}.get(kind, onnx.OptionalProto)()
     try:
-        tensor.ParseFromString(path.read_bytes())
-    except Exception as err:  # protobuf decode errors
-        raise DataError(f"{path}: not a TensorProto ({err})") from err
-    return tensor
+        proto.ParseFromString(path.read_bytes())
+        if kind == "tensor":
+            return proto.name, onnx.numpy_helper.to_array(proto)
+        if kind == "sequence":
+            return proto.name, onnx.numpy_helper.to_list(proto)
+        return proto.name, onnx.numpy_helper.to_optional(proto)
+    except Exception as err:  # protobuf decode errors, segments, unsupported element types
+        raise DataError(f"{path}: not a readable {type(proto).__name__} ({err})") from err
 
 
 def _check_names(feed: Mapping[str, Any], signature: Sequence[InputSpec], where: str) -> None:
@@ -314,16 +348,35 @@ def _check_names(feed: Mapping[str, Any], signature: Sequence[InputSpec], where:
 
 
 def check_feed(feed: Mapping[str, Any], signature: Sequence[InputSpec], where: str) -> None:
-    """Raise :class:`DataError` unless ``feed`` has exactly the model's inputs with fitting arrays."""
+    """Raise :class:`DataError` unless ``feed`` has exactly the model's inputs with fitting arrays.
+
+    A sequence input takes a list of arrays of its element type (each checked for dtype only:
+    elements may differ in shape); an optional input takes its value or None.
+    """
     _check_names(feed, signature, where)
     for spec in signature:
-        check_array(spec.name, np.asarray(feed[spec.name]), spec, where)
+        value = feed[spec.name]
+        if spec.kind.startswith("optional") and value is None:
+            continue
+        if spec.kind.endswith("sequence"):
+            if not isinstance(value, (list, tuple)):
+                raise DataError(f"{where}: input {spec.name!r} is a sequence; expected a list of arrays")
+            loose = dataclasses.replace(spec, shape=None, kind="tensor")
+            for item in value:
+                check_array(spec.name, np.asarray(item), loose, where)
+            continue
+        check_array(spec.name, np.asarray(value), spec, where)
 
 
 def check_array(
     name: str, arr: np.ndarray, spec: InputSpec, where: str, *, batch_axis_free: bool = False
 ) -> None:
-    """Check one array's dtype, rank and static dims (axis 0 free when ``batch_axis_free``)."""
+    """Check one array's dtype, rank and static dims (axis 0 free when ``batch_axis_free``).
+
+    Values are not checked: -inf is how additive attention masks are exported, and inf/NaN in
+    an input are data the model is defined on (onnxruntime runs them; calibration takes
+    ranges from finite values only).
+    """
     if arr.dtype != spec.dtype:
         raise DataError(f"{where}: input {name!r} has dtype {arr.dtype}, model expects {spec.dtype}")
     if spec.shape is None:
@@ -341,8 +394,6 @@ def check_array(
                 f"{where}: input {name!r} has shape {list(arr.shape)}, model expects {spec.describe()} "
                 f"(dim {axis} is {got}, expected {want})"
             )
-    if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
-        raise DataError(f"{where}: input {name!r} contains NaN or inf")
 
 
 def random_data(

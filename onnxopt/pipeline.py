@@ -23,8 +23,9 @@ import onnx
 import onnx_ir as ir
 import tqdm
 
-from onnxopt import _ir_utils, data, normalize, runtime, validation
+from onnxopt import _ir_utils, data, feedgen, normalize, runtime, validation
 from onnxopt import io as _io
+from onnxopt.errors import DataError
 from onnxopt.pass_base import OptPass, PassReport
 
 __all__ = ["PipelineResult", "check_model", "model_stats", "noise_level", "run"]
@@ -207,9 +208,12 @@ def _check_numerics(
     """Lossless: outputs must match the pass input within its tolerance and the noise floor.
     Lossy: record the error."""
     feeds = p.context.check_data
-    signature = data.input_signature(before)
     if feeds is None:
-        feeds = data.random_data(signature, 2, seed=p.context.seed)
+        try:
+            feeds = feedgen.runnable_feeds(before, 2, seed=p.context.seed, cache=p.context.cache)
+        except DataError as err:
+            report.note(f"numerical check skipped: {err}; pass --eval DATA to check on real data")
+            return
     elif len(feeds) > CHECK_FEEDS:
         feeds = feeds.take(CHECK_FEEDS)
     rtol, atol = p.tolerance
@@ -224,8 +228,11 @@ def _check_numerics(
         result = validation.compare(before, after, feeds, rtol=rtol, atol=atol, **kw)
     except Exception:
         if p.context.check_data is None and not _runs(before, feeds):
-            # Random feeds can be invalid for the model (indices out of range, ...): no check.
-            report.note("numerical check skipped: the input model does not run on random feeds")
+            # Generated feeds can still be invalid for the model: no check, and say so.
+            report.note(
+                "numerical check skipped: the model does not run on generated feeds; "
+                "pass --eval DATA to check on real data"
+            )
             return
         raise
     worst_cos = result.worst("cosine")

@@ -92,6 +92,8 @@ def _html(payload: dict[str, Any]) -> str:
                "int8 kernels": cpu.get("int8_dot"), "os": env.get("os"), "python": env.get("python"),
                **{k: v for k, v in env.get("versions", {}).items()}}
         parts.append("<h2>Environment</h2>" + _table([row]))
+    for note in payload.get("notes", []):
+        parts.append(f"<p>note: {html.escape(note)}</p>")
     validation = payload.get("validation")
     if validation:
         rows = [

@@ -84,12 +84,23 @@ def output_metrics(
     atol: float = 1e-4,
     labels: np.ndarray | None = None,
 ) -> OutputMetrics:
-    """Metrics of ``cand`` against ``ref``; each a list of per-feed arrays of the same shapes."""
+    """Metrics of ``cand`` against ``ref``; each a list of per-feed arrays of the same shapes.
+
+    A sequence output (a list of arrays per feed) is compared element by element, flattened;
+    a string output exactly: ``ref`` is taken as ones and ``cand`` as 1 where it agrees, 0
+    where not (cosine 1 and max abs 0 only when every string matches).
+    """
     for r, c in zip(ref, cand):
-        if np.shape(r) != np.shape(c):
-            raise ValueError(f"output shapes differ: reference {np.shape(r)}, candidate {np.shape(c)}")
-    a = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in ref]) if ref else np.zeros(0)
-    b = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in cand]) if cand else np.zeros(0)
+        if _shape(r) != _shape(c):
+            raise ValueError(f"output shapes differ: reference {_shape(r)}, candidate {_shape(c)}")
+    flat_a = [_flat(r) for r in ref]
+    flat_b = [_flat(c) for c in cand]
+    if any(x.dtype.kind in "OSU" for x in flat_a + flat_b):  # strings: agree or not
+        same = [np.asarray(x == y, dtype=np.float64).ravel() for x, y in zip(flat_a, flat_b, strict=True)]
+        flat_b = same
+        flat_a = [np.ones_like(x) for x in same]
+    a = np.concatenate([np.asarray(x, dtype=np.float64) for x in flat_a]) if ref else np.zeros(0)
+    b = np.concatenate([np.asarray(x, dtype=np.float64) for x in flat_b]) if cand else np.zeros(0)
     # Non-finite where the reference is finite: NaN/inf the input model makes itself is not a fault.
     nonfinite = int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a))) if a.size == b.size else int(
         np.count_nonzero(~np.isfinite(b))
@@ -117,7 +128,7 @@ def output_metrics(
     metrics = OutputMetrics(
         max_abs, mean_abs, max_rel, rel_l2, cosine, mismatch, nonfinite, rms_abs=rms_abs, ref_rms=ref_rms
     )
-    if all(np.ndim(r) == 2 and np.shape(r)[1] >= 2 for r in ref) and np.issubdtype(
+    if all(isinstance(r, np.ndarray) and r.ndim == 2 and r.shape[1] >= 2 for r in ref) and np.issubdtype(
         np.asarray(ref[0]).dtype, np.floating
     ):
         top_ref = np.concatenate([np.argmax(r, axis=1) for r in ref])
@@ -127,6 +138,21 @@ def output_metrics(
             metrics.ref_accuracy = float(np.mean(top_ref == labels))
             metrics.cand_accuracy = float(np.mean(top_cand == labels))
     return metrics
+
+
+def _shape(x: Any) -> Any:
+    """The shape of an array; for a sequence (list) the shapes of its elements; None: ()."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_shape(e) for e in x)
+    return () if x is None else np.shape(x)
+
+
+def _flat(x: Any) -> np.ndarray:
+    """An output's values as one flat array (a sequence's elements concatenated)."""
+    if isinstance(x, (list, tuple)):
+        parts = [_flat(e) for e in x]
+        return np.concatenate(parts) if parts else np.zeros(0)
+    return np.zeros(0) if x is None else np.asarray(x).ravel()
 
 
 @dataclasses.dataclass

@@ -104,6 +104,8 @@ def assert_clean_failure_or_correct(workdir: pathlib.Path, model_path: pathlib.P
     feeds = {}
     for i in ref.get_inputs():
         shape = [d if isinstance(d, int) else 2 for d in i.shape]
+        if np.prod(shape, dtype=object) > 1 << 24:  # optimized with its checks skipped (a note)
+            return
         feeds[i.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for r, c in zip(ref.run(None, feeds), cand.run(None, feeds), strict=True):
         # Lossless passes on a 4-wide MLP with weights in [-1, 1]: float noise ~1e-7 on any CPU.
@@ -265,7 +267,7 @@ EXPECTED = {
     "undeclared_domain": "No opset import for domain",
     "zero_size_input": None,
     "zero_size_initializer": "onnxruntime cannot run the input model",
-    "huge_dim_input": "cannot generate random data for input x",
+    "huge_dim_input": None,  # written, its checks skipped with a note: no feed fits in memory
     "huge_dim_initializer": "too small for the declared shape",
     "wrong_initializer_size": "too small for the declared shape",
     "no_outputs": "no outputs",
