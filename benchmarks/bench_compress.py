@@ -13,14 +13,14 @@ Parts (``--part``; all by default), every number measured in this run:
                models measured in interleaved rounds in this process; top-1 without and with
                repair.
 ``ocr``        16 clusters packed on the PP-OCR cls and det models (weights lifted by simplify),
-               without and with repair from the captured real feeds (benchmarks/ocr/ocr_data.py
+               without and with repair from the captured real feeds (onnxopt/testing/ocr_data.py
                capture): file/zip sizes, relative L2 error and cosine of the outputs on the
                held-out captured feeds.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
                every Conv/Gemm/MatMul weight of >= 256 elements, on the bundled models and the
-               PP-OCR det/cls models of rapidocr-onnxruntime (benchmarks/ocr/ocr_data.py).
+               PP-OCR det/cls models of rapidocr-onnxruntime (onnxopt/testing/ocr_data.py).
 
 Usage::
 
@@ -43,13 +43,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxopt import codebook, data, flops, io, pipeline, recipes, repair, runtime, validation
+from onnxopt import io, pipeline, recipes
+from onnxopt.compress import codebook, flops, repair
 from onnxopt.context import PassContext
 from onnxopt.recipes import Step
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
 
 
 def file_sizes(model: ir.Model) -> tuple[int, int]:
@@ -222,7 +224,7 @@ def _weights(model: ir.Model) -> list[tuple[np.ndarray, int | None]]:
 def part_codebooks() -> list[dict]:
     paths = {n: MODELS / f"{n}.onnx" for n in ("digits_mlp", "digits_cnn", "digits_transformer")}
     try:
-        import ocr_data  # optional: needs rapidocr-onnxruntime
+        from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
 
         found = ocr_data.model_paths()
         paths.update({f"pp-ocr {k}": found[k] for k in ("det", "cls") if k in found})
@@ -263,11 +265,11 @@ def part_codebooks() -> list[dict]:
 
 def part_ocr(stages: list[str]) -> list[dict]:
     """16 clusters packed on PP-OCR models, repair from the captured real feeds (one pass)."""
-    import ocr_data  # optional: needs rapidocr-onnxruntime
+    from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
 
     feeds_dir = ROOT / "benchmarks" / "ocr" / ".cache" / "feeds"
     if not (feeds_dir / "det").is_dir():
-        raise SystemExit(f"no captured feeds in {feeds_dir}: run python benchmarks/ocr/ocr_data.py capture")
+        raise SystemExit(f"no captured feeds in {feeds_dir}: run python onnxopt/testing/ocr_data.py capture")
     cluster = {"clusters": 16, "pack": True}
     settings = {
         "16 clusters packed": cluster,

@@ -34,10 +34,12 @@ import onnx_ir as ir
 import torch
 from sklearn.datasets import load_digits
 
-from onnxopt import data, pass_base, pipeline, runtime
 from onnxopt import io as _io
+from onnxopt import pass_base, pipeline
 from onnxopt.context import PassContext
-from onnxopt.torch_graph import TorchGraph
+from onnxopt.distill.torch_graph import TorchGraph
+from onnxopt.runtime import data
+from onnxopt.runtime import sessions as runtime
 
 MODEL = "models/digits_cnn.onnx"
 EVAL = "models/digits_cnn_eval.npz"

@@ -1,7 +1,7 @@
 """FP16 conversion: onnxopt's ``fp16`` pass against onnxconverter-common, on real models.
 
 For each model (bundled digits models; PP-OCR det and cls from rapidocr-onnxruntime, with the
-feeds captured by ``benchmarks/ocr/ocr_data.py capture``): convert with both tools, then on
+feeds captured by ``onnxopt/testing/ocr_data.py capture``): convert with both tools, then on
 held-out feeds report whether the model loads on onnxruntime CPU, output cosine to FP32,
 non-finite values, size ratio, and which nodes onnxopt kept float32 and why.
 
@@ -13,18 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 from typing import Any
 
 import onnx
 import onnx_ir as ir
 
-from onnxopt import data as _data
-from onnxopt import float16, pipeline, validation
 from onnxopt import io as _io
+from onnxopt import pipeline
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
+from onnxopt.quant import float16
+from onnxopt.runtime import data as _data
+from onnxopt.runtime import validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OCR_FEEDS = ROOT / "benchmarks" / "ocr" / ".cache" / "feeds"
@@ -37,9 +38,8 @@ def sources(max_feeds: int) -> dict[str, tuple[pathlib.Path, Any, Any]]:
         path = ROOT / "models" / f"{name}.onnx"
         if path.exists():
             out[name] = (path, ROOT / "models" / f"{name}_calib.npz", ROOT / "models" / f"{name}_eval.npz")
-    sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
     try:
-        import ocr_data
+        from onnxopt.testing import ocr_data
 
         paths = ocr_data.model_paths()
     except (ImportError, FileNotFoundError) as err:

@@ -7,7 +7,7 @@ fusions at load time). Variants are timed interleaved, round-robin in a shuffled
 reported number is the median over rounds of per-round medians, so machine noise hits all
 variants alike. Fidelity: against the fp32 model on held-out feeds (not the calibration feeds).
 
-Models: the BERT-style encoder of tests/bert_builder.py (hidden 128, 4 heads, 2 layers, seq 64)
+Models: the BERT-style encoder of onnxopt/testing/bert_builder.py (hidden 128, 4 heads, 2 layers, seq 64)
 and the bundled models/digits_transformer.onnx (with its labels: accuracy).
 
     python benchmarks/bench_fuse.py [--rounds 15] [--json out.json]
@@ -19,20 +19,20 @@ import argparse
 import json
 import pathlib
 import random
-import sys
 import time
 
 import numpy as np
 import onnx_ir as ir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from onnxopt import data, pipeline, runtime, validation
 from onnxopt import io as _io
+from onnxopt import pipeline
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from tests.bert_builder import bert_feeds, make_bert
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
+from onnxopt.testing.bert_builder import bert_feeds, make_bert
 
 ORDERS = {"fp32": [], "fused": ["fuse"], "int8": ["quantize"], "fuse->int8": ["fuse", "quantize"],
           "int8->fuse": ["quantize", "fuse"]}

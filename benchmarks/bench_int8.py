@@ -1,7 +1,7 @@
 """Static INT8: onnxopt's ``int8`` recipe against onnxruntime's ``quantize_static``, same samples.
 
 For each model (bundled digits models; PP-OCR det and cls from rapidocr-onnxruntime with the
-feeds written by ``benchmarks/ocr/ocr_data.py capture``), each tool runs in its own subprocess
+feeds written by ``onnxopt/testing/ocr_data.py capture``), each tool runs in its own subprocess
 (wall time and peak RSS of that process: VmHWM, else ``os.wait4``) on the same first N calibration
 feeds. onnxruntime's side is what its users run: opset upgraded to 13 where lower,
 ``quant_pre_process`` (skipped with a note when it fails), then ``quantize_static`` in QDQ
@@ -51,9 +51,8 @@ def sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
         path = ROOT / "models" / f"{name}.onnx"
         if path.exists():
             out[name] = (path, ROOT / "models" / f"{name}_calib.npz", ROOT / "models" / f"{name}_eval.npz")
-    sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
     try:
-        import ocr_data
+        from onnxopt.testing import ocr_data
 
         paths = ocr_data.model_paths()
     except (ImportError, FileNotFoundError) as err:
@@ -63,13 +62,14 @@ def sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
         if (OCR_FEEDS / stage).is_dir():
             out[stage] = (paths[stage], OCR_FEEDS / stage, OCR_FEEDS / f"eval_{stage}")
         else:
-            print(f"no {stage} feeds: run `python benchmarks/ocr/ocr_data.py capture --out "
+            print(f"no {stage} feeds: run `python onnxopt/testing/ocr_data.py capture --out "
                   f"{OCR_FEEDS}` first", file=sys.stderr)
     return out
 
 
 def _feeds(model_path: pathlib.Path, source: pathlib.Path, n: int) -> list[dict[str, np.ndarray]]:
-    from onnxopt import data, io
+    from onnxopt import io
+    from onnxopt.runtime import data
 
     signature = data.input_signature(io.load_model(model_path))
     return list(data.load_data(source, signature).take(n))
@@ -79,9 +79,10 @@ def _feeds(model_path: pathlib.Path, source: pathlib.Path, n: int) -> list[dict[
 
 
 def run_onnxopt(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
-    from onnxopt import data, io, pipeline
+    from onnxopt import io, pipeline
     from onnxopt.context import PassContext
     from onnxopt.pass_base import make
+    from onnxopt.runtime import data
 
     m = io.load_model(model)
     ctx = PassContext(calibration=data.load_data(calib, data.input_signature(m)).take(n), quiet=True)
@@ -151,14 +152,12 @@ def _own_peak_mb() -> float | None:
 def _load_tool(tool: str) -> None:
     """Import the tool's libraries (timed apart: a one-time cost per process, not calibration)."""
     if tool.startswith("onnxopt"):
-        from onnxopt import data, io, pipeline
         from onnxopt.context import PassContext
         from onnxopt.pass_base import make
 
         make("quantize", {}, PassContext())  # loads the pass registry
     else:
-        from onnxruntime import quantization
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+        pass
 
 
 def _child(args: argparse.Namespace) -> int:
@@ -200,7 +199,7 @@ def spawn(tool: str, model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path
 
 
 def fidelity(ref: pathlib.Path, cand: pathlib.Path, eval_src: pathlib.Path, max_feeds: int | None) -> dict:
-    from onnxopt import validation
+    from onnxopt.runtime import validation
 
     rep = validation.compare(ref, cand, eval_src, max_feeds=max_feeds, opt_level="all")
     m = next(iter(next(iter(rep.outputs.values())).values()))
@@ -212,7 +211,7 @@ def fidelity(ref: pathlib.Path, cand: pathlib.Path, eval_src: pathlib.Path, max_
 
 def latencies(paths: list[pathlib.Path], feed: dict, threads: int, runs: int) -> list[float]:
     """Median ms per model, runs interleaved model by model (ORT_ENABLE_ALL, CPU)."""
-    from onnxopt import runtime
+    from onnxopt.runtime import sessions as runtime
 
     handles = [runtime.make_session(p, threads=threads, opt_level="all") for p in paths]
     times: list[list[float]] = [[] for _ in handles]

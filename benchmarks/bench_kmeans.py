@@ -23,7 +23,7 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans
 
-from onnxopt.kmeans1d import kmeans1d, within_cluster_sse
+from onnxopt.compress.kmeans1d import kmeans1d, within_cluster_sse
 
 
 def make_values(n: int, seed: int = 0) -> np.ndarray:

@@ -13,7 +13,7 @@ the same process (so machine load affects both alike).
 Part 3 (``--part ocr``, not in ``all``: minutes): the real PP-OCRv4 text detector from
 rapidocr-onnxruntime (many 1x1 Convs), simplified, then split by the ``lowrank`` pass (plain vs
 aware at rank 25%, and aware with the global 50% target) using the captured real feeds of
-``benchmarks/ocr/ocr_data.py capture``; output error on the held-out feeds, interleaved latency,
+``onnxopt/testing/ocr_data.py capture``; output error on the held-out feeds, interleaved latency,
 and the character error rate of the whole OCR pipeline on the held-out images.
 
 Usage::
@@ -39,8 +39,10 @@ import tqdm
 from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes.lowrank import LowRankConfig, LowRankPass
 
-from onnxopt import data, io, runtime, validation
+from onnxopt import io
 from onnxopt.context import PassContext
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -183,9 +185,9 @@ def ocr(rounds: int, threads: int, max_feeds: int) -> list[dict]:
     """Low-rank split of the PP-OCR detector on real feeds; error, latency and CER."""
     import tempfile
 
-    sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
-    import ocr_data
     from onnxopt.passes.simplify import SimplifyPass
+
+    from onnxopt.testing import ocr_data
 
     feeds_dir = ocr_data.CACHE_DIR / "feeds"
     if not (feeds_dir / "det").is_dir():

@@ -18,17 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import tempfile
 import time
 from typing import Any
 
 import onnxopt
-from onnxopt import data as _data
 from onnxopt import io as _io
-from onnxopt import pipeline, precision_plan, sensitivity, validation
+from onnxopt import pipeline
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
+from onnxopt.quant import planner as precision_plan
+from onnxopt.quant import sensitivity
+from onnxopt.runtime import data as _data
+from onnxopt.runtime import validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OCR_FEEDS = ROOT / "benchmarks" / "ocr" / ".cache" / "feeds"
@@ -39,9 +41,8 @@ def sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
     for name in ("digits_cnn", "digits_transformer", "digits_mlp"):
         out[name] = (ROOT / "models" / f"{name}.onnx", ROOT / "models" / f"{name}_calib.npz",
                      ROOT / "models" / f"{name}_eval.npz")  # fmt: skip
-    sys.path.insert(0, str(ROOT / "benchmarks" / "ocr"))
     try:
-        import ocr_data
+        from onnxopt.testing import ocr_data
 
         out["cls"] = (ocr_data.model_paths()["cls"], OCR_FEEDS / "cls", OCR_FEEDS / "eval_cls")
     except (ImportError, FileNotFoundError) as err:

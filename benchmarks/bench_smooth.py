@@ -6,7 +6,7 @@ models/digits_transformer.onnx (pre-LN: each LayerNorm feeds only MatMuls) two c
 LayerNorm's gamma and beta are multiplied by ``k`` and the matching weight rows divided by ``k``,
 so the FP32 function (and accuracy) is unchanged, and only the activations INT8 must represent
 change. models/digits_cnn.onnx gets the same between BatchNorm -> Relu and the Conv after it
-(cross-layer equalisation's case). The BERT-style encoder of tests/bert_builder.py (post-LN, LayerNorm written out in
+(cross-layer equalisation's case). The BERT-style encoder of onnxopt/testing/bert_builder.py (post-LN, LayerNorm written out in
 primitives, -1e4 attention mask) is built with the same kind of outliers.
 
 Per model and ``k``: onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax, after
@@ -33,13 +33,15 @@ import numpy as np
 import onnx_ir as ir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from onnxopt import data, pipeline, quant_report, runtime, validation
 from onnxopt import io as _io
+from onnxopt import pipeline
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from tests.bert_builder import bert_feeds, make_bert
+from onnxopt.quant import deploy_check as quant_report
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
+from onnxopt.testing.bert_builder import bert_feeds, make_bert
 
 OUTLIER_CHANNELS = (5, 41)
 

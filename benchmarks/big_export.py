@@ -9,18 +9,15 @@ from __future__ import annotations
 import argparse
 import pathlib
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 from onnxopt import export
 from onnxopt import io as _io
-from tests.test_export import _big_model
+from onnxopt.testing.builders import big_model
 
 
 def main() -> None:
@@ -29,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     n, rows, cols = 6, 2048, 65536  # 6 x 512 MiB = 3 GiB of float32
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        model = _big_model(n, rows, cols)
+        model = big_model(n, rows, cols)
         assert _io.model_nbytes(model) > _io.PROTOBUF_LIMIT
         t0 = time.perf_counter()
         result = export.export(model, pathlib.Path(tmp) / "big.onnx")

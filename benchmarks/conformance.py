@@ -10,7 +10,7 @@ Usage::
 Writes ``<out>/eligibility.json`` (reused when onnx and onnxruntime versions match),
 ``<out>/outcomes.jsonl`` (one verdict per case and tool) and ``<out>/table.md``, and prints the
 counts table and every crashed/invalid/wrong/timeout outcome of our own passes.
-See tests/conformance/harness.py for the rules.
+See onnxopt/testing/conformance/harness.py for the rules.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.conformance import cases as _cases
-from tests.conformance import harness, tools
+from onnxopt.testing.conformance import cases as _cases
+from onnxopt.testing.conformance import harness, tools
 
 
 def _versions() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Data-free runs of every recipe over a 1-in-20 sample of the ONNX backend node cases.
 
 For each sampled case that onnxruntime runs correctly (the eligibility rule of
-tests/conformance/harness.py), the case's model is written to a folder with its own data sets as
+onnxopt/testing/conformance/harness.py), the case's model is written to a folder with its own data sets as
 ``test_data_set_*`` folders, and the ``onnxopt`` command runs on it:
 
     onnxopt optimize case.onnx -o out.onnx --recipe R                 # every recipe, no data
@@ -40,10 +40,9 @@ import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.conformance import cases as _cases
-from tests.conformance import harness
+from onnxopt.testing.conformance import cases as _cases
+from onnxopt.testing.conformance import harness
 
 SKIP_RECIPES = ("compress-distill",)  # needs torch (the distill extra)
 

@@ -21,11 +21,10 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
-from tests.conformance.large import run_with_peak_rss, write_large_mlp
+from onnxopt.testing.conformance.large import run_with_peak_rss, write_large_mlp
 
 INT8_NAMES = ("quantize", "int8", "qdq", "quant-int8")
 
@@ -103,7 +102,7 @@ def main() -> int:
             rows.append((name, f"{seconds:.0f}", f"{peak / 1e9:.2f}", f"{size / 1e9:.2f}", verdict))
             for p in work.glob(f"out_{name}.onnx*"):
                 p.unlink()
-        print(f"\n| pass | seconds | peak RSS (GB) | output (GB) | output check |\n|---|---|---|---|---|")
+        print("\n| pass | seconds | peak RSS (GB) | output (GB) | output check |\n|---|---|---|---|---|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
         print(f"\ninput model: {nbytes / 1e9:.2f} GB; peak RSS / model size is the memory cost of one run")

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from onnxopt.api import OptimizeResult, optimize, validate
-from onnxopt.errors import DataError, ModelLoadError, OnnxOptError, OutputPathError, ProviderError, ValidationFailed
+from onnxopt.errors import (
+    DataError,
+    ModelLoadError,
+    OnnxOptError,
+    OutputPathError,
+    ProviderError,
+    ValidationFailed,
+)
 from onnxopt.modelinfo import describe_model as inspect
 
 __all__ = [

@@ -12,12 +12,14 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxopt import config as _config
-from onnxopt import data as _data
 from onnxopt import export as _export
-from onnxopt import feedgen, pipeline, recipes, report, validation
 from onnxopt import io as _io
+from onnxopt import pipeline, recipes
 from onnxopt.context import Metric, PassContext, Target
 from onnxopt.errors import DataError, ModelLoadError, OnnxOptError
+from onnxopt.report import writer as report
+from onnxopt.runtime import data as _data
+from onnxopt.runtime import feedgen, validation
 
 __all__ = ["OptimizeResult", "optimize", "parse_pass_spec", "validate"]
 
@@ -93,7 +95,7 @@ def optimize(
             ``passes`` is empty too.
         passes: extra passes after the recipe's: ``"name"``, ``"name:k=v,..."`` or
             ``("name", {options})``.
-        calibration: calibration data (any form :func:`onnxopt.data.load_data` takes).
+        calibration: calibration data (any form :func:`onnxopt.runtime.data.load_data` takes).
         evaluation: held-out data for checks and the final validation (default: calibration).
         target: cpu, cuda or tensorrt.
         min_cosine: budget: smallest allowed output cosine to the input model.
@@ -236,7 +238,7 @@ def _first_line(err: BaseException) -> str:
 
 def _runs(model: ir.Model, feeds: _data.Dataset, opt_level: str = "disable") -> bool:
     """Whether onnxruntime runs ``model`` itself on ``feeds``."""
-    from onnxopt import runtime
+    from onnxopt.runtime import sessions as runtime
 
     try:
         with runtime.session(model, opt_level=opt_level) as handle:
@@ -247,7 +249,7 @@ def _runs(model: ir.Model, feeds: _data.Dataset, opt_level: str = "disable") -> 
 
 
 def _score(metric: Metric, ref: ir.Model, cand: ir.Model, data: _data.Dataset) -> float:
-    from onnxopt import runtime
+    from onnxopt.runtime import sessions as runtime
 
     with runtime.session(ref) as r, runtime.session(cand) as c:
         feeds = list(data)
@@ -271,7 +273,7 @@ def validate(
     """Compare ``candidate`` with ``reference`` on ``data`` on each provider.
 
     Without ``data``, on 4 feeds generated from the reference's graph
-    (:func:`onnxopt.feedgen.runnable_feeds`).
+    (:func:`onnxopt.runtime.feedgen.runnable_feeds`).
 
     Returns the report; check ``report.failures(min_cosine=..., max_abs=...)`` or call
     ``report.assert_ok(...)`` to raise :class:`onnxopt.errors.ValidationFailed`.

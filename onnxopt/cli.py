@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", parents=[common], help="ops, parameters, bytes per tensor and per op type")
     ins.add_argument("model")
-    ins.add_argument("--json", action="store_true", help="print JSON (fields: README 'inspect --json')")
+    ins.add_argument("--json", action="store_true", help="print JSON (fields: docs/cli.md 'inspect --json')")
     ins.add_argument("--ep", default="cpu", help="comma-separated execution providers whose kernels every "
                      "node is checked against (default cpu; only providers in this onnxruntime build)")
 
@@ -160,7 +160,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         opt_level=args.ort_opt,
     )
     if args.json:
-        from onnxopt.report import write_report
+        from onnxopt.report.writer import write_report
 
         write_report(args.json, rep.to_json())
     if not args.quiet:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from onnxopt.data import Dataset
+from onnxopt.runtime.data import Dataset
 
 __all__ = ["Metric", "PassContext", "Target"]
 

@@ -34,8 +34,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt import io as _io
-from onnxopt import runtime, validation
 from onnxopt.errors import OnnxOptError, OutputPathError
+from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime import validation
 
 __all__ = [
     "ORT_MIN_COSINE",

@@ -12,8 +12,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from onnxopt import _ir_utils, kernels
+from onnxopt import _ir_utils
 from onnxopt import io as _io
+from onnxopt.runtime import kernels
 
 __all__ = ["INSPECT_SCHEMA_VERSION", "describe_model", "format_text"]
 
@@ -32,7 +33,7 @@ def _dims(value: ir.Value) -> list[int | str | None] | None:
 def describe_model(
     model: ir.Model | str | os.PathLike, *, providers: tuple[str, ...] = ("cpu",)
 ) -> dict[str, Any]:
-    """A JSON-serialisable description of ``model`` (see README "inspect --json" for the fields).
+    """A JSON-serialisable description of ``model`` (see docs/cli.md "inspect --json" for the fields).
 
     Args:
         model: an ir.Model or a path.

@@ -3,7 +3,7 @@
 After every pass: ``onnx.checker`` (full check, which includes strict shape inference) on the
 result; for passes declared lossless, outputs compared with the pass's input on the context's
 data (or seeded random feeds) at the pass's tolerance widened by this machine's float noise on
-that model (the noise floor, see :mod:`onnxopt.validation`: the input model run with
+that model (the noise floor, see :mod:`onnxopt.runtime.validation`: the input model run with
 onnxruntime's optimisations off vs on, measured once and reused until a lossy pass changes the
 function); for lossy passes, the error against the pass's input is measured and recorded. A pass that raises or fails a check is rolled back: the
 model goes on as it was before that pass, and the report says why.
@@ -23,10 +23,12 @@ import onnx
 import onnx_ir as ir
 import tqdm
 
-from onnxopt import _ir_utils, data, feedgen, normalize, runtime, validation
+from onnxopt import _ir_utils, normalize
 from onnxopt import io as _io
 from onnxopt.errors import DataError
 from onnxopt.pass_base import OptPass, PassReport
+from onnxopt.runtime import data, feedgen, validation
+from onnxopt.runtime import sessions as runtime
 
 __all__ = ["PipelineResult", "check_model", "model_stats", "noise_level", "run"]
 

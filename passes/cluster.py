@@ -1,12 +1,12 @@
 """Weight clustering (weight sharing): each weight replaced by the nearest of k centroids.
 
 The classic Deep Compression recipe (Han et al., ICLR 2016) on the ONNX graph: cluster each
-selected weight tensor (or each output channel) with 1-D k-means (:mod:`onnxopt.kmeans1d`),
+selected weight tensor (or each output channel) with 1-D k-means (:mod:`onnxopt.compress.kmeans1d`),
 replace every value by its centroid, and store the centroids. With calibration data the
 centroids are re-fitted by least squares so that each layer's outputs match the original
 layer's on the calibration activations, and biases absorb the mean output shift
-(:mod:`onnxopt.repair`). With ``pack`` the indices are stored as UINT8 or 4-bit tensors and
-rebuilt in-graph (:mod:`onnxopt.codebook`).
+(:mod:`onnxopt.compress.repair`). With ``pack`` the indices are stored as UINT8 or 4-bit tensors and
+rebuilt in-graph (:mod:`onnxopt.compress.codebook`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import weight_sharing
-from onnxopt.codebook import Codebook, IndexDType, fit_kmeans
+from onnxopt.compress import weight_sharing
+from onnxopt.compress.codebook import Codebook, IndexDType, fit_kmeans
+from onnxopt.compress.kmeans1d import Init
 from onnxopt.config import option
-from onnxopt.kmeans1d import Init
 from onnxopt.pass_base import OptPass, PassReport, register
 
 __all__ = ["ClusterConfig", "ClusterPass"]

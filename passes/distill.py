@@ -2,11 +2,11 @@
 
 The classic recipe (Hinton et al. 2015) on an ONNX model: the teacher (the model before
 compression, run in onnxruntime, outputs computed once) supplies soft targets; the student (the
-model this pass receives) is evaluated in torch by :mod:`onnxopt.torch_graph` and its float
+model this pass receives) is evaluated in torch by :mod:`onnxopt.distill.torch_graph` and its float
 initializers are trained to minimise ``(1 - alpha) * CE(labels) + alpha * tau^2 *
 KL(softmax(teacher / tau) || softmax(student / tau))`` (``alpha = 1`` without labels; MSE or
 cosine for outputs that are not class scores). Compression constraints are kept during
-training (:mod:`onnxopt.distill_torch`): pruned zeros stay zero, clustered tensors train their
+training (:mod:`onnxopt.distill.train`): pruned zeros stay zero, clustered tensors train their
 centroids (Deep Compression's trained quantization), low-rank factors keep their shapes.
 
 torch is an optional extra (``pip install 'onnxopt[distill]'``): it is imported inside
@@ -23,11 +23,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import distill_data, runtime
 from onnxopt import io as _io
 from onnxopt.config import option
+from onnxopt.distill import data as distill_data
 from onnxopt.errors import OnnxOptError
 from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.runtime import sessions as runtime
 
 __all__ = ["DistillConfig", "DistillPass"]
 
@@ -120,7 +121,8 @@ class DistillPass(OptPass[DistillConfig]):
     def call(self, model: ir.Model) -> PassReport:
         """Convert, train, check the written ONNX in onnxruntime, then write back by name."""
         try:
-            from onnxopt import distill_torch, torch_graph
+            from onnxopt.distill import torch_graph
+            from onnxopt.distill import train as distill_torch
         except ImportError as err:
             raise DistillDependencyError(f"distill needs torch ({err}); install it with {INSTALL_HINT}") from None
         report = self.new_report(model)

@@ -7,7 +7,7 @@ leaves float16's range on the calibration data: ``|x| > max_abs`` (float16 overf
 or a nonzero tensor whose every value lies below float16's smallest normal (2^-14, where
 float16 keeps no relative precision). Weights are checked the same way without
 data. The conversion itself (Casts only where precision changes) is
-:func:`onnxopt.float16.convert`.
+:func:`onnxopt.quant.float16.convert`.
 
 On onnxruntime CPU, float16 nodes without a CPU float16 kernel are run by onnxruntime through
 its own inserted Casts; the model loads and runs, but FP16 is a GPU format: expect it slower
@@ -21,9 +21,9 @@ import logging
 
 import onnx_ir as ir
 
-from onnxopt import calibration, float16
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.quant import calibration, float16
 
 __all__ = ["Fp16Config", "Fp16Pass"]
 

@@ -3,7 +3,7 @@
 Each weight keeps a sign and an exponent e in 0..2^(b-1)-2 (or becomes zero), so b bits index
 a codebook {0, ±s*2^-e} with one float scale s per tensor or per output channel (searched for
 the smallest squared error). Storage, packing and repair are those of weight clustering
-(:mod:`onnxopt.weight_sharing`); repair fits only the scale, so the codebook stays powers of two.
+(:mod:`onnxopt.compress.weight_sharing`); repair fits only the scale, so the codebook stays powers of two.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import weight_sharing
-from onnxopt.codebook import Codebook, IndexDType, fit_log
+from onnxopt.compress import weight_sharing
+from onnxopt.compress.codebook import Codebook, IndexDType, fit_log
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
 

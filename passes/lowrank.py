@@ -1,8 +1,8 @@
 """Low-rank split of MatMul/Gemm/Conv weights: W[K,N] ~= U[K,r] @ V[r,N], plain or activation-aware.
 
 The algebra (plain SVD, whitening by the activations' second moment, the exact output-error
-curve, the least-squares re-fit) is in :mod:`onnxopt.lowrank_math`; the graph rewrite in
-:mod:`onnxopt.lowrank_graph`. This module picks the candidates, streams the calibration
+curve, the least-squares re-fit) is in :mod:`onnxopt.compress.lowrank_math`; the graph rewrite in
+:mod:`onnxopt.compress.lowrank_graph`. This module picks the candidates, streams the calibration
 activations through onnxruntime into ``X^T X`` per input (never all activations at once),
 chooses the ranks and records what each split costs.
 """
@@ -18,12 +18,13 @@ import numpy as np
 import onnx_ir as ir
 import tqdm
 
-from onnxopt import _ir_utils, io, runtime
-from onnxopt import lowrank_graph as lg
-from onnxopt import lowrank_math as lm
+from onnxopt import _ir_utils, io
+from onnxopt.compress import lowrank_graph as lg
+from onnxopt.compress import lowrank_math as lm
 from onnxopt.config import option
-from onnxopt.data import Dataset
 from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.data import Dataset
 
 __all__ = ["LowRankConfig", "LowRankPass"]
 

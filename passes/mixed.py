@@ -4,8 +4,8 @@ Per quantizable node the plan picks INT8, FP16 (cuda/tensorrt targets) or FP32, 
 model's outputs meet the accuracy budget of the context (``--min-cosine``, ``--max-error``, or a
 Python metric with ``min_metric``) with as few fallbacks as the search finds; on the CPU target
 INT8 regions measured slower than float are put back to float, and if no INT8 plan beats FP32
-the model stays FP32. The search is :mod:`onnxopt.precision_plan`; the INT8 models are built by
-the registered ``quantize`` pass (looked up by name), FP16 by :mod:`onnxopt.float16`.
+the model stays FP32. The search is :mod:`onnxopt.quant.planner`; the INT8 models are built by
+the registered ``quantize`` pass (looked up by name), FP16 by :mod:`onnxopt.quant.float16`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ import time
 
 import onnx_ir as ir
 
-from onnxopt import _ir_utils, float16, mixed_plots, precision_plan, qdq_insert, sensitivity
-from onnxopt.calibration import cached_ranges
+from onnxopt import _ir_utils
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.quant import float16, sensitivity
+from onnxopt.quant import insert as qdq_insert
+from onnxopt.quant import planner as precision_plan
+from onnxopt.quant.calibration import cached_ranges
+from onnxopt.report import plots as mixed_plots
 
 __all__ = ["MixedConfig", "MixedPass"]
 

@@ -6,14 +6,14 @@ tensors keep their shapes (a later ``cluster`` pass keeps the zeros, and zip or 
 runtime turns them into bytes or time).
 
 Structured: for each group-1 Conv / Gemm / 2-D MatMul whose output reaches exactly one such
-layer through channel-wise nodes (:mod:`onnxopt.channel_prune`), the ``sparsity`` fraction of
+layer through channel-wise nodes (:mod:`onnxopt.compress.channel_prune`), the ``sparsity`` fraction of
 its output channels with the smallest L1/L2 norm (times the BatchNorm scale in between) is
 removed from its weight and bias, every BatchNormalization on the way and the consumer's input
 channels, so FLOPs and latency go down.
 
 Repair (with calibration data): unstructured, the kept weights of every column are re-fitted by
 least squares on calibration inputs and the bias absorbs the mean shift; structured, the
-consumer's kept weights and its bias are re-fitted (:mod:`onnxopt.repair`).
+consumer's kept weights and its bias are re-fitted (:mod:`onnxopt.compress.repair`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import _ir_utils, channel_prune, flops, repair, weight_sharing
+from onnxopt import _ir_utils
+from onnxopt.compress import channel_prune, flops, repair, weight_sharing
 from onnxopt.config import option
 from onnxopt.outcome import Outcome
 from onnxopt.pass_base import OptPass, PassReport, register

@@ -17,22 +17,19 @@ import onnx.shape_inference
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import (
-    _ir_utils,
-    calibration,
-    environment,
-    qdq_insert,
-    quant_improve,
-    quant_math,
-    quant_report,
-    runtime,
-    smooth,
-)
+from onnxopt import _ir_utils
 from onnxopt import io as _io
-from onnxopt.calibration import CalibrationTable
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
-from onnxopt.qdq_rules import RULES, SUPPORTED_OPS, QuantPlan, RuleContext
+from onnxopt.quant import bias_correction as quant_improve
+from onnxopt.quant import calibration, smooth
+from onnxopt.quant import deploy_check as quant_report
+from onnxopt.quant import insert as qdq_insert
+from onnxopt.quant import scales as quant_math
+from onnxopt.quant.calibration import CalibrationTable
+from onnxopt.quant.rules import RULES, SUPPORTED_OPS, QuantPlan, RuleContext
+from onnxopt.runtime import environment
+from onnxopt.runtime import sessions as runtime
 
 __all__ = ["QuantizeConfig", "QuantizePass"]
 

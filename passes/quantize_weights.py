@@ -22,9 +22,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from onnxopt import _ir_utils
-from onnxopt import quant_math as qm
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.quant import scales as qm
 
 __all__ = ["QuantizeWeightsConfig", "QuantizeWeightsPass"]
 

@@ -6,7 +6,7 @@ import logging
 
 import onnx_ir as ir
 
-from onnxopt import distill_data
+from onnxopt.distill import data as distill_data
 from onnxopt.pass_base import EmptyConfig, OptPass, PassReport, register
 
 __all__ = ["TeacherPass"]

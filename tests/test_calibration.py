@@ -6,11 +6,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxopt import calibration, runtime
-from onnxopt.calibration import CalibrationTable, collect_ranges, threshold_from_histogram
 from onnxopt.context import PassContext
-from onnxopt.data import Dataset
 from onnxopt.errors import DataError
+from onnxopt.quant import calibration
+from onnxopt.quant.calibration import CalibrationTable, collect_ranges, threshold_from_histogram
+from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.data import Dataset
 
 TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -177,9 +178,9 @@ def test_infinite_and_nan_activations_get_no_range_and_do_not_crash():
     # histogram phase (an infinite bound made the bin index negative).
     import onnx
 
-    from onnxopt import calibration
-    from onnxopt.data import Dataset
-    from tests.conformance.cases import node_cases
+    from onnxopt.quant import calibration
+    from onnxopt.runtime.data import Dataset
+    from onnxopt.testing.conformance.cases import node_cases
 
     case = next(c for c in node_cases(["attention"]) if c.name == "test_attention_causal_boolmask_nan_robustness_expanded")
     model = ir.serde.deserialize_model(onnx.load_from_string(case.model))
@@ -189,9 +190,9 @@ def test_infinite_and_nan_activations_get_no_range_and_do_not_crash():
 
 
 def test_cached_ranges_are_not_reused_for_a_rewritten_model():
-    from onnxopt import calibration
     from onnxopt.context import PassContext
-    from onnxopt.data import Dataset
+    from onnxopt.quant import calibration
+    from onnxopt.runtime.data import Dataset
 
     text = """
     <ir_version: 8, opset_import: ["" : 17]>

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from onnxopt.cli import main
-from tests.builders import conv_bn_feeds, conv_bn_model
+from onnxopt.testing.builders import conv_bn_feeds, conv_bn_model
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_optimize_validate_inspect_round_trip(workdir, capsys, monkeypatch):
     validated = json.loads((workdir / "v.json").read_text())
     assert validated["num_feeds"] == 1
     # Both record the machine the numbers come from: CPU model, ISA flags, cores, versions.
-    from onnxopt.environment import cpu_info
+    from onnxopt.runtime.environment import cpu_info
 
     for env in (report["environment"], validated["environment"]):
         assert env["cpu"]["model"] == cpu_info().model and env["cpu"]["flags"] == list(cpu_info().flags)

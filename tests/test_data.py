@@ -5,9 +5,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxopt import data
 from onnxopt.errors import DataError
-from tests.builders import conv_bn_model
+from onnxopt.runtime import data
+from onnxopt.testing.builders import conv_bn_model
 
 
 @pytest.fixture

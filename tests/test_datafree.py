@@ -17,8 +17,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import api, cli, data, feedgen, runtime
+from onnxopt import api, cli
 from onnxopt.errors import DataError, ModelLoadError
+from onnxopt.runtime import data, feedgen
+from onnxopt.runtime import sessions as runtime
 
 # Embeddings as a Hugging Face BERT export writes them: token_type_ids reach a table of 2 rows
 # through a Cast, input_ids a vocabulary of 30, and the mask becomes an additive bias.
@@ -324,7 +326,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def conformance_cases():
-    from tests.conformance.cases import node_cases
+    from onnxopt.testing.conformance.cases import node_cases
 
     found = {c.name: c for c in node_cases(sorted(set(CASES.values()))) if c.name in CASES}
     assert sorted(found) == sorted(CASES)
@@ -348,7 +350,7 @@ def _write_data_sets(case, folder) -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_conformance_cases_run_every_kind_of_recipe_without_data(tmp_path, conformance_cases, name):
-    from tests.conformance import harness, tools
+    from onnxopt.testing.conformance import harness, tools
 
     case = conformance_cases[name]
     src = tmp_path / "model.onnx"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from onnxopt import environment
-from onnxopt.environment import CpuInfo
+from onnxopt.runtime import environment
+from onnxopt.runtime.environment import CpuInfo
 
 X86_VNNI = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -15,7 +13,8 @@ from onnxopt import io as _io
 from onnxopt.errors import OutputPathError
 from onnxopt.export import ExportError, ExportOptions
 from onnxopt.pass_base import make
-from tests.bert_builder import bert_feeds, make_bert
+from onnxopt.testing import builders
+from onnxopt.testing.bert_builder import bert_feeds, make_bert
 from tests.conftest import from_text, load_model, model_path
 from tests.tolerances import TOL
 
@@ -148,35 +147,13 @@ def test_cli_export_options(tmp_path, capsys):
     assert (tmp_path / "m2.onnx.data").exists()
 
 
-def _big_model(n_tensors: int, rows: int, cols: int) -> ir.Model:
-    """Gather one row from each of ``n_tensors`` [rows, cols] float32 weights (created lazily)."""
-    idx = ir.Value(name="idx", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
-    nodes, outputs, inits = [], [], []
-    for i in range(n_tensors):
-        def make(i=i):
-            # Row r of tensor i holds the value i * 1000 + r: cheap to check after the reload.
-            col = (np.arange(rows, dtype=np.float32) + i * 1000)[:, None]
-            return ir.tensor(np.broadcast_to(col, (rows, cols)).copy(), name=f"w{i}")
-
-        w = ir.Value(name=f"w{i}", const_value=ir.LazyTensor(make, ir.DataType.FLOAT, ir.Shape([rows, cols]), name=f"w{i}"),
-                     type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([rows, cols]))
-        inits.append(w)
-        node = ir.node("Gather", [w, idx], attributes={"axis": 0}, name=f"g{i}")
-        node.outputs[0].name = f"y{i}"
-        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-        node.outputs[0].shape = ir.Shape([1, cols])
-        nodes.append(node)
-        outputs.append(node.outputs[0])
-    graph = ir.Graph([idx], outputs, nodes=nodes, initializers=inits, opset_imports={"": 17}, name="big")
-    return ir.Model(graph, ir_version=8)
-
 
 def test_auto_external_data_above_the_limit_and_reload(tmp_path, monkeypatch):
     # The same code path as a > 2 GB model (benchmarks/big_export.py writes a real 3 GiB one),
     # with the automatic threshold lowered so the test stays small.
     monkeypatch.setattr(_io, "_AUTO_EXTERNAL_BYTES", 1 << 20)
     n, rows, cols = 3, 512, 256  # 3 x 512 KiB
-    model = _big_model(n, rows, cols)
+    model = builders.big_model(n, rows, cols)
     result = export.export(model, tmp_path / "big.onnx")  # external_data="auto"
     assert [f.name for f in result.files] == ["big.onnx", "big.onnx.data"]
     assert result.files[1].stat().st_size == n * rows * cols * 4

@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from onnxopt import data as _data
 from onnxopt import io as _io
 from onnxopt.cli import main as cli_main
 from onnxopt.errors import DataError, ModelLoadError
+from onnxopt.runtime import data as _data
 
 FUZZ = settings(
     database=None,

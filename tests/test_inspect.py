@@ -10,9 +10,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnxopt import cli, kernels, modelinfo
+from onnxopt import cli, modelinfo
 from onnxopt.pass_base import make
-from tests.bert_builder import make_bert
+from onnxopt.runtime import kernels
+from onnxopt.testing.bert_builder import make_bert
 from tests.conftest import from_text, load_model, model_path
 
 # The documented fields of `inspect --json` (README section "inspect --json"), schema version 1.

@@ -11,7 +11,7 @@ import pytest
 
 from onnxopt import io
 from onnxopt.errors import ModelLoadError, OutputPathError
-from tests.builders import conv_bn_model
+from onnxopt.testing.builders import conv_bn_model
 
 
 def _write(tmp_path: pathlib.Path, name: str = "m.onnx") -> pathlib.Path:

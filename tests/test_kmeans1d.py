@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from onnxopt.kmeans1d import assign, kmeans1d, within_cluster_sse
+from onnxopt.compress.kmeans1d import assign, kmeans1d, within_cluster_sse
 
 
 def test_centroids_are_means_of_their_voronoi_intervals(rng):

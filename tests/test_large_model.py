@@ -15,8 +15,9 @@ import pytest
 
 import onnxopt
 from onnxopt import io as _io
-from onnxopt import pass_base, runtime
-from tests.conformance.large import write_large_mlp
+from onnxopt import pass_base
+from onnxopt.runtime import sessions as runtime
+from onnxopt.testing.conformance.large import write_large_mlp
 from tests.tolerances import TOL
 
 INT8_NAMES = ("quantize", "int8", "qdq-quantize")
@@ -124,7 +125,7 @@ def test_fp16_unmaps_each_weight_it_read(large):
     model = _io.load_model(src)
     external = _io.external_tensors(model)
     assert len(external) == 3
-    from onnxopt import float16
+    from onnxopt.quant import float16
 
     float16.range_reasons(model, None)
     assert not _mapped(external)
@@ -136,7 +137,8 @@ def test_fp16_unmaps_each_weight_it_read(large):
 @pytest.mark.parametrize("name", ["simplify", "fp16"])
 def test_pipeline_leaves_no_external_data_mapped(large, name):
     src, _, calib, _ = large
-    from onnxopt import context, data, pipeline, recipes
+    from onnxopt import context, pipeline, recipes
+    from onnxopt.runtime import data
 
     model = _io.load_model(src)
     external = _io.external_tensors(model)
@@ -163,7 +165,7 @@ def _spy_sessions(monkeypatch):
 
 
 def test_compare_small_models_go_as_bytes_with_the_arena(large, monkeypatch, rng):
-    from onnxopt import validation
+    from onnxopt.runtime import validation
 
     src, _, _, feed = large
     model = _io.load_model(src)
@@ -175,7 +177,7 @@ def test_compare_small_models_go_as_bytes_with_the_arena(large, monkeypatch, rng
 
 
 def test_compare_large_models_use_their_file_or_a_saved_copy_without_arena(large, monkeypatch):
-    from onnxopt import validation
+    from onnxopt.runtime import validation
 
     src, nbytes, _, feed = large
     monkeypatch.setattr(runtime, "_IN_MEMORY_LIMIT", nbytes // 4)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxopt import runtime
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import MODELS
 
 SUMS = {

@@ -21,11 +21,12 @@ import pathlib
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from onnxopt import data, pipeline, validation
-from onnxopt import io as _io
-from onnxopt.context import PassContext
 from onnxopt.passes.simplify import SimplifyPass
+
+from onnxopt import io as _io
+from onnxopt import pipeline
+from onnxopt.context import PassContext
+from onnxopt.runtime import data, validation
 from tests.conftest import load_model, model_path
 
 BUGS = ("sign_flip", "bias_dropped", "rel_error_1e-3")

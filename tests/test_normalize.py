@@ -12,11 +12,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from onnxopt import api, normalize, pipeline, runtime, validation
+from onnxopt import api, normalize, pipeline
 from onnxopt.cli import main
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from tests import builders
+from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime import validation
+from onnxopt.testing import builders
 from tests.conftest import op_counts
 from tests.passes.compress_models import cnn, feeds, mlp
 from tests.tolerances import TOL

@@ -6,9 +6,9 @@ import pytest
 
 from onnxopt import pipeline
 from onnxopt.context import PassContext
-from onnxopt.data import Dataset
 from onnxopt.pass_base import EmptyConfig, OptPass, PassReport
-from tests.builders import conv_bn_feeds, conv_bn_model
+from onnxopt.runtime.data import Dataset
+from onnxopt.testing.builders import conv_bn_feeds, conv_bn_model
 
 
 def _model() -> ir.Model:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxopt import quant_math as qm
+from onnxopt.quant import scales as qm
 
 
 def test_asymmetric_uint8_scale_and_zero_point():

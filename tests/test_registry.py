@@ -3,9 +3,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import onnxopt.passes
 import pytest
 
-import onnxopt.passes
 from onnxopt import pass_base
 
 

@@ -8,9 +8,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxopt import data, precision_plan, sensitivity
 from onnxopt.context import PassContext
-from onnxopt.sensitivity import Budget
+from onnxopt.quant import planner as precision_plan
+from onnxopt.quant import sensitivity
+from onnxopt.quant.sensitivity import Budget
+from onnxopt.runtime import data
 
 
 def _w(rng: np.random.Generator, *shape: int) -> str:

@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 import onnxopt
-from onnxopt import validation
 from onnxopt.errors import ValidationFailed
-from tests.builders import conv_bn_feeds, conv_bn_model
+from onnxopt.runtime import validation
+from onnxopt.testing.builders import conv_bn_feeds, conv_bn_model
 
 
 def test_metrics_match_hand_computed_values():

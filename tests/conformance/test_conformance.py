@@ -14,9 +14,9 @@ import random
 import onnx
 import pytest
 
-from tests.conformance import cases as _cases
-from tests.conformance import harness, tools
-from tests.conformance.cases import Case
+from onnxopt.testing.conformance import cases as _cases
+from onnxopt.testing.conformance import harness, tools
+from onnxopt.testing.conformance.cases import Case
 
 SEED = 20261128
 FIXED_MODULES = ["if_", "loop", "scan", "conv", "gemm", "matmul", "batch_normalization"]

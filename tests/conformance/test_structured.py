@@ -1,10 +1,10 @@
 """If/Loop/Scan subgraphs and dynamic batch/sequence dims survive every pass and recipe.
 
-For each model of tests/conformance/structured.py and each of our tools (every registered pass
+For each model of onnxopt/testing/conformance/structured.py and each of our tools (every registered pass
 and recipe), the result must keep the graph inputs/outputs with their symbolic dims, keep the
 control-flow op (or replace it by something that computes the same), and compute what the
 original computes on onnxruntime for two different (batch, seq) sizes, at the tool's
-tolerance (tests/conformance/tools.py). The reference outputs come from running the original.
+tolerance (onnxopt/testing/conformance/tools.py). The reference outputs come from running the original.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.conformance import harness, structured, tools
-from tests.conformance.cases import Case
+from onnxopt.testing.conformance import harness, structured, tools
+from onnxopt.testing.conformance.cases import Case
 
 TOOLS = tools.our_tools()
 

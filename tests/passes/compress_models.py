@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import data
+from onnxopt.runtime import data
 
 __all__ = ["cnn", "feeds", "mlp"]
 

@@ -7,9 +7,11 @@ import pytest
 from onnx import helper, numpy_helper
 from onnxopt.passes.cluster import ClusterConfig, ClusterPass
 
-from onnxopt import data, io, runtime, validation
+from onnxopt import io
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import load_model, model_path, op_counts
 from tests.passes.compress_models import cnn, feeds, mlp
 
@@ -318,7 +320,7 @@ def test_recipes_registered():
 
 def test_repair_statistics_subsample_large_feeds(monkeypatch):
     """Above MAX_ROWS_PER_FEED the patches are a seeded random subset; repair still helps."""
-    from onnxopt import repair
+    from onnxopt.compress import repair
 
     monkeypatch.setattr(repair, "MAX_ROWS_PER_FEED", 40)
     calib, held_out = feeds(cnn(), 4, seed=1), feeds(cnn(), 2, seed=2)

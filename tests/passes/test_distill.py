@@ -13,10 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the distill extra (torch): pip install 'onnxopt[distill]'")
 
-from onnxopt import data, distill_torch, pipeline, recipes, runtime
+from onnxopt import pipeline, recipes
 from onnxopt.context import PassContext
+from onnxopt.distill import train as distill_torch
+from onnxopt.distill.torch_graph import TorchGraph, UnsupportedOpError
 from onnxopt.pass_base import make
-from onnxopt.torch_graph import TorchGraph, UnsupportedOpError
+from onnxopt.runtime import data
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import load_model, model_path
 
 

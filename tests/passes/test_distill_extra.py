@@ -13,9 +13,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxopt import data, recipes
+from onnxopt import recipes
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
+from onnxopt.runtime import data
 from tests.conftest import load_model
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None

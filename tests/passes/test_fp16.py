@@ -10,8 +10,11 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.fp16 import Fp16Config, Fp16Pass
 
-from onnxopt import data, float16, pipeline, runtime, validation
+from onnxopt import pipeline
 from onnxopt.context import PassContext
+from onnxopt.quant import float16
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import load_model, model_path
 from tests.tolerances import TOL
 
@@ -284,7 +287,7 @@ CONFORMANCE_CASES = [
 
 @pytest.mark.parametrize(("module", "name"), CONFORMANCE_CASES)
 def test_conformance_regressions_pass_full_checker_and_match(module, name):
-    from tests.conformance import cases
+    from onnxopt.testing.conformance import cases
 
     found = cases.light_cases() if module == "light" else cases.node_cases([module])
     case = next(c for c in found if c.name == name)
@@ -386,7 +389,7 @@ def test_eye_like_without_dtype_follows_its_input(rng):
 )
 def test_nodes_without_a_float16_form_stay_float32_with_reason(module, name, reason):
     """Window ops default to a float32 output; ORT CPU lacks these float16 kernels or bodies."""
-    from tests.conformance import cases
+    from onnxopt.testing.conformance import cases
 
     case = next(c for c in cases.node_cases([module]) if c.name == name)
     feeds = [feed for feed, _ in case.data_sets]
@@ -421,7 +424,7 @@ def test_sequence_models_load_run_and_match(name):
     # types, which onnxruntime rejected (conformance, simple/test_sequence_model1-8).
     import onnx
 
-    from tests.conformance.cases import folder_cases
+    from onnxopt.testing.conformance.cases import folder_cases
 
     case = next(c for c in folder_cases() if c.name == name)
     feeds = data.Dataset.from_feeds([feed for feed, _ in case.data_sets])

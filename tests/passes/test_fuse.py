@@ -7,11 +7,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxopt import data, pipeline, validation
+from onnxopt import pipeline
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from onnxopt.validation import compare
-from tests.bert_builder import bert_feeds, make_bert
+from onnxopt.runtime import data, validation
+from onnxopt.runtime.validation import compare
+from onnxopt.testing.bert_builder import bert_feeds, make_bert
 from tests.conftest import from_text, load_model, model_path, op_counts
 from tests.tolerances import TOL
 
@@ -192,7 +193,7 @@ def test_residual_written_before_sublayer_still_fuses_attention():
 
 
 def test_fused_outputs_are_typed_for_later_passes():
-    from onnxopt import calibration
+    from onnxopt.quant import calibration
 
     model = bert(layers=1)
     fuse(model)
@@ -301,7 +302,7 @@ def test_a_crash_inside_onnxruntime_fusions_leaves_the_model_unchanged_with_reas
     import onnx_ir as ir
 
     from onnxopt.pass_base import make
-    from tests.conformance.cases import node_cases
+    from onnxopt.testing.conformance.cases import node_cases
 
     case = next(c for c in node_cases(["rmsnormalization"]) if c.name == "test_rms_normalization_2d_axis0_expanded")
     model = ir.serde.deserialize_model(onnx.load_from_string(case.model))

@@ -6,9 +6,10 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.logquant import LogQuantConfig, LogQuantPass
 
-from onnxopt import codebook, runtime
+from onnxopt.compress import codebook
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import op_counts
 from tests.passes.compress_models import cnn, feeds, mlp
 

@@ -11,9 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes.lowrank import LowRankConfig, LowRankPass
 
-from onnxopt import data, lowrank_math, pipeline, recipes, validation
+from onnxopt import pipeline, recipes
+from onnxopt.compress import lowrank_math
 from onnxopt.config import from_dict
 from onnxopt.context import PassContext
+from onnxopt.runtime import data, validation
 from tests.conftest import load_model, model_path, op_counts
 from tests.tolerances import TOL
 
@@ -408,7 +410,7 @@ def test_second_run_leaves_factors_alone_and_node_names_stay_unique(rng):
 
 
 def test_streamed_statistics_equal_numpy_and_are_cached(rng, monkeypatch):
-    from onnxopt import runtime
+    from onnxopt.runtime import sessions as runtime
 
     w = rng.standard_normal((32, 80)).astype(np.float32)
     feeds = correlated(rng, (2, 5), 32, 3)

@@ -12,8 +12,11 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.mixed import MixedConfig, MixedPass
 
-from onnxopt import data, pipeline, precision_plan, sensitivity
+from onnxopt import pipeline
 from onnxopt.context import PassContext
+from onnxopt.quant import planner as precision_plan
+from onnxopt.quant import sensitivity
+from onnxopt.runtime import data
 from tests.conftest import load_model, model_path
 
 # Budgets here are self-consistent on any CPU: they are set from this machine's own full-INT8
@@ -228,7 +231,7 @@ def test_opset_below_10_is_refused(rng):
 
 
 # Conformance regressions: onnx backend cases judged by the conformance harness (the output model
-# runs in onnxruntime against the case's expected outputs; tolerances in tests/conformance/tools.py).
+# runs in onnxruntime against the case's expected outputs; tolerances in onnxopt/testing/conformance/tools.py).
 
 
 @pytest.mark.parametrize(
@@ -240,7 +243,7 @@ def test_opset_below_10_is_refused(rng):
     ],
 )
 def test_conformance_cases_that_crashed_now_run(module, name):
-    from tests.conformance import cases, harness
+    from onnxopt.testing.conformance import cases, harness
 
     case = next(c for c in cases.node_cases([module]) if c.name == name)
     outcome = harness.evaluate(case, "mixed")
@@ -248,7 +251,7 @@ def test_conformance_cases_that_crashed_now_run(module, name):
 
 
 def test_opset_without_an_onnxruntime_qdq_kernel_is_refused():
-    from tests.conformance import cases
+    from onnxopt.testing.conformance import cases
 
     case = next(c for c in cases.node_cases(["depthtospace"]) if c.name == "test_depthtospace_example_expanded")
     model = ir.from_proto(onnx.load_from_string(case.model))

@@ -6,9 +6,11 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.prune import PruneConfig, PrunePass
 
-from onnxopt import data, flops, runtime
+from onnxopt.compress import flops
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
+from onnxopt.runtime import data
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import load_model, model_path, op_counts
 from tests.passes.compress_models import cnn, feeds, mlp
 

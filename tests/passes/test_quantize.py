@@ -10,9 +10,11 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
 
-from onnxopt import calibration, io, runtime
+from onnxopt import io
 from onnxopt.context import PassContext
-from onnxopt.data import Dataset
+from onnxopt.quant import calibration
+from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.data import Dataset
 
 
 def _arr(a: np.ndarray) -> str:
@@ -379,7 +381,7 @@ def test_bias_correction_shrinks_the_mean_output_error(rng):
 
 
 def test_a_bias_correction_that_raises_the_output_error_is_not_kept(rng, monkeypatch):
-    from onnxopt import quant_improve
+    from onnxopt.quant import bias_correction as quant_improve
 
     def harmful(float_model, model, feeds, **kw):  # a correction gone wrong: every bias off by 1e5 steps
         for v in model.graph.initializers.values():
@@ -401,11 +403,11 @@ def test_a_bias_correction_that_raises_the_output_error_is_not_kept(rng, monkeyp
 
 # Conformance regressions (tests/conformance): each case is loaded from onnx's backend tests and
 # judged by the conformance harness, which runs the output model in onnxruntime against the
-# case's expected outputs (tolerances in tests/conformance/tools.py).
+# case's expected outputs (tolerances in onnxopt/testing/conformance/tools.py).
 
 
 def _conformance_case(module: str, name: str):
-    from tests.conformance import cases
+    from onnxopt.testing.conformance import cases
 
     if module == "simple":
         return next(c for c in cases.folder_cases(("simple",)) if c.name == name)
@@ -413,7 +415,7 @@ def _conformance_case(module: str, name: str):
 
 
 def _conformance_verdict(module: str, name: str, tool: str = "quantize"):
-    from tests.conformance import harness
+    from onnxopt.testing.conformance import harness
 
     outcome = harness.evaluate(_conformance_case(module, name), tool)
     assert outcome.status not in harness.BAD, f"{outcome.status}: {outcome.detail}"
@@ -603,14 +605,15 @@ g (float[N, 3, 8] x) => (float[N, 3, 8] y) <float[8, 16] w = {{{_arr(w)}}}, floa
 
 
 def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
-    from onnxopt import quant_math
+    from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
+
     from onnxopt.config import from_dict
     from onnxopt.context import PassContext
-    from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
+    from onnxopt.quant import scales as quant_math
 
     assert from_dict(QuantizeConfig, {"reduce_range": True}).reduce_range == "true"  # TOML boolean
     assert from_dict(QuantizeConfig, {"reduce_range": "false"}).reduce_range == "false"
-    from onnxopt.environment import cpu_info
+    from onnxopt.runtime.environment import cpu_info
 
     def decided(report) -> dict:
         (rec,) = [r for r in report.records if r["item"] == "reduce_range"]
@@ -643,12 +646,12 @@ def test_reduce_range_auto_is_measured_on_the_integer_kernels(monkeypatch):
     # wins (AMD EPYC, AVX-512 VNNI: relative L2 0.0186 vs 0.0222 on the 2 check feeds). Either
     # gap comes from the weight grid or from saturation, not from float noise (~1e-6), so the
     # comparison cannot turn on a correct CPU of the same kind.
-    from onnxopt import quant_math
+    from onnxopt.quant import scales as quant_math
 
     saturating_cpu = quant_math.int8_dot_saturates()
     monkeypatch.setattr(quant_math, "int8_dot_saturates", lambda: True)  # measure on any x86 CPU
-    from onnxopt import data
     from onnxopt.pass_base import make
+    from onnxopt.runtime import data
     from tests.conftest import load_model, model_path
 
     model = load_model("digits_cnn.onnx")

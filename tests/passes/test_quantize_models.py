@@ -26,9 +26,11 @@ import collections
 import numpy as np
 import pytest
 
-from onnxopt import data, io, pipeline, runtime, validation
+from onnxopt import io, pipeline
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import load_model, model_path
 
 # (model, integer kernels onnxruntime must fuse)

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.quantize_weights import QuantizeWeightsConfig, QuantizeWeightsPass
 
-from onnxopt import runtime
+from onnxopt.runtime import sessions as runtime
 
 
 def _model(rng, opset: int = 17, k: int = 64, n: int = 48) -> tuple[ir.Model, np.ndarray]:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
-
-from onnxopt import data, validation
 from onnxopt.passes.shape_inference import ShapeInferencePass
+
+from onnxopt.runtime import data, validation
 from tests.tolerances import TOL
 
 
@@ -26,7 +26,7 @@ def test_fills_missing_shapes_and_is_exact():
 
 def test_sequence_values_in_subgraphs_keep_their_types():
     # onnx-ir's own pass turned these into tensor types (found by the conformance run).
-    from tests.conformance.cases import node_cases
+    from onnxopt.testing.conformance.cases import node_cases
 
     case = next(c for c in node_cases(["loop"]) if c.name == "test_loop16_seq_none")
     model = ir.serde.deserialize_model(onnx.load_from_string(case.model))

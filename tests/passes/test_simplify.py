@@ -4,11 +4,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-from onnxopt import data, runtime, validation
-from onnxopt.pass_base import make
 from onnxopt.passes.simplify import SimplifyConfig, SimplifyPass
-from tests.builders import conv_bn_feeds, conv_bn_model
+
+from onnxopt.pass_base import make
+from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
+from onnxopt.testing.builders import conv_bn_feeds, conv_bn_model
 from tests.conftest import load_model, model_path, op_counts
 from tests.tolerances import REAL_MODEL_MIN_COSINE, TOL
 

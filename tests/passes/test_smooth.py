@@ -11,11 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
 
-from onnxopt import quant_math, runtime, smooth
 from onnxopt.context import PassContext
-from onnxopt.data import Dataset
 from onnxopt.errors import DataError
-from tests.bert_builder import bert_feeds, make_bert
+from onnxopt.quant import scales as quant_math
+from onnxopt.quant import smooth
+from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.data import Dataset
+from onnxopt.testing.bert_builder import bert_feeds, make_bert
 
 HIDDEN, OUT = 32, 24
 OUTLIERS = [3, 17]

@@ -1,0 +1,1 @@
+"""The distillation engine: the student's feeds, ONNX -> torch evaluation and training (torch optional)."""

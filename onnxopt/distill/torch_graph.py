@@ -1,0 +1,90 @@
+"""Run an ONNX graph in torch, with chosen initializers replaced by trainable tensors.
+
+Why not onnx2torch: it turns Conv/Gemm/BatchNorm into ``torch.nn`` modules with their own
+parameter names (Gemm with transB=0 gets a transposed copy), so writing trained values back
+into the ONNX graph by initializer name would need a per-op inverse mapping; and a packed
+codebook (``Gather(codebook, indices)``) would need special handling to stay a codebook. Here
+every initializer keeps its ONNX name, the graph is evaluated node by node with the functions
+of :mod:`onnxopt.distill.torch_ops`, and whatever tensor the trainer passes for a name is used, so
+write-back is exact and a codebook trained through ``Gather`` is Deep Compression's trained
+quantization with no extra code.
+
+Importing this module imports torch (the ``distill`` extra); the core never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from onnxopt.distill.torch_ops import OpFn, UnsupportedOpError, build_op
+
+__all__ = ["TorchGraph", "UnsupportedOpError"]
+
+logger = logging.getLogger(__name__)
+
+
+class TorchGraph:
+    """A differentiable evaluator of one ONNX graph (main graph only; no control flow).
+
+    Args:
+        model: the model; it is read, never changed.
+
+    Raises:
+        UnsupportedOpError: a node (named, with its op type) cannot be run in torch; raised
+            here, before any training, for the first such node in graph order.
+
+    """
+
+    def __init__(self, model: ir.Model) -> None:
+        graph = model.graph
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17))
+        self.input_names = [v.name for v in graph.inputs if not v.is_initializer()]
+        self.output_names = [v.name for v in graph.outputs]
+        self.constants: dict[str, torch.Tensor] = {}
+        for name, value in graph.initializers.items():
+            if value.const_value is None:
+                raise UnsupportedOpError(f"distill: initializer {name!r} has no value")
+            self.constants[name] = torch.from_numpy(np.array(value.const_value.numpy()))
+        self._steps: list[tuple[OpFn, list[str | None], list[str], ir.Node]] = []
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                    raise UnsupportedOpError(
+                        f"distill: cannot train through {node.op_type} node {node.name!r}: subgraphs are not supported"
+                    )
+            fn = build_op(node, opset)
+            ins = [v.name if v is not None else None for v in node.inputs]
+            outs = [v.name for v in node.outputs]
+            self._steps.append((fn, ins, outs, node))
+
+    def __call__(
+        self, feeds: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """The graph outputs for ``feeds``, using ``weights[name]`` instead of an initializer.
+
+        Raises:
+            UnsupportedOpError: an op fails on these inputs (names the op and node).
+
+        """
+        env: dict[str, torch.Tensor] = dict(self.constants)
+        if weights:
+            env.update(weights)
+        env.update(feeds)
+        for fn, ins, outs, node in self._steps:
+            args = [env[name] if name else None for name in ins]
+            try:
+                results = fn(args)
+            except (RuntimeError, IndexError, TypeError, ValueError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UnsupportedOpError(
+                    f"distill: {node.op_type} node {node.name!r} failed in torch: {first}"
+                ) from err
+            for name, value in zip(outs, results, strict=False):  # Dropout: no mask output
+                if name:
+                    env[name] = value
+        return [env[name] for name in self.output_names]

@@ -1,0 +1,159 @@
+"""Data-aware repairs of a QDQ model: bias correction; per-channel statistics (also for smoothing).
+
+Bias correction (Nagel et al., "Data-Free Quantization", sec. 4.2, measured instead of
+estimated): quantization shifts the mean of a layer's output, ``E[y_q] != E[y]``, and downstream
+averaging (GlobalAveragePool, squeeze-excitation blocks) turns that shift into large errors.
+For each quantized Conv/Gemm with an int32 bias, the per-channel mean of its float output and of
+its quantized output are measured on calibration data, and ``E[y] - E[y_q]`` is added to the
+bias (re-quantized with the same scale ``s_x * s_w``). Means are reduced inside the graph
+(right after each producer), so memory is that of one inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.runtime import sessions as runtime
+
+__all__ = ["bias_correction", "channel_stats"]
+
+
+def channel_stats(
+    model: ir.Model,
+    shapes: Mapping[str, int],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    last_axis: bool = False,
+    absmax: bool = False,
+) -> dict[str, np.ndarray]:
+    """Per-channel mean (or, with ``absmax``, max |x|) of main-graph tensors over ``feeds``.
+
+    Channels are axis 1 (``shapes`` maps name -> rank) or, with ``last_axis``, the last axis
+    (``shapes`` maps name -> number of channels). Each tensor is reduced inside the graph right
+    after its producer, so memory is that of one inference.
+    """
+    clone = model.clone()
+    values = {v.name: v for v in clone.graph.inputs}
+    for node in clone.graph:
+        values.update({o.name: o for o in node.outputs if o.name})
+    opset = clone.opset_imports.get("", 13)
+    ops = ("ReduceMax", "ReduceMin") if absmax else ("ReduceMean",)  # max |x| = max(max x, -min x)
+    fetch: dict[str, list[str]] = {}
+    for i, (name, dim) in enumerate(shapes.items()):
+        value = values.get(name)
+        if value is None:
+            continue
+        created, outs = _channel_reduction(value, -1 if last_axis else 1, dim, ops, opset)
+        for j, out in enumerate(outs):
+            out.name = f"channel_stats.{i}.{j}"
+        clone.graph.outputs.extend(outs)
+        fetch[name] = [out.name for out in outs]
+        producer = value.producer()
+        if producer is not None:
+            clone.graph.insert_after(producer, created)
+        else:
+            clone.graph.insert_before(next(iter(clone.graph)), created)
+    acc: dict[str, np.ndarray] = {}
+    count = 0
+    names = [n for outs in fetch.values() for n in outs]
+    for got in runtime.capture(clone, (dict(f) for f in feeds), names, priority_order=True):
+        count += 1
+        for name, outs in fetch.items():
+            if absmax:
+                x = np.maximum(got[outs[0]].astype(np.float64), -got[outs[1]].astype(np.float64))
+                acc[name] = np.maximum(acc[name], x) if name in acc else x
+            else:
+                acc[name] = acc.get(name, 0.0) + got[outs[0]].astype(np.float64)
+    return {k: v if absmax else v / max(count, 1) for k, v in acc.items()}
+
+
+def _channel_reduction(
+    value: ir.Value, axis: int, dim: int, ops: Sequence[str], opset: int
+) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Nodes reducing ``value`` to one number per channel with each of ``ops`` (ReduceMax, ...).
+
+    ``axis`` is the channel axis: 1 (``dim`` is the rank) or -1 (``dim`` is the channel count;
+    the tensor is viewed as ``[-1, C]``). The tensor is reduced where it is, over the other
+    axes: no transposed copy.
+    """
+    created: list[ir.Node] = []
+    source = value
+    if axis == -1:
+        shape = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array([-1, dim], np.int64))})
+        created += [shape, ir.node("Reshape", [value, shape.outputs[0]])]
+        source, axes = created[-1].outputs[0], [0]
+    else:
+        axes = [0, *range(2, dim)]
+    outs = []
+    for op in ops:
+        if opset >= 18:
+            c = ir.node("Constant", [], attributes={"value": ir.Tensor(np.array(axes, np.int64))})
+            reduced = ir.node(op, [source, c.outputs[0]], attributes={"keepdims": 0})
+            created += [c, reduced]
+        else:
+            reduced = ir.node(op, [source], attributes={"axes": axes, "keepdims": 0})
+            created.append(reduced)
+        outs.append(reduced.outputs[0])
+    return created, outs
+
+
+def bias_correction(
+    float_model: ir.Model, quant_model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, stages: int = 8
+) -> dict[str, float]:
+    """Shift the int32 biases of quantized Conv/Gemm nodes by the measured mean output error.
+
+    Only nodes whose bias input is ``DequantizeLinear(int32 initializer, scale)`` and whose
+    output has a rank-2 or rank-4 shape with channels on axis 1 are touched; ``float_model``
+    must hold the same output names. Layers are corrected in ``stages`` groups in graph order,
+    each measured after the corrections upstream of it. Returns output name -> max |shift|.
+    """
+    targets: dict[str, ir.Node] = {}
+    ranks: dict[str, int] = {}
+    for node in quant_model.graph:
+        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        dq = node.inputs[2].producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
+            continue
+        if dq.inputs[0].const_value.dtype != ir.DataType.INT32:
+            continue
+        w = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if node.op_type == "Gemm":
+            ranks[node.outputs[0].name] = 2
+        elif w is not None and w.inputs[0].const_value is not None:
+            ranks[node.outputs[0].name] = len(w.inputs[0].const_value.shape)
+        else:
+            continue
+        targets[node.outputs[0].name] = dq
+    if not targets:
+        return {}
+    ref = channel_stats(float_model, ranks, feeds)
+    shifts: dict[str, float] = {}
+    names = list(targets)  # graph order: upstream corrections change what downstream layers see
+    size = max(1, -(-len(names) // stages))
+    for start in range(0, len(names), size):
+        group = names[start : start + size]
+        got = channel_stats(quant_model, {n: ranks[n] for n in group}, feeds)
+        shifts.update(_shift({n: targets[n] for n in group}, ref, got))
+    return shifts
+
+
+def _shift(targets: Mapping[str, ir.Node], ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> dict[str, float]:
+    shifts = {}
+    for name, dq in targets.items():
+        if name not in ref or name not in got or ref[name].shape != got[name].shape:
+            continue
+        q_value = dq.inputs[0]
+        q = q_value.const_value.numpy().astype(np.int64)
+        scale = dq.inputs[1].const_value.numpy().astype(np.float64)
+        if q.shape != ref[name].shape:
+            continue
+        delta = ref[name] - got[name]
+        limit = np.iinfo(np.int32).max
+        new_q = np.clip(q + np.rint(delta / scale), -limit, limit).astype(np.int32)
+        q_value.const_value = ir.tensor(new_q, name=q_value.name)
+        shifts[name] = float(np.abs(delta).max())
+    return shifts

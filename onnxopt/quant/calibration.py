@@ -1,0 +1,564 @@
+"""Activation statistics collected through onnxruntime, streamed over the data.
+
+Phases (onnxruntime's instrument / collect / compute, without the disk and the subclass hooks):
+
+1. **min/max** — an in-memory clone of the model gets a ``ReduceMin``/``ReduceMax``/``Size``
+   node per observed tensor, and only those scalars are fetched with
+   :func:`onnxopt.runtime.capture`. onnxruntime frees every activation as usual, so memory is
+   bounded by one inference of the model, whatever the number of samples. Running min/max are
+   merged per feed.
+2. **histogram** (percentile, entropy, mse) — in the same run, each observed tensor also gets an
+   evenly strided sample of at most ``S`` values of ``|x|`` (a strided Slice, then Abs). Per feed
+   these update a histogram of ``|x|`` (each sampled value weighted by size / sample size) whose
+   range doubles, merging bin pairs, when a feed's exact max |x| exceeds it; histograms merge
+   over feeds and memory is bounded by the samples of one feed, not the number of feeds. One
+   inference per feed for every method: histogram methods cost about what min/max costs. A
+   tensor of at most ``S`` values is binned whole, so small models get exact histograms. Models
+   below opset 11 fetch the tensors themselves instead, in chunks of at most
+   ``max_chunk_bytes``, one session over the data per chunk (also with ``exact=True``).
+3. **compute** — a clipping threshold per tensor from its histogram (percentile, KL entropy as in
+   TensorRT, or the threshold minimising the expected int8 quantisation MSE).
+
+The result is a :class:`CalibrationTable`, JSON-saveable and reusable (``--calib-table``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnxopt import _ir_utils
+from onnxopt.context import PassContext
+from onnxopt.errors import DataError
+from onnxopt.runtime import sessions as runtime
+
+__all__ = [
+    "METHODS",
+    "CalibrationTable",
+    "Method",
+    "cached_ranges",
+    "collect_ranges",
+    "float_values",
+    "threshold_from_histogram",
+]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+_REDUCE_SUFFIXES = ("min", "max", "size")
+_SKETCH_OPSET = 11  # Slice with tensor steps, Mod
+_SAMPLE = 1 << 17  # values of |x| sampled per tensor and feed (all of them in smaller tensors)
+_BINS = 4096
+_OPT = "disable"  # exact float values as written; instrumented nodes block fusions anyway
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationTable:
+    """Observed range ``(low, high)`` per tensor name, and how it was obtained.
+
+    Attributes:
+        ranges: tensor name -> (low, high) in float; low <= 0 <= high is not implied.
+        method: the calibration method that produced the ranges.
+        num_samples: number of feeds the statistics were collected on.
+        smoothing: SmoothQuant scales applied before the ranges were measured, tensor name ->
+            one factor per channel (the ranges of those tensors are of ``x / s``).
+
+    """
+
+    ranges: Mapping[str, tuple[float, float]]
+    method: str = "minmax"
+    num_samples: int = 0
+    smoothing: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, rng in self.ranges.items():
+            if len(rng) != 2 or not (math.isfinite(rng[0]) and math.isfinite(rng[1])):
+                raise ValueError(f"calibration range of {name!r} must be two finite numbers, got {rng}")
+            if rng[0] > rng[1]:
+                raise ValueError(f"calibration range of {name!r} has low > high: {rng}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.ranges
+
+    def absmax(self, name: str) -> float:
+        """``max(|low|, |high|)`` of tensor ``name`` (KeyError if it was not observed)."""
+        low, high = self.ranges[name]
+        return float(max(abs(low), abs(high)))
+
+    def merged(self, other: CalibrationTable) -> CalibrationTable:
+        """Return a table holding the ranges of both (``other`` wins on a shared name)."""
+        return CalibrationTable({**self.ranges, **other.ranges}, self.method, max(self.num_samples, other.num_samples),
+                                {**self.smoothing, **other.smoothing})
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return {
+            "format": "onnxopt-calibration-table",
+            "version": 1,
+            "method": self.method,
+            "num_samples": self.num_samples,
+            "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()},
+            **({"smoothing": {k: [float(x) for x in v] for k, v in self.smoothing.items()}} if self.smoothing else {}),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> CalibrationTable:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: a document that is not a calibration table.
+
+        """
+        if not isinstance(doc, Mapping) or doc.get("format") != "onnxopt-calibration-table":
+            raise ValueError("not an onnxopt calibration table (missing format key)")
+        ranges = doc.get("ranges")
+        if not isinstance(ranges, Mapping):
+            raise ValueError("calibration table has no 'ranges' object")
+        parsed = {str(k): (float(v[0]), float(v[1])) for k, v in ranges.items()}
+        smoothing = {str(k): tuple(float(x) for x in v) for k, v in doc.get("smoothing", {}).items()}
+        return cls(parsed, str(doc.get("method", "minmax")), int(doc.get("num_samples", 0)), smoothing)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table as JSON."""
+        pathlib.Path(path).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationTable:
+        """Read a table written by :meth:`save`.
+
+        Raises:
+            DataError: missing or malformed file.
+
+        """
+        path = pathlib.Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise DataError(f"{path}: calibration table not found") from None
+        except (json.JSONDecodeError, ValueError, TypeError, IndexError) as err:
+            raise DataError(f"{path}: invalid calibration table ({err})") from None
+
+
+def _is_float_tensor(value: ir.Value) -> bool:
+    """Tell whether ``value`` is typed as a float tensor (sequence/optional values are not)."""
+    return isinstance(value.type, ir.TensorType) and value.type.dtype in _FLOAT_TYPES
+
+
+def float_values(model: ir.Model) -> list[str]:
+    """Names of the float tensors of the main graph: real inputs and node outputs (typed).
+
+    Only values whose type is a float ``ir.TensorType``: a sequence or optional of float
+    tensors has ``dtype`` float too, but ReduceMin/ReduceMax cannot read it.
+    """
+    names = [v.name for v in model.graph.inputs if not v.is_initializer() and _is_float_tensor(v)]
+    for node in model.graph:
+        names += [o.name for o in node.outputs if o.name and _is_float_tensor(o)]
+    return list(dict.fromkeys(names))
+
+
+def _typed_clone(model: ir.Model) -> ir.Model:
+    """Return a clone with inferred value types (needed to pick the float tensors).
+
+    :func:`onnxopt._ir_utils.infer_types` fills whole types only where a value has none, so
+    sequence and optional values keep their types (onnx-ir's ShapeInferencePass makes them
+    tensors, and the instrumented clone would then not load in onnxruntime).
+    """
+    clone = model.clone()
+    try:
+        _ir_utils.infer_types(clone)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:  # best effort
+        logger.debug("shape inference failed before calibration: %s", err)
+    return clone
+
+
+def _reduce_model(
+    model: ir.Model, names: Sequence[str], sketch: bool = False
+) -> tuple[ir.Model, dict[str, tuple[str, ...]]]:
+    """Return a clone exposing ReduceMin/ReduceMax/Size (with ``sketch``, a |x| sample) per tensor."""
+    clone = model.clone()
+    values = {v.name: v for v in clone.graph.inputs}
+    for node in clone.graph:
+        values.update({o.name: o for o in node.outputs if o.name})
+    taken = {v.name for v in values.values()} | set(clone.graph.initializers)
+    outs: dict[str, tuple[str, ...]] = {}
+    first = next(iter(clone.graph), None)
+    consts = _sketch_constants(clone.graph, taken) if sketch else {}
+    for name in names:
+        if name not in values:
+            raise KeyError(f"no value named {name!r} in the main graph")
+        created, exposed = [], []
+        for op, suffix in zip(("ReduceMin", "ReduceMax", "Size"), _REDUCE_SUFFIXES, strict=True):
+            attrs = {"keepdims": 0} if op != "Size" else {}
+            node = ir.node(op, [values[name]], attributes=attrs)
+            node.outputs[0].name = _ir_utils.unique_name(clone.graph, f"{name}.calib_{suffix}", taken)
+            created.append(node)
+            exposed.append(node.outputs[0])
+        if sketch:
+            created += _sketch_nodes(values[name], created[2].outputs[0], consts)
+            created[-1].outputs[0].name = _ir_utils.unique_name(clone.graph, f"{name}.calib_sample", taken)
+            exposed.append(created[-1].outputs[0])
+        clone.graph.outputs.extend(exposed)
+        # Right after the producer: onnxruntime runs nodes in this order, so each activation
+        # is reduced (and can be freed) as soon as it exists, not at the end of the graph.
+        producer = values[name].producer()
+        if producer is not None:
+            clone.graph.insert_after(producer, created)
+        elif first is not None:
+            clone.graph.insert_before(first, created)
+        else:
+            clone.graph.extend(created)
+        outs[name] = tuple(v.name for v in exposed)  # type: ignore[misc]
+    return clone, outs
+
+
+def _sketch_constants(graph: ir.Graph, taken: set[str]) -> dict[str, ir.Value]:
+    """Add the int64 constants of :func:`_sketch_nodes` to ``graph`` once, as initializers."""
+    values = {"flat": [-1], "one_d": [1], "sample_m1": _SAMPLE - 1, "sample": _SAMPLE, "one": 1, "two": 2, "zero": [0]}
+    out = {}
+    for key, value in values.items():
+        name = _ir_utils.unique_name(graph, f"calib_sketch_{key}", taken)  # adds it to taken
+        out[key] = ir.Value(name=name, const_value=ir.Tensor(np.array(value, np.int64), name=name))
+        graph.register_initializer(out[key])
+    return out
+
+
+def _sketch_nodes(x: ir.Value, size: ir.Value, c: Mapping[str, ir.Value]) -> list[ir.Node]:
+    """Nodes computing ``|x.ravel()[::step]|`` (the last node), at most ``_SAMPLE`` values.
+
+    ``step`` is ``ceil(size / _SAMPLE)`` made odd, so that the stride does not alias with the
+    power-of-two widths of feature maps. Slicing before ``Abs`` keeps the cost to a strided copy
+    of the sample (a full-tensor Abs or TopK per tensor measured 2.4x the min/max run on PP-OCR det).
+    ``c`` holds the constants made by :func:`_sketch_constants`.
+    """
+    flat = ir.node("Reshape", [x, c["flat"]])
+    num = ir.node("Add", [size, c["sample_m1"]])
+    step = ir.node("Div", [num.outputs[0], c["sample"]])
+    parity = ir.node("Mod", [step.outputs[0], c["two"]])
+    bump = ir.node("Sub", [c["one"], parity.outputs[0]])
+    odd = ir.node("Add", [step.outputs[0], bump.outputs[0]])
+    steps = ir.node("Reshape", [odd.outputs[0], c["one_d"]])
+    ends = ir.node("Reshape", [size, c["one_d"]])
+    sample = ir.node("Slice", [flat.outputs[0], c["zero"], ends.outputs[0], c["zero"], steps.outputs[0]])
+    nodes = [flat, num, step, parity, bump, odd, steps, ends, sample]
+    if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.FLOAT}))
+    nodes.append(ir.node("Abs", [nodes[-1].outputs[0]]))
+    return nodes
+
+
+class _Histogram:
+    """Histogram of ``|x|`` over ``[0, top]`` whose range doubles when a larger value arrives."""
+
+    def __init__(self, bins: int = _BINS) -> None:
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.top = 0.0
+
+    def add(self, peak: float, sample: np.ndarray, size: int) -> None:
+        """Add one feed's sample of ``|x|`` for a tensor of ``size`` values whose max |x| is ``peak``."""
+        sample = sample[np.isfinite(sample)]
+        if not sample.size or not math.isfinite(peak):
+            return
+        if self.top == 0.0:
+            self.top = peak if peak > 0 else 1.0
+        while peak > self.top:  # merge bin pairs: the same counts over twice the range
+            half = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.concatenate([half, np.zeros_like(half)])
+            self.top *= 2.0
+        self._bin(sample, size / sample.size)
+
+    def _bin(self, x: np.ndarray, weight: float) -> None:
+        self.counts += weight * _bincount(x, self.top, len(self.counts))
+
+
+def _bincount(x: np.ndarray, top: float, bins: int) -> np.ndarray:
+    """Counts of ``x >= 0`` in ``bins`` equal bins over ``[0, top]`` (larger values in the last)."""
+    # Integer binning with bincount: several times faster than np.histogram.
+    idx = np.minimum((x * (bins / top)).astype(np.int64), bins - 1)
+    return np.bincount(idx, minlength=bins)
+
+
+def _reiterable(data: Iterable[Mapping[str, np.ndarray]]) -> Iterable[Mapping[str, np.ndarray]]:
+    """Return ``data`` itself if iterating it twice works, else a list of its feeds."""
+    if hasattr(data, "get_next"):  # an onnxruntime CalibrationDataReader
+        feeds = []
+        while (item := data.get_next()) is not None:
+            feeds.append(dict(item))
+        return feeds
+    if iter(data) is data:  # a one-shot iterator: keep its feeds for the second phase
+        return list(data)
+    return data
+
+
+def _progress(items: Iterable[Any], total: int | None, desc: str, quiet: bool) -> Iterable[Any]:
+    return tqdm(items, total=total, desc=desc, disable=quiet, leave=False, unit="feed")
+
+
+def _minmax_phase(
+    model: ir.Model, data: Iterable[Mapping[str, np.ndarray]], names: Sequence[str], quiet: bool,
+    sketch: bool = False,
+) -> tuple[dict[str, list[float]], dict[str, int], int, dict[str, _Histogram]]:
+    instrumented, outs = _reduce_model(model, names, sketch)
+    fetch = [x for exposed in outs.values() for x in exposed]
+    lows = {n: math.inf for n in names}
+    highs = {n: -math.inf for n in names}
+    sizes = dict.fromkeys(names, 0)
+    hists = {n: _Histogram() for n in names} if sketch else {}
+    count = 0
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    stream = runtime.capture(instrumented, (dict(f) for f in data), fetch, priority_order=True, opt_level=_OPT)
+    desc = "calibration min/max + histograms" if sketch else "calibration min/max"
+    for got in _progress(stream, total, desc, quiet):
+        count += 1
+        for name, exposed in outs.items():
+            size = int(got[exposed[2]])
+            if size == 0:
+                continue
+            lows[name] = min(lows[name], float(got[exposed[0]]))
+            highs[name] = max(highs[name], float(got[exposed[1]]))
+            sizes[name] = max(sizes[name], size)
+            if sketch:
+                peak = max(abs(float(got[exposed[0]])), abs(float(got[exposed[1]])))
+                hists[name].add(peak, got[exposed[3]], size)
+        del got
+    if count == 0:
+        raise DataError("calibration: no feeds")
+    ranges = {n: [lows[n], highs[n]] for n in names}
+    return ranges, sizes, count, hists
+
+
+def _chunks(names: Sequence[str], sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        nbytes = 4 * sizes[name]
+        if chunks[-1] and used + nbytes > max_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += nbytes
+    return [c for c in chunks if c]
+
+
+def _histogram_phase(
+    model: ir.Model,
+    data: Iterable[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    absmax: Mapping[str, float],
+    sizes: Mapping[str, int],
+    num_bins: int,
+    max_chunk_bytes: int,
+    quiet: bool,
+) -> dict[str, np.ndarray]:
+    hists = {n: np.zeros(num_bins, dtype=np.int64) for n in names}
+    chunks = _chunks(names, sizes, max_chunk_bytes)
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    for i, chunk in enumerate(chunks):
+        desc = f"calibration histograms {i + 1}/{len(chunks)}"
+        stream = runtime.capture(model, (dict(f) for f in data), chunk, priority_order=True, opt_level=_OPT)
+        for got in _progress(stream, total, desc, quiet):
+            for name in chunk:
+                top = absmax[name]
+                if top <= 0 or name not in got:
+                    continue
+                x = np.abs(np.asarray(got[name], dtype=np.float32).ravel())
+                x = x[np.isfinite(x)]  # NaN/inf entries carry no range information
+                hists[name] += _bincount(x, top, num_bins)
+            del got
+    return hists
+
+
+def threshold_from_histogram(
+    hist: np.ndarray, top: float, method: str, *, percentile: float = 99.99, levels: int = 128
+) -> float:
+    """Clipping threshold for ``|x|`` from a histogram of ``|x|`` over ``[0, top]``.
+
+    Args:
+        hist: counts per bin, bins of equal width ``top / len(hist)``.
+        top: the observed ``max |x|``.
+        method: "percentile", "entropy" (KL divergence, as TensorRT) or "mse".
+        percentile: for "percentile", the share (in %) of values kept unclipped.
+        levels: quantisation levels on one side of zero (128 for int8).
+
+    """
+    n = len(hist)
+    total = float(hist.sum())
+    if total <= 0 or top <= 0:
+        return float(top)
+    width = top / n
+    if method == "percentile":
+        cdf = np.cumsum(hist) / total
+        idx = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(min(idx + 1, n) * width)
+    if method == "mse":
+        return _mse_threshold(hist.astype(np.float64), width, levels)
+    if method == "entropy":
+        return _entropy_threshold(hist.astype(np.float64), width, levels)
+    raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
+
+
+def _mse_threshold(hist: np.ndarray, width: float, levels: int) -> float:
+    n = len(hist)
+    centers = (np.arange(n) + 0.5) * width
+    best_t, best_err = n * width, math.inf
+    for k in np.unique(np.linspace(max(n // 64, 1), n, 128).astype(int)):
+        t = k * width
+        step = t / (levels - 1)
+        inside = hist[:k].sum()
+        clipped = hist[k:] @ (centers[k:] - t) ** 2
+        err = inside * step * step / 12.0 + clipped
+        if err < best_err:
+            best_t, best_err = t, err
+    return float(best_t)
+
+
+def _entropy_threshold(hist: np.ndarray, width: float, levels: int) -> float:
+    """TensorRT's KL search, over thresholds that keep at least 99.9 % of the values.
+
+    The floor guards against discrete or zero-heavy distributions (image pixels, ReLU outputs),
+    for which the plain KL search picks a threshold that clips most of the signal.
+    """
+    n = len(hist)
+    if n <= levels:
+        return float(n * width)
+    cdf = np.cumsum(hist) / hist.sum()
+    first = max(levels, int(np.searchsorted(cdf, 0.999)) + 1)
+    best_k, best_kl = n, math.inf
+    stride = max((n - first) // 128, 1)
+    for k in range(first, n + 1, stride):
+        p = hist[:k].copy()
+        p[-1] += hist[k:].sum()
+        nonzero = p > 0
+        # Merge k bins into `levels` groups; spread each group's mass over its nonzero bins.
+        edges = np.unique(np.linspace(0, k, levels + 1).astype(int)[:-1])
+        mass = np.add.reduceat(p, edges)
+        cnt = np.add.reduceat(nonzero.astype(np.float64), edges)
+        per = np.divide(mass, cnt, out=np.zeros_like(mass), where=cnt > 0)
+        q = np.repeat(per, np.diff(np.append(edges, k))) * nonzero
+        ps = p[nonzero] / p.sum()
+        qs = q[nonzero] / q.sum()
+        kl = float(np.sum(ps * np.log(ps / np.maximum(qs, 1e-12))))
+        if kl < best_kl:
+            best_k, best_kl = k, kl
+    return float(best_k * width)
+
+
+def collect_ranges(
+    model: ir.Model,
+    data: Iterable[Mapping[str, np.ndarray]],
+    values: Sequence[str] | None = None,
+    method: Method = "minmax",
+    *,
+    percentile: float = 99.99,
+    num_bins: int = 2048,
+    quiet: bool = False,
+    max_chunk_bytes: int = 256 << 20,
+    exact: bool = False,
+) -> CalibrationTable:
+    """Observe ``values`` on ``data`` through onnxruntime and return their ranges.
+
+    Args:
+        model: the float model (not modified).
+        data: feeds ``{input_name: array}`` (a Dataset, a list, any iterable, or an onnxruntime
+            CalibrationDataReader). One-shot iterators are kept in memory for the second phase.
+        values: tensor names of the main graph; ``None`` means every float tensor (graph inputs
+            and node outputs).
+        method: "minmax", "percentile", "entropy" or "mse" (see the module docstring).
+        percentile: for "percentile", the share (in %) of ``|x|`` kept unclipped.
+        num_bins: histogram bins for exact histograms (the sketch uses 4096 over a range that
+            doubles as needed: at least 2048 over the observed range).
+        quiet: no progress bars.
+        max_chunk_bytes: largest total size of the tensors fetched at once for exact histograms.
+        exact: histograms of every value (the tensors are fetched in chunks, one session over
+            the data per chunk) instead of the one-pass sketch; models below opset 11 always.
+
+    Raises:
+        ValueError: an unknown method or a bad option.
+        KeyError: a name in ``values`` that is not a main-graph value.
+        DataError: no feeds.
+
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if num_bins < 128:
+        raise ValueError(f"num_bins must be >= 128, got {num_bins}")
+    typed = _typed_clone(model)
+    names = list(dict.fromkeys(values)) if values is not None else float_values(typed)
+    if not names:
+        return CalibrationTable({}, method, 0)
+    sketch = method != "minmax" and not exact and typed.opset_imports.get("", 0) >= _SKETCH_OPSET
+    if method != "minmax" and not sketch:
+        data = _reiterable(data)  # a second pass over the data follows
+    elif hasattr(data, "get_next"):  # an onnxruntime CalibrationDataReader, read once
+        data = iter(data.get_next, None)
+    ranges, sizes, count, sketches = _minmax_phase(typed, data, names, quiet, sketch)
+    # Tensors with an infinite bound (masks of -inf, overflow) get no range: they stay float.
+    observed = [n for n in names if math.isfinite(ranges[n][0]) and math.isfinite(ranges[n][1])]
+    if method != "minmax":
+        if sketch:
+            hists = {n: (sketches[n].counts, sketches[n].top) for n in observed}
+        else:
+            absmax = {n: max(abs(ranges[n][0]), abs(ranges[n][1])) for n in observed}
+            chunked = _histogram_phase(typed, data, observed, absmax, sizes, num_bins, max_chunk_bytes, quiet)
+            hists = {n: (chunked[n], absmax[n]) for n in observed}
+        for name in observed:
+            t = threshold_from_histogram(*hists[name], method, percentile=percentile)
+            lo, hi = ranges[name]
+            ranges[name] = [max(lo, -t), min(hi, t)]
+    table = {n: (float(ranges[n][0]), float(ranges[n][1])) for n in observed}
+    logger.debug("calibrated %d tensors on %d feeds (%s)", len(table), count, method)
+    return CalibrationTable(table, method, count)
+
+
+def cached_ranges(
+    context: PassContext,
+    model: ir.Model,
+    values: Sequence[str] | None = None,
+    method: Method = "minmax",
+    **kw: Any,
+) -> CalibrationTable:
+    """:func:`collect_ranges` on ``context.calibration``, cached in ``context.cache``.
+
+    The key is the method, its options, the tensors asked for and a fingerprint of the graph
+    (nodes and the identity of every weight tensor), so a later pass asking the same of an
+    unchanged model reuses the table, and a model that a pass rewrote in between is measured anew.
+
+    Raises:
+        DataError: the context has no calibration data.
+
+    """
+    if context.calibration is None:
+        raise DataError("calibration data is needed (pass --calib DATA or calibration=...)")
+    key = (
+        "calibration",
+        method,
+        tuple(sorted(kw.items())),
+        tuple(values) if values is not None else None,
+        _fingerprint(model),
+    )
+    table = context.cache.get(key)  # type: ignore[call-overload]
+    if table is None:
+        table = collect_ranges(model, context.calibration, values, method, quiet=context.quiet, **kw)
+        context.cache[key] = table  # type: ignore[index]
+    return table
+
+
+def _fingerprint(model: ir.Model) -> tuple:
+    """Changes when a pass rewrites nodes or replaces a weight (passes replace tensors)."""
+    nodes = tuple((n.op_type, n.name, tuple(v.name for v in n.inputs if v is not None)) for n in model.graph)
+    weights = tuple((name, id(v.const_value)) for name, v in model.graph.initializers.items())
+    return nodes, weights

@@ -1,0 +1,171 @@
+"""Measurements a quantization pass reports: layer-wise SQNR and FP32-vs-INT8 CPU latency.
+
+Both run the float and the quantized model in onnxruntime on calibration feeds. SQNR compares,
+per quantized tensor, the float model's value with the quantized model's dequantized value (the
+error accumulated up to that point), streamed per feed and per chunk of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import io as _io
+from onnxopt.runtime import sessions as runtime
+
+__all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "run_flat"]
+
+
+def layer_sqnr(
+    float_model: ir.Model,
+    quant_model: ir.Model,
+    dequantized: Mapping[str, str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    chunk: int = 64,
+) -> list[dict[str, float | str]]:
+    """SQNR in dB per quantized tensor, worst (lowest) first.
+
+    Args:
+        float_model: the model before quantization.
+        quant_model: the QDQ model.
+        dequantized: float tensor name -> name of its DequantizeLinear output in ``quant_model``.
+        feeds: calibration feeds (a few are enough).
+        chunk: tensors fetched per onnxruntime session (bounds memory).
+
+    """
+    names = list(dequantized)
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for start in range(0, len(names), chunk):
+        part = names[start : start + chunk]
+        ref_stream = runtime.capture(float_model, (dict(f) for f in feeds), part)
+        cand_stream = runtime.capture(quant_model, (dict(f) for f in feeds), [dequantized[n] for n in part])
+        for ref, cand in zip(ref_stream, cand_stream, strict=True):
+            for name in part:
+                r = np.asarray(ref[name], dtype=np.float64)
+                c = np.asarray(cand[dequantized[name]], dtype=np.float64)
+                signal[name] += float(np.sum(r * r))
+                noise[name] += float(np.sum((r - c) ** 2))
+    rows = []
+    for name in names:
+        if noise[name] == 0.0:
+            db = math.inf
+        elif signal[name] == 0.0:
+            db = -math.inf
+        else:
+            db = 10.0 * math.log10(signal[name] / noise[name])
+        rows.append({"tensor": name, "sqnr_db": round(db, 2) if math.isfinite(db) else db})
+    rows.sort(key=lambda r: r["sqnr_db"])
+    return rows
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return round(10.0 * math.log10(signal / noise), 2)
+
+
+def local_sqnr(
+    float_model: ir.Model,
+    params: Mapping[str, tuple[float, int]],
+    qtype: str,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, float]:
+    """SQNR in dB that quantizing each tensor alone adds, measured in one float-model run per feed.
+
+    For each tensor T with (scale, zero point), the clone computes ``sum(T^2)`` and
+    ``sum((T - DQ(Q(T)))^2)`` in the graph, right after T's producer, so only scalars leave
+    onnxruntime and memory stays that of one inference (PP-OCR-sized feeds included).
+    """
+    clone = float_model.clone()
+    values = {v.name: v for v in clone.graph.inputs}
+    for node in clone.graph:
+        values.update({o.name: o for o in node.outputs if o.name})
+    first = next(iter(clone.graph), None)
+    zero_type = ir.DataType.UINT8 if qtype == "uint8" else ir.DataType.INT8
+    fetch: dict[str, tuple[str, str]] = {}
+    for i, (name, (scale, zero)) in enumerate(params.items()):
+        if name not in values:
+            continue
+        x = values[name]
+        s = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(scale, np.float32))})
+        z = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(zero, zero_type.numpy()))})
+        q = ir.node("QuantizeLinear", [x, s.outputs[0], z.outputs[0]])
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s.outputs[0], z.outputs[0]])
+        diff = ir.node("Sub", [x, dq.outputs[0]])
+        noise = ir.node("ReduceSumSquare", [diff.outputs[0]], attributes={"keepdims": 0})
+        signal = ir.node("ReduceSumSquare", [x], attributes={"keepdims": 0})
+        noise.outputs[0].name = f"sqnr.{i}.noise"
+        signal.outputs[0].name = f"sqnr.{i}.signal"
+        created = [s, z, q, dq, diff, noise, signal]
+        producer = x.producer()
+        if producer is not None:
+            clone.graph.insert_after(producer, created)
+        elif first is not None:
+            clone.graph.insert_before(first, created)
+        clone.graph.outputs.extend([noise.outputs[0], signal.outputs[0]])
+        fetch[name] = (signal.outputs[0].name, noise.outputs[0].name)
+    names = [n for pair in fetch.values() for n in pair]
+    sums = dict.fromkeys(names, 0.0)
+    for got in runtime.capture(clone, (dict(f) for f in feeds), names, priority_order=True):
+        for n in names:
+            sums[n] += float(got[n])
+    return {t: _db(sums[sig], sums[noi]) for t, (sig, noi) in fetch.items()}
+
+
+def run_flat(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_level: runtime.OptLevel) -> np.ndarray:
+    """All outputs of ``model`` on each feed (one session), flattened into one float64 vector."""
+    with runtime.session(model, opt_level=opt_level) as handle:
+        runs = [handle.run(dict(feed)) for feed in feeds]
+    return np.concatenate([np.asarray(v, np.float64).ravel() for outs in runs for v in outs.values()])
+
+
+def latency_ms(
+    models: Iterable[ir.Model],
+    feed: Mapping[str, np.ndarray],
+    *,
+    runs: int = 10,
+    warmup: int = 3,
+    threads: int = 1,
+    budget_s: float = 30.0,
+) -> list[float]:
+    """Median latency (ms) of each model on ``feed``, runs interleaved, ORT_ENABLE_ALL on CPU.
+
+    ``runs`` shrinks (to at least 3, warm-up to 1) when a first run shows that all runs would
+    take longer than ``budget_s`` (PP-OCR det at 736x2944 takes seconds per run).
+    """
+    models = list(models)
+    if len(models) > 1 and sum(_io.model_nbytes(m) for m in models) > runtime._IN_MEMORY_LIMIT:
+        # Large models: one session at a time (not interleaved) so that one copy of weights is live.
+        return [latency_ms([m], feed, runs=runs, warmup=warmup, threads=threads, budget_s=budget_s)[0] for m in models]
+    handles = [runtime.make_session(m, threads=threads, opt_level="all") for m in models]
+    try:
+        times: list[list[float]] = [[] for _ in handles]
+        feed = dict(feed)
+        t0 = time.perf_counter()
+        for h in handles:
+            h.run(feed)
+        one_round = time.perf_counter() - t0
+        if one_round * (runs + warmup) > budget_s:
+            runs = max(3, int(budget_s / max(one_round, 1e-9)) - 1)
+            warmup = 0
+        for _ in range(warmup):
+            for h in handles:
+                h.run(feed)
+        for _ in range(runs):
+            for h, t in zip(handles, times, strict=True):
+                t0 = time.perf_counter()
+                h.run(feed)
+                t.append((time.perf_counter() - t0) * 1e3)
+        return [statistics.median(t) for t in times]
+    finally:
+        for h in handles:
+            h.close()

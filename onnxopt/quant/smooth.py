@@ -1,0 +1,335 @@
+"""SmoothQuant / cross-layer equalisation: even out activation channels before INT8.
+
+Xiao et al., "SmoothQuant" (ICML 2023). Transformers' LayerNorm outputs carry a few channels
+tens of times larger than the rest; one per-tensor activation scale then spends its 256 levels
+on them and rounds every other channel coarsely. For ``Y = X W`` and a per-input-channel scale
+``s``, ``Y = (X / s) (diag(s) W)`` exactly; with ``s_j = max|X_j|^a / max|W_j|^(1-a)`` the
+activation's channels are evened out and the weights, quantized per output channel, take the
+difficulty they handle better. ``1 / s`` is folded into the producer where that is exact and
+free: a LayerNormalization or SkipLayerNormalization (scale and bias), or a ``Mul(x, gamma) ->
+Add(beta)`` pair with per-channel constants (a LayerNorm written out in primitives). Where the
+normalized tensor also feeds something else (a post-LN residual Add), an explicit ``Mul(X, 1/s)``
+is inserted in front of the MatMul/Gemm consumers; it stays float (it reads the float tensor).
+
+The same algebra between two convolutions is cross-layer equalisation (Nagel et al., "Data-Free
+Quantization", 2019), here driven by measured activation ranges: a Conv (optionally through a
+Relu, which commutes with positive scales) whose output only feeds Convs gets ``1 / s`` folded
+into its weights and bias per output channel, and the readers' weights take ``s`` per input
+channel (any group count). MobileNet-style depthwise -> pointwise pairs are where it matters: a
+depthwise output's channels differ in range by orders of magnitude, and one per-tensor scale
+cannot hold them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import _ir_utils
+from onnxopt.errors import DataError
+from onnxopt.quant import bias_correction as quant_improve
+
+__all__ = ["Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
+
+_NORMS = {("", "LayerNormalization"), ("com.microsoft", "SkipLayerNormalization")}
+_SCALE_LIMIT = 1e4  # s is clipped to [1/limit, limit]: dead channels must not blow weights up
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """A node reading X through a constant weight: input ``index``; how X's channels run over it.
+
+    ``kind`` is "rows" (MatMul/Gemm weight [C, N]), "cols" (Gemm transB weight [N, C]) or "conv"
+    (Conv weight [O, C / group, ...]).
+    """
+
+    node: ir.Node
+    index: int
+    kind: str
+    group: int = 1
+
+    def in_absmax(self) -> np.ndarray:
+        """Max |w| per input channel of X."""
+        w = np.abs(_ir_utils.constant_array(self.node.inputs[self.index]))
+        if self.kind == "rows":
+            return w.max(axis=1)
+        if self.kind == "cols":
+            return w.max(axis=0)
+        g = self.group
+        return w.reshape(g, w.shape[0] // g, w.shape[1], -1).max(axis=(1, 3)).reshape(-1)
+
+    def scaled(self, s: np.ndarray) -> np.ndarray:
+        """Return the weight with input channel j multiplied by ``s[j]``."""
+        w = _ir_utils.constant_array(self.node.inputs[self.index])
+        if self.kind == "rows":
+            return w * s[:, None]
+        if self.kind == "cols":
+            return w * s[None, :]
+        g = self.group
+        return (w.reshape(g, w.shape[0] // g, w.shape[1], -1) * s.reshape(g, 1, -1, 1)).reshape(w.shape)
+
+
+@dataclasses.dataclass
+class SmoothGroup:
+    """One activation X and the nodes reading it through constant weights.
+
+    ``fold`` holds the producer's constants to divide by ``s`` (node, input index, axis of the
+    channels); empty means that an explicit Mul is needed (X has other readers, or is a graph
+    output). ``channel_axis`` is X's channel axis: -1 after a LayerNorm, 1 after a Conv;
+    ``rank`` is X's rank where it is known (Conv groups).
+    """
+
+    value: ir.Value
+    channels: int
+    readers: list[Reader]
+    fold: list[tuple[ir.Node, int, int]]
+    channel_axis: int = -1
+    rank: int = 0
+
+
+@dataclasses.dataclass
+class SmoothResult:
+    """What :func:`smooth` did: one record per group, inserted (float) Mul nodes, the scales applied."""
+
+    records: list[dict] = dataclasses.field(default_factory=list)
+    inserted: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    scales: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+
+
+def _reader(node: ir.Node, x: ir.Value) -> Reader | None:
+    """How ``node`` reads X through a constant float weight, or None if it does not."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is not x:
+        return None
+    w = _ir_utils.constant_input(node, 1)
+    if w is None or w.const_value.dtype != ir.DataType.FLOAT:
+        return None
+    rank = len(w.const_value.shape)
+    if node.op_type == "MatMul" and rank == 2:
+        return Reader(node, 1, "rows")
+    if node.op_type == "Gemm" and rank == 2 and not node.attributes.get_int("transA", 0):
+        return Reader(node, 1, "cols" if node.attributes.get_int("transB", 0) else "rows")
+    if node.op_type == "Conv" and rank >= 3:
+        return Reader(node, 1, "conv", node.attributes.get_int("group", 1))
+    return None
+
+
+def _channels(reader: Reader) -> int:
+    shape = reader.node.inputs[reader.index].const_value.shape
+    if reader.kind == "conv":
+        return int(shape[1]) * reader.group
+    return int(shape[0] if reader.kind == "rows" else shape[1])
+
+
+def _per_channel(node: ir.Node, index: int, channels: int) -> bool:
+    """Whether input ``index`` of ``node`` is a float constant of ``channels`` values along the last axis."""
+    c = _ir_utils.constant_input(node, index)
+    if c is None or c.const_value.dtype != ir.DataType.FLOAT:
+        return False
+    shape = tuple(c.const_value.shape)
+    return bool(shape) and shape[-1] == channels and int(np.prod(shape)) == channels
+
+
+def _foldable(x: ir.Value, channels: int) -> list[tuple[ir.Node, int]] | None:
+    """Return the producer's constants that scale X per channel (exactly); None if X is not a LayerNorm output."""
+    node = x.producer()
+    if node is None:
+        return None
+    if (node.domain or "", node.op_type) in _NORMS and node.outputs[0] is x:
+        first = 1 if node.op_type == "LayerNormalization" else 2  # Skip...: input, skip, gamma, beta
+        if node.op_type == "LayerNormalization" and node.attributes.get_int("axis", -1) != -1:
+            return None
+        found = [(node, i, -1) for i in (first, first + 1) if i < len(node.inputs) and node.inputs[i] is not None]
+        return found if found and all(_per_channel(n, i, channels) for n, i, _ in found) else None
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+        return None
+    for b in (0, 1):
+        mul = node.inputs[1 - b].producer() if node.inputs[1 - b] is not None else None
+        if mul is None or mul.op_type != "Mul" or len(node.inputs[1 - b].uses()) != 1:
+            continue
+        if not _per_channel(node, b, channels):
+            continue
+        for g in (0, 1):
+            if _per_channel(mul, g, channels):
+                return [(mul, g, -1), (node, b, -1)]
+    return None
+
+
+def _conv_producer(x: ir.Value, channels: int) -> tuple[list[tuple[ir.Node, int, int]], int] | None:
+    """Find the Conv (possibly through a Relu read by nothing else) that makes X: its weight and bias, X's rank."""
+    node = x.producer()
+    if node is not None and node.op_type == "Relu" and node.domain in ("", "ai.onnx"):
+        inner = node.inputs[0]
+        if inner is None or len(inner.uses()) != 1 or inner.is_graph_output():
+            return None
+        node = inner.producer()
+    if node is None or node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        return None
+    w = _ir_utils.constant_input(node, 1)
+    if w is None or w.const_value.dtype != ir.DataType.FLOAT or w.const_value.shape[0] != channels:
+        return None
+    fold = [(node, 1, 0)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if not _per_channel(node, 2, channels):
+            return None
+        fold.append((node, 2, 0))
+    return fold, len(w.const_value.shape)
+
+
+def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
+    """Smoothable activations: LayerNorm outputs read by MatMul/Gemm, Conv outputs read by Convs.
+
+    Returns the groups and reasons for candidates left alone.
+    """
+    groups, reasons = [], []
+    for node in model.graph:
+        for x in node.outputs:
+            if x.dtype not in (None, ir.DataType.FLOAT):
+                continue
+            readers = [r for u in x.uses() if u.node.graph is model.graph and (r := _reader(u.node, x)) is not None]
+            if not readers:
+                continue
+            dims = {_channels(r) for r in readers}
+            if len(dims) != 1:
+                reasons.append(f"{x.name}: the weights reading it disagree on the channel count")
+                continue
+            channels = dims.pop()
+            others = len(x.uses()) > len(readers) or x.is_graph_output()
+            kinds = {r.kind == "conv" for r in readers}
+            if kinds == {False}:
+                fold = _foldable(x, channels)
+                if fold is not None:
+                    groups.append(SmoothGroup(x, channels, readers, [] if others else fold))
+            elif kinds == {True} and not others and (conv := _conv_producer(x, channels)) is not None:
+                groups.append(SmoothGroup(x, channels, readers, conv[0], channel_axis=1, rank=conv[1]))
+    return groups, reasons
+
+
+def _outlier_ratio(x_max: np.ndarray) -> float:
+    """Largest per-channel range over the median one."""
+    return float(x_max.max() / max(float(np.median(x_max)), 1e-12))
+
+
+def _scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """``s = max|X|^a / max|W|^(1-a)`` per channel; 1 where either side is zero."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(x_max, alpha) / np.power(w_max, 1.0 - alpha)
+    ok = (x_max > 0) & (w_max > 0) & np.isfinite(s)
+    return np.where(ok, np.clip(s, 1.0 / _SCALE_LIMIT, _SCALE_LIMIT), 1.0)
+
+
+def _replace_constant(node: ir.Node, index: int, array: np.ndarray, taken: set[str], graph: ir.Graph) -> None:
+    """Set input ``index`` of ``node`` to ``array``: in place when only this node reads it, else a new initializer."""
+    old = node.inputs[index]
+    if len(old.uses()) == 1 and not old.is_graph_output():
+        old.const_value = ir.Tensor(array.astype(np.float32), name=old.name)
+        return
+    name = _ir_utils.unique_name(graph, f"{old.name}_smooth", taken)
+    new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                   const_value=ir.Tensor(array.astype(np.float32), name=name))
+    graph.register_initializer(new)
+    node.replace_input_with(index, new)
+
+
+def smooth(
+    model: ir.Model,
+    feeds: Iterable[Mapping[str, np.ndarray]] | None,
+    alpha: float = 0.5,
+    *,
+    min_ratio: float = 0.0,
+    scales: Mapping[str, Sequence[float]] | None = None,
+) -> SmoothResult:
+    """Apply SmoothQuant to ``model`` in place; the float function is unchanged (up to rounding).
+
+    Args:
+        model: the float model (edited in place).
+        feeds: calibration feeds; each group's per-channel max |X| is measured on them.
+        alpha: migration strength in (0, 1]: near 0 keeps activations as they are, 1 moves all
+            of their range into the weights.
+        min_ratio: only smooth activations whose largest channel range is at least this many
+            times the median channel range (outlier channels); the others are recorded as left.
+        scales: per-channel factors to apply instead of measuring (a saved calibration table's
+            ``smoothing``); ``feeds``, ``alpha`` and ``min_ratio`` are then not used.
+
+    Raises:
+        ValueError: alpha outside (0, 1].
+        DataError: ``scales`` names a tensor that is not a smoothable activation here, or has
+            the wrong number of channels.
+
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"SmoothQuant alpha must be in (0, 1], got {alpha}")
+    result = SmoothResult()
+    groups, result.skipped = find_groups(model)
+    by_name = {g.value.name: g for g in groups}
+    if scales is not None:
+        for name, factors in scales.items():
+            g = by_name.get(name)
+            if g is None or len(factors) != g.channels:
+                raise DataError(f"calibration table smoothing: {name!r} is not a smoothable activation with "
+                                f"{len(factors)} channels in this model (a table from another model?)")
+        planned = {name: (by_name[name], np.asarray(f, np.float64), None) for name, f in scales.items()}
+    elif groups and feeds is not None:
+        feeds = feeds if isinstance(feeds, Sequence) or hasattr(feeds, "take") else list(feeds)  # read twice
+        after_norm = {g.value.name: g.channels for g in groups if g.channel_axis == -1}
+        after_conv = {g.value.name: g.rank for g in groups if g.channel_axis == 1}
+        x_max = {}
+        if after_norm:
+            x_max.update(quant_improve.channel_stats(model, after_norm, feeds, last_axis=True, absmax=True))
+        if after_conv:
+            x_max.update(quant_improve.channel_stats(model, after_conv, feeds, absmax=True))
+        planned = {}
+        for g in groups:
+            xm = x_max.get(g.value.name)
+            if xm is None or xm.shape != (g.channels,):
+                result.skipped.append(f"{g.value.name}: no per-channel statistics")
+                continue
+            ratio = _outlier_ratio(xm)
+            if ratio < min_ratio:
+                result.records.append({"tensor": g.value.name, "channels": g.channels, "outlier_ratio_before": round(ratio, 2),
+                                       "how": f"left: no outlier channels (max/median channel range < {min_ratio:g})"})
+                continue
+            w_max = np.max([r.in_absmax() for r in g.readers], axis=0)
+            planned[g.value.name] = (g, _scales(xm, w_max.astype(np.float64), alpha), xm)
+    else:
+        planned = {}
+    taken = _ir_utils._value_names(model.graph) | {n.name for n in model.graph.all_nodes() if n.name}
+    for name, (g, s, xm) in planned.items():
+        how = _apply(model, g, s, taken, result)
+        result.scales[name] = tuple(float(x) for x in s)
+        record = {"tensor": name, "channels": g.channels, "consumers": len(g.readers), "how": how}
+        if xm is not None:
+            record["outlier_ratio_before"] = round(_outlier_ratio(xm), 2)
+            record["outlier_ratio_after"] = round(_outlier_ratio(xm / s), 2)
+        result.records.append(record)
+    return result
+
+
+def _apply(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], result: SmoothResult) -> str:
+    """Scale ``g``'s reading weights by ``s`` and its activation by ``1 / s``; say how the latter was done."""
+    for r in g.readers:
+        _replace_constant(r.node, r.index, r.scaled(s), taken, model.graph)
+    if g.fold:
+        for node, i, axis in g.fold:
+            c = _ir_utils.constant_array(node.inputs[i])
+            shape = [1] * c.ndim
+            shape[axis] = -1
+            factor = s.reshape(c.shape) if c.size == g.channels else s.reshape(shape)
+            _replace_constant(node, i, c / factor, taken, model.graph)
+        producer = g.fold[0][0]
+        return "folded into " + (producer.name or producer.op_type)
+    inv = ir.Value(name=_ir_utils.unique_name(model.graph, f"{g.value.name}_smooth_inv", taken),
+                   const_value=ir.Tensor((1.0 / s).astype(np.float32)))
+    inv.const_value.name = inv.name
+    model.graph.register_initializer(inv)
+    name = _ir_utils.unique_name(model.graph, f"{g.value.name}_smooth", taken)
+    mul = ir.node("Mul", [g.value, inv], name=name)
+    mul.outputs[0].name = name
+    model.graph.insert_after(g.value.producer(), [mul])
+    for r in g.readers:
+        r.node.replace_input_with(0, mul.outputs[0])
+    result.inserted.append(name)
+    return "Mul inserted (the activation has other readers)"

@@ -1,0 +1,1 @@
+"""The JSON/HTML report writer and its plots."""
