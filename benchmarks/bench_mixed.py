@@ -22,6 +22,8 @@ import tempfile
 import time
 from typing import Any
 
+from onnxopt.passes.mixed import int8_quantizer
+
 import onnxopt
 from onnxopt import io as _io
 from onnxopt import pipeline
@@ -95,7 +97,7 @@ def run_one(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Path
         ctx = PassContext(calibration=calib, evaluation=evald, min_cosine=budget, quiet=True)
         base = pipeline.run(_io.load_model(model_path), [make("simplify", {}, ctx)]).model
         precision_plan.name_nodes(base)
-        quantize = precision_plan.quantizer(ctx)
+        quantize = int8_quantizer(ctx)
         candidates = precision_plan.quantized_nodes(quantize(base.clone(), frozenset()))
         planner = precision_plan.Planner(base, candidates, quantize, sensitivity.Budget(min_cosine=budget), "cpu",
                                          eval_feeds, eval_feeds, latency_runs=0)  # fmt: skip

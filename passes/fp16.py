@@ -51,6 +51,7 @@ class Fp16Config:
     calibration_method: str = option("minmax", "range statistic: minmax (safe) or percentile")
 
     def __post_init__(self) -> None:
+        """Check the option values (ValueError naming the option)."""
         if not 0.0 < self.max_abs <= float16.FP16_MAX:
             raise ValueError(f"max_abs must be in (0, 65504], got {self.max_abs}")
         if not 0.0 < self.underflow_fraction <= 1.0:
@@ -87,7 +88,10 @@ class Fp16Pass(OptPass[Fp16Config]):
         untyped = [v for v in float16.infer_main_graph_types(model) if not v.is_graph_output()]
         table = None
         if cfg.auto_keep and self.context.calibration is not None:
-            table = calibration.cached_ranges(self.context, model, None, cfg.calibration_method)  # type: ignore[arg-type]
+            table = calibration.cached_ranges(
+                model, self.context.calibration, None, cfg.calibration_method,  # type: ignore[arg-type]
+                cache=self.context.cache, quiet=self.context.quiet,
+            )  # fmt: skip
         elif cfg.auto_keep:
             report.note("no calibration data: only weights were range-checked, not activations")
         keep = float16.range_reasons(model, table, cfg.max_abs, cfg.underflow_fraction) if cfg.auto_keep else {}

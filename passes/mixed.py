@@ -5,7 +5,8 @@ model's outputs meet the accuracy budget of the context (``--min-cosine``, ``--m
 Python metric with ``min_metric``) with as few fallbacks as the search finds; on the CPU target
 INT8 regions measured slower than float are put back to float, and if no INT8 plan beats FP32
 the model stays FP32. The search is :mod:`onnxopt.quant.planner`; the INT8 models are built by
-the registered ``quantize`` pass (looked up by name), FP16 by :mod:`onnxopt.quant.float16`.
+:func:`onnxopt.quant.static.quantize` (the quantize pass's engine, handed to the planner as a
+callable by :func:`int8_quantizer`), FP16 by :mod:`onnxopt.quant.float16`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils
 from onnxopt.config import option
+from onnxopt.context import PassContext
 from onnxopt.pass_base import OptPass, PassReport, register
-from onnxopt.quant import float16, sensitivity
+from onnxopt.quant import float16, sensitivity, static
 from onnxopt.quant import insert as qdq_insert
 from onnxopt.quant import planner as precision_plan
 from onnxopt.quant.calibration import cached_ranges
 from onnxopt.report import plots as mixed_plots
 
-__all__ = ["MixedConfig", "MixedPass"]
+__all__ = ["MixedConfig", "MixedPass", "int8_quantizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,26 @@ logger = logging.getLogger(__name__)
 # records, counts are changes.
 SUMMARY = "summary"
 
-_QDQ_OPSET = 13  # as the quantize pass: QuantizeLinear/DequantizeLinear with per-channel axis
+_QDQ_OPSET = static.MIN_OPSET  # QuantizeLinear/DequantizeLinear with per-channel axis
+
+
+def int8_quantizer(context: PassContext, calibration_method: str = "mse") -> precision_plan.QuantizeFn:
+    """Build the planner's quantize callable: static INT8 of a float clone, given names kept float.
+
+    Options as the quantize pass with ``sqnr_samples=0, latency_runs=0`` (plans are measured by
+    the planner) and ``exclude_nodes`` set to the names kept float. Data, target and progress
+    bars come from ``context``; the calibration table is cached in ``context.cache``, so every
+    plan reuses one calibration.
+    """
+    base = static.QuantizeConfig(sqnr_samples=0, latency_runs=0, calibration_method=calibration_method)  # type: ignore[arg-type]
+
+    def quantize(clone: ir.Model, keep_float: frozenset[str]) -> ir.Model:
+        config = dataclasses.replace(base, exclude_nodes=keep_float)
+        static.quantize(clone, config, calibration=context.calibration, target=context.target,
+                        cache=context.cache, quiet=context.quiet, pass_name="quantize")  # fmt: skip
+        return clone
+
+    return quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +72,7 @@ class MixedConfig:
     plots: bool = option(True, "attach sensitivity and frontier plots (matplotlib) to the report")
 
     def __post_init__(self) -> None:
+        """Check the option values (ValueError naming the option)."""
         if not -1.0 <= self.default_min_cosine <= 1.0:
             raise ValueError(f"default_min_cosine must be in [-1, 1], got {self.default_min_cosine}")
         for name in ("plan_feeds", "eval_feeds"):
@@ -96,18 +118,21 @@ class MixedPass(OptPass[MixedConfig]):
         report = self.new_report(model)
         cfg, ctx = self.config, self.context
         opset = model.opset_imports.get("", 0)
-        # Upgrade once here: the quantize pass would do it per plan.
+        # Upgrade once here: the quantize engine would do it per plan.
         if _ir_utils.upgrade_opset(model, _QDQ_OPSET):
             report.count("opset_upgraded")
             report.note(f"default opset upgraded from {opset} to {_QDQ_OPSET} (per-channel QDQ)")
         named = precision_plan.name_nodes(model)
         if named:
             report.count("nodes_named", named)
-        budget = sensitivity.Budget.from_context(ctx, cfg.default_min_cosine)
+        budget = sensitivity.Budget.from_bounds(
+            min_cosine=ctx.min_cosine, max_error=ctx.max_error, metric=ctx.metric, min_metric=ctx.min_metric,
+            default_min_cosine=cfg.default_min_cosine,
+        )  # fmt: skip
         calib = list(ctx.calibration.take(cfg.plan_feeds))  # type: ignore[union-attr]
         evald = list((ctx.evaluation or ctx.calibration).take(cfg.eval_feeds))  # type: ignore[union-attr]
         float_model = model.clone()
-        quantize = precision_plan.quantizer(ctx, cfg.calibration_method)
+        quantize = int8_quantizer(ctx, cfg.calibration_method)
         full = quantize(float_model.clone(), frozenset())
         candidates = precision_plan.quantized_nodes(full)
         if not candidates:
@@ -115,14 +140,14 @@ class MixedPass(OptPass[MixedConfig]):
             return report
         unsafe = frozenset()
         if ctx.target != "cpu":
-            table = cached_ranges(ctx, float_model, None, "minmax")
+            table = cached_ranges(float_model, ctx.calibration, None, "minmax", cache=ctx.cache, quiet=ctx.quiet)
             unsafe = frozenset(n.name for n in float16.range_reasons(float_model, table))
         planner = precision_plan.Planner(
             float_model, candidates, quantize, budget, ctx.target, calib, evald, unsafe, cfg.latency_runs
         )
         sens = sensitivity.node_sensitivity(
             float_model, candidates, lambda m, names: quantize(m, frozenset(candidates) - names),
-            calib, budget, context=ctx, key="int8",
+            calib, budget, cache=ctx.cache, quiet=ctx.quiet, key="int8",
         )  # fmt: skip
         planner.runs += len(candidates)
         order = sorted(candidates, key=lambda n: -sens[n].loss)
@@ -133,12 +158,16 @@ class MixedPass(OptPass[MixedConfig]):
                 float16.convert(m, [n for n in m.graph if n.name in names], pass_name=self.name)
                 return m
 
-            sens16 = sensitivity.node_sensitivity(float_model, candidates, lower16, calib, budget, context=ctx, key="fp16")
+            sens16 = sensitivity.node_sensitivity(
+                float_model, candidates, lower16, calib, budget, cache=ctx.cache, quiet=ctx.quiet, key="fp16"
+            )  # fmt: skip
             planner.runs += len(candidates)
             planner.fp16_order = sorted(candidates, key=lambda n: -sens16[n].loss)
         sqnr = {}
         if cfg.sqnr_feeds:
-            table = cached_ranges(ctx, float_model, None, cfg.calibration_method)  # type: ignore[arg-type]
+            table = cached_ranges(
+                float_model, ctx.calibration, None, cfg.calibration_method, cache=ctx.cache, quiet=ctx.quiet,  # type: ignore[arg-type]
+            )  # fmt: skip
             sqnr = sensitivity.estimate_sqnr(float_model, candidates, table.ranges, calib[: cfg.sqnr_feeds])
             agree = sensitivity.rank_agreement({n: -v for n, v in sqnr.items()}, {n: m.loss for n, m in sens.items()})
             report.note(f"SQNR estimate vs measured sensitivity: Spearman rank correlation {agree:.3f}")

@@ -166,11 +166,11 @@ def test_table_round_trips_through_json(tmp_path, rng):
 def test_cached_ranges_are_reused(rng):
     model = _model(rng)
     ctx = PassContext(calibration=Dataset.from_feeds(_feeds(rng)), quiet=True)
-    first = calibration.cached_ranges(ctx, model, ["h"], "minmax")
-    assert calibration.cached_ranges(ctx, model, ["h"], "minmax") is first
+    first = calibration.cached_ranges(model, ctx.calibration, ["h"], "minmax", cache=ctx.cache, quiet=True)
+    assert calibration.cached_ranges(model, ctx.calibration, ["h"], "minmax", cache=ctx.cache, quiet=True) is first
     assert any(isinstance(k, tuple) and k[:2] == ("calibration", "minmax") for k in ctx.cache)
     with pytest.raises(DataError, match="calibration data is needed"):
-        calibration.cached_ranges(PassContext(), model, ["h"])
+        calibration.cached_ranges(model, None, ["h"], cache={})
 
 
 def test_infinite_and_nan_activations_get_no_range_and_do_not_crash():
@@ -202,9 +202,9 @@ def test_cached_ranges_are_not_reused_for_a_rewritten_model():
     """
     model = ir.from_onnx_text(text)
     ctx = PassContext(calibration=Dataset.from_feeds([{"x": np.ones((2, 2), np.float32)}]), quiet=True)
-    first = calibration.cached_ranges(ctx, model, ["y"])
-    assert calibration.cached_ranges(ctx, model, ["y"]) is first  # unchanged model: reused
+    first = calibration.cached_ranges(model, ctx.calibration, ["y"], cache=ctx.cache, quiet=True)
+    assert calibration.cached_ranges(model, ctx.calibration, ["y"], cache=ctx.cache, quiet=True) is first  # unchanged model: reused
     w = model.graph.initializers["w"]
     w.const_value = ir.tensor(np.full((2, 2), 3.0, np.float32), name="w")  # a pass rewrites the weight
-    second = calibration.cached_ranges(ctx, model, ["y"])
+    second = calibration.cached_ranges(model, ctx.calibration, ["y"], cache=ctx.cache, quiet=True)
     assert second is not first and second.ranges["y"][1] == 6.0

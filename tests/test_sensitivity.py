@@ -7,6 +7,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnxopt.passes.mixed import int8_quantizer
 
 from onnxopt.context import PassContext
 from onnxopt.quant import planner as precision_plan
@@ -60,12 +61,12 @@ def test_budget_needs_a_bound_and_checks_ranges():
         Budget(max_error=-1.0)
 
 
-def test_budget_from_context_precedence():
+def test_budget_from_bounds_precedence():
     metric = lambda r, c: 1.0
-    assert Budget.from_context(PassContext(metric=metric, min_metric=0.5, max_error=1.0), 0.9).metric is metric
-    assert Budget.from_context(PassContext(max_error=0.1, min_cosine=0.5), 0.9).max_error == 0.1
-    assert Budget.from_context(PassContext(min_cosine=0.5), 0.9).min_cosine == 0.5
-    assert Budget.from_context(PassContext(), 0.9).min_cosine == 0.9
+    assert Budget.from_bounds(metric=metric, min_metric=0.5, max_error=1.0, default_min_cosine=0.9).metric is metric
+    assert Budget.from_bounds(max_error=0.1, min_cosine=0.5, default_min_cosine=0.9).max_error == 0.1
+    assert Budget.from_bounds(min_cosine=0.5, default_min_cosine=0.9).min_cosine == 0.5
+    assert Budget.from_bounds(default_min_cosine=0.9).min_cosine == 0.9
 
 
 def test_measure_scores_and_flags_nonfinite(rng):
@@ -85,18 +86,18 @@ def test_node_sensitivity_ranks_the_node_that_hurts_more_first(rng):
     names = [n.name for n in model.graph if n.op_type == "MatMul"]
     lower = scale_weight({names[0]: 0.999, names[1]: 0.5 + 0.0})
     # Scaling every output by 0.5 keeps the cosine: use max error as the budget instead.
-    ctx = PassContext(quiet=True)
-    result = sensitivity.node_sensitivity(model, names, lower, feeds(rng), Budget(max_error=1e9), context=ctx, key="t")
+    cache: dict = {}
+    result = sensitivity.node_sensitivity(model, names, lower, feeds(rng), Budget(max_error=1e9), cache=cache, key="t")
     assert result[names[1]].loss > result[names[0]].loss > 0
-    again = sensitivity.node_sensitivity(model, names, lower, feeds(rng), Budget(max_error=1e9), context=ctx, key="t")
-    assert again is result  # cached in the context
+    again = sensitivity.node_sensitivity(model, names, lower, feeds(rng), Budget(max_error=1e9), cache=cache, key="t")
+    assert again is result  # cached in the cache
 
 
 def test_int8_sensitivity_through_the_quantize_pass(rng):
     model = two_layer(rng)
     f = feeds(rng, 6)
     ctx = PassContext(calibration=data.Dataset.from_feeds(f), quiet=True)
-    quantize = precision_plan.quantizer(ctx, "minmax")
+    quantize = int8_quantizer(ctx, "minmax")
     candidates = precision_plan.quantized_nodes(quantize(model.clone(), frozenset()))
     assert {"MatMul_0", "MatMul_2"} <= set(candidates)
     result = sensitivity.node_sensitivity(

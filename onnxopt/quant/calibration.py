@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -39,9 +39,9 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxopt import _ir_utils
-from onnxopt.context import PassContext
 from onnxopt.errors import DataError
 from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.data import Dataset
 
 __all__ = [
     "METHODS",
@@ -525,23 +525,35 @@ def collect_ranges(
 
 
 def cached_ranges(
-    context: PassContext,
     model: ir.Model,
+    data: Dataset | None,
     values: Sequence[str] | None = None,
     method: Method = "minmax",
+    *,
+    cache: MutableMapping[Any, Any] | None,
+    quiet: bool = False,
     **kw: Any,
 ) -> CalibrationTable:
-    """:func:`collect_ranges` on ``context.calibration``, cached in ``context.cache``.
+    """:func:`collect_ranges` on ``data``, cached in ``cache`` (a pass context's cache).
 
     The key is the method, its options, the tensors asked for and a fingerprint of the graph
     (nodes and the identity of every weight tensor), so a later pass asking the same of an
     unchanged model reuses the table, and a model that a pass rewrote in between is measured anew.
 
+    Args:
+        model: the model to calibrate (not modified).
+        data: the calibration feeds.
+        values: tensor names to observe (None: every float tensor).
+        method: the calibration method.
+        cache: where tables are kept between calls; None: nothing is cached.
+        quiet: no progress bar.
+        **kw: method options for :func:`collect_ranges` (``percentile``).
+
     Raises:
-        DataError: the context has no calibration data.
+        DataError: no calibration data.
 
     """
-    if context.calibration is None:
+    if data is None:
         raise DataError("calibration data is needed (pass --calib DATA or calibration=...)")
     key = (
         "calibration",
@@ -550,10 +562,11 @@ def cached_ranges(
         tuple(values) if values is not None else None,
         _fingerprint(model),
     )
-    table = context.cache.get(key)  # type: ignore[call-overload]
+    table = cache.get(key) if cache is not None else None
     if table is None:
-        table = collect_ranges(model, context.calibration, values, method, quiet=context.quiet, **kw)
-        context.cache[key] = table  # type: ignore[index]
+        table = collect_ranges(model, data, values, method, quiet=quiet, **kw)
+        if cache is not None:
+            cache[key] = table
     return table
 
 

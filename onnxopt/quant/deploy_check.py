@@ -16,9 +16,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io as _io
+from onnxopt.outcome import Outcome
+from onnxopt.quant.insert import InsertResult
+from onnxopt.runtime import environment
 from onnxopt.runtime import sessions as runtime
 
-__all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "run_flat"]
+__all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "record_latency", "record_sqnr", "run_flat"]
+
+_MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
 
 
 def layer_sqnr(
@@ -119,6 +124,65 @@ def local_sqnr(
         for n in names:
             sums[n] += float(got[n])
     return {t: _db(sums[sig], sums[noi]) for t, (sig, noi) in fetch.items()}
+
+
+def record_sqnr(
+    float_model: ir.Model,
+    quant_model: ir.Model,
+    result: InsertResult,
+    qtype: str,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    outcome: Outcome,
+) -> None:
+    """Record the layer-wise SQNR of ``quant_model``, worst first, in ``outcome``.
+
+    Each quantized tensor gets its local SQNR (:func:`local_sqnr`: that tensor's rounding
+    alone) and, where both models' tensors fit in memory at once, its accumulated SQNR
+    (:func:`layer_sqnr`: the error up to that point); otherwise a note says it is local only.
+
+    Args:
+        float_model: the model before quantization.
+        quant_model: the QDQ model.
+        result: what Q/DQ insertion did (scales and zero points, dequantized tensor names).
+        qtype: the activation type, "uint8" or "int8".
+        feeds: calibration feeds.
+        outcome: receives one record per tensor.
+
+    """
+    params = {k: (float(p.scale), p.zero) for k, p in result.params.items()}
+    local = local_sqnr(float_model, params, qtype, feeds)
+    accumulated: dict[str, float] = {}
+    small_model = _io.model_nbytes(float_model) <= runtime._IN_MEMORY_LIMIT  # both sessions live at once
+    if small_model and _small_feeds(feeds) and len(result.dequantized) <= _MAX_ACCUMULATED:
+        live = {k: v for k, v in result.dequantized.items() if k in local}
+        rows = layer_sqnr(float_model, quant_model, live, feeds)
+        accumulated = {str(r["tensor"]): float(r["sqnr_db"]) for r in rows}
+    else:
+        outcome.note("layer-wise SQNR is local only (model or feeds too large to hold both models' tensors)")
+    order = sorted(local, key=lambda k: (accumulated.get(k, local[k]), local[k]))
+    for name in order:
+        fields = {"sqnr_db": local[name]}
+        if name in accumulated:
+            fields["accumulated_sqnr_db"] = accumulated[name]
+        outcome.record(name, **fields)
+
+
+def record_latency(
+    float_model: ir.Model, quant_model: ir.Model, feed: Mapping[str, np.ndarray], runs: int, outcome: Outcome
+) -> None:
+    """Record FP32 vs INT8 CPU latency (1 thread, ORT_ENABLE_ALL); a note when INT8 is slower."""
+    fp32, int8 = latency_ms([float_model, quant_model], feed, runs=runs)
+    outcome.record("latency", fp32_ms=round(fp32, 3), int8_ms=round(int8, 3), ratio=round(int8 / fp32, 3),
+                   cpu=environment.cpu_info().describe())
+    if int8 > fp32:
+        outcome.note(
+            f"INT8 is slower than FP32 on CPU (1 thread, ORT_ENABLE_ALL): {int8:.2f} ms vs "
+            f"{fp32:.2f} ms ({int8 / fp32:.2f}x); consider the mixed recipe"
+        )
+
+
+def _small_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> bool:
+    return all(sum(a.nbytes for a in f.values()) <= (1 << 20) for f in feeds)
 
 
 def run_flat(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_level: runtime.OptLevel) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 A plan is the set of quantizable nodes that fall back from INT8 (to FP32 on the CPU target, to
 FP16 on cuda/tensorrt, and to FP32 only where FP16 itself fails). Every plan is built for real
-(the ``quantize`` pass with ``exclude_nodes``, then :func:`onnxopt.quant.float16.convert`) and run in
-onnxruntime; the estimate never stands in for the measurement.
+(the caller's quantize callable, :data:`QuantizeFn`, keeping the fallbacks float, then
+:func:`onnxopt.quant.float16.convert`) and run in onnxruntime; the estimate never stands in for
+the measurement. The planner does not know how INT8 models are made: the ``mixed`` pass hands it
+:func:`onnxopt.quant.static.quantize` with ``exclude_nodes``.
 
 Search (``N + O(log N) + k`` model runs for N candidates and k fallbacks, where the greedy
 search needs ``O(N * k)``):
@@ -33,8 +35,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io as _io
-from onnxopt import pass_base
-from onnxopt.context import PassContext
 from onnxopt.quant import float16, sensitivity
 from onnxopt.quant.rules import SUPPORTED_OPS
 from onnxopt.quant.sensitivity import Budget, Measurement
@@ -48,13 +48,13 @@ __all__ = [
     "paired_latency",
     "precision_of",
     "quantized_nodes",
-    "quantizer",
 ]
 
 logger = logging.getLogger(__name__)
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
-# (float model clone, names kept float) -> INT8 model; the mixed pass runs `quantize` here.
+# (float model clone, names kept float) -> INT8 model, built in place on the clone; the mixed
+# pass hands one running onnxopt.quant.static.quantize.
 QuantizeFn = sensitivity.Lower
 
 
@@ -98,7 +98,7 @@ class Planner:
 
     Attributes:
         model: the float model (node names unique and non-empty).
-        candidates: names of the nodes the quantize pass lowers in the full-INT8 model.
+        candidates: names of the nodes ``quantize`` lowers in the full-INT8 model.
         quantize: builds an INT8 model from a clone, keeping the given names float.
         budget: the accuracy budget.
         target: cpu, cuda or tensorrt.
@@ -333,20 +333,6 @@ def quantized_nodes(model: ir.Model) -> list[str]:
         if any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in node.inputs):
             out.append(node.name)
     return out
-
-
-def quantizer(context: PassContext, calibration_method: str = "mse") -> QuantizeFn:
-    """A :data:`QuantizeFn` running the registered ``quantize`` pass (looked up by name).
-
-    The calibration table is cached in ``context``, so every plan reuses one calibration.
-    """
-
-    def quantize(clone: ir.Model, keep_float: frozenset[str]) -> ir.Model:
-        options = {"sqnr_samples": 0, "latency_runs": 0, "calibration_method": calibration_method}
-        q = pass_base.make("quantize", {**options, "exclude_nodes": keep_float}, context)
-        return q(clone).model
-
-    return quantize
 
 
 def _is_float_compute(node: ir.Node) -> bool:

@@ -11,7 +11,8 @@ candidate's output activation is fake-quantized per tensor (uint8, calibrated ra
 constant weight per output channel (int8, symmetric); the two noise powers add. No model is
 rebuilt. :func:`rank_agreement` says whether the two rank nodes alike (Spearman).
 
-Both are cached in ``context.cache`` under ``("sensitivity", ...)`` keys.
+Measured sensitivities are cached in the caller's ``cache`` (a pass context's) under
+``("sensitivity", ...)`` keys.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,13 +28,13 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxopt import _ir_utils
-from onnxopt.context import Metric, PassContext
 from onnxopt.runtime import sessions as runtime
 from onnxopt.runtime import validation
 
 __all__ = [
     "Budget",
     "Measurement",
+    "Metric",
     "estimate_sqnr",
     "measure",
     "node_sensitivity",
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 Outputs = list[dict[str, np.ndarray]]
 Lower = Callable[[ir.Model, frozenset[str]], ir.Model]
+# metric(reference_outputs, candidate_outputs) -> score, higher is better (as onnxopt.context.Metric).
+Metric = Callable[[Outputs, Outputs], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +74,25 @@ class Budget:
             raise ValueError(f"max_error must be >= 0, got {self.max_error}")
 
     @classmethod
-    def from_context(cls, context: PassContext, default_min_cosine: float) -> Budget:
-        """The context's budget, or ``min_cosine=default_min_cosine`` when it sets none."""
-        if context.metric is not None and context.min_metric is not None:
-            return cls(metric=context.metric, min_metric=context.min_metric)
-        if context.max_error is not None:
-            return cls(max_error=context.max_error)
-        return cls(min_cosine=context.min_cosine if context.min_cosine is not None else default_min_cosine)
+    def from_bounds(
+        cls,
+        *,
+        min_cosine: float | None = None,
+        max_error: float | None = None,
+        metric: Metric | None = None,
+        min_metric: float | None = None,
+        default_min_cosine: float,
+    ) -> Budget:
+        """Build the budget of the first bound set, or ``min_cosine=default_min_cosine`` when none is.
+
+        The order is ``metric`` with ``min_metric``, then ``max_error``, then ``min_cosine``;
+        the others are ignored (a context's ``--min-cosine`` next to a Python metric, say).
+        """
+        if metric is not None and min_metric is not None:
+            return cls(metric=metric, min_metric=min_metric)
+        if max_error is not None:
+            return cls(max_error=max_error)
+        return cls(min_cosine=min_cosine if min_cosine is not None else default_min_cosine)
 
     def describe(self) -> str:
         """``cosine >= 0.995`` and the like."""
@@ -154,7 +169,8 @@ def node_sensitivity(
     feeds: Sequence[Mapping[str, np.ndarray]],
     budget: Budget,
     *,
-    context: PassContext | None = None,
+    cache: MutableMapping[Any, Any] | None = None,
+    quiet: bool = True,
     key: str = "",
 ) -> dict[str, Measurement]:
     """Per node name: the measured effect of lowering that node alone (``lower(clone, {name})``).
@@ -165,21 +181,21 @@ def node_sensitivity(
         lower: builds the lowered model from a clone and a set of node names.
         feeds: calibration feeds.
         budget: how outputs are scored.
-        context: where results are cached (``context.cache``) and whether bars show.
+        cache: where results are kept between calls (a pass context's cache), or None.
+        quiet: no progress bar.
         key: distinguishes precisions in the cache ("int8", "fp16").
 
     """
     cache_key = ("sensitivity", key, tuple(nodes), len(feeds), budget.describe())
-    if context is not None and cache_key in context.cache:  # type: ignore[operator]
-        return context.cache[cache_key]  # type: ignore[index]
+    if cache is not None and cache_key in cache:
+        return cache[cache_key]
     reference = run_outputs(model, feeds)
-    quiet = context.quiet if context is not None else True
     out: dict[str, Measurement] = {}
     for name in tqdm(nodes, desc=f"sensitivity {key}".strip(), unit="node", disable=quiet, leave=False):
         candidate = lower(model.clone(), frozenset({name}))
         out[name] = measure(reference, run_outputs(candidate, feeds), budget)
-    if context is not None:
-        context.cache[cache_key] = out  # type: ignore[index]
+    if cache is not None:
+        cache[cache_key] = out
     return out
 
 

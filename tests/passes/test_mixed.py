@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnxopt.passes.mixed import MixedConfig, MixedPass
+from onnxopt.passes.mixed import MixedConfig, MixedPass, int8_quantizer
 
 from onnxopt import pipeline
 from onnxopt.context import PassContext
@@ -57,7 +57,7 @@ def full_int8_cosine(model: ir.Model, calib: data.Dataset, evald: data.Dataset) 
     ctx = PassContext(calibration=calib, quiet=True)
     named = model.clone()
     precision_plan.name_nodes(named)
-    int8 = precision_plan.quantizer(ctx)(named.clone(), frozenset())
+    int8 = int8_quantizer(ctx)(named.clone(), frozenset())
     feeds = list(evald)
     ref = sensitivity.run_outputs(named, feeds)
     return sensitivity.measure(ref, sensitivity.run_outputs(int8, feeds), sensitivity.Budget(min_cosine=0.0)).cosine
@@ -179,7 +179,7 @@ def test_bundled_cnn_meets_budget_with_no_more_fallbacks_than_greedy():
     report = result.reports[0]
     assert _summary(report)["budget_met"] is True
     mine = _summary(report)["accuracy_plan_non_int8"]
-    quantize = precision_plan.quantizer(PassContext(calibration=calib, quiet=True))
+    quantize = int8_quantizer(PassContext(calibration=calib, quiet=True))
     candidates = precision_plan.quantized_nodes(quantize(reference.clone(), frozenset()))
     feeds = list(evald)
     planner = precision_plan.Planner(reference, candidates, quantize, sensitivity.Budget(min_cosine=budget), "cpu",

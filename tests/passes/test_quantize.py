@@ -605,10 +605,11 @@ g (float[N, 3, 8] x) => (float[N, 3, 8] y) <float[8, 16] w = {{{_arr(w)}}}, floa
 
 
 def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
-    from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
+    from onnxopt.passes.quantize import QuantizeConfig
 
     from onnxopt.config import from_dict
-    from onnxopt.context import PassContext
+    from onnxopt.outcome import Outcome
+    from onnxopt.quant import reduce_range
     from onnxopt.quant import scales as quant_math
 
     assert from_dict(QuantizeConfig, {"reduce_range": True}).reduce_range == "true"  # TOML boolean
@@ -621,21 +622,20 @@ def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
         return rec
 
     monkeypatch.setattr(quant_math, "int8_dot_saturates", lambda: False)
-    p = QuantizePass()
-    report = p.new_report(None)
-    assert p._reduce_range(report) is False  # VNNI/ARM: never
+    report = Outcome()
+    assert reduce_range.decide("auto", "cpu", can_measure=False, outcome=report) is False  # VNNI/ARM: never
     assert decided(report)["reduce_range"] is False and "reduce_range=true" in report.notes[0]
     monkeypatch.setattr(quant_math, "int8_dot_saturates", lambda: True)
-    p = QuantizePass()
-    report = p.new_report(None)
-    assert p._reduce_range(report) is True and report.notes  # no data to measure with: the safe choice
+    report = Outcome()
+    # no data to measure with: the safe choice
+    assert reduce_range.decide("auto", "cpu", can_measure=False, outcome=report) is True and report.notes
     assert decided(report)["reduce_range"] is True
-    p = QuantizePass(context=PassContext(calibration=Dataset.from_feeds([{"x": np.zeros((1, 4), np.float32)}])))
-    report = p.new_report(None)
-    assert p._reduce_range(report) is None and not report.records  # measured (and recorded) in call()
-    p = QuantizePass(QuantizeConfig(reduce_range="false"))
-    report = p.new_report(None)
-    assert p._reduce_range(report) is False and decided(report)["how"] == "set in the config"
+    report = Outcome()
+    # measured (and recorded) in quantize()
+    assert reduce_range.decide("auto", "cpu", can_measure=True, outcome=report) is None and not report.records
+    report = Outcome()
+    assert reduce_range.decide("false", "cpu", can_measure=False, outcome=report) is False
+    assert decided(report)["how"] == "set in the config"
 
 
 @pytest.mark.slow
