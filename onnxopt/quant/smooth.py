@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils
 from onnxopt.errors import DataError
-from onnxopt.quant import bias_correction as quant_improve
+from onnxopt.quant.channel_stats import channel_stats
 
 __all__ = ["Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
 
@@ -278,9 +278,9 @@ def smooth(
         after_conv = {g.value.name: g.rank for g in groups if g.channel_axis == 1}
         x_max = {}
         if after_norm:
-            x_max.update(quant_improve.channel_stats(model, after_norm, feeds, last_axis=True, absmax=True))
+            x_max.update(channel_stats(model, after_norm, feeds, last_axis=True, absmax=True))
         if after_conv:
-            x_max.update(quant_improve.channel_stats(model, after_conv, feeds, absmax=True))
+            x_max.update(channel_stats(model, after_conv, feeds, absmax=True))
         planned = {}
         for g in groups:
             xm = x_max.get(g.value.name)
