@@ -2,21 +2,20 @@
 
 Both run the float and the quantized model in onnxruntime on calibration feeds. SQNR compares,
 per quantized tensor, the float model's value with the quantized model's dequantized value (the
-error accumulated up to that point), streamed per feed and per chunk of tensors.
+error accumulated up to that point), streamed per feed and per chunk of tensors. The latency
+check is the one timer, :func:`onnxopt.runtime.latency.medians`, re-exported as ``latency_ms``.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import io as _io
 from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.latency import medians as latency_ms
 
 __all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "run_flat"]
 
@@ -126,46 +125,3 @@ def run_flat(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_lev
     with runtime.session(model, opt_level=opt_level) as handle:
         runs = [handle.run(dict(feed)) for feed in feeds]
     return np.concatenate([np.asarray(v, np.float64).ravel() for outs in runs for v in outs.values()])
-
-
-def latency_ms(
-    models: Iterable[ir.Model],
-    feed: Mapping[str, np.ndarray],
-    *,
-    runs: int = 10,
-    warmup: int = 3,
-    threads: int = 1,
-    budget_s: float = 30.0,
-) -> list[float]:
-    """Median latency (ms) of each model on ``feed``, runs interleaved, ORT_ENABLE_ALL on CPU.
-
-    ``runs`` shrinks (to at least 3, warm-up to 1) when a first run shows that all runs would
-    take longer than ``budget_s`` (PP-OCR det at 736x2944 takes seconds per run).
-    """
-    models = list(models)
-    if len(models) > 1 and sum(_io.model_nbytes(m) for m in models) > runtime._IN_MEMORY_LIMIT:
-        # Large models: one session at a time (not interleaved) so that one copy of weights is live.
-        return [latency_ms([m], feed, runs=runs, warmup=warmup, threads=threads, budget_s=budget_s)[0] for m in models]
-    handles = [runtime.make_session(m, threads=threads, opt_level="all") for m in models]
-    try:
-        times: list[list[float]] = [[] for _ in handles]
-        feed = dict(feed)
-        t0 = time.perf_counter()
-        for h in handles:
-            h.run(feed)
-        one_round = time.perf_counter() - t0
-        if one_round * (runs + warmup) > budget_s:
-            runs = max(3, int(budget_s / max(one_round, 1e-9)) - 1)
-            warmup = 0
-        for _ in range(warmup):
-            for h in handles:
-                h.run(feed)
-        for _ in range(runs):
-            for h, t in zip(handles, times, strict=True):
-                t0 = time.perf_counter()
-                h.run(feed)
-                t.append((time.perf_counter() - t0) * 1e3)
-        return [statistics.median(t) for t in times]
-    finally:
-        for h in handles:
-            h.close()
