@@ -135,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     x, y = train_split()
     ctx = PassContext(calibration=data.Dataset.from_feeds([{"input": x}], "sklearn digits minus eval", labels=y), quiet=True)
-    ctx.cache["distill.teacher"] = ir.to_proto(_io.load_model(MODEL)).SerializeToString()
+    ctx.teacher = ir.to_proto(_io.load_model(MODEL)).SerializeToString()
     teacher = _io.load_model(MODEL)
     with runtime.session(teacher) as h:
         t_logits = h.run({"input": np.load(EVAL)["input"]})["logits"]

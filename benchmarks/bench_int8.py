@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -210,22 +209,10 @@ def fidelity(ref: pathlib.Path, cand: pathlib.Path, eval_src: pathlib.Path, max_
 
 
 def latencies(paths: list[pathlib.Path], feed: dict, threads: int, runs: int) -> list[float]:
-    """Median ms per model, runs interleaved model by model (ORT_ENABLE_ALL, CPU)."""
-    from onnxopt.runtime import sessions as runtime
+    """Median ms per model, runs interleaved (ORT_ENABLE_ALL, CPU), no time budget."""
+    from onnxopt.runtime import latency
 
-    handles = [runtime.make_session(p, threads=threads, opt_level="all") for p in paths]
-    times: list[list[float]] = [[] for _ in handles]
-    for _ in range(3):
-        for h in handles:
-            h.run(feed)
-    for _ in range(runs):
-        for h, t in zip(handles, times, strict=True):
-            t0 = time.perf_counter()
-            h.run(feed)
-            t.append((time.perf_counter() - t0) * 1e3)
-    for h in handles:
-        h.close()
-    return [statistics.median(t) for t in times]
+    return latency.medians(paths, feed, runs=runs, warmup=3, threads=threads, budget_s=None)
 
 
 def bench_model(name: str, paths: tuple, args: argparse.Namespace, work: pathlib.Path) -> dict:

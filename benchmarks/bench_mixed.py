@@ -32,7 +32,7 @@ from onnxopt.pass_base import make
 from onnxopt.quant import planner as precision_plan
 from onnxopt.quant import sensitivity
 from onnxopt.runtime import data as _data
-from onnxopt.runtime import validation
+from onnxopt.runtime import latency, validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OCR_FEEDS = ROOT / "benchmarks" / "ocr" / ".cache" / "feeds"
@@ -109,7 +109,7 @@ def run_one(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Path
     feed = eval_feeds[0]
     timed = (("int8", int8_model, int8_out), ("mixed", mixed_model, mixed_out), ("accuracy_plan", acc_model, acc_out))
     for label, model, path in timed:
-        fp32_ms, ratio = precision_plan.paired_latency(ref, model, feed, args.latency_runs)
+        fp32_ms, ratio = latency.paired_ratio(ref, model, feed, args.latency_runs)
         row[f"{label}_latency_ratio"] = round(ratio, 3)
         row[f"{label}_size_ratio"] = round(validation.file_size(path) / validation.file_size(model_path), 3)
         row["fp32_ms"] = round(fp32_ms, 3)

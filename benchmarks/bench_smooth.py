@@ -38,8 +38,7 @@ from onnxopt import io as _io
 from onnxopt import pipeline
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
-from onnxopt.quant import deploy_check as quant_report
-from onnxopt.runtime import data, validation
+from onnxopt.runtime import data, latency, validation
 from onnxopt.runtime import sessions as runtime
 from onnxopt.testing.bert_builder import bert_feeds, make_bert
 
@@ -122,8 +121,8 @@ def ours(model: ir.Model, calib: list[dict], alpha: float) -> tuple[ir.Model, in
 
 
 def latency_ratio(a: ir.Model, b: ir.Model, feed: dict, runs: int) -> float:
-    """Median latency of b over a, 1 thread, runs interleaved (the quantize pass's own timer)."""
-    ms_a, ms_b = quant_report.latency_ms([a, b], feed, runs=runs, warmup=10, budget_s=600.0)
+    """Median latency of b over a, 1 thread, runs interleaved (the one timer, runtime.latency)."""
+    ms_a, ms_b = latency.medians([a, b], feed, runs=runs, warmup=10, budget_s=600.0)
     return ms_b / ms_a
 
 

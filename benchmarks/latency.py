@@ -29,6 +29,7 @@ def session(path: pathlib.Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# Deliberately not onnxopt.runtime.latency (the one timer): this script must run without onnxopt.
 def medians(paths: list[pathlib.Path], feed: dict[str, np.ndarray], threads: int, runs: int) -> list[float]:
     """Median ms per model: warm-up, then rounds in a shuffled order (noise hits all alike)."""
     sessions = [session(p, threads) for p in paths]

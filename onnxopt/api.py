@@ -20,6 +20,7 @@ from onnxopt.errors import DataError, ModelLoadError, OnnxOptError
 from onnxopt.report import writer as report
 from onnxopt.runtime import data as _data
 from onnxopt.runtime import feedgen, validation
+from onnxopt.runtime import sessions as runtime
 
 __all__ = ["OptimizeResult", "optimize", "parse_pass_spec", "validate"]
 
@@ -159,7 +160,7 @@ def optimize(
             # through the integer kernels, whose rounding and saturation the QDQ graph alone hides.
             final = validation.compare(model, result.model, feeds, seed=seed, opt_level="all")
         except Exception as err:
-            if isinstance(err, OnnxOptError) or _runs(original, feeds, "all"):
+            if isinstance(err, OnnxOptError) or runtime.runs_on(original, feeds, "all"):
                 raise
             if check_data is not None:  # the user's own data: the input model is at fault
                 raise ModelLoadError(
@@ -236,21 +237,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _runs(model: ir.Model, feeds: _data.Dataset, opt_level: str = "disable") -> bool:
-    """Whether onnxruntime runs ``model`` itself on ``feeds``."""
-    from onnxopt.runtime import sessions as runtime
-
-    try:
-        with runtime.session(model, opt_level=opt_level) as handle:
-            runtime.run_all(handle, feeds)
-    except Exception:  # any failure of the input model itself
-        return False
-    return True
-
-
 def _score(metric: Metric, ref: ir.Model, cand: ir.Model, data: _data.Dataset) -> float:
-    from onnxopt.runtime import sessions as runtime
-
     with runtime.session(ref) as r, runtime.session(cand) as c:
         feeds = list(data)
         return float(metric(runtime.run_all(r, feeds), runtime.run_all(c, feeds)))

@@ -31,6 +31,9 @@ class PassContext:
         min_metric: the budget for ``metric``.
         seed: for anything random (k-means++ init, random feeds).
         quiet: no progress bars.
+        teacher: the model the ``teacher`` pass saw, as serialized ModelProto bytes (so passes
+            that edit tensors in place later cannot alter it); the ``distill`` pass trains
+            towards it unless its ``teacher`` option names a file. None until ``teacher`` runs.
         cache: statistics computed once and reused by later passes (keyed by the producer).
     """
 
@@ -43,6 +46,7 @@ class PassContext:
     min_metric: float | None = None
     seed: int = 0
     quiet: bool = False
+    teacher: bytes | None = None
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property

@@ -25,7 +25,6 @@ import os
 import pathlib
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from typing import Literal
 
@@ -185,8 +184,7 @@ _ORT_LEVELS = {
 def _export_ort(model: ir.Model, path: pathlib.Path, options: ExportOptions) -> ExportResult:
     if _io.model_nbytes(model) > _io.PROTOBUF_LIMIT:
         raise ExportError(f"{path}: ORT format (a flatbuffer) cannot hold over 2 GB of weights")
-    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
-    try:
+    with _io.staging_dir(path.parent) as tmp_dir:
         tmp_ort = tmp_dir / path.name
         so = ort.SessionOptions()
         so.graph_optimization_level = _ORT_LEVELS[options.ort_level]
@@ -222,9 +220,6 @@ def _export_ort(model: ir.Model, path: pathlib.Path, options: ExportOptions) -> 
             config_path = path.parent / config_tmp.name
             os.replace(config_tmp, config_path)
             files.append(config_path)
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp_dir)
     logger.info("wrote %s (ORT format, optimization level %s)", path, options.ort_level)
     return ExportResult(path, "ort", files, ort_level=options.ort_level)
 
@@ -288,36 +283,34 @@ def _save_per_tensor(
     """ONNX with each initializer larger than ``size_threshold`` bytes in its own file."""
     data_dir_name = path.stem + ".weights"
     _check_replaceable(path, path.parent / data_dir_name)
-    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
     originals: list[tuple[ir.Value, ir.TensorProtocol]] = []
     files = [path]
-    try:
-        (tmp_dir / data_dir_name).mkdir()
-        taken: set[str] = set()
-        for graph in model.graphs():
-            for value in graph.initializers.values():
-                tensor = value.const_value
-                if tensor is None or tensor.nbytes <= size_threshold:
-                    continue
-                location = f"{data_dir_name}/{_tensor_file_name(value.name or 'tensor', taken)}"
-                with open(tmp_dir / location, "wb") as f:
-                    f.write(tensor.tobytes())
-                originals.append((value, tensor))
-                value.const_value = ir.ExternalTensor(
-                    location, offset=0, length=tensor.nbytes, dtype=tensor.dtype,
-                    shape=tensor.shape, name=tensor.name, base_dir=str(path.parent),
-                )
-        ir.save(model, tmp_dir / path.name)
-        final_dir = path.parent / data_dir_name
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        if originals:
-            os.replace(tmp_dir / data_dir_name, final_dir)
-            files += sorted(final_dir.iterdir())
-        os.replace(tmp_dir / path.name, path)
-    finally:
-        for value, tensor in originals:
-            value.const_value = tensor
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp_dir)
+    with _io.staging_dir(path.parent) as tmp_dir:
+        try:
+            (tmp_dir / data_dir_name).mkdir()
+            taken: set[str] = set()
+            for graph in model.graphs():
+                for value in graph.initializers.values():
+                    tensor = value.const_value
+                    if tensor is None or tensor.nbytes <= size_threshold:
+                        continue
+                    location = f"{data_dir_name}/{_tensor_file_name(value.name or 'tensor', taken)}"
+                    with open(tmp_dir / location, "wb") as f:
+                        f.write(tensor.tobytes())
+                    originals.append((value, tensor))
+                    value.const_value = ir.ExternalTensor(
+                        location, offset=0, length=tensor.nbytes, dtype=tensor.dtype,
+                        shape=tensor.shape, name=tensor.name, base_dir=str(path.parent),
+                    )
+            ir.save(model, tmp_dir / path.name)
+            final_dir = path.parent / data_dir_name
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            if originals:
+                os.replace(tmp_dir / data_dir_name, final_dir)
+                files += sorted(final_dir.iterdir())
+            os.replace(tmp_dir / path.name, path)
+        finally:
+            for value, tensor in originals:
+                value.const_value = tensor
     return ExportResult(path, "onnx", files)

@@ -3,8 +3,11 @@
 Guarantees:
     - ``load_model`` never writes; it refuses external-data locations that are absolute or
       escape the model's folder, and files that are not ONNX models, with one-line errors.
-    - ``save_model`` writes into a temporary folder beside the destination and renames the
-      finished files into place, so a failure leaves no partial output behind.
+    - ``save_model`` and ``write_atomic`` write into a temporary folder beside the destination
+      (:func:`staging_dir`) and rename the finished files into place, so a failure leaves no
+      partial output behind. Every file onnxopt writes is created there with a plain ``open``,
+      so it gets the permissions any new file of the user gets (0o666 less the umask; not the
+      0o600 of ``tempfile.mkstemp``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import google.protobuf.message
 import onnx
@@ -32,6 +36,8 @@ __all__ = [
     "release_external",
     "save_model",
     "serialized_size",
+    "staging_dir",
+    "write_atomic",
 ]
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -260,8 +266,7 @@ def save_model(
     data_name = path.name + ".data" if external_data else None
     if not external_data:
         _internalize(model)
-    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
-    try:
+    with staging_dir(path.parent) as tmp_dir:
         tmp_model = tmp_dir / path.name
         with _no_initializer_value_info(model):
             ir.save(
@@ -273,7 +278,36 @@ def save_model(
         if data_name is not None and (tmp_dir / data_name).exists():
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
+    return path
+
+
+@contextlib.contextmanager
+def staging_dir(folder: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary folder inside ``folder`` for output files; remove it and what is left.
+
+    Write the files here, then ``os.replace`` each finished one into ``folder`` (same file
+    system, so the rename is atomic). The folder itself is private (0o700), but files created
+    in it with ``open`` get the mode any new file of the user gets: 0o666 less the umask.
+    """
+    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=folder))
+    try:
+        yield tmp_dir
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp_dir)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> pathlib.Path:
+    """Write ``data`` (text as UTF-8) to ``path`` whole or not at all; its folder must exist.
+
+    The file gets the permissions of a new file of the user (see :func:`staging_dir`).
+    """
+    path = pathlib.Path(path)
+    with staging_dir(path.parent) as tmp_dir:
+        staged = tmp_dir / path.name
+        if isinstance(data, str):
+            staged.write_text(data, encoding="utf-8")
+        else:
+            staged.write_bytes(data)
+        os.replace(staged, path)
     return path

@@ -27,7 +27,7 @@ from onnxopt import _ir_utils, normalize
 from onnxopt import io as _io
 from onnxopt.errors import DataError
 from onnxopt.pass_base import OptPass, PassReport
-from onnxopt.runtime import data, feedgen, validation
+from onnxopt.runtime import feedgen, validation
 from onnxopt.runtime import sessions as runtime
 
 __all__ = ["PipelineResult", "check_model", "model_stats", "noise_level", "run"]
@@ -63,7 +63,7 @@ def model_stats(model: ir.Model) -> dict[str, int]:
 
 def check_model(model: ir.Model) -> None:
     """``onnx.checker`` with full_check (strict shape inference); raises on an invalid model."""
-    if _io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT or _io.external_tensors(model):
+    if not runtime.fits_in_memory(model) or _io.external_tensors(model):
         # External-data locations are relative to a folder the checker knows only from a path
         # (and > 2 GB cannot be one protobuf): check a saved copy by path, as onnx does.
         with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as tmp:
@@ -229,7 +229,7 @@ def _check_numerics(
     try:
         result = validation.compare(before, after, feeds, rtol=rtol, atol=atol, **kw)
     except Exception:
-        if p.context.check_data is None and not _runs(before, feeds):
+        if p.context.check_data is None and not runtime.runs_on(before, feeds):
             # Generated feeds can still be invalid for the model: no check, and say so.
             report.note(
                 "numerical check skipped: the model does not run on generated feeds; "
@@ -265,13 +265,3 @@ def _check_numerics(
         nonfinite = result.worst("nonfinite")
         if nonfinite:
             raise AssertionError(f"pass produced {int(nonfinite)} non-finite output values")
-
-
-def _runs(model: ir.Model, feeds: data.Dataset) -> bool:
-    """Whether ``model`` itself runs on ``feeds`` in onnxruntime."""
-    try:
-        with runtime.session(model) as handle:
-            runtime.run_all(handle, feeds)
-    except Exception:  # any onnxruntime failure means "does not run"
-        return False
-    return True

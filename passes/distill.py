@@ -111,7 +111,7 @@ class DistillPass(OptPass[DistillConfig]):
 
     def requires(self, model: ir.Model) -> None:
         """Check that a teacher and training data are there before anything runs."""
-        if not self.config.teacher and distill_data.TEACHER_KEY not in self.context.cache:
+        if not self.config.teacher and self.context.teacher is None:
             raise ir.passes.PreconditionError(
                 "distill needs a teacher: set teacher=PATH or run the `teacher` pass earlier in the pipeline"
             )
@@ -127,7 +127,7 @@ class DistillPass(OptPass[DistillConfig]):
             raise DistillDependencyError(f"distill needs torch ({err}); install it with {INSTALL_HINT}") from None
         report = self.new_report(model)
         cfg = self.config
-        teacher = _io.load_model(cfg.teacher) if cfg.teacher else self.context.cache[distill_data.TEACHER_KEY]
+        teacher = _io.load_model(cfg.teacher) if cfg.teacher else self.context.teacher
         names, skipped = distill_data.select_trainable(model, cfg.include, cfg.exclude)
         for reason in skipped.values():
             report.skip(reason)

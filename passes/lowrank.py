@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import tqdm
 
-from onnxopt import _ir_utils, io
+from onnxopt import _ir_utils
 from onnxopt.compress import lowrank_graph as lg
 from onnxopt.compress import lowrank_math as lm
 from onnxopt.config import option
@@ -260,7 +260,7 @@ class LowRankPass(OptPass[LowRankConfig]):
 
 def _digest(model: ir.Model) -> str | None:
     """SHA-256 of the serialized model (None above the in-memory limit: no caching then)."""
-    if io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT:
+    if not runtime.fits_in_memory(model):
         return None
     return hashlib.sha256(ir.to_proto(model).SerializeToString()).hexdigest()
 

@@ -6,7 +6,6 @@ import logging
 
 import onnx_ir as ir
 
-from onnxopt.distill import data as distill_data
 from onnxopt.pass_base import EmptyConfig, OptPass, PassReport, register
 
 __all__ = ["TeacherPass"]
@@ -28,8 +27,8 @@ class TeacherPass(OptPass[EmptyConfig]):
     lossless = True
 
     def call(self, model: ir.Model) -> PassReport:
-        """Store the serialized model under the teacher key of the context cache."""
+        """Store the serialized model as the context's teacher."""
         report = self.new_report(model)
-        self.context.cache[distill_data.TEACHER_KEY] = ir.to_proto(model).SerializeToString()
+        self.context.teacher = ir.to_proto(model).SerializeToString()
         report.note("recorded the model as the teacher for distill")
         return report

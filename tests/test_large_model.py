@@ -1,9 +1,10 @@
 """Large models through the same code path as > 2 GB ones, at test size.
 
 ``onnxopt.io._AUTO_EXTERNAL_BYTES`` (save with external data above it) and
-``onnxopt.runtime._IN_MEMORY_LIMIT`` (above it, sessions and the checker go through a saved
-copy instead of one protobuf) are lowered so that a ~1 MB model takes the > 2 GB route. The
-real > 2 GB run, with peak RSS, is benchmarks/large_model.py.
+``onnxopt.runtime.sessions._IN_MEMORY_LIMIT`` (what ``in_memory_limit()`` returns: above it,
+sessions and the checker go through a saved copy instead of one protobuf) are lowered so that a
+~1 MB model takes the > 2 GB route. The real > 2 GB run, with peak RSS, is
+benchmarks/large_model.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The torch-free half of distillation: teacher, training samples, teacher outputs, parameters.
 
 The ``teacher`` pass stores the model it sees (serialized, so later in-place edits cannot reach
-it) under :data:`TEACHER_KEY` in the pass context's cache; the ``distill`` pass reads it there
+it) as the pass context's ``teacher``; the ``distill`` pass reads it there
 unless its ``teacher`` option names a file. Teacher outputs are computed once with onnxruntime,
 batch by batch, and reused for every epoch.
 """
@@ -23,7 +23,6 @@ from onnxopt.runtime import sessions as runtime
 from onnxopt.runtime.data import Dataset
 
 __all__ = [
-    "TEACHER_KEY",
     "agreement",
     "select_trainable",
     "stack_samples",
@@ -33,7 +32,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TEACHER_KEY = "distill.teacher"
 # Inputs of these ops are statistics or shapes, not parameters (BatchNorm mean and variance).
 _NOT_PARAMETERS = {"BatchNormalization": (3, 4)}
 

@@ -2,26 +2,25 @@
 
 Both run the float and the quantized model in onnxruntime on calibration feeds. SQNR compares,
 per quantized tensor, the float model's value with the quantized model's dequantized value (the
-error accumulated up to that point), streamed per feed and per chunk of tensors.
+error accumulated up to that point), streamed per feed and per chunk of tensors. The latency
+check is the one timer, :func:`onnxopt.runtime.latency.medians`.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import io as _io
 from onnxopt.outcome import Outcome
 from onnxopt.quant.insert import InsertResult
 from onnxopt.runtime import environment
 from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.latency import medians
 
-__all__ = ["latency_ms", "layer_sqnr", "local_sqnr", "record_latency", "record_sqnr", "run_flat"]
+__all__ = ["layer_sqnr", "local_sqnr", "record_latency", "record_sqnr", "run_flat"]
 
 _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
 
@@ -152,7 +151,7 @@ def record_sqnr(
     params = {k: (float(p.scale), p.zero) for k, p in result.params.items()}
     local = local_sqnr(float_model, params, qtype, feeds)
     accumulated: dict[str, float] = {}
-    small_model = _io.model_nbytes(float_model) <= runtime._IN_MEMORY_LIMIT  # both sessions live at once
+    small_model = runtime.fits_in_memory(float_model)  # both sessions live at once
     if small_model and _small_feeds(feeds) and len(result.dequantized) <= _MAX_ACCUMULATED:
         live = {k: v for k, v in result.dequantized.items() if k in local}
         rows = layer_sqnr(float_model, quant_model, live, feeds)
@@ -171,7 +170,7 @@ def record_latency(
     float_model: ir.Model, quant_model: ir.Model, feed: Mapping[str, np.ndarray], runs: int, outcome: Outcome
 ) -> None:
     """Record FP32 vs INT8 CPU latency (1 thread, ORT_ENABLE_ALL); a note when INT8 is slower."""
-    fp32, int8 = latency_ms([float_model, quant_model], feed, runs=runs)
+    fp32, int8 = medians([float_model, quant_model], feed, runs=runs)
     outcome.record("latency", fp32_ms=round(fp32, 3), int8_ms=round(int8, 3), ratio=round(int8 / fp32, 3),
                    cpu=environment.cpu_info().describe())
     if int8 > fp32:
@@ -190,46 +189,3 @@ def run_flat(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_lev
     with runtime.session(model, opt_level=opt_level) as handle:
         runs = [handle.run(dict(feed)) for feed in feeds]
     return np.concatenate([np.asarray(v, np.float64).ravel() for outs in runs for v in outs.values()])
-
-
-def latency_ms(
-    models: Iterable[ir.Model],
-    feed: Mapping[str, np.ndarray],
-    *,
-    runs: int = 10,
-    warmup: int = 3,
-    threads: int = 1,
-    budget_s: float = 30.0,
-) -> list[float]:
-    """Median latency (ms) of each model on ``feed``, runs interleaved, ORT_ENABLE_ALL on CPU.
-
-    ``runs`` shrinks (to at least 3, warm-up to 1) when a first run shows that all runs would
-    take longer than ``budget_s`` (PP-OCR det at 736x2944 takes seconds per run).
-    """
-    models = list(models)
-    if len(models) > 1 and sum(_io.model_nbytes(m) for m in models) > runtime._IN_MEMORY_LIMIT:
-        # Large models: one session at a time (not interleaved) so that one copy of weights is live.
-        return [latency_ms([m], feed, runs=runs, warmup=warmup, threads=threads, budget_s=budget_s)[0] for m in models]
-    handles = [runtime.make_session(m, threads=threads, opt_level="all") for m in models]
-    try:
-        times: list[list[float]] = [[] for _ in handles]
-        feed = dict(feed)
-        t0 = time.perf_counter()
-        for h in handles:
-            h.run(feed)
-        one_round = time.perf_counter() - t0
-        if one_round * (runs + warmup) > budget_s:
-            runs = max(3, int(budget_s / max(one_round, 1e-9)) - 1)
-            warmup = 0
-        for _ in range(warmup):
-            for h in handles:
-                h.run(feed)
-        for _ in range(runs):
-            for h, t in zip(handles, times, strict=True):
-                t0 = time.perf_counter()
-                h.run(feed)
-                t.append((time.perf_counter() - t0) * 1e3)
-        return [statistics.median(t) for t in times]
-    finally:
-        for h in handles:
-            h.close()

@@ -27,7 +27,6 @@ import collections
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,14 +37,13 @@ from onnxopt import io as _io
 from onnxopt.quant import float16, sensitivity
 from onnxopt.quant.rules import SUPPORTED_OPS
 from onnxopt.quant.sensitivity import Budget, Measurement
-from onnxopt.runtime import sessions as runtime
+from onnxopt.runtime.latency import paired_ratio
 
 __all__ = [
     "PlanPoint",
     "Planner",
     "greedy_search",
     "name_nodes",
-    "paired_latency",
     "precision_of",
     "quantized_nodes",
 ]
@@ -158,7 +156,7 @@ class Planner:
         """CPU median ms of ``model``, measured interleaved with FP32 and scaled to its median."""
         if self.latency_runs <= 0 or self.target != "cpu":
             return None
-        fp32_ms, ratio = paired_latency(self.model, model, dict(self.calib[0]), self.latency_runs)
+        fp32_ms, ratio = paired_ratio(self.model, model, dict(self.calib[0]), self.latency_runs)
         if self._fp32_ms is None:
             self._fp32_ms = fp32_ms
         # Same-script ratio against the FP32 run next to it, scaled to the first FP32 median.
@@ -276,36 +274,8 @@ class Planner:
 
     def _confirm_faster(self, model: ir.Model) -> bool:
         """A second, longer interleaved timing: the candidate must again be faster than FP32."""
-        _, ratio = paired_latency(self.model, model, dict(self.calib[0]), 2 * self.latency_runs)
+        _, ratio = paired_ratio(self.model, model, dict(self.calib[0]), 2 * self.latency_runs)
         return ratio < 1.0
-
-
-def paired_latency(
-    reference: ir.Model, candidate: ir.Model, feed: Mapping[str, np.ndarray], runs: int
-) -> tuple[float, float]:
-    """(reference median ms, median of per-pair candidate/reference ratios), ORT_ENABLE_ALL, 1 thread.
-
-    Runs alternate reference and candidate (and which of the two goes first), so load on a shared
-    machine hits both alike; the median of the pairwise ratios is what decisions use.
-    """
-    handles = [runtime.make_session(m, threads=1, opt_level="all") for m in (reference, candidate)]
-    try:
-        for _ in range(3):
-            for h in handles:
-                h.run(dict(feed))
-        ref_ms, ratios = [], []
-        for i in range(runs):
-            pair = [0.0, 0.0]
-            for j in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate who runs first (no position bias)
-                t0 = time.perf_counter()
-                handles[j].run(dict(feed))
-                pair[j] = (time.perf_counter() - t0) * 1e3
-            ref_ms.append(pair[0])
-            ratios.append(pair[1] / pair[0] if pair[0] > 0 else math.inf)
-        return float(np.median(ref_ms)), float(np.median(ratios))
-    finally:
-        for h in handles:
-            h.close()
 
 
 def name_nodes(model: ir.Model) -> int:

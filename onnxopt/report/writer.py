@@ -11,9 +11,9 @@ import html
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
+from onnxopt import io as _io
 from onnxopt.runtime import environment
 
 __all__ = ["write_report"]
@@ -32,15 +32,7 @@ def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Pa
 
         raise OutputPathError(f"{path}: report folder {str(path.parent)!r} does not exist")
     text = _html(payload) if path.suffix.lower() in (".html", ".htm") else json.dumps(payload, indent=2, default=str)
-    fd, tmp = tempfile.mkstemp(prefix=".onnxopt-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _io.write_atomic(path, text)  # the mode of a new file of the user, as the model's
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

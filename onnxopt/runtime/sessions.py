@@ -22,10 +22,14 @@ __all__ = [
     "OptLevel",
     "SessionHandle",
     "available_providers",
+    "capture",
+    "fits_in_memory",
+    "in_memory_limit",
     "make_session",
     "resolve_providers",
-    "capture",
     "run_all",
+    "runs_on",
+    "session",
 ]
 
 PROVIDER_ALIASES = {
@@ -44,10 +48,25 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-# Above this many weight bytes a model goes to onnxruntime and the checker as a saved copy (external
-# data in a temp folder), not as serialized bytes: a protobuf plus its bytes are two more copies
-# of every weight in RAM, and above 2 GB one protobuf cannot hold the model at all.
+# The one in-memory limit, in weight bytes (see in_memory_limit). Code reads it through
+# in_memory_limit() / fits_in_memory(); tests lower it with monkeypatch.
 _IN_MEMORY_LIMIT = 256_000_000
+
+
+def in_memory_limit() -> int:
+    """Weight bytes above which a model goes to onnxruntime and the checker as a saved copy.
+
+    Below it a model travels as serialized bytes, and two sessions may be live at once; above
+    it onnxopt saves a copy with external data, turns the CPU arena off and times one model at
+    a time (a protobuf plus its bytes are two more copies of every weight in RAM, and above
+    2 GB one protobuf cannot hold the model at all).
+    """
+    return _IN_MEMORY_LIMIT
+
+
+def fits_in_memory(*models: ir.Model) -> bool:
+    """Whether the weights of ``models``, together, stay within :func:`in_memory_limit`."""
+    return sum(_io.model_nbytes(m) for m in models) <= _IN_MEMORY_LIMIT
 
 
 def available_providers() -> list[str]:
@@ -124,7 +143,7 @@ def make_session(
     off and runs nodes in graph order: a float16 model on CPU casts its weights to float32 at
     run time, and in the default order all those casts run first, then stay in the arena (a
     2.4 GB model peaked at 6.2 GB for one run, 1.5 GB this way); ``None`` does so for an
-    ir.Model or bytes above ``_IN_MEMORY_LIMIT`` (a path's caller says).
+    ir.Model or bytes above :func:`in_memory_limit` (a path's caller says).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[opt_level]
@@ -137,7 +156,7 @@ def make_session(
     if priority_order:  # run nodes in graph order: instrumented models free activations early
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if low_memory is None:
-        low_memory = _nbytes(model) > _IN_MEMORY_LIMIT
+        low_memory = _nbytes(model) > in_memory_limit()
     if low_memory:
         options.enable_cpu_mem_arena = False
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
@@ -146,7 +165,7 @@ def make_session(
     if isinstance(model, ir.Model):
         # External tensors keep a relative location that onnxruntime cannot resolve for a model
         # given as bytes, so such models go through a temp folder too.
-        if _io.model_nbytes(model) > _IN_MEMORY_LIMIT or _io.external_tensors(model):
+        if not fits_in_memory(model) or _io.external_tensors(model):
             tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix="onnxopt-session-"))
             _io.save_model(model, tmp_dir / "model.onnx", external_data=True)
             target = str(tmp_dir / "model.onnx")
@@ -176,6 +195,24 @@ def _nbytes(model: ir.Model | str | os.PathLike | bytes) -> int:
 def run_all(handle: SessionHandle, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Run every feed; a list of output dicts."""
     return [handle.run(feed) for feed in feeds]
+
+
+def runs_on(
+    model: ir.Model | str | os.PathLike | bytes,
+    feeds: Iterable[dict[str, np.ndarray]],
+    opt_level: OptLevel = "disable",
+) -> bool:
+    """Whether onnxruntime runs ``model`` on every one of ``feeds`` (CPU, ``opt_level``).
+
+    Any failure counts as "does not run": callers use this to tell a model that cannot run on
+    generated feeds from an error of their own.
+    """
+    try:
+        with session(model, opt_level=opt_level) as handle:
+            run_all(handle, feeds)
+    except Exception:  # onnxruntime raises its own Fail/InvalidArgument/... types
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ import dataclasses
 import math
 import os
 import pathlib
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from onnxopt import io as _io
 from onnxopt.errors import ValidationFailed
 from onnxopt.runtime import data as _data
 from onnxopt.runtime import environment
+from onnxopt.runtime import latency as _latency
 from onnxopt.runtime import sessions as runtime
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "ValidationReport",
     "compare",
     "file_size",
-    "measure_latency",
     "output_metrics",
 ]
 
@@ -295,7 +294,7 @@ class ValidationReport:
 def file_size(model: ModelLike) -> int:
     """Bytes on disk of a model file plus its external data, or serialized bytes of an ir.Model."""
     if isinstance(model, ir.Model):
-        if _io.model_nbytes(model) > runtime._IN_MEMORY_LIMIT:
+        if not runtime.fits_in_memory(model):
             return _io.model_nbytes(model)
         return _io.serialized_size(model)
     path = pathlib.Path(model)
@@ -304,20 +303,6 @@ def file_size(model: ModelLike) -> int:
     for loc in locations:
         total += (path.parent / loc).stat().st_size
     return total
-
-
-def measure_latency(
-    handle: runtime.SessionHandle, feed: dict[str, np.ndarray], *, runs: int = 30, warmup: int = 5
-) -> tuple[float, float]:
-    """(median, p90) wall time in ms of ``runs`` runs of one feed after ``warmup`` runs."""
-    for _ in range(warmup):
-        handle.run(feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        handle.run(feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times)), float(np.percentile(times, 90))
 
 
 def _as_model(model: ModelLike) -> ir.Model:
@@ -390,7 +375,7 @@ def compare(
             with runtime.session(model_bytes, provider, low_memory=not _small(model), **kw) as s:
                 out = runtime.run_all(s, feeds)
                 timing = (
-                    measure_latency(s, feeds[0], runs=latency_runs, warmup=warmup)
+                    _latency.median_p90(s, feeds[0], runs=latency_runs, warmup=warmup)
                     if latency_runs > 0
                     else (math.nan, math.nan)
                 )
@@ -450,4 +435,4 @@ def _session_input(source: ModelLike, model: ir.Model) -> bytes | str | ir.Model
 
 def _small(model: ir.Model) -> bool:
     # A model with external tensors cannot go to onnxruntime as bytes (relative locations).
-    return _io.model_nbytes(model) <= runtime._IN_MEMORY_LIMIT and not _io.external_tensors(model)
+    return runtime.fits_in_memory(model) and not _io.external_tensors(model)

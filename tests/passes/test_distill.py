@@ -82,7 +82,7 @@ def _student(rng: np.random.Generator) -> tuple[ir.Model, ir.Model]:
 
 def _context(teacher: ir.Model, x: np.ndarray, labels: np.ndarray | None = None) -> PassContext:
     ctx = PassContext(calibration=data.Dataset.from_feeds([{"x": x}], "train", labels=labels), quiet=True)
-    ctx.cache["distill.teacher"] = ir.to_proto(teacher).SerializeToString()
+    ctx.teacher = ir.to_proto(teacher).SerializeToString()
     return ctx
 
 

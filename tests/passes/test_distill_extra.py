@@ -49,7 +49,7 @@ def test_without_teacher_or_data_is_a_precondition_error():
     with pytest.raises(ir.passes.PreconditionError, match="distill needs a teacher"):
         make("distill", {}, PassContext(calibration=feeds, quiet=True))(model)
     ctx = PassContext(quiet=True)
-    ctx.cache["distill.teacher"] = before
+    ctx.teacher = before
     with pytest.raises(ir.passes.PreconditionError, match="distill needs training data"):
         make("distill", {}, ctx)(model)
     assert ir.to_proto(model).SerializeToString() == before
@@ -60,7 +60,7 @@ def test_teacher_pass_records_a_copy_and_changes_nothing():
     ctx = PassContext(quiet=True)
     report = make("teacher", {}, ctx)(model)
     assert not report.modified
-    assert ctx.cache["distill.teacher"] == ir.to_proto(model).SerializeToString()
+    assert ctx.teacher == ir.to_proto(model).SerializeToString()
 
 
 def test_recipe_chains_compression_distillation_and_packing():
@@ -77,7 +77,7 @@ def test_without_torch_the_error_says_how_to_install_it():
     model = load_model("digits_mlp.onnx")
     before = ir.to_proto(model).SerializeToString()
     ctx = PassContext(calibration=data.Dataset.from_feeds([{"input": np.zeros((2, 64), np.float32)}]), quiet=True)
-    ctx.cache["distill.teacher"] = before
+    ctx.teacher = before
     with pytest.raises(DistillDependencyError, match=r"pip install 'onnxopt\[distill\]'"):
         make("distill", {}, ctx)(model)
     assert ir.to_proto(model).SerializeToString() == before
