@@ -197,7 +197,7 @@ def _hostile_payload() -> dict:
             }}},
             "noise_level": None, "noise_floor": {},
         },
-        "failures": [f"CPUExecutionProvider output 'y{evil}': cosine 0.999990 < 0.99999"],
+        "failures": [f"CPUExecutionProvider output {'y' + evil!r}: cosine 0.999990 < 0.99999"],
         "budget": {"min_cosine": 0.99999, "max_error": None, "min_metric": None},
         "notes": [],
         "export": {
@@ -221,7 +221,7 @@ def test_names_are_escaped_and_errors_and_measured_latency_are_visible(tmp_path)
     assert "latency, CPU (median)" in page and "not measured" not in page
     assert "2 ms" in page and "1 ms" in page and "0.500x" in page
     # 0.9999896 to 6 places would print 0.999990, which reads as meeting 0.99999: more places.
-    assert "0.999989600" in page and "class='verdict fail'" in page
+    assert "0.999989600" in page and "class='verdict fail'" in page and ">missed<" in page
 
 
 def test_validate_report_as_html_shows_measured_latency(tmp_path, monkeypatch):

@@ -223,7 +223,8 @@ def _verdict(
         )
     else:
         text = "no check failed"
-    return f"<div class='verdict pass'><span class='word'>PASS</span>{text}</div>"
+    word = "PASS" if budget else "OK"  # "PASS" only where a budget was checked
+    return f"<div class='verdict pass'><span class='word'>{word}</span>{text}</div>"
 
 
 def _headline(
@@ -403,8 +404,11 @@ def _fidelity_card(payload: Mapping[str, Any], validation: Mapping[str, Any] | N
                 multiple = _e(hz.value(mx / fm)) + "&times;" if fm and mx is not None else "—"
                 cells.append(f"<td class='num'>{multiple}</td>")
             if "failures" in payload:
-                mine = [f for f in failures if f.startswith(f"{prov} output {name!r}")]
-                bad = bool(mine) or bool(m.get("nonfinite"))
+                # Failure lines name the output as validation writes them: "<provider> output 'y'".
+                heads = (f"{prov} output {name!r}", f"{prov} output '{name}'")
+                mine = [f for f in failures if f.startswith(heads)]
+                over = "bad" in cos_cls or "bad" in mx_cls
+                bad = bool(mine) or over or bool(m.get("nonfinite"))
                 cells.append(f"<td class='{_cls(not bad)}'>{'missed' if bad else 'ok'}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
     skipped = validation.get("skipped_providers") or []

@@ -164,7 +164,9 @@ def ratio(after: float | None, before: float | None) -> str:
     if after is None or before is None or not before:
         return "—"
     r = after / before
-    return f"{r:.3f}x ({(r - 1) * 100:+.1f} %)"
+    pct = (r - 1) * 100
+    # Small changes keep a significant digit: "-0.04 %", not "-0.0 %".
+    return f"{r:.3f}x ({pct:+.1f} %)" if abs(pct) >= 0.1 or pct == 0 else f"{r:.4f}x ({pct:+.2g} %)"
 
 
 def value(v: Any, key: str = "") -> str:
