@@ -201,6 +201,9 @@ def optimize(
                 "passes": result.to_json(),
                 "validation": final.to_json() if final is not None else None,
                 "failures": failures,
+                # The accuracy budget the failures were checked against (None: not given).
+                "budget": {"min_cosine": min_cosine, "max_error": max_error,
+                           "min_metric": min_metric if metric is not None else None},
                 "notes": notes,
                 "export": written.to_json(),
             },
