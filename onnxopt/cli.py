@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxopt", description="Optimize ONNX models and prove the result on onnxruntime.", parents=[common]
     )
-    parser.set_defaults(quiet=False, verbose=0)
+    # No parser.set_defaults(quiet=...): it would set the default on the action shared with every
+    # subparser (parents share actions), and the subcommand's default would then undo a leading -q.
     parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -228,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``onnxopt`` console script; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.quiet = getattr(args, "quiet", False)
+    args.verbose = getattr(args, "verbose", 0)
     _setup_logging(args.verbose, args.quiet)
     try:
         return _COMMANDS[args.command](args)

@@ -10,6 +10,7 @@ import pytest
 
 from onnxopt.cli import main
 from onnxopt.testing.builders import conv_bn_feeds, conv_bn_model
+from tests.conftest import model_path
 
 
 @pytest.fixture
@@ -104,3 +105,13 @@ def test_console_script_runs_as_a_process(workdir):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_before_or_after_the_command_silences_summaries_and_bars(tmp_path, capfd, where):
+    args = ["optimize", str(model_path("digits_cnn.onnx")), "-o", str(tmp_path / "q.onnx"), "--recipe", "int8",
+            "--calib", str(model_path("digits_cnn_calib.npz"))]
+    argv = ["-q", *args] if where == "before" else [*args, "-q"]
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
