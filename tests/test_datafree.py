@@ -380,3 +380,23 @@ def test_conformance_cases_run_every_kind_of_recipe_without_data(tmp_path, confo
         assert "opset 28" in quant.error, quant.error
     why = harness._compare(case, harness._run(tmp_path / "int8.onnx", case), "lossy", case.rtol, case.atol)
     assert why is None, why
+
+
+def test_validate_without_data_uses_generated_feeds(tmp_path, capsys):
+    path = _save(_hf_embeddings(), tmp_path / "m.onnx")
+    rep = api.validate(path, path, latency_runs=0)
+    assert rep.num_feeds == 4 and rep.worst("max_abs") == 0.0
+    bad = _save(ir.from_onnx_text(SQUEEZE_BY_INPUT), tmp_path / "bad.onnx")
+    code = cli.main(["validate", bad, bad, "--runs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot validate without data" in err and "--data" in err and len(err.splitlines()) == 1
+
+
+def test_scalar_inputs_of_an_npz_are_fed_as_0d_arrays(tmp_path):
+    # A scalar input (silero VAD's int64 `sr`) stored one value per sample: each feed must hold
+    # a 0-d array; a numpy scalar is refused by onnxruntime ("Unable to handle object").
+    model = ir.serde.deserialize_model(_if_on_sample_rate())
+    np.savez(tmp_path / "d.npz", x=np.ones((3, 1, 200), np.float32), sr=np.full(3, 16000, np.int64))
+    feeds = list(data.load_data(tmp_path / "d.npz", data.input_signature(model)))
+    assert all(isinstance(f["sr"], np.ndarray) and f["sr"].shape == () for f in feeds)
+    _runs_all(model, feeds)

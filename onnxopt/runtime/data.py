@@ -271,7 +271,7 @@ def _from_sample_arrays(
 
     def cut(i: int) -> Feed:
         if per_sample:
-            return {k: v[i] for k, v in arrays.items()}
+            return {k: np.asarray(v[i]) for k, v in arrays.items()}  # 0-d arrays, not numpy scalars
         return {k: v[i : i + batch] for k, v in arrays.items()}
 
     if spec_by_name:

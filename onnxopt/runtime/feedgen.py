@@ -139,16 +139,16 @@ def runnable_feeds(
 ) -> Dataset:
     """Generated feeds that onnxruntime runs ``model`` on, or :class:`DataError` saying why.
 
+    The first guess is tried first; when the model refuses it, the free dims take the retry
+    sizes in turn (tries above ``_MAX_TRY_ELEMENTS`` are not made). All runs share one
+    session (on ``source``, the model's file, when given: no temp copy of a large model).
+    ``cache`` (a pass context's) remembers the try that worked, or why none did, keyed by the
+    input signature and seed, so later checks of the same run need no probe.
+
     Raises:
         ModelLoadError: onnxruntime cannot load ``model`` at all (no feed could help).
         DataError: no generated feeds work (the message has onnxruntime's first complaint), or
             an input cannot be generated (too large).
-
-    The first guess is tried first; when the model refuses it, the free dims take the retry
-    sizes in turn (tries above ``_MAX_TRY_ELEMENTS`` are not made). All runs share one
-    session (on ``source``, the model's file, when given: no temp copy of a large model).
-    ``cache`` (a pass context's) remembers the try that worked, keyed by the input signature
-    and seed, so later checks of the same run generate it directly without a probe.
 
     """
     from onnxopt.runtime import sessions as runtime
@@ -159,26 +159,31 @@ def runnable_feeds(
         if isinstance(known, tuple):  # it failed before, and an equivalent model fails the same way
             raise (ModelLoadError if known[0] == "load" else DataError)(known[1])
         return generated_data(model, n, seed=seed, attempt=known)
-    import onnxruntime as ort
 
-    tries = range(len(_RETRY_SIZES) + 1)
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a refused try is expected: keep onnxruntime's error log quiet
-    first_error = ""
+    def fail(kind: str, why: str) -> str:
+        if cache is not None:
+            cache[key] = (kind, why)
+        return why
+
+    try:
+        first = generated_data(model, n, seed=seed, attempt=0)
+    except DataError as err:
+        raise DataError(fail("feeds", str(err))) from err
     try:
         handle = runtime.make_session(source if source is not None else model)
     except Exception as err:  # no feeds involved: the model itself is at fault
         why = f"onnxruntime cannot run the input model: it does not load ({_first_line(err)})"
-        if cache is not None:
-            cache[key] = ("load", why)
-        raise ModelLoadError(why) from err
+        raise ModelLoadError(fail("load", why)) from err
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a refused try is expected: keep onnxruntime's error log quiet
+    first_error = ""
     try:
-        for attempt in tries:
+        for attempt in range(len(_RETRY_SIZES) + 1):
             try:
-                data = generated_data(model, n, seed=seed, attempt=attempt)
+                data = first if attempt == 0 else generated_data(model, n, seed=seed, attempt=attempt)
             except DataError as err:
-                if attempt == 0:
-                    raise
                 logger.debug("generated feeds, try %d: %s", attempt, err)
                 continue
             feeds = list(data)
@@ -188,18 +193,18 @@ def runnable_feeds(
                 for feed in feeds:
                     handle.session.run(None, feed, quiet)
             except Exception as err:  # onnxruntime rejects these values or sizes
-                first_error = first_error or _unfed(feeds[0]) or _first_line(err)
+                unfed = _unfed(feeds[0])
+                first_error = first_error or unfed or _first_line(err)
                 logger.debug("generated feeds, try %d: %s", attempt, _first_line(err))
+                if unfed:  # other sizes cannot help
+                    break
                 continue
             if cache is not None:
                 cache[key] = attempt
             return data
     finally:
         handle.close()
-    why = f"the model does not run on generated feeds ({first_error})"
-    if cache is not None:
-        cache[key] = ("feeds", why)
-    raise DataError(why)
+    raise DataError(fail("feeds", f"the model does not run on generated feeds ({first_error})"))
 
 
 def _first_line(err: BaseException) -> str:
