@@ -36,6 +36,7 @@ __all__ = [
     "input_signature",
     "load_data",
     "random_data",
+    "value_kind",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -79,11 +80,12 @@ def input_signature(model: ir.Model) -> list[InputSpec]:
                 (d if d >= 0 else None) if isinstance(d, int) else (d.value if d.value else None)
                 for d in value.shape
             )
-        specs.append(InputSpec(value.name, np.dtype(dtype), shape, _kind(value.type)))
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape, value_kind(value.type)))
     return specs
 
 
-def _kind(type_: ir.TypeProtocol | None) -> str:
+def value_kind(type_: ir.TypeProtocol | None) -> str:
+    """tensor, sequence, optional or optional-sequence: the kind of a graph input's type."""
     if isinstance(type_, ir.OptionalType):
         return "optional-sequence" if isinstance(type_.elem_type, ir.SequenceType) else "optional"
     if isinstance(type_, ir.SequenceType):

@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import DataError, ModelLoadError
-from onnxopt.runtime.data import Dataset, Feed, InputSpec, input_signature
+from onnxopt.runtime.data import Dataset, Feed, InputSpec, input_signature, value_kind
 
 __all__ = ["generated_data", "runnable_feeds"]
 
@@ -237,20 +237,12 @@ def _plans(model: ir.Model) -> list[_Plan]:
     by_name = {v.name: v for v in model.graph.inputs}
     for spec in input_signature(model):
         value = by_name[spec.name]
-        plan = _Plan(spec, kind=_kind(value.type))
+        plan = _Plan(spec, kind=value_kind(value.type))
         if any(w in spec.name.lower() for w in _MASK_WORDS):
             plan.mask = True
         _trace(value, plan)
         plans.append(plan)
     return plans
-
-
-def _kind(type_: ir.TypeProtocol | None) -> str:
-    if isinstance(type_, ir.OptionalType):
-        return "optional-sequence" if isinstance(type_.elem_type, ir.SequenceType) else "optional"
-    if isinstance(type_, ir.SequenceType):
-        return "sequence"
-    return "tensor"
 
 
 def _trace(start: ir.Value, plan: _Plan) -> None:
