@@ -407,7 +407,9 @@ def random_data(
 ) -> Dataset:
     """``n`` seeded random feeds from the input signature, for smoke runs.
 
-    Symbolic dims take their size from ``dims`` (by dim name), else 1.
+    Symbolic dims take their size from ``dims`` (by dim name), else 1. Values ignore the graph
+    (integers in [0, 4)); the checks of a run without data use
+    :func:`onnxopt.feedgen.generated_data`, whose values the model accepts.
     """
     dims = dict(dims or {})
     rng = np.random.default_rng(seed)
