@@ -201,10 +201,11 @@ class FusePass(OptPass[FuseConfig]):
                 report.skip(f"attention: num_heads/hidden_size not inferred from the graph ({geo.reason}); "
                             "give num_heads= and hidden_size=")
             return cfg.num_heads, cfg.hidden_size, not geo.unsafe
-        heads = cfg.num_heads or (geo.num_heads if not cfg.hidden_size else cfg.hidden_size * geo.num_heads
-                                  // geo.hidden_size)
-        hidden = cfg.hidden_size or (geo.hidden_size if not cfg.num_heads else cfg.num_heads * geo.hidden_size
-                                     // geo.num_heads)
+        heads, hidden = cfg.num_heads or geo.num_heads, cfg.hidden_size or geo.hidden_size
+        if hidden % heads:
+            report.skip(f"attention: hidden_size {hidden} is not divisible by num_heads {heads} "
+                        f"(the graph has {geo.num_heads} x {geo.hidden_size // geo.num_heads})")
+            return cfg.num_heads, cfg.hidden_size, False
         given = "num_heads given, " if cfg.num_heads else "hidden_size given, " if cfg.hidden_size else ""
         sources = "; ".join(geo.sources)
         report.note(f"attention geometry: num_heads={heads}, hidden_size={hidden} ({given}inferred from "

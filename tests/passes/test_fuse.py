@@ -428,6 +428,10 @@ def test_given_geometry_overrides_and_a_wrong_scale_is_not_fused():
     report = fuse(model, num_heads=4)  # hidden_size completed from the graph
     geometry = next(r for r in report.records if r["item"] == "attention geometry")
     assert (geometry["num_heads"], geometry["hidden_size"], geometry["given"]) == (4, 64, ["num_heads"])
+    model = bert(style="eager")
+    report = fuse(model, num_heads=5)  # does not divide the projection width: attention left alone
+    assert "Attention" not in report.counts and report.counts["SkipLayerNormalization"] == 4
+    assert "attention: hidden_size 64 is not divisible by num_heads 5 (the graph has 4 x 16)" in report.skipped
     # A scale that is not 1/sqrt(head_dim): the fused kernel would compute another function.
     proto = make_bert(style="eager", layers=1)
     for t in proto.graph.initializer:
