@@ -9,10 +9,10 @@ when it loads the model anyway).
 Attention geometry: onnxruntime's attention fusion needs the number of heads and the hidden
 size, and reads them only from a constant ``[0, 0, heads, head_dim]`` Reshape target. Exports of
 Hugging Face encoders write ``[batch, seq, -1, head_dim]`` (a Concat of gathered dims) instead.
-Left at 0, ``num_heads``/``hidden_size`` are inferred here from the graph (``onnxopt.attention``:
+Left at 0, ``num_heads``/``hidden_size`` are inferred here from the graph (``onnxopt.fusion.attention``:
 the Q/K/V projection weights, the Reshape targets, the 1/sqrt(head_dim) scale constant); the
 report says what was found and from where, or why nothing was. The default (SDPA) export of the
-same models is first rewritten into the eager form the fusion knows (``onnxopt.attention``);
+same models is first rewritten into the eager form the fusion knows (``onnxopt.fusion.attention``);
 a block the fusion then does not fuse keeps its exported form.
 
 Algebra: each fusion replaces a subgraph by one contrib kernel computing the same function:
@@ -41,9 +41,10 @@ from typing import Literal
 import onnx
 import onnx_ir as ir
 
-from onnxopt import _ir_utils, attention
+from onnxopt import _ir_utils
 from onnxopt import io as _io
 from onnxopt.config import option
+from onnxopt.fusion import attention
 from onnxopt.pass_base import OptPass, PassReport, register
 
 __all__ = ["FUSED_OPS", "FuseConfig", "FusePass"]
@@ -99,7 +100,7 @@ class FusePass(OptPass[FuseConfig]):
         that later passes (quantize) see the fused nodes' outputs as float tensors. Residual
         Adds before a LayerNorm get their projection input first (``x + attn`` -> ``attn + x``,
         exact), the order onnxruntime's attention pattern expects; SDPA-exported attention is
-        put in the eager form first (``onnxopt.attention.canonicalize``).
+        put in the eager form first (``onnxopt.fusion.attention.canonicalize``).
     Preserves: graph input/output names, dtypes and shapes; producer name; other nodes.
     Guarantees: counts per fused op type in the report; the attention geometry used and where
         it came from (a note and an ``attention geometry`` record), or why it could not be

@@ -1,0 +1,1 @@
+"""Graph rewrites that prepare a model for onnxruntime's transformer fusions (the fuse pass): attention geometry and form."""
