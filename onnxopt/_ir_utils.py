@@ -145,15 +145,16 @@ def op_counts(model: ir.Model) -> collections.Counter[str]:
 
 
 def parameter_count(model: ir.Model) -> tuple[int, int]:
-    """(number of parameters, bytes) over the main graph's initializers."""
+    """(number of parameters, bytes) over the initializers of the main graph and its subgraphs."""
     params = 0
     nbytes = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None:
-            continue
-        params += tensor.size
-        nbytes += tensor.nbytes
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            params += tensor.size
+            nbytes += tensor.nbytes
     return params, nbytes
 
 

@@ -80,12 +80,14 @@ class SimplifyPass(OptPass[SimplifyConfig]):
         if cfg.fold_constants and sequence_ops:
             report.skip(f"constant folding skipped: sequence ops ({', '.join(sequence_ops)})")
         elif cfg.fold_constants:
-            fold_constants(
-                model,
-                onnx_shape_inference=False,
-                input_size_limit=cfg.max_fold_elements,
-                output_size_limit=cfg.max_fold_elements,
-            )
+            grown = _folding_grows_weights(model, cfg.max_fold_elements)
+            if grown > 0:
+                report.skip(
+                    f"constant folding skipped: it would add {grown:,} weight bytes (folded copies of "
+                    "weights that other nodes still read)"
+                )
+            else:
+                _fold(model, cfg.max_fold_elements)
         cleanup = [
             _IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
@@ -116,18 +118,43 @@ class SimplifyPass(OptPass[SimplifyConfig]):
         return report
 
 
-class _IdentityEliminationPass(common.IdentityEliminationPass):
-    """onnx-ir's Identity elimination, except ``y = Identity(x)`` where x and y are both outputs.
+def _fold(model: ir.Model, max_elements: int) -> None:
+    fold_constants(
+        model, onnx_shape_inference=False, input_size_limit=max_elements, output_size_limit=max_elements
+    )
 
-    onnx-ir then makes one value two graph outputs (a Scan/Loop body's state and its scan output,
-    or two model outputs) and drops a name; onnxruntime computes such Scan bodies wrongly.
+
+def _folding_grows_weights(model: ir.Model, max_elements: int) -> int:
+    """Weight bytes constant folding would add (> 0: it folds copies of weights still read
+    elsewhere, e.g. Unsqueeze(W) beside W in both branches of an If), tried on a clone."""
+    trial = model.clone()  # tensors are shared, nodes copied: cheap
+    _fold(trial, max_elements)
+    ir.passes.Sequential(common.RemoveUnusedNodesPass(), common.DeduplicateInitializersPass())(trial)
+    return _ir_utils.parameter_count(trial)[1] - _ir_utils.parameter_count(model)[1]
+
+
+class _IdentityEliminationPass(common.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, except where ``y = Identity(x)`` must stay.
+
+    - x and y are both outputs: onnx-ir then makes one value two graph outputs (a Scan/Loop
+      body's state and its scan output, or two model outputs) and drops a name; onnxruntime
+      computes such Scan bodies wrongly.
+    - y is a graph output and x is not made by a node of the same graph (an outer-scope value,
+      an initializer or a graph input): in an If/Loop/Scan body the output would then name a
+      value no node of the body produces, which the checker refuses (silero VAD's If branches
+      end this way); in the main graph the Identity costs nothing.
     """
 
     def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
         if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1:
             source = node.inputs[0]
-            if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
+            output = node.outputs[0]
+            if source is not None and source.is_graph_output() and output.is_graph_output():
                 return False
+            if source is not None and output.is_graph_output():
+                producer = source.producer()
+                if producer is None or producer.graph is not node.graph:
+                    return False
         return super()._try_eliminate_identity_node(node)
 
 

@@ -159,3 +159,60 @@ def test_bundled_cnn_simplified_matches_and_is_smaller():
     assert result.worst("max_abs") <= tol
     # Top-1 equal: the smallest top-2 margin of this model (0.017) is 5000x the float noise.
     assert result.worst("cosine") >= REAL_MODEL_MIN_COSINE and result.worst("top1") == 1.0
+
+
+def _if_model_whose_branches_end_in_identity_of_outer_values() -> ir.Model:
+    """Like silero VAD's If branches: a branch output is Identity(a constant), the other Identity(Neg(x))."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
+    c = onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    const = onnx.helper.make_tensor("k", onnx.TensorProto.FLOAT, [2, 3], [0.5] * 6)
+    then_g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["k_out"], value=const),
+         onnx.helper.make_node("Identity", ["k_out"], ["t_out"])], "then", [],
+        [onnx.helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    else_g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Neg", ["x"], ["e_mid"]), onnx.helper.make_node("Identity", ["e_mid"], ["e_out"])],
+        "else", [], [onnx.helper.make_tensor_value_info("e_out", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    node = onnx.helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)
+    graph = onnx.helper.make_graph([node], "g", [x, c], [y])
+    return ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+
+
+def test_identity_of_an_outer_value_ending_a_branch_stays_and_the_model_stays_valid(rng):
+    model = _if_model_whose_branches_end_in_identity_of_outer_values()
+    ref = _if_model_whose_branches_end_in_identity_of_outer_values()
+    SimplifyPass()(model)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    then_g = model.graph.node(0).attributes["then_branch"].as_graph()
+    else_g = model.graph.node(0).attributes["else_branch"].as_graph()
+    # Every branch output is made by a node of that branch (the checker's rule), and an Identity
+    # of a value made inside the branch still goes.
+    for branch in (then_g, else_g):
+        assert all(out.producer() is not None and out.producer().graph is branch for out in branch.outputs)
+    assert [n.op_type for n in else_g] == ["Neg"]
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    for cond in (True, False):
+        feeds = [{"x": x, "c": np.array(cond)}]
+        validation.compare(ref, model, feeds, **TOL["exact"]).assert_ok()
+
+
+def test_constant_folding_that_would_copy_a_weight_read_elsewhere_is_skipped(rng):
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 256]))
+    weight = ir.Value(name="w", const_value=ir.tensor(w, name="w"), type=ir.TensorType(ir.DataType.FLOAT),
+                      shape=ir.Shape([256, 256]))
+    axes = ir.Value(name="axes", const_value=ir.tensor(np.array([0], np.int64), name="axes"),
+                    type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+    mm = ir.node("MatMul", [x, weight])
+    unsq = ir.node("Unsqueeze", [weight, axes])  # folding it stores W twice (W is still read by mm)
+    out = ir.node("Add", [mm.outputs[0], unsq.outputs[0]])
+    out.outputs[0].name = "y"
+    graph = ir.Graph([x], [out.outputs[0]], nodes=[mm, unsq, out], initializers=[weight, axes],
+                     opset_imports={"": 17}, name="g")
+    model = ir.Model(graph, ir_version=8)
+    report = SimplifyPass()(model)
+    assert any("constant folding skipped" in r for r in report.skipped)
+    assert sum(v.const_value.nbytes for v in model.graph.initializers.values()) <= w.nbytes + 8
