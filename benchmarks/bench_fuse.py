@@ -49,8 +49,11 @@ def build_variants(model: ir.Model, calib: list[dict]) -> tuple[dict[str, ir.Mod
     return variants, summaries
 
 
-def latency(variants: dict[str, ir.Model], feed: dict, level: str, rounds: int, runs: int) -> dict[str, float]:
-    sessions = {k: runtime.make_session(m, threads=1, opt_level=level) for k, m in variants.items()}
+def latency(
+    variants: dict[str, ir.Model], feed: dict, level: str, rounds: int, runs: int, threads: int = 1
+) -> dict[str, float]:
+    """Median ms per variant: rounds in a shuffled order, each the median of ``runs`` runs."""
+    sessions = {k: runtime.make_session(m, threads=threads, opt_level=level) for k, m in variants.items()}
     for s in sessions.values():
         for _ in range(5):
             s.run(feed)

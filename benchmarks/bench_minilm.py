@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import random
 import subprocess
 import tempfile
-import time
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from bench_fuse import latency  # the same interleaved timer as the synthetic BERT table
 
 import onnxopt
 from onnxopt import io as _io
@@ -86,28 +85,6 @@ def fidelity(ref: ir.Model, cand: ir.Model, feeds: list[dict]) -> dict[str, floa
     return {"cosine": m.cosine, "max_abs": m.max_abs, "min_embedding_cosine": min(emb)}
 
 
-def latency(variants: dict[str, ir.Model], feed: dict, threads: int, level: str, rounds: int, runs: int) -> dict[str, float]:
-    sessions = {k: runtime.make_session(m, threads=threads, opt_level=level) for k, m in variants.items()}
-    for s in sessions.values():
-        for _ in range(5):
-            s.run(feed)
-    per_round: dict[str, list[float]] = {k: [] for k in sessions}
-    rng = random.Random(0)
-    for _ in range(rounds):
-        order = list(sessions)
-        rng.shuffle(order)
-        for k in order:
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                sessions[k].run(feed)
-                times.append(time.perf_counter() - t0)
-            per_round[k].append(float(np.median(times)) * 1e3)
-    for s in sessions.values():
-        s.close()
-    return {k: float(np.median(v)) for k, v in per_round.items()}
-
-
 def long_feed(feed: dict, seq: int) -> dict:
     """A batch-1 feed of ``seq`` real tokens: the sentence's tokens repeated, every token attended."""
     ids = np.resize(feed["input_ids"][0], seq)[None, :]
@@ -140,7 +117,7 @@ def bench(path: pathlib.Path, sentences: pathlib.Path, tmp: pathlib.Path, args: 
         for level in args.levels:
             for threads in (1, 2):
                 key = f"{seq_label}, {threads} thread{'s' if threads > 1 else ''}, {level}"
-                result["latency_ms"][key] = latency(variants, feed, threads, level, args.rounds, args.runs)
+                result["latency_ms"][key] = latency(variants, feed, level, args.rounds, args.runs, threads=threads)
     return result
 
 

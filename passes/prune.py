@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(weight_sharing.SelectionConfig):
     """Options of the prune pass."""
 
     sparsity: float = option(0.5, "fraction of weights (unstructured) or channels (structured) removed")
@@ -48,14 +48,6 @@ class PruneConfig:
         8, "structured: round each layer's kept channels to the nearest multiple of this (onnxruntime's "
         "blocked NCHWc kernels need multiples of 8; 1 keeps the exact fraction)"
     )
-    op_types: frozenset[str] = option(
-        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is pruned"
-    )
-    include: str = option("", "regular expression: only weights whose name matches")
-    exclude: str = option("", "regular expression: leave weights whose name matches")
-    min_elements: int = option(256, "leave smaller weights alone")
-    skip_first: bool = option(False, "leave the first matching layer alone")
-    skip_last: bool = option(False, "leave the last matching layer alone")
     repair: bool = option(False, "re-fit kept weights and biases on calibration data (skipped with a note without data)")
     sequential: bool = option(
         True, "unstructured repair: fit each layer on the inputs the already pruned layers give "
@@ -67,7 +59,7 @@ class PruneConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
-        weight_sharing.check_options(self.op_types, self.include, self.exclude, self.min_elements)
+        super().__post_init__()
         if "ConvTranspose" in self.op_types and self.structured:
             raise ValueError("op_types: ConvTranspose is not supported with structured=true")
 

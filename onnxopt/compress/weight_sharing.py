@@ -27,7 +27,7 @@ from onnxopt.config import option
 from onnxopt.outcome import Outcome
 from onnxopt.runtime.data import Dataset
 
-__all__ = ["SUPPORTED_OPS", "CodebookConfig", "SharingOptions", "Target", "apply", "select"]
+__all__ = ["SUPPORTED_OPS", "CodebookConfig", "SelectionConfig", "SharingOptions", "Target", "apply", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +55,27 @@ class SharingOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class CodebookConfig:
-    """The options every codebook pass (cluster, logquant) has: which weights, repair, storage."""
+class SelectionConfig:
+    """Which weights a weight-changing pass (prune, cluster, logquant) touches."""
 
-    per_channel: bool = option(False, "one codebook per output channel instead of per tensor")
     op_types: frozenset[str] = option(
-        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is replaced"
+        factory=lambda: frozenset({"Conv", "Gemm", "MatMul"}), help="ops whose weight is changed"
     )
     include: str = option("", "regular expression: only weights whose name matches")
     exclude: str = option("", "regular expression: leave weights whose name matches")
     min_elements: int = option(256, "leave smaller weights alone")
     skip_first: bool = option(False, "leave the first matching layer alone")
     skip_last: bool = option(False, "leave the last matching layer alone")
+
+    def __post_init__(self) -> None:
+        check_options(self.op_types, self.include, self.exclude, self.min_elements)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookConfig(SelectionConfig):
+    """The options every codebook pass (cluster, logquant) has: selection, repair, storage."""
+
+    per_channel: bool = option(False, "one codebook per output channel instead of per tensor")
     repair: bool = option(False, "re-fit the codebook on calibration data (skipped with a note without data)")
     bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
     sequential: bool = option(
@@ -75,9 +84,6 @@ class CodebookConfig:
     )
     pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
     index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if it fits), uint8, uint4")  # noqa: RUF009
-
-    def __post_init__(self) -> None:
-        check_options(self.op_types, self.include, self.exclude, self.min_elements)
 
     def sharing_options(self, *, scale_only: bool = False) -> SharingOptions:
         """These options as the engine's :class:`SharingOptions`."""
