@@ -17,6 +17,7 @@ from onnxopt import io as _io
 from onnxopt import pipeline, recipes
 from onnxopt.context import Metric, PassContext, Target
 from onnxopt.errors import DataError, ModelLoadError, OnnxOptError
+from onnxopt.quant import trials as _trials
 from onnxopt.report import writer as report
 from onnxopt.runtime import data as _data
 from onnxopt.runtime import feedgen, validation
@@ -86,6 +87,8 @@ def optimize(
     check: bool = True,
     strict: bool = False,
     export: _export.ExportOptions | None = None,
+    time_budget: float | None = None,
+    workers: int | str | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` and write the result to ``output``; the input file is never modified.
 
@@ -112,12 +115,19 @@ def optimize(
         export: output format and external-data layout (:class:`onnxopt.export.ExportOptions`);
             overrides ``external_data``. The format defaults to the suffix of ``output``
             (``.ort``: onnxruntime's ORT format, checked against the ONNX result).
+        time_budget: seconds the mixed pass may plan before it returns the best verified plan
+            found (None: its ``time_budget`` option, 300 s).
+        workers: planning trials: None (all cores), N local processes, "ray" (a local Ray) or
+            "ray://HOST:PORT" (a Ray cluster; ``pip install 'onnxopt[ray]'``).
 
     Raises:
         OnnxOptError: bad model, data or output path (typed subclasses).
         ValueError / KeyError: unknown pass, recipe or option.
 
     """
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}")
+    _trials.parse_workers(workers)  # a bad value is refused before the model is read
     steps: list[recipes.Step] = []
     if recipe is not None or not passes:
         steps += list(recipes.get_recipe(recipe or "simplify").steps)
@@ -143,6 +153,8 @@ def optimize(
         min_metric=min_metric,
         seed=seed,
         quiet=quiet,
+        time_budget=time_budget,
+        workers=workers,
     )
     pass_objs = recipes.build(steps, context)
     for p in pass_objs:

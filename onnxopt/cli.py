@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-error", type=float, help="accuracy budget: max abs output error")
     opt.add_argument("--report", help="write the report as REPORT.json or REPORT.html")
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--time-budget", type=float, metavar="SECONDS",
+                     help="mixed: plan for at most this long, then keep the best verified plan (default 300)")
+    opt.add_argument("--workers", metavar="N|ray|ray://HOST:PORT",
+                     help="mixed: where plan trials run: N local processes (default: all cores), "
+                          "'ray' (local Ray) or 'ray://HOST:PORT' (needs pip install 'onnxopt[ray]')")
     opt.add_argument("--external-data", nargs="?", const="one-file", choices=["one-file", "per-tensor"],
                      help="store weights outside the .onnx: one-file (OUT.onnx.data, the default) or "
                           "per-tensor (OUT.weights/<tensor>); automatic above 2 GB")
@@ -115,6 +120,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         seed=args.seed,
         quiet=args.quiet,
         check=not args.no_check,
+        time_budget=args.time_budget,
+        workers=args.workers,
         export=ExportOptions(
             format=args.format,
             external_data=args.external_data or "auto",

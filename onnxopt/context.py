@@ -35,6 +35,10 @@ class PassContext:
             that edit tensors in place later cannot alter it); the ``distill`` pass trains
             towards it unless its ``teacher`` option names a file. None until ``teacher`` runs.
         cache: statistics computed once and reused by later passes (keyed by the producer).
+        time_budget: seconds a planning pass (mixed) may search before it returns its best
+            verified plan; None: the pass's own default.
+        workers: where planning trials run: None (all cores), N local processes, "ray" or
+            "ray://HOST:PORT".
     """
 
     calibration: Dataset | None = None
@@ -48,6 +52,8 @@ class PassContext:
     quiet: bool = False
     teacher: bytes | None = None
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    time_budget: float | None = None
+    workers: int | str | None = None
 
     @property
     def check_data(self) -> Dataset | None:

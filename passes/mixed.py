@@ -12,17 +12,21 @@ callable by :func:`int8_quantizer`), FP16 by :mod:`onnxopt.quant.float16`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
+import math
 import time
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt import _ir_utils
+from onnxopt import io as _io
 from onnxopt.config import option
 from onnxopt.context import PassContext
 from onnxopt.pass_base import OptPass, PassReport, register
-from onnxopt.quant import float16, sensitivity, static
+from onnxopt.quant import float16, screening, sensitivity, static, trials
 from onnxopt.quant import insert as qdq_insert
 from onnxopt.quant import planner as precision_plan
 from onnxopt.quant.calibration import cached_ranges
@@ -36,21 +40,31 @@ logger = logging.getLogger(__name__)
 # records, counts are changes.
 SUMMARY = "summary"
 
-_QDQ_OPSET = static.MIN_OPSET  # QuantizeLinear/DequantizeLinear with per-channel axis
+_QDQ_OPSET = static.MIN_OPSET
+# Estimated serial screening time above which a worker pool is started (its start-up: ~1-2 s
+# per spawned worker to import onnxruntime and load the model).
+_POOL_MIN_SECONDS = 8.0  # QuantizeLinear/DequantizeLinear with per-channel axis
+
+
+def dynamic_supported() -> bool:
+    """Whether the quantize engine offers per-token dynamic INT8 (``QuantizeConfig.dynamic_nodes``)."""
+    return "dynamic_nodes" in {f.name for f in dataclasses.fields(static.QuantizeConfig)}
 
 
 def int8_quantizer(context: PassContext, calibration_method: str = "mse") -> precision_plan.QuantizeFn:
     """Build the planner's quantize callable: static INT8 of a float clone, given names kept float.
 
     Options as the quantize pass with ``sqnr_samples=0, latency_runs=0`` (plans are measured by
-    the planner) and ``exclude_nodes`` set to the names kept float. Data, target and progress
-    bars come from ``context``; the calibration table is cached in ``context.cache``, so every
-    plan reuses one calibration.
+    the planner) and ``exclude_nodes`` set to the names kept float; the optional third argument
+    names the nodes with dynamic (run-time) activation scales, where the engine has them. Data,
+    target and progress bars come from ``context``; the calibration table is cached in
+    ``context.cache``, so every plan reuses one calibration.
     """
     base = static.QuantizeConfig(sqnr_samples=0, latency_runs=0, calibration_method=calibration_method)  # type: ignore[arg-type]
 
-    def quantize(clone: ir.Model, keep_float: frozenset[str]) -> ir.Model:
-        config = dataclasses.replace(base, exclude_nodes=keep_float)
+    def quantize(clone: ir.Model, keep_float: frozenset[str], dynamic: frozenset[str] = frozenset()) -> ir.Model:
+        extra = {"dynamic_nodes": frozenset(dynamic)} if dynamic else {}
+        config = dataclasses.replace(base, exclude_nodes=keep_float, **extra)
         static.quantize(clone, config, calibration=context.calibration, target=context.target,
                         cache=context.cache, quiet=context.quiet, pass_name="quantize")  # fmt: skip
         return clone
@@ -63,8 +77,9 @@ class MixedConfig:
     """Options of the mixed pass."""
 
     default_min_cosine: float = option(0.99, "budget when the context gives no min_cosine/max_error/metric")
-    plan_feeds: int = option(8, "calibration feeds each plan and each sensitivity run is measured on")
-    eval_feeds: int = option(32, "evaluation feeds the chosen plan is verified on")
+    plan_feeds: int = option(4, "feeds plans are screened on: the smallest of the first 4x as many evaluation (else calibration) feeds")
+    eval_feeds: int = option(32, "evaluation feeds the chosen plan is verified on (a model built for real)")
+    time_budget: float = option(300.0, "seconds of planning; then the best verified plan (context/--time-budget wins)")
     latency_runs: int = option(20, "CPU: interleaved timing runs per plan (0: no latency, no speed guard)")
     calibration_method: str = option("mse", "activation ranges for INT8 (the quantize pass option)")
     sqnr_feeds: int = option(4, "feeds for the cheap SQNR estimate (0: off)")
@@ -78,6 +93,8 @@ class MixedConfig:
         for name in ("plan_feeds", "eval_feeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if self.latency_runs < 0 or self.sqnr_feeds < 0:
             raise ValueError("latency_runs and sqnr_feeds must be >= 0")
         if self.calibration_method not in ("minmax", "percentile", "entropy", "mse"):
@@ -129,7 +146,11 @@ class MixedPass(OptPass[MixedConfig]):
             min_cosine=ctx.min_cosine, max_error=ctx.max_error, metric=ctx.metric, min_metric=ctx.min_metric,
             default_min_cosine=cfg.default_min_cosine,
         )  # fmt: skip
-        calib = list(ctx.calibration.take(cfg.plan_feeds))  # type: ignore[union-attr]
+        deadline = precision_plan.Deadline(ctx.time_budget if ctx.time_budget is not None else cfg.time_budget, t0)
+        spec = trials.parse_workers(ctx.workers)
+        # Screened on a few small feeds of the data the plan is verified on (evaluation, else
+        # calibration): a plan screened on the calibration data the ranges came from is optimistic.
+        calib = _screen_feeds(ctx.evaluation or ctx.calibration, cfg.plan_feeds)  # type: ignore[arg-type]
         evald = list((ctx.evaluation or ctx.calibration).take(cfg.eval_feeds))  # type: ignore[union-attr]
         float_model = model.clone()
         quantize = int8_quantizer(ctx, cfg.calibration_method)
@@ -145,75 +166,106 @@ class MixedPass(OptPass[MixedConfig]):
         planner = precision_plan.Planner(
             float_model, candidates, quantize, budget, ctx.target, calib, evald, unsafe, cfg.latency_runs
         )
-        sens = sensitivity.node_sensitivity(
-            float_model, candidates, lambda m, names: quantize(m, frozenset(candidates) - names),
-            calib, budget, cache=ctx.cache, quiet=ctx.quiet, key="int8",
-        )  # fmt: skip
-        planner.runs += len(candidates)
-        order = sorted(candidates, key=lambda n: -sens[n].loss)
-        sens16: dict[str, sensitivity.Measurement] = {}
-        if ctx.target != "cpu":  # FP16 fallbacks: which of them need FP32 is ranked by FP16 loss
-
-            def lower16(m: ir.Model, names: frozenset[str]) -> ir.Model:
-                float16.convert(m, [n for n in m.graph if n.name in names], pass_name=self.name)
-                return m
-
-            sens16 = sensitivity.node_sensitivity(
-                float_model, candidates, lower16, calib, budget, cache=ctx.cache, quiet=ctx.quiet, key="fp16"
-            )  # fmt: skip
-            planner.runs += len(candidates)
-            planner.fp16_order = sorted(candidates, key=lambda n: -sens16[n].loss)
-        sqnr = {}
+        # The all-float build: the smoothed float model the quantizer starts from (float weights
+        # of the switch graph), and how long one real build takes (time kept for verification).
+        tb = time.perf_counter()
+        smoothed = quantize(float_model.clone(), frozenset(candidates))
+        build_s = time.perf_counter() - tb
+        levels = precision_plan.levels_for(ctx.target, dynamic_supported())
+        screen = screening.build(full, smoothed, candidates, [lv for lv in levels if lv != "fp32"])
+        del smoothed
+        report.count("precision_groups", len(screen.groups))
+        hint = {}
         if cfg.sqnr_feeds:
             table = cached_ranges(
                 float_model, ctx.calibration, None, cfg.calibration_method, cache=ctx.cache, quiet=ctx.quiet,  # type: ignore[arg-type]
             )  # fmt: skip
             sqnr = sensitivity.estimate_sqnr(float_model, candidates, table.ranges, calib[: cfg.sqnr_feeds])
-            agree = sensitivity.rank_agreement({n: -v for n, v in sqnr.items()}, {n: m.loss for n, m in sens.items()})
-            report.note(f"SQNR estimate vs measured sensitivity: Spearman rank correlation {agree:.3f}")
-        fallback, fp32 = planner.search(order)
-        groups = {n.name: _region(n) for n in float_model.graph if n.name in set(candidates)}
+            hint = {g: min(sqnr.get(n, math.inf) for n in names) for g, names in screen.groups.items()}
+        reference = planner.reference("calibration")
+        # Verification: one build and one run on every evaluation feed, twice over (a repair).
+        reserve = 2.0 * (build_s + build_s * len(evald) / max(1, len(calib)))
+        with _runner(ir.to_proto(screen.model).SerializeToString(), calib, reference, budget, spec, screen, report) as runner:
+            result = precision_plan.bounded_search(
+                planner, screen, runner, levels, deadline, hint=hint, reserve=reserve, quiet=ctx.quiet
+            )
+        report.count("screening_trials", result.trials)
+        fallback, fp32, dynamic = result.sets()
         report.record("accuracy plan", non_int8=len(fallback), fallback=sorted(fallback))
-        notes = []
-        if cfg.speed_guard:
-            fallback, notes = planner.speed_guard(fallback, groups)
-        final, model_out = planner.evaluate("chosen", fallback, fp32, data="evaluation")
+        notes = list(result.progress)
+        if result.model is None:  # nothing but FP32 verified: the float model, untouched
+            final, model_out = None, float_model
+            fallback, fp32, dynamic = frozenset(candidates), frozenset(candidates), frozenset()
+        else:
+            final, model_out = result.point, result.model
+            guarded = fallback
+            if cfg.speed_guard and ctx.target == "cpu" and cfg.latency_runs > 0:
+                regions = {n.name: _region(n) for n in float_model.graph if n.name in set(candidates)}
+                cost = (2 + len(set(regions.values()))) * (build_s + 1.0)
+                if deadline.left() > cost and not dynamic:
+                    guarded, guard_notes = planner.speed_guard(fallback, regions)
+                    notes += guard_notes
+                elif not planner._confirm_faster(model_out):
+                    guarded = frozenset(candidates)
+                    notes.append("time budget: no time for the per-region speed guard; the plan was timed "
+                                 "against FP32, was not faster, and the model stays FP32")  # fmt: skip
+            if guarded == frozenset(candidates):
+                final, model_out = None, float_model
+                fallback, fp32, dynamic = guarded, guarded, frozenset()
+            elif guarded != fallback:
+                point, built = planner.evaluate("chosen", guarded, fp32 & guarded, data="evaluation", timed=False)
+                if point.measurement.ok:
+                    final, model_out, fallback = point, built, guarded
+                else:
+                    notes.append("the speed guard's plan missed the budget on the evaluation data: the verified plan is kept")
+        if final is None:  # the input model against itself: a metric budget may still miss
+            ref = planner.reference("evaluation")
+            final = precision_plan.PlanPoint("FP32 (input model)", fallback, fp32, sensitivity.measure(ref, ref, budget),
+                                             "evaluation", _io.serialized_size(float_model), planner.fp32_ms)  # fmt: skip
+        planner.frontier.append(dataclasses.replace(final, label="chosen"))
         model.graph = model_out.graph  # opset imports live on the graph in onnx-ir
+        if result.stopped_early:
+            notes.insert(0, f"time budget of {deadline.seconds:g} s reached: stopped early after "
+                            f"{result.trials} screening trials; best verified plan kept ({'; '.join(result.progress)})")  # fmt: skip
         for note in notes:
             report.note(note)
-        self._report(report, float_model, planner, (sens, sens16, sqnr), fallback, fp32, final, budget)
-        report.note(f"planning took {time.perf_counter() - t0:.2f} s and {planner.runs} model runs")
+        group_of = {n: g for g, names in screen.groups.items() for n in names}
+        sens = {n: result.level_loss[levels[0]][group_of[n]] for n in candidates if group_of[n] in result.level_loss[levels[0]]}
+        level_sens = {lv: {n: v[group_of[n]] for n in candidates if group_of[n] in v}
+                      for lv, v in result.level_loss.items() if lv != levels[0]}  # fmt: skip
+        self._report(report, float_model, planner, sens, level_sens, (fallback, fp32, dynamic), final, budget)
+        report.note(f"planning took {time.perf_counter() - t0:.2f} s, {result.trials} screening trials "
+                    f"on {runner.spec.describe()} and {planner.runs} real model runs")  # fmt: skip
         summary = next(r for r in report.records if r["item"] == SUMMARY)
-        summary.update(model_runs=planner.runs, accuracy_plan_non_int8=len(fallback))
+        summary.update(model_runs=planner.runs, screening_trials=result.trials, accuracy_plan_non_int8=len(fallback),
+                       stopped_early=result.stopped_early, groups=len(screen.groups),
+                       groups_measured=result.groups_measured, workers=runner.spec.describe())  # fmt: skip
         return report
 
-    def _report(self, report, float_model, planner, scores, fallback, fp32, final, budget) -> None:
-        sens, sens16, sqnr = scores
+    def _report(self, report, float_model, planner, sens, level_sens, plan_sets, final, budget) -> None:
+        fallback, fp32, dynamic = plan_sets
         ops = {n.name: n.op_type for n in float_model.graph}
         precision = {}
+        reasons = {"int8": "INT8 within budget", "int8-dynamic": "static INT8 over budget; dynamic INT8",
+                   "fp16": "INT8 over budget; FP16 fallback"}  # fmt: skip
         for name in planner.candidates:
-            p = precision_plan.precision_of(name, fallback, fp32, planner.target)
+            p = precision_plan.precision_of(name, fallback, fp32, planner.target, dynamic)
             precision[name] = p
             if p != "fp32":  # a change; FP32 nodes are counted in the summary record
-                report.count(f"{p}_nodes")
-            if p == "int8":
-                reason = "INT8 within budget"
-            elif p == "fp16":
-                reason = "INT8 over budget; FP16 fallback"
-            else:
-                reason = "FP16 over budget or unsafe range" if planner.target != "cpu" else "INT8 over budget or slower"
-            report.record(
-                name, op=ops.get(name, ""), precision=p, sensitivity=round(sens[name].loss, 8),
-                sqnr_db=round(sqnr[name], 2) if name in sqnr else None, reason=reason,
-                **({"fp16_sensitivity": round(sens16[name].loss, 8)} if name in sens16 else {}),
-            )  # fmt: skip
+                report.count(f"{p.replace('-', '_')}_nodes")
+            reason = reasons.get(p) or (
+                "FP16 over budget or unsafe range" if planner.target != "cpu" else "INT8 over budget or slower"
+            )
+            extra = {f"{lv.replace('-', '_')}_sensitivity": _rounded(v[name]) for lv, v in level_sens.items() if name in v}
+            report.record(name, op=ops.get(name, ""), precision=p, sensitivity=_rounded(sens.get(name)), reason=reason,
+                          **extra)  # fmt: skip
         frontier = [p.to_json() for p in planner.frontier]
         for i, row in enumerate(frontier):
             report.record(f"plan {i}", **row)
         met = final.measurement.ok
         per_precision = collections.Counter(precision.values())
         report.record(
-            SUMMARY, budget_met=bool(met), int8_nodes=per_precision["int8"],
+            SUMMARY, budget_met=bool(met), int8_nodes=per_precision["int8"], int8_dynamic_nodes=per_precision["int8-dynamic"],
             fp16_nodes=per_precision["fp16"], fp32_nodes=per_precision["fp32"],
         )  # fmt: skip
         report.note(
@@ -225,8 +277,48 @@ class MixedPass(OptPass[MixedConfig]):
             report.note(f"CPU latency: FP32 {planner.fp32_ms:.3f} ms, chosen {final.latency_ms:.3f} ms")
         if self.config.plots:
             budget_loss = 1.0 - budget.min_cosine if budget.min_cosine is not None else budget.max_error
-            report.figures.append(mixed_plots.sensitivity_figure({n: m.loss for n, m in sens.items()}, precision, budget_loss))
+            measured = {n: v for n, v in sens.items() if math.isfinite(v)}
+            if measured:
+                report.figures.append(mixed_plots.sensitivity_figure(measured, precision, budget_loss))
             report.figures.append(mixed_plots.frontier_figure(frontier, budget_loss))
+
+
+def _rounded(x: float | None) -> float | None:
+    """8 significant decimals; None for not measured; inf stays (a node that makes non-finite outputs)."""
+    return None if x is None else (round(x, 8) if math.isfinite(x) else x)
+
+
+def _screen_feeds(data, n: int) -> list[dict]:
+    """The ``n`` smallest feeds (by elements) of the first ``4 n``: screening cost follows size."""
+    pool = list(data.take(4 * n))
+    order = sorted(range(len(pool)), key=lambda i: (sum(np.asarray(v).size for v in pool[i].values()), i))
+    return [pool[i] for i in sorted(order[:n])]
+
+
+@contextlib.contextmanager
+def _runner(model_bytes, feeds, reference, budget, spec, screen, report):
+    """Trials in this process when the whole screening would take a few seconds, else on ``spec``.
+
+    One trial is timed in this process; a pool (spawn start, ~1-2 s per worker) pays off only
+    when the estimated serial screening time is well above its start-up. Every mode runs the same
+    single-threaded sessions, so the plan does not depend on this choice.
+    """
+    local = trials.Runner(model_bytes, {"screen": feeds}, {"screen": reference}, budget, trials.WorkerSpec())
+    runner = local
+    try:
+        if spec.kind == "ray" or spec.count > 1:
+            t = time.perf_counter()
+            local.measure("screen", [screen.feed({})])
+            estimate = (time.perf_counter() - t) * 1.5 * (len(screen.groups) + 16)
+            if spec.kind == "ray" or estimate > _POOL_MIN_SECONDS:
+                local.close()
+                runner = trials.Runner(model_bytes, {"screen": feeds}, {"screen": reference}, budget, spec)
+                if runner.note:
+                    report.note(runner.note)
+        yield runner
+    finally:
+        runner.close()
+        local.close()
 
 
 def _region(node: ir.Node) -> str:

@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,6 +68,8 @@ class PlanPoint:
     data: str  # "calibration" or "evaluation"
     size_bytes: int
     latency_ms: float | None = None
+    dynamic: frozenset[str] = frozenset()
+    cut_off: bool = False  # screened as the best plan, but the time budget ended before its verification
 
     def to_json(self) -> dict[str, Any]:
         """A row of the frontier table."""
@@ -74,15 +77,21 @@ class PlanPoint:
             "plan": self.label,
             "non_int8": len(self.fallback),
             "fp32": len(self.fp32),
+            "int8_dynamic": len(self.dynamic),
             "data": self.data,
+            "cut_off": self.cut_off,
             "size_bytes": self.size_bytes,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 4),
             **self.measurement.to_json(),
         }
 
 
-def precision_of(name: str, fallback: frozenset[str], fp32: frozenset[str], target: str) -> str:
+def precision_of(
+    name: str, fallback: frozenset[str], fp32: frozenset[str], target: str, dynamic: frozenset[str] = frozenset()
+) -> str:
     """The precision a candidate node gets under a plan."""
+    if name in dynamic:
+        return "int8-dynamic"
     if name not in fallback:
         return "int8"
     if target == "cpu" or name in fp32:
@@ -129,9 +138,14 @@ class Planner:
             self.runs += 1
         return self._ref[data]
 
-    def build(self, fallback: frozenset[str], fp32: frozenset[str] = frozenset()) -> ir.Model:
-        """The model of a plan: INT8 except ``fallback``; FP16 fallbacks on GPU targets."""
-        model = self.quantize(self.model.clone(), fallback)
+    def build(
+        self, fallback: frozenset[str], fp32: frozenset[str] = frozenset(), dynamic: frozenset[str] = frozenset()
+    ) -> ir.Model:
+        """The model of a plan: INT8 except ``fallback``; ``dynamic`` INT8 with run-time scales; FP16 fallbacks on GPU targets."""
+        if dynamic:
+            model = self.quantize(self.model.clone(), fallback, dynamic)  # type: ignore[call-arg]
+        else:
+            model = self.quantize(self.model.clone(), fallback)
         if self.target != "cpu":
             keep = fp32 | self.fp16_unsafe
             lower = [n for n in model.graph if n.name not in keep and _is_float_compute(n)]
@@ -139,15 +153,22 @@ class Planner:
         return model
 
     def evaluate(
-        self, label: str, fallback: frozenset[str], fp32: frozenset[str] = frozenset(), data: str = "calibration"
+        self,
+        label: str,
+        fallback: frozenset[str],
+        fp32: frozenset[str] = frozenset(),
+        data: str = "calibration",
+        dynamic: frozenset[str] = frozenset(),
+        timed: bool = True,
     ) -> tuple[PlanPoint, ir.Model]:
-        """Build, run and record a plan."""
-        model = self.build(fallback, fp32)
+        """Build, run and record a plan (CPU latency too when ``timed``)."""
+        model = self.build(fallback, fp32, dynamic)
         feeds = self.calib if data == "calibration" else self.evald
         m = sensitivity.measure(self.reference(data), sensitivity.run_outputs(model, feeds), self.budget)
         self.runs += 1
         size = _io.serialized_size(model)
-        point = PlanPoint(label, fallback, fp32 & fallback, m, data, size, self.latency(model))
+        latency = self.latency(model) if timed else None
+        point = PlanPoint(label, fallback, fp32 & fallback, m, data, size, latency, dynamic)
         self.frontier.append(point)
         logger.debug("plan %s: %d fallbacks, loss %.4g, ok=%s", label, len(fallback), m.loss, m.ok)
         return point, model
@@ -340,3 +361,316 @@ def greedy_search(planner: Planner, *, max_steps: int | None = None) -> tuple[fr
     runs = planner.runs - runs_before
     return fallback, runs, point.measurement.ok
 
+
+
+# --- Bounded search on the screening graph ------------------------------------------------------
+
+LEVELS = ("int8", "int8-dynamic", "fp16", "fp32")  # most compressed first
+
+
+def levels_for(target: str, dynamic: bool) -> tuple[str, ...]:
+    """The ordered precision levels a node may take: INT8 first, FP32 last.
+
+    ``int8-dynamic`` only where the quantize engine offers it (``dynamic``); ``fp16`` only off
+    the CPU (FP16 is a GPU format; most CPUs run it slower than FP32).
+    """
+    out = ["int8"]
+    if dynamic:
+        out.append("int8-dynamic")
+    if target != "cpu":
+        out.append("fp16")
+    out.append("fp32")
+    return tuple(out)
+
+
+@dataclasses.dataclass
+class Deadline:
+    """A wall-clock budget in seconds, started at construction."""
+
+    seconds: float
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        """Seconds left (negative once over)."""
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return time.perf_counter() - self.start
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What :func:`bounded_search` chose and how far it got."""
+
+    plan: dict[str, str]  # candidate node -> level
+    point: PlanPoint | None  # the verified plan's measurement on the evaluation data (None: FP32 kept)
+    model: ir.Model | None  # its model (None: FP32 kept)
+    sensitivity: dict[str, float]  # group -> screened loss at the lowest level (inf: not measured)
+    stopped_early: bool
+    progress: list[str]  # phases finished, and the one cut off
+    trials: int  # screening trials run
+    groups_measured: int
+    level_loss: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # level -> group -> loss
+
+    def sets(self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        """(fallback: not INT8 static nor dynamic, fp32, int8-dynamic) node sets."""
+        return _sets(self.plan)
+
+
+class _Screen:
+    """Screening trials of group plans through a runner; records every plan in the frontier."""
+
+    def __init__(self, planner: Planner, screen: Any, runner: Any, bar: Any) -> None:
+        self.planner, self.screen, self.runner, self.bar = planner, screen, runner, bar
+        self.trials = 0
+
+    def node_plan(self, assign: Mapping[str, str]) -> dict[str, str]:
+        return {n: assign.get(g, "fp32") for g, names in self.screen.groups.items() for n in names}
+
+    def run(self, labelled: Sequence[tuple[str, Mapping[str, str]]], record: bool = True) -> list[Measurement]:
+        switches = [self.screen.feed(a) for _, a in labelled]
+        results = self.runner.measure("screen", switches)
+        self.trials += len(labelled)
+        self.bar.update(len(labelled))
+        if record:
+            for (label, assign), m in zip(labelled, results, strict=True):
+                fallback, fp32, dynamic = _sets(self.node_plan(assign))
+                self.planner.frontier.append(PlanPoint(label, fallback, fp32, m, "screen", 0, None, dynamic))
+        return results
+
+
+def _bisect(lo: int, hi: int, probe: Any, width: int, alive: Any) -> tuple[int, bool]:
+    """Smallest k in (lo, hi] where ``probe`` holds (it holds at hi, not at lo), as binary search does.
+
+    Speculative: each round evaluates the mids of the next levels of the binary-search tree that
+    fit in ``width`` parallel trials, then walks them; the answer is the serial answer for any
+    width. Returns (k, finished) -- finished is False when ``alive()`` stopped it (k: best so far).
+    """
+    depth = max(1, int(math.log2(width + 1)))
+    while hi - lo > 1:
+        if not alive():
+            return hi, False
+        mids: list[int] = []
+        frontier = [(lo, hi)]
+        for _ in range(depth):
+            nxt = []
+            for a, b in frontier:
+                if b - a > 1:
+                    m = (a + b) // 2
+                    mids.append(m)
+                    nxt += [(a, m), (m, b)]
+            frontier = nxt
+        results = dict(zip(mids, probe(mids), strict=True))
+        for _ in range(depth):
+            if hi - lo <= 1:
+                break
+            m = (lo + hi) // 2
+            if m not in results:
+                break
+            if results[m]:
+                hi = m
+            else:
+                lo = m
+    return hi, True
+
+
+def bounded_search(
+    planner: Planner,
+    screen: Any,
+    runner: Any,
+    levels: Sequence[str],
+    deadline: Deadline,
+    *,
+    hint: Mapping[str, float] | None = None,
+    reserve: float = 0.0,
+    quiet: bool = True,
+) -> SearchResult:
+    """Plan per group on the screening graph within ``deadline``; verify on a real build.
+
+    1. full INT8 screened; per-group sensitivity (group alone at the lowest level), most
+       ``hint``-sensitive first (SQNR estimate), for as long as 40 % of the time left allows;
+    2. per level, bisect how many of the most sensitive groups move up one level (screen);
+    3. prune: each raised group, least sensitive first, tries one level down (screen);
+    4. verify on the evaluation data with a model built for real; if it misses, bisect (real
+       builds) how many more of the most sensitive lowest-level groups move up.
+
+    Parallel trials are speculative (binary-search tree levels, greedy look-ahead), so the plan
+    equals the serial one whenever the budget does not cut the search. ``reserve`` seconds are
+    kept for verification builds. FP32 is the fallback plan, valid by construction.
+    """
+    from tqdm.auto import tqdm
+
+    groups = list(screen.groups)
+    width = max(1, runner.workers)
+    low, top = levels[0], levels[-1]
+    progress: list[str] = []
+    stopped = False
+    est = 1 + len(groups) + 2 * max(1, math.ceil(math.log2(len(groups) + 1))) + len(groups) // 4
+    bar = tqdm(total=est, desc="mixed: screening", unit="trial", disable=quiet, leave=False)
+    scr = _Screen(planner, screen, runner, bar)
+
+    def alive() -> bool:
+        bar.set_postfix_str(f"budget left {max(0.0, deadline.left() - reserve):.0f} s", refresh=False)
+        return deadline.left() > reserve
+
+    # 1. full INT8, then sensitivity per group.
+    full = {g: low for g in groups}
+    t0 = time.perf_counter()
+    (full_m,) = scr.run([(f"full {low.upper()}", full)])
+    trial_s = time.perf_counter() - t0
+    loss = dict.fromkeys(groups, math.inf)
+    rank = sorted(groups, key=lambda g: (hint or {}).get(g, 0.0))  # hint: higher is safer (SQNR dB)
+    # Measured even when full INT8 screens fine: a verification miss still needs the order.
+    share = 0.4 * max(0.0, deadline.left() - reserve)
+    affordable = len(groups) if trial_s <= 0 else int(share / trial_s * width)
+    todo = rank[: max(0, affordable)]
+    bar.set_description("mixed: sensitivity")
+    alone = _alone(scr, todo, low, width, alive)
+    loss.update(alone)
+    measured = len(alone)
+    progress.append(f"sensitivity of {measured} of {len(groups)} groups")
+    if measured < len(groups):
+        note = "time budget" if measured < len(todo) else "40 % of the time budget"
+        progress[-1] += f" (the rest ranked by the SQNR estimate: {note})"
+    # Measured groups by loss (non-finite first); the unmeasured after them, in estimate order.
+    pos = {g: i for i, g in enumerate(rank)}
+    order = sorted(alone, key=lambda g: (-loss[g], pos[g])) + [g for g in rank if g not in alone]
+
+    # 2. per level, bisect the number of most sensitive groups that move up one level.
+    assign = dict(full)
+    ok = full_m.ok
+    level_loss: dict[str, dict[str, float]] = {low: alone}
+    best_screen: dict[str, str] | None = dict(assign) if ok else None
+    for li in range(len(levels) - 1):
+        if ok:
+            break
+        cur, nxt = levels[li], levels[li + 1]
+        movable = [g for g in order if assign[g] == cur]
+        if not movable:
+            continue
+        if not alive():
+            stopped = True
+            break
+        if li > 0:  # rank the raised groups by their own loss at this level (FP16 on GPU targets)
+            bar.set_description(f"mixed: sensitivity {cur}")
+            level_loss[cur] = _alone(scr, movable, cur, width, alive)
+            movable.sort(key=lambda g: -level_loss[cur].get(g, math.inf))
+        bar.set_description(f"mixed: {cur} -> {nxt}")
+
+        def plan_k(k: int, movable=movable, nxt=nxt) -> dict[str, str]:
+            return {**assign, **{g: nxt for g in movable[:k]}}
+
+        (all_m,) = scr.run([(f"top {len(movable)} {nxt}", plan_k(len(movable)))])
+        if not all_m.ok:
+            assign = plan_k(len(movable))
+            continue
+        k, done = _bisect(
+            0, len(movable),
+            lambda ks, pk=plan_k, nxt=nxt: [m.ok for m in scr.run([(f"top {k} {nxt}", pk(k)) for k in ks])],
+            width, alive,
+        )  # fmt: skip
+        assign, ok = plan_k(k), True
+        best_screen = dict(assign)
+        progress.append(f"{cur} -> {nxt}: {k} of {len(movable)} groups")
+        if not done:
+            stopped = True
+            progress[-1] += " (bisection cut off by the time budget)"
+            break
+
+    # Groups left at an intermediate level: their loss there, for the report (and the order of a repair).
+    for lv in levels[1:-1]:
+        at = [g for g in order if assign[g] == lv and g not in level_loss.get(lv, {})]
+        if at and alive():
+            level_loss.setdefault(lv, {}).update(_alone(scr, at, lv, width, alive))
+
+    # 3. prune: raised groups, least sensitive first, one level down while the screen holds.
+    if ok and not stopped and best_screen is not None:
+        bar.set_description("mixed: prune")
+        raised = [g for g in reversed(order) if levels.index(assign[g]) > 0]
+        i, given_back = 0, 0
+        while i < len(raised):
+            if not alive():
+                stopped = True
+                break
+            batch = raised[i : i + width]
+            trials = [(f"prune {g}", {**assign, g: levels[levels.index(assign[g]) - 1]}) for g in batch]
+            results = scr.run(trials)
+            i += len(batch)
+            for j, m in enumerate(results):
+                if m.ok:
+                    assign = trials[j][1]
+                    given_back += 1
+                    i = i - len(batch) + j + 1
+                    break
+        best_screen = dict(assign)
+        progress.append(f"prune: {given_back} of {len(raised)} raised groups given back"
+                        + (" (cut off by the time budget)" if stopped else ""))  # fmt: skip
+    bar.close()
+
+    # 4. verify on a real build (all evaluation feeds); repair by bisection if it misses.
+    result_point: PlanPoint | None = None
+    result_model: ir.Model | None = None
+    final_plan = {n: top for names in screen.groups.values() for n in names}
+    if best_screen is not None and any(lv != top for lv in best_screen.values()):
+        fallback, fp32, dynamic = _sets(scr.node_plan(best_screen))
+        point, model = planner.evaluate("verify", fallback, fp32, "evaluation", dynamic, timed=False)
+        if point.measurement.ok:
+            result_point, result_model, final_plan = point, model, scr.node_plan(best_screen)
+            progress.append("verified on the evaluation data")
+        else:
+            progress.append("the screened plan missed the budget on the evaluation data: repair")
+            lowest = [g for g in order if best_screen[g] == low]
+
+            def real(k: int) -> tuple[PlanPoint, ir.Model, dict[str, str]]:
+                a = {**best_screen, **{g: levels[1] for g in lowest[:k]}}  # type: ignore[dict-item]
+                f, f32, d = _sets(scr.node_plan(a))
+                p, m = planner.evaluate(f"verify: +{k} raised", f, f32, "evaluation", d, timed=False)
+                return p, m, scr.node_plan(a)
+
+            lo, hi = 0, len(lowest)
+            found = None
+            if lowest and deadline.left() > 0:
+                p, m, plan = real(hi)
+                found = (p, m, plan) if p.measurement.ok else None  # None: even all raised misses
+            while found is not None and hi - lo > 1:
+                if deadline.left() <= 0:
+                    stopped = True
+                    progress.append("repair cut off by the time budget")
+                    break
+                mid = (lo + hi) // 2
+                p, m, plan = real(mid)
+                if p.measurement.ok:
+                    found, hi = (p, m, plan), mid
+                else:
+                    lo = mid
+            if found is not None:
+                result_point, result_model, final_plan = found
+    elif best_screen is not None:
+        progress.append("no group can leave FP32 within the budget")
+    if best_screen is not None and result_point is None and stopped:
+        f, f32, d = _sets(scr.node_plan(best_screen))
+        planner.frontier.append(PlanPoint("best screened (not verified: time budget)", f, f32,
+                                          Measurement(math.nan, math.nan, math.nan, None, 0, False),
+                                          "screen", 0, None, d, cut_off=True))  # fmt: skip
+    return SearchResult(final_plan, result_point, result_model, {g: loss[g] for g in groups}, stopped,
+                        progress, scr.trials, measured, level_loss)  # fmt: skip
+
+
+def _alone(scr: _Screen, todo: Sequence[str], level: str, width: int, alive: Any) -> dict[str, float]:
+    """Screened loss of each group alone at ``level`` (the rest FP32), in batches while ``alive()``."""
+    out: dict[str, float] = {}
+    for i in range(0, len(todo), 4 * width):
+        if not alive():
+            break
+        batch = todo[i : i + 4 * width]
+        for g, m in zip(batch, scr.run([(f"{g} alone {level}", {g: level}) for g in batch], record=False), strict=True):
+            out[g] = m.loss
+    return out
+
+
+def _sets(plan: Mapping[str, str]) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    fallback = frozenset(n for n, lv in plan.items() if lv in ("fp16", "fp32"))
+    fp32 = frozenset(n for n, lv in plan.items() if lv == "fp32")
+    dynamic = frozenset(n for n, lv in plan.items() if lv == "int8-dynamic")
+    return fallback, fp32, dynamic

@@ -107,7 +107,7 @@ def test_budget_full_int8_misses_is_met_and_reported(rng):
     assert frontier[0]["plan"] == "full INT8"
     assert not all(r["ok"] for r in frontier if r["non_int8"] == 0)  # INT8 alone misses somewhere
     assert frontier[-1]["plan"] == "chosen" and frontier[-1]["ok"]
-    assert _summary(report)["model_runs"] >= len(plan)
+    assert _summary(report)["screening_trials"] >= _summary(report)["groups"]  # each group screened alone
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
     ops = collections.Counter(n.op_type for n in result.model.graph)
     assert ops["DequantizeLinear"] > 0
@@ -148,7 +148,9 @@ def test_cuda_target_falls_back_to_fp16(rng):
     report = result.reports[0]
     precisions = {r["precision"] for r in report.records if "precision" in r}
     assert "fp16" in precisions and _summary(report)["budget_met"] is True
-    assert all(r["fp16_sensitivity"] >= 0 for r in report.records if "precision" in r)
+    # FP16 sensitivity is screened for the groups that left INT8 (they are ranked by it).
+    raised = [r for r in report.records if r.get("precision") in ("fp16", "fp32")]
+    assert raised and all(r["fp16_sensitivity"] >= 0 for r in raised)
     dtypes = {v.const_value.dtype for v in result.model.graph.initializers.values() if v.const_value is not None}
     assert ir.DataType.FLOAT16 in dtypes and ir.DataType.INT8 in dtypes
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
@@ -160,7 +162,8 @@ def test_cpu_speed_guard_measures_latency(rng):
     result = run_mixed(mlp(rng), ctx, latency_runs=5)
     report = result.reports[0]
     frontier = [r for r in report.records if str(r["item"]).startswith("plan ")]
-    assert all(r["latency_ms"] is not None and r["latency_ms"] > 0 for r in frontier)
+    timed = [r for r in frontier if r["data"] == "calibration"]  # real builds of the speed guard
+    assert timed and all(r["latency_ms"] is not None and r["latency_ms"] > 0 for r in timed)
     assert any(n.startswith("CPU latency: FP32") for n in report.notes)
 
 

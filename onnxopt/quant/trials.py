@@ -1,0 +1,202 @@
+"""Run plan trials on the screening graph: in this process, on a local process pool, or on Ray.
+
+Every worker loads the screening model, the feeds and the reference outputs once (a process
+pool's initializer; Ray: one object-store copy handed to each actor); a trial ships only its
+boolean switches and returns a :class:`~onnxopt.quant.sensitivity.Measurement`. Sessions run
+with one intra-op thread in every mode, so a trial's numbers do not depend on the mode or the
+number of workers: the planner's decisions, and so its plan, are the same serial or parallel.
+Trial-level parallelism is used instead of onnxruntime's intra-op threads because screening
+runs many small independent jobs, which split across cores with no synchronisation.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from onnxopt.errors import OnnxOptError
+from onnxopt.quant.sensitivity import Budget, Measurement, measure
+from onnxopt.runtime import sessions
+
+__all__ = ["Runner", "WorkerSpec", "cpu_count", "make_runner", "parse_workers"]
+
+Feeds = list[dict[str, np.ndarray]]
+Outputs = list[dict[str, np.ndarray]]
+Switches = dict[str, np.ndarray]
+
+_RAY_HINT = "pip install 'onnxopt[ray]'"
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """Where trials run: ``local`` processes (``count``; 1 = this process) or ``ray`` (``address``)."""
+
+    kind: str = "local"
+    count: int = 1
+    address: str | None = None
+
+    def describe(self) -> str:
+        """``2 local workers``, ``ray (local)``, ``ray at ray://host:10001``."""
+        if self.kind == "ray":
+            return f"ray at {self.address}" if self.address else "ray (local)"
+        return "in process" if self.count <= 1 else f"{self.count} local worker processes"
+
+
+def parse_workers(spec: int | str | None) -> WorkerSpec:
+    """``None``/"" (all cores), ``N``, ``"ray"`` or ``"ray://HOST:PORT"`` -> WorkerSpec.
+
+    Raises:
+        ValueError: anything else (one line naming the value).
+    """
+    if spec is None or spec == "":
+        return WorkerSpec("local", cpu_count())
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        n = int(spec)
+        if n < 1:
+            raise ValueError(f"workers must be >= 1, 'ray' or 'ray://HOST:PORT', got {spec!r}")
+        return WorkerSpec("local", n)
+    text = str(spec).strip()
+    if text == "ray":
+        return WorkerSpec("ray")
+    if text.startswith("ray://") and len(text) > len("ray://"):
+        return WorkerSpec("ray", address=text)
+    raise ValueError(f"workers must be a number, 'ray' or 'ray://HOST:PORT', got {spec!r}")
+
+
+class _Worker:
+    """One session on the screening model with the feeds and references of each data set."""
+
+    def __init__(self, model: bytes, feeds: Mapping[str, Feeds], refs: Mapping[str, Outputs], budget: Budget) -> None:
+        self.handle = sessions.make_session(model, threads=1, opt_level="basic")
+        self.feeds = feeds
+        self.refs = refs
+        self.budget = budget
+
+    def run(self, data: str, switches: Switches) -> Measurement:
+        outs = [self.handle.run({**feed, **switches}) for feed in self.feeds[data]]
+        return measure(self.refs[data], outs, self.budget)
+
+
+_WORKER: _Worker | None = None  # the pool process's worker (set by its initializer)
+
+
+def _init(model: bytes, feeds: Mapping[str, Feeds], refs: Mapping[str, Outputs], budget: Budget) -> None:
+    global _WORKER  # noqa: PLW0603 -- one worker per pool process, built once
+    _WORKER = _Worker(model, feeds, refs, budget)
+
+
+def _run(task: tuple[str, Switches]) -> Measurement:
+    assert _WORKER is not None
+    return _WORKER.run(*task)
+
+
+class Runner:
+    """Runs batches of trials; results in submission order, the same in every mode."""
+
+    def __init__(
+        self,
+        model: bytes,
+        feeds: Mapping[str, Feeds],
+        refs: Mapping[str, Outputs],
+        budget: Budget,
+        spec: WorkerSpec,
+    ) -> None:
+        self.spec = spec
+        self.note = ""
+        self._local: _Worker | None = None
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._ray: Any = None
+        self._ray_started = False
+        args = (model, dict(feeds), dict(refs), budget)
+        if spec.kind != "local" or spec.count > 1:
+            try:
+                pickle.dumps(budget)
+            except (pickle.PicklingError, AttributeError, TypeError) as err:
+                self.note = f"trials run in this process: the budget's metric cannot be sent to workers ({err})"
+                self.spec = WorkerSpec("local", 1)
+        if self.spec.kind == "ray":
+            self._start_ray(args)
+        elif self.spec.count > 1:
+            # spawn, not fork: onnxruntime's thread pools in this process do not survive a fork.
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.spec.count, ctx, initializer=_init, initargs=args)
+        else:
+            self._local = _Worker(*args)
+
+    @property
+    def workers(self) -> int:
+        """How many trials run at once."""
+        if self._ray is not None:
+            return len(self._ray[1])
+        return self.spec.count if self._pool is not None else 1
+
+    def _start_ray(self, args: tuple) -> None:
+        try:
+            import ray
+        except ImportError as err:
+            raise OnnxOptError(f"--workers ray needs Ray: {_RAY_HINT}") from err
+        if not ray.is_initialized():
+            if self.spec.address:
+                ray.init(address=self.spec.address, ignore_reinit_error=True, logging_level="ERROR")
+            else:
+                ray.init(num_cpus=cpu_count(), include_dashboard=False, ignore_reinit_error=True,
+                         logging_level="ERROR", log_to_driver=False)  # fmt: skip
+            self._ray_started = True
+        n = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        refs = [ray.put(a) for a in args]  # one object-store copy, read by every actor
+        actor = ray.remote(num_cpus=1)(_Worker)
+        actors = [actor.remote(*refs) for _ in range(n)]
+        self._ray = (ray, actors)
+
+    def measure(self, data: str, trials: Sequence[Switches]) -> list[Measurement]:
+        """Measure each trial's switches on the data set ``data`` ("screen", ...)."""
+        tasks = [(data, t) for t in trials]
+        if self._local is not None:
+            return [self._local.run(*t) for t in tasks]
+        if self._pool is not None:
+            return list(self._pool.map(_run, tasks))
+        ray, actors = self._ray
+        futures = [actors[i % len(actors)].run.remote(*t) for i, t in enumerate(tasks)]
+        return list(ray.get(futures))
+
+    def close(self) -> None:
+        """Stop the workers (and a Ray runtime this runner started)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        if self._ray is not None:
+            ray, actors = self._ray
+            for a in actors:
+                ray.kill(a)
+            if self._ray_started:
+                ray.shutdown()
+            self._ray = None
+        self._local = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_runner(
+    model: bytes, feeds: Mapping[str, Feeds], refs: Mapping[str, Outputs], budget: Budget, spec: WorkerSpec
+) -> Runner:
+    """A :class:`Runner` (the model is serialized once, by the caller)."""
+    return Runner(model, feeds, refs, budget, spec)
