@@ -11,6 +11,18 @@ it) unless ``--min-cosine`` is given; then
   per-pair ratios) of FP32, full INT8 and the mixed model; the output cosine of each.
 
     python benchmarks/bench_mixed.py [--models digits_cnn,digits_transformer,cls] [--json OUT]
+
+At scale (issue 17), ``--scale``:
+
+* ``trial rate``: trials per second of a plan trial built for real (quantize a clone keeping the
+  other groups float, new session, run) -- what every trial cost before -- against one
+  ``session.run`` of the switch graph (:mod:`onnxopt.quant.screening`), same feeds, same plans;
+* ``workers``: one batch of screening trials (every group alone at INT8) on 1 and on 2 worker
+  processes: seconds and whether every measurement is identical;
+* ``mixed``: the recipe on PP-OCR det / rec / cls with ``--time-budget`` and ``--workers``:
+  wall time, whether it stopped early, nodes per precision, held-out cosine, latency vs FP32.
+
+    python benchmarks/bench_mixed.py --scale [--scale-models digits_transformer,det,rec] [--time-budget 300]
 """
 
 from __future__ import annotations
@@ -116,6 +128,123 @@ def run_one(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Path
     return row
 
 
+def _scale_sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path]]:
+    out = {"digits_transformer": sources()["digits_transformer"]}
+    try:
+        from onnxopt.testing import ocr_data
+
+        paths = ocr_data.model_paths()
+    except (ImportError, FileNotFoundError) as err:
+        print(f"PP-OCR models unavailable: {err}")
+        return out
+    nf = pathlib.Path("/tmp/nf")
+    out["det"] = (paths["det"], nf / "ocr" / "det", nf / "ocr" / "eval_det")
+    out["cls"] = (paths["cls"], nf / "ocr" / "cls", nf / "ocr" / "eval_cls")
+    if "rec" in paths:
+        out["rec"] = (paths["rec"], nf / "ocr_rec" / "rec", nf / "ocr_rec" / "eval_rec")
+    return out
+
+
+def _screen_setup(model_path: pathlib.Path, calib, evald, plan_feeds: int):
+    """The mixed pass's own set-up: simplified, named float model, quantizer, switch graph, feeds."""
+    from onnxopt.passes import mixed
+
+    from onnxopt import _ir_utils
+    from onnxopt.quant import screening
+
+    ctx = PassContext(calibration=calib, evaluation=evald, quiet=True)
+    base = pipeline.run(_io.load_model(model_path), [make("simplify", {}, ctx)]).model
+    _ir_utils.upgrade_opset(base, 13)
+    precision_plan.name_nodes(base)
+    quantize = int8_quantizer(ctx)
+    full = quantize(base.clone(), frozenset())
+    candidates = precision_plan.quantized_nodes(full)
+    smoothed = quantize(base.clone(), frozenset(candidates))
+    screen = screening.build(full, smoothed, candidates)
+    feeds = mixed._screen_feeds(evald, plan_feeds)
+    return base, quantize, candidates, screen, feeds
+
+
+def run_scale(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
+    from onnxopt.quant import trials
+
+    model_path, calib_path, eval_path = paths
+    ref = _io.load_model(model_path)
+    sig = _data.input_signature(ref)
+    calib = _data.load_data(calib_path, sig)
+    evald = _data.load_data(eval_path, sig)
+    row: dict[str, Any] = {"model": name}
+    t0 = time.perf_counter()
+    base, quantize, candidates, screen, feeds = _screen_setup(model_path, calib, evald, args.plan_feeds)
+    row.update(setup_seconds=round(time.perf_counter() - t0, 1), candidates=len(candidates), groups=len(screen.groups),
+               switched_inputs=screen.switched_inputs, screen_feeds=len(feeds))  # fmt: skip
+    budget = sensitivity.Budget(min_cosine=0.0)
+    reference = sensitivity.run_outputs(base, feeds)
+    groups = list(screen.groups)
+    # Trial rate: the same plans (group g alone INT8) both ways.
+    picks = groups[:: max(1, len(groups) // args.rate_trials)][: args.rate_trials]
+    t0 = time.perf_counter()
+    before = []
+    for g in picks[: args.rebuild_trials]:
+        built = quantize(base.clone(), frozenset(candidates) - frozenset(screen.groups[g]))
+        before.append(sensitivity.measure(reference, sensitivity.run_outputs(built, feeds), budget))
+    rebuild_s = (time.perf_counter() - t0) / len(before)
+    data_bytes = _io.serialized_size(screen.model)
+    with trials.Runner(ir_bytes(screen.model), {"screen": feeds}, {"screen": reference}, budget, trials.WorkerSpec()) as r:
+        r.measure("screen", [screen.feed({})])  # warm-up
+        t0 = time.perf_counter()
+        after = r.measure("screen", [screen.feed({g: "int8"}) for g in picks])
+        screen_s = (time.perf_counter() - t0) / len(picks)
+    row["trial_rate"] = {
+        "rebuild_trials_per_s": round(1 / rebuild_s, 3), "screen_trials_per_s": round(1 / screen_s, 3),
+        "speedup": round(rebuild_s / screen_s, 1), "screen_model_bytes": data_bytes,
+        "max_cosine_gap_screen_vs_real": max(abs(a.cosine - b.cosine) for a, b in zip(after, before, strict=False)),
+    }  # fmt: skip
+    print(json.dumps(row, default=str), flush=True)
+    # Workers: one batch of trials on 1 and on 2 processes (after the pool is up: start-up apart).
+    if args.worker_trials:
+        batch = [screen.feed({g: "int8"}) for g in groups[: args.worker_trials]]
+        timing = {}
+        results = {}
+        for n in (1, 2):
+            with trials.Runner(ir_bytes(screen.model), {"screen": feeds}, {"screen": reference}, budget,
+                               trials.WorkerSpec("local", n)) as r:  # fmt: skip
+                r.measure("screen", [screen.feed({})] * n)  # workers up and warm
+                t0 = time.perf_counter()
+                results[n] = r.measure("screen", batch)
+                timing[n] = time.perf_counter() - t0
+        row["workers"] = {"trials": len(batch), "seconds_1": round(timing[1], 2), "seconds_2": round(timing[2], 2),
+                          "speedup_2_vs_1": round(timing[1] / timing[2], 2),
+                          "identical": [m.loss for m in results[1]] == [m.loss for m in results[2]]}  # fmt: skip
+        print(json.dumps(row["workers"]), flush=True)
+    # The recipe itself, as a user runs it.
+    if args.run_mixed:
+        out = tmp / f"{name}.mixed.onnx"
+        t0 = time.perf_counter()
+        result = onnxopt.optimize(model_path, out, recipe="mixed", calibration=calib, evaluation=evald,
+                                  min_cosine=args.min_cosine or 0.995, target="cpu", quiet=True,
+                                  time_budget=args.time_budget, workers=args.workers)  # fmt: skip
+        rep = next(r for r in result.reports if r.pass_name == "mixed")
+        summary = next((x for x in rep.records if x["item"] == "summary"), {})
+        held = list(evald)[args.plan_feeds * 4 :] or list(evald)  # past the screening pool
+        mixed_model = _io.load_model(out)
+        m = sensitivity.measure(sensitivity.run_outputs(ref, held), sensitivity.run_outputs(mixed_model, held),
+                                sensitivity.Budget(min_cosine=args.min_cosine or 0.995))  # fmt: skip
+        _, ratio = latency.paired_ratio(ref, mixed_model, held[0], args.latency_runs)
+        row["mixed"] = {"seconds": round(time.perf_counter() - t0, 1), "status": rep.status,
+                        "summary": summary, "notes": rep.notes, "heldout_feeds": len(held),
+                        "heldout_cosine": round(m.cosine, 6), "heldout_ok": m.ok,
+                        "latency_ratio_vs_fp32": round(ratio, 3), "final_validation_passed": result.passed}  # fmt: skip
+        print(json.dumps(row["mixed"], default=str), flush=True)
+    return row
+
+
+def ir_bytes(model) -> bytes:
+    import onnx_ir as ir
+
+    return ir.to_proto(model).SerializeToString()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits_cnn,digits_transformer")
@@ -125,8 +254,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-greedy-steps", type=int, default=None)
     parser.add_argument("--no-greedy", action="store_true")
     parser.add_argument("--json", type=pathlib.Path, default=None)
+    parser.add_argument("--scale", action="store_true", help="issue 17: trial rate, workers, mixed on PP-OCR")
+    parser.add_argument("--scale-models", default="digits_transformer,det")
+    parser.add_argument("--plan-feeds", type=int, default=4)
+    parser.add_argument("--rate-trials", type=int, default=8)
+    parser.add_argument("--rebuild-trials", type=int, default=3)
+    parser.add_argument("--worker-trials", type=int, default=16)
+    parser.add_argument("--run-mixed", action="store_true")
+    parser.add_argument("--time-budget", type=float, default=None)
+    parser.add_argument("--workers", default=None)
     args = parser.parse_args(argv)
     rows = []
+    if args.scale:
+        srcs = _scale_sources()
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.scale_models.split(","):
+                rows.append(run_scale(name, srcs[name], args, pathlib.Path(tmp)))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1, default=str))
+        return 0
     all_sources = sources()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
