@@ -1,12 +1,16 @@
 """Mixed precision: INT8 where the budget allows, FP16/FP32 fallback where it does not.
 
-Per quantizable node the plan picks INT8, FP16 (cuda/tensorrt targets) or FP32, so that the
-model's outputs meet the accuracy budget of the context (``--min-cosine``, ``--max-error``, or a
-Python metric with ``min_metric``) with as few fallbacks as the search finds; on the CPU target
-INT8 regions measured slower than float are put back to float, and if no INT8 plan beats FP32
-the model stays FP32. The search is :mod:`onnxopt.quant.planner`; the INT8 models are built by
+Per quantizable node the plan picks INT8, FP16 (cuda/tensorrt targets) or FP32 (and dynamic
+INT8 where the quantize engine offers ``dynamic_nodes``), so that the model's outputs meet the
+accuracy budget of the context (``--min-cosine``, ``--max-error``, or a Python metric with
+``min_metric``) with as few fallbacks as the search finds; on the CPU target INT8 regions
+measured slower than float are put back to float, and if no INT8 plan beats FP32 the model stays
+FP32. Plans are screened on one onnxruntime session of a switch graph
+(:mod:`onnxopt.quant.screening`), on ``--workers`` (:mod:`onnxopt.quant.trials`), within
+``--time-budget`` seconds, and the chosen one is verified on a model built for real by
 :func:`onnxopt.quant.static.quantize` (the quantize pass's engine, handed to the planner as a
-callable by :func:`int8_quantizer`), FP16 by :mod:`onnxopt.quant.float16`.
+callable by :func:`int8_quantizer`); FP16 by :mod:`onnxopt.quant.float16`. The search is
+:func:`onnxopt.quant.planner.bounded_search`.
 """
 
 from __future__ import annotations
@@ -110,8 +114,12 @@ class MixedPass(OptPass[MixedConfig]):
     Preserves: graph input/output names, dtypes and shapes.
     Guarantees: the chosen model is built and measured on the evaluation data (or calibration
         data) in onnxruntime; whether it meets the budget is in the report (a note and the
-        ``budget_met`` count), with every plan tried (the frontier), the number of model runs
-        and the planning time. CPU target: the chosen plan was measured no slower than FP32.
+        ``budget_met`` count), with every plan tried (the frontier: screened and built ones,
+        and the best screened plan the time budget cut off before verification), the number
+        of screening trials and model runs, and the planning time. Within the time budget
+        (the set-up -- calibration, one full-INT8 build -- comes first and is not cut) it
+        returns the best verified plan, at worst the FP32 model, and says where it stopped.
+        CPU target: the chosen plan was measured no slower than FP32.
     Not exact: error is bounded by the budget when ``budget_met``; otherwise it is the best found.
     """
 

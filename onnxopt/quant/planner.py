@@ -1,24 +1,27 @@
 """Search for a per-node precision plan (INT8 / FP16 / FP32) that meets an accuracy budget.
 
-A plan is the set of quantizable nodes that fall back from INT8 (to FP32 on the CPU target, to
-FP16 on cuda/tensorrt, and to FP32 only where FP16 itself fails). Every plan is built for real
-(the caller's quantize callable, :data:`QuantizeFn`, keeping the fallbacks float, then
-:func:`onnxopt.quant.float16.convert`) and run in onnxruntime; the estimate never stands in for
-the measurement. The planner does not know how INT8 models are made: the ``mixed`` pass hands it
-:func:`onnxopt.quant.static.quantize` with ``exclude_nodes``.
+A plan gives each quantizable node one of an ordered list of levels, most compressed first
+(:func:`levels_for`: ``int8``, ``int8-dynamic`` where the quantize engine has it, ``fp16`` off
+the CPU, ``fp32``). The planner does not know how INT8 models are made: the ``mixed`` pass hands
+it :func:`onnxopt.quant.static.quantize` with ``exclude_nodes`` (and ``dynamic_nodes``) as a
+callable, :data:`QuantizeFn`.
 
-Search (``N + O(log N) + k`` model runs for N candidates and k fallbacks, where the greedy
-search needs ``O(N * k)``):
+:func:`bounded_search` (what ``mixed`` runs) screens plans on one session of the switch graph
+(:mod:`onnxopt.quant.screening`) through a trial runner (:mod:`onnxopt.quant.trials`: this
+process, a process pool or Ray) and builds for real only to verify:
 
-1. rank nodes by measured sensitivity (each node INT8 alone, on calibration data);
-2. bisect the number of most-sensitive nodes to fall back until the budget holds (calibration);
-3. verify on the evaluation data; if it misses there, bisect how many more to add (GPU targets:
-   fallbacks are FP16, and the most FP16-sensitive move to FP32 until the budget holds);
-4. prune on the evaluation data: give each fallback back to INT8, least sensitive first, when
-   the budget still holds without it;
-5. CPU: measure latency against FP32 (interleaved runs); INT8 groups of nodes (by op type and
-   depthwise-ness) whose INT8 form loses time are put back to float; if no plan beats FP32,
-   the FP32 model is the answer and the report says so.
+1. screen full INT8; screen each precision group alone at INT8 (its sensitivity), most
+   SQNR-sensitive first, while 40 % of the time left allows (the rest ranked by the estimate);
+2. per level, bisect how many of the most sensitive groups move one level up (screened);
+3. prune: each raised group, least sensitive first, tries one level down (screened);
+4. verify on every evaluation feed with a model built for real; if it misses, bisect (real
+   builds) how many more of the most sensitive INT8 groups move up;
+5. CPU (in the pass): INT8 regions whose INT8 form loses time go back to float; a plan not
+   measured faster than FP32 gives the FP32 model.
+
+Within ``--time-budget`` it returns the best verified plan (FP32, valid by construction, at
+worst) and says which step it reached. The older helpers below (:meth:`Planner.search`,
+:func:`greedy_search`) build every plan for real; the benchmarks keep them as baselines.
 """
 
 from __future__ import annotations
