@@ -51,24 +51,52 @@ def sensitivity_figure(
 
 
 def frontier_figure(points: Sequence[Mapping[str, Any]], budget_loss: float | None) -> dict[str, str]:
-    """Every plan tried: non-INT8 node count vs output loss; size as marker area."""
+    """Every plan tried: non-INT8 node count vs output loss; size as marker area.
+
+    Screened plans (one session of the switch graph, a few feeds) are hollow circles; plans
+    built for real are filled; the best screened plan that the time budget cut off before its
+    verification is a black cross drawn on the budget line.
+    """
     plt = _pyplot()
     timed = [p for p in points if p.get("latency_ms") is not None]
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11.0 if timed else 6.0, 3.5), squeeze=False)
-    sizes = [p["size_bytes"] for p in points]
+    sizes = [p["size_bytes"] for p in points if p.get("size_bytes")]
     biggest = max(sizes) if sizes else 1
     panels = [("nodes not INT8", points, "non_int8")] + ([("CPU latency (ms)", timed, "latency_ms")] if timed else [])
+    line = budget_loss if budget_loss is not None and budget_loss > 0 else 1.0
     for ax, (label, rows, key) in zip(axes[0], panels, strict=True):
-        ys = [max(p["loss"], 1e-12) if math.isfinite(p["loss"]) else 1.0 for p in rows]
-        colors = ["#1a9641" if p["ok"] else "#d7191c" for p in rows]
-        area = [20 + 80 * p["size_bytes"] / biggest for p in rows]
-        ax.scatter([p[key] for p in rows], ys, s=area, c=colors, alpha=0.7)
+        for kind in ("screen", "built", "cut"):
+            if kind == "cut":
+                sel = [p for p in rows if p.get("cut_off")]
+            elif kind == "screen":
+                sel = [p for p in rows if p.get("data") == "screen" and not p.get("cut_off")]
+            else:
+                sel = [p for p in rows if p.get("data") != "screen" and not p.get("cut_off")]
+            if not sel:
+                continue
+            xs = [p[key] for p in sel]
+            if kind == "cut":
+                ax.scatter(xs, [line] * len(sel), marker="x", c="k", s=60, label="cut off by the time budget")
+                continue
+            ys = [max(p["loss"], 1e-12) if _finite(p["loss"]) else 1.0 for p in sel]
+            colors = ["#1a9641" if p["ok"] else "#d7191c" for p in sel]
+            if kind == "screen":
+                ax.scatter(xs, ys, s=24, facecolors="none", edgecolors=colors, alpha=0.6, label="screened")
+            else:
+                area = [20 + 80 * (p["size_bytes"] or 0) / biggest for p in sel]
+                ax.scatter(xs, ys, s=area, c=colors, alpha=0.8, label="built and run")
         ax.set_yscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("output loss")
         if budget_loss is not None and budget_loss > 0:
             ax.axhline(budget_loss, color="k", linestyle="--", linewidth=0.8)
+        ax.legend(fontsize=7)
     fig.subplots_adjust(wspace=0.3)
-    out = {"title": "frontier: every plan tried (green meets the budget; area ~ size)", "png_base64": _png(fig)}
+    out = {"title": "frontier: every plan tried (green meets the budget; hollow: screened; area ~ size)",
+           "png_base64": _png(fig)}  # fmt: skip
     plt.close(fig)
     return out
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)

@@ -137,3 +137,20 @@ def test_time_budget_must_be_positive(tmp_path, capsys):
                    "--calib", str(model_path("digits_mlp_calib.npz")), "--time-budget", "0"])  # fmt: skip
     assert rc == 2
     assert "time_budget must be > 0" in capsys.readouterr().err
+
+
+def test_frontier_plot_draws_screened_built_and_cut_off_plans():
+    import base64
+    import math
+
+    from onnxopt.report import plots
+
+    row = {"non_int8": 2, "size_bytes": 0, "latency_ms": None, "loss": 1e-4, "ok": True, "cut_off": False}
+    rows = [
+        {**row, "data": "screen"},
+        {**row, "data": "evaluation", "size_bytes": 1000, "ok": False, "loss": 1e-2},
+        {**row, "data": "screen", "cut_off": True, "loss": math.nan, "ok": False},
+    ]
+    fig = plots.frontier_figure(rows, 1e-3)
+    assert base64.b64decode(fig["png_base64"])[:4] == b"\x89PNG"
+    assert "screened" in fig["title"]
