@@ -191,8 +191,12 @@ class MixedPass(OptPass[MixedConfig]):
             sqnr = sensitivity.estimate_sqnr(float_model, candidates, table.ranges, calib[: cfg.sqnr_feeds])
             hint = {g: min(sqnr.get(n, math.inf) for n in names) for g, names in screen.groups.items()}
         reference = planner.reference("calibration")
-        # Verification: one build and one run on every evaluation feed, twice over (a repair).
-        reserve = 2.0 * (build_s + build_s * len(evald) / max(1, len(calib)))
+        tr = time.perf_counter()
+        planner.reference("evaluation")
+        eval_s = time.perf_counter() - tr
+        # Kept for verification: one build and one (slower, quantized) run on every evaluation
+        # feed, twice over (a repair's first probe).
+        reserve = 2.0 * (build_s + 1.5 * eval_s)
         with _runner(ir.to_proto(screen.model).SerializeToString(), calib, reference, budget, spec, screen, report) as runner:
             result = precision_plan.bounded_search(
                 planner, screen, runner, levels, deadline, hint=hint, reserve=reserve, quiet=ctx.quiet
