@@ -154,3 +154,27 @@ def test_frontier_plot_draws_screened_built_and_cut_off_plans():
     fig = plots.frontier_figure(rows, 1e-3)
     assert base64.b64decode(fig["png_base64"])[:4] == b"\x89PNG"
     assert "screened" in fig["title"]
+
+
+def test_switch_graph_levels_dynamic_and_fp16_run_and_stay_close():
+    """Dynamic-INT8 and fake-FP16 switches (enabled only where the engine/target has them) run in
+    onnxruntime and give finite outputs; FP16 rounding is the smaller error."""
+    model, calib, _ = _transformer()
+    _ir_utils.upgrade_opset(model, 13)
+    precision_plan.name_nodes(model)
+    quantize = int8_quantizer(PassContext(calibration=calib, quiet=True))
+    full = quantize(model.clone(), frozenset())
+    candidates = precision_plan.quantized_nodes(full)
+    smoothed = quantize(model.clone(), frozenset(candidates))
+    screen = screening.build(full, smoothed, candidates, ("int8", "int8-dynamic", "fp16"))
+    feeds = list(calib.take(2))
+    ref = sensitivity.run_outputs(model, feeds)
+    budget = sensitivity.Budget(min_cosine=0.0)
+    with sessions.session(screen.model) as handle:
+        def loss(level):
+            outs = [handle.run({**f, **screen.feed(dict.fromkeys(screen.groups, level))}) for f in feeds]
+            return sensitivity.measure(ref, outs, budget).loss
+        losses = {lv: loss(lv) for lv in ("int8", "int8-dynamic", "fp16")}
+    assert all(np.isfinite(v) for v in losses.values())
+    # FP16 storage rounding (2^-11 relative) is far below 8-bit rounding (2^-8 of the range).
+    assert losses["fp16"] < losses["int8"]
