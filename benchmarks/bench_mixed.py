@@ -153,7 +153,8 @@ def _screen_setup(model_path: pathlib.Path, calib, evald, plan_feeds: int):
     from onnxopt.quant import screening
 
     ctx = PassContext(calibration=calib, evaluation=evald, quiet=True)
-    base = pipeline.run(_io.load_model(model_path), [make("simplify", {}, ctx)]).model
+    # check=False: the pipeline's per-pass check runs every evaluation feed several times (minutes on det).
+    base = pipeline.run(_io.load_model(model_path), [make("simplify", {}, ctx)], check=False).model
     _ir_utils.upgrade_opset(base, 13)
     precision_plan.name_nodes(base)
     quantize = int8_quantizer(ctx)
@@ -175,7 +176,9 @@ def run_scale(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Pa
     evald = _data.load_data(eval_path, sig)
     row: dict[str, Any] = {"model": name}
     t0 = time.perf_counter()
-    base, quantize, candidates, screen, feeds = _screen_setup(model_path, calib, evald, args.plan_feeds)
+    # The trial-rate and worker parts calibrate on --setup-calib-feeds (ranges do not change trial cost).
+    base, quantize, candidates, screen, feeds = _screen_setup(model_path, calib.take(args.setup_calib_feeds),
+                                                              evald, args.plan_feeds)  # fmt: skip
     row.update(setup_seconds=round(time.perf_counter() - t0, 1), candidates=len(candidates), groups=len(screen.groups),
                switched_inputs=screen.switched_inputs, screen_feeds=len(feeds))  # fmt: skip
     budget = sensitivity.Budget(min_cosine=0.0)
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true", help="issue 17: trial rate, workers, mixed on PP-OCR")
     parser.add_argument("--scale-models", default="digits_transformer,det")
     parser.add_argument("--plan-feeds", type=int, default=4)
+    parser.add_argument("--setup-calib-feeds", type=int, default=8)
     parser.add_argument("--rate-trials", type=int, default=8)
     parser.add_argument("--rebuild-trials", type=int, default=3)
     parser.add_argument("--worker-trials", type=int, default=16)
