@@ -127,7 +127,7 @@ def optimize(
     """
     if time_budget is not None and not time_budget > 0:
         raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}")
-    _trials.parse_workers(workers)  # a bad value is refused before the model is read
+    _trials.check_available(_trials.parse_workers(workers))  # refused before the model is read
     steps: list[recipes.Step] = []
     if recipe is not None or not passes:
         steps += list(recipes.get_recipe(recipe or "simplify").steps)

@@ -25,7 +25,7 @@ from onnxopt.errors import OnnxOptError
 from onnxopt.quant.sensitivity import Budget, Measurement, measure
 from onnxopt.runtime import sessions
 
-__all__ = ["Runner", "WorkerSpec", "cpu_count", "make_runner", "parse_workers"]
+__all__ = ["Runner", "WorkerSpec", "check_available", "cpu_count", "make_runner", "parse_workers", "ray_installed"]
 
 Feeds = list[dict[str, np.ndarray]]
 Outputs = list[dict[str, np.ndarray]]
@@ -76,6 +76,19 @@ def parse_workers(spec: int | str | None) -> WorkerSpec:
     if text.startswith("ray://") and len(text) > len("ray://"):
         return WorkerSpec("ray", address=text)
     raise ValueError(f"workers must be a number, 'ray' or 'ray://HOST:PORT', got {spec!r}")
+
+
+def ray_installed() -> bool:
+    """Whether Ray can be imported (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def check_available(spec: WorkerSpec) -> None:
+    """Raise OnnxOptError (one line naming the extra) when ``spec`` needs Ray and it is missing."""
+    if spec.kind == "ray" and not ray_installed():
+        raise OnnxOptError(f"--workers {spec.address or 'ray'} needs Ray: {_RAY_HINT}")
 
 
 class _Worker:

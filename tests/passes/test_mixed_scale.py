@@ -178,3 +178,15 @@ def test_switch_graph_levels_dynamic_and_fp16_run_and_stay_close():
     assert all(np.isfinite(v) for v in losses.values())
     # FP16 storage rounding (2^-11 relative) is far below 8-bit rounding (2^-8 of the range).
     assert losses["fp16"] < losses["int8"]
+
+
+def test_workers_ray_without_ray_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    from onnxopt import cli
+
+    monkeypatch.setattr(trials, "ray_installed", lambda: False)
+    rc = cli.main(["optimize", str(model_path("digits_mlp.onnx")), "-o", str(tmp_path / "o.onnx"), "--recipe", "mixed",
+                   "--calib", str(model_path("digits_mlp_calib.npz")), "--workers", "ray"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'onnxopt[ray]'" in err[0]
+    assert not (tmp_path / "o.onnx").exists()
