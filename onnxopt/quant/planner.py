@@ -532,7 +532,7 @@ def bounded_search(
     measured = len(alone)
     progress.append(f"sensitivity of {measured} of {len(groups)} groups")
     if measured < len(groups):
-        progress[-1] += " (the rest ranked by the SQNR estimate: 40 % of the time budget)"
+        progress[-1] += " (the rest ranked by the SQNR estimate: out of time)"
     # Measured groups by loss (non-finite first); the unmeasured after them, in estimate order.
     pos = {g: i for i, g in enumerate(rank)}
     order = sorted(alone, key=lambda g: (-loss[g], pos[g])) + [g for g in rank if g not in alone]
