@@ -195,8 +195,8 @@ class MixedPass(OptPass[MixedConfig]):
         planner.reference("evaluation")
         eval_s = time.perf_counter() - tr
         # Kept for verification: one build and one (slower, quantized) run on every evaluation
-        # feed, twice over (a repair's first probe).
-        reserve = 2.0 * (build_s + 1.5 * eval_s)
+        # feed. A repair probes only while time is left (twice this starved det's search).
+        reserve = build_s + 1.5 * eval_s
         with _runner(ir.to_proto(screen.model).SerializeToString(), calib, reference, budget, spec, screen, report) as runner:
             result = precision_plan.bounded_search(
                 planner, screen, runner, levels, deadline, hint=hint, reserve=reserve, quiet=ctx.quiet
