@@ -327,18 +327,20 @@ def part_deep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float], dist
         steps = [
             ("teacher", Step("teacher")),
             ("simplify", Step("simplify")),
-            (f"prune {sparsity:.0%} global + repair", Step("prune", {"sparsity": sparsity, "scope": "global", "skip_last": True, "repair": True})),
-            ("cluster 16 (size-aware per channel) + repair", Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0})),
+            (f"prune {sparsity:.0%} global + repair", Step("prune", {"sparsity": sparsity, "scope": "global", "skip_last": True, "repair": True, "sequential": False})),
+            ("cluster 16 (size-aware per channel) + repair", Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0, "sequential": False})),
             ("distill", Step("distill", distill_options)),
             ("pack 4-bit", Step("cluster", {"clusters": 16, "per_channel": True, "pack": True, "min_elements": 0})),
         ]
-        context = PassContext(calibration=calib, evaluation=held_out, quiet=True)
+        # Not quiet: distillation takes minutes and its progress bar goes to stderr.
+        context = PassContext(calibration=calib, evaluation=held_out, quiet=False)
         passes = recipes.build([s for _, s in steps], context)
         model = io.load_model(path)
         rows.append({"model": f"pp-ocr {stage}", "sparsity": sparsity, "step": "fp32", "file_bytes": raw0,
                      "zip_bytes": zip0, "zip_ratio": 1.0, "agreement": 1.0, "samples": int(ref.shape[0])})
         for (label, _), p in zip(steps, passes, strict=True):
             t0 = time.perf_counter()
+            print(f"  {label} ...", file=sys.stderr, flush=True)
             result = pipeline.run(model, [p])
             model = result.model
             rep = result.reports[0]
