@@ -22,6 +22,8 @@ Parts (``--part``; all by default), every number measured in this run:
                layers; needs torch), pack; after every step the zip ratio to the FP32 file and the
                top-1 agreement with FP32 on held-out feeds (``--feeds DIR`` holds ``cls`` and
                ``eval_cls``). ``--sparsities 0.8,0.9`` gives one table per sparsity (the frontier).
+``sweep``      pruning alone (no training) on the same model and feeds, layer / global scope,
+               global with repair, at ``--sparsities``: agreement with FP32 on held-out feeds.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
@@ -371,6 +373,30 @@ def part_deep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float], dist
     return rows
 
 
+def part_sweep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float]) -> list[dict]:
+    """Magnitude pruning alone (no training) on a PP-OCR model: agreement with FP32 vs sparsity."""
+    from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
+
+    path = ocr_data.model_paths()[stage]
+    base = io.load_model(path)
+    signature = data.input_signature(base)
+    calib = data.load_data(feeds_dir / stage, signature)
+    held_out = data.load_data(feeds_dir / f"eval_{stage}", signature)
+    ref = _decisions(base, held_out).argmax(1)
+    rows = []
+    for sparsity in sparsities:
+        for scope, repaired in (("layer", False), ("global", False), ("global", True)):
+            context = PassContext(calibration=calib, quiet=True)
+            options = {"sparsity": sparsity, "scope": scope, "skip_last": True, "repair": repaired, "sequential": False}
+            steps = [Step("simplify"), Step("prune", options)]
+            model = pipeline.run(io.load_model(path), recipes.build(steps, context), check=False).model
+            agree = float((_decisions(model, held_out).argmax(1) == ref).mean())
+            rows.append({"model": f"pp-ocr {stage}", "sparsity": sparsity, "scope": scope, "repair": repaired,
+                         "agreement": agree, "samples": int(ref.shape[0])})
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
 def _table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):
@@ -384,7 +410,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep"])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
@@ -441,6 +467,11 @@ def main() -> None:
         print(_table(rows, ["model", "sparsity", "step", "file_bytes", "zip_bytes", "zip_ratio", "agreement",
                             "cosine", "samples", "per_channel_layers", "per_tensor_layers", "calib_before",
                             "calib_after", "epochs", "seconds"]))
+    if args.part == "sweep":
+        rows = part_sweep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")])
+        result["sweep"] = rows
+        print("\n## Pruning alone, no training (agreement: top-1 vs FP32 on held-out feeds)\n")
+        print(_table(rows, ["model", "sparsity", "scope", "repair", "agreement", "samples"]))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
 
