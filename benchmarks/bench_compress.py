@@ -313,7 +313,9 @@ def _decisions(model: ir.Model, feeds: data.Dataset) -> np.ndarray:
         return np.concatenate([next(iter(handle.run(feed).values())) for feed in feeds])
 
 
-def part_deep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float], distill_options: dict) -> list[dict]:
+def part_deep(
+    stage: str, feeds_dir: pathlib.Path, sparsities: list[float], distill_options: dict, layer_cap: float = 1.0
+) -> list[dict]:
     """Prune, cluster, distill, pack on a PP-OCR model; agreement with FP32 after every step."""
     from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
 
@@ -329,7 +331,7 @@ def part_deep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float], dist
         steps = [
             ("teacher", Step("teacher")),
             ("simplify", Step("simplify")),
-            (f"prune {sparsity:.0%} global + repair", Step("prune", {"sparsity": sparsity, "scope": "global", "skip_last": True, "repair": True, "sequential": False})),
+            (f"prune {sparsity:.0%} global + repair", Step("prune", {"sparsity": sparsity, "scope": "global", "skip_last": True, "repair": True, "sequential": False, "max_layer_sparsity": max(layer_cap, sparsity)})),
             ("cluster 16 (size-aware per channel) + repair", Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0, "sequential": False})),
             ("distill", Step("distill", distill_options)),
             ("pack 4-bit", Step("cluster", {"clusters": 16, "per_channel": True, "pack": True, "min_elements": 0})),
@@ -419,6 +421,7 @@ def main() -> None:
                         help="--part deep: folder with <stage>/ and eval_<stage>/ feeds")
     parser.add_argument("--deep-stage", default="cls", help="--part deep: PP-OCR model (cls, det)")
     parser.add_argument("--sparsities", default="0.8", help="--part deep: comma-separated pruning fractions")
+    parser.add_argument("--max-layer-sparsity", type=float, default=1.0, help="--part deep: prune's per-tensor cap")
     parser.add_argument("--distill", default="", help="--part deep: distill options k=v,... (defaults otherwise)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -461,7 +464,8 @@ def main() -> None:
         from onnxopt import config
 
         options = config.parse_options(args.distill) if args.distill else {}
-        rows = part_deep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")], options)
+        rows = part_deep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")], options,
+                         args.max_layer_sparsity)
         result["deep"] = rows
         print("\n## Deep Compression step by step (zip = deflate level 9; agreement: top-1 vs FP32 on held-out feeds)\n")
         print(_table(rows, ["model", "sparsity", "step", "file_bytes", "zip_bytes", "zip_ratio", "agreement",
