@@ -186,6 +186,13 @@ class DistillPass(OptPass[DistillConfig]):
                 inputs = {k: v[: total - total % static] for k, v in inputs.items()}
                 labels = labels[: total - total % static] if labels is not None else None
         hints = distill_data.choose_hints(model, teacher, cfg.hints) if cfg.hint_weight > 0 else []
+        if hints:  # same name, other shape (a low-rank split's middle value): not a hint
+            t_probe = distill_data.teacher_outputs(teacher, probe, batch, quiet=True, extra=hints)[-len(hints) :]
+            s_probe = distill_torch.predict(graph, params, probe, batch, extra=hints)[-len(hints) :]
+            for name, t_val, s_val in zip(list(hints), t_probe, s_probe, strict=True):
+                if t_val.shape != s_val.shape:
+                    hints.remove(name)
+                    report.note(f"hint {name!r} left out: student {s_val.shape[1:]} vs teacher {t_val.shape[1:]}")
         targets = distill_data.teacher_outputs(teacher, inputs, batch, quiet=self.context.quiet, extra=hints)
         check_index = val_index if len(val_index) else np.arange(min(n, max(256 - 256 % batch, batch)))
         check_inputs = {k: v[check_index] for k, v in inputs.items()}

@@ -352,14 +352,19 @@ def depends_on_params(graph: TorchGraph, params: Sequence[ConstrainedParam], inp
 
 
 def predict(
-    graph: TorchGraph, params: Sequence[ConstrainedParam], inputs: Mapping[str, np.ndarray], size: int = 256
+    graph: TorchGraph,
+    params: Sequence[ConstrainedParam],
+    inputs: Mapping[str, np.ndarray],
+    size: int = 256,
+    extra: Sequence[str] = (),
 ) -> list[np.ndarray]:
-    """The student's outputs (torch) with the current parameters, ``size`` samples at a time."""
+    """The student's outputs (torch) with the current parameters, ``size`` samples at a time,
+    followed by the intermediate values named in ``extra``."""
     n = next(iter(inputs.values())).shape[0]
     chunks = []
     with torch.no_grad():
         weights = {p.name: p.weight() for p in params}
         for start in range(0, n, size):
             feeds = {k: torch.from_numpy(np.ascontiguousarray(v[start : start + size])) for k, v in inputs.items()}
-            chunks.append([o.detach().numpy() for o in graph(feeds, weights)])
+            chunks.append([o.detach().numpy() for o in graph(feeds, weights, extra)])
     return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]

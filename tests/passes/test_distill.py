@@ -169,7 +169,9 @@ def test_constraints_hold_and_student_moves_towards_teacher(rng):
     before = {n: v.const_value.numpy().copy() for n, v in student.graph.initializers.items()}
     nodes_before = [(n.op_type, [i.name for i in n.inputs]) for n in student.graph]
     ctx = _context(teacher, x)
-    opts = {"epochs": 8, "lr": 1e-2, "threads": 1, "val_fraction": 0.25, "loss": "mse"}
+    # Output loss only: hint layers (on by default) also pull the middle features, which this
+    # 8-epoch check of "the output moves towards the teacher" does not measure.
+    opts = {"epochs": 8, "lr": 1e-2, "threads": 1, "val_fraction": 0.25, "loss": "mse", "hints": "none"}
     report = make("distill", opts, ctx)(student)
     assert report.modified and report.counts["trained"] == 6
     after = {n: v.const_value.numpy() for n, v in student.graph.initializers.items()}
