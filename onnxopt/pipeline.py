@@ -213,7 +213,8 @@ def _check_cumulative(p: OptPass, original: ir.Model, after: ir.Model, report: P
     """Fidelity of the model after a lossy pass to the pipeline's input on the check data.
 
     Records ``cumulative_cosine`` (worst output), ``cumulative_top1`` (top-1 agreement, class-score
-    outputs) and, with labels, ``cumulative_accuracy``; a step past the run's accuracy budget
+    outputs) and ``cumulative_accuracy`` where the check data keeps its labels (a set of more
+    than CHECK_FEEDS feeds is cut to that and loses them); a step past the run's accuracy budget
     (``--min-cosine`` / ``--max-error``) gets a note saying so (the final check decides the exit).
     """
     feeds = p.context.check_data
