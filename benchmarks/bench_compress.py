@@ -16,6 +16,14 @@ Parts (``--part``; all by default), every number measured in this run:
                without and with repair from the captured real feeds (onnxopt/testing/ocr_data.py
                capture): file/zip sizes, relative L2 error and cosine of the outputs on the
                held-out captured feeds.
+``deep``       Deep Compression on a real CNN, step by step (PP-OCR cls by default): prune
+               (global magnitude, repaired), cluster (16 per channel where that costs fewer bytes
+               than int8, else per tensor; repaired), distill (augmented calibration feeds, hint
+               layers; needs torch), pack; after every step the zip ratio to the FP32 file and the
+               top-1 agreement with FP32 on held-out feeds (``--feeds DIR`` holds ``cls`` and
+               ``eval_cls``). ``--sparsities 0.8,0.9`` gives one table per sparsity (the frontier).
+``sweep``      pruning alone (no training) on the same model and feeds, layer / global scope,
+               global with repair, at ``--sparsities``: agreement with FP32 on held-out feeds.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
@@ -299,6 +307,98 @@ def part_ocr(stages: list[str]) -> list[dict]:
     return rows
 
 
+def _decisions(model: ir.Model, feeds: data.Dataset) -> np.ndarray:
+    """First output of every held-out feed, concatenated: class scores [N, classes] or maps."""
+    with runtime.session(model) as handle:
+        return np.concatenate([next(iter(handle.run(feed).values())) for feed in feeds])
+
+
+def part_deep(
+    stage: str, feeds_dir: pathlib.Path, sparsities: list[float], distill_options: dict, layer_cap: float = 1.0
+) -> list[dict]:
+    """Prune, cluster, distill, pack on a PP-OCR model; agreement with FP32 after every step."""
+    from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
+
+    path = ocr_data.model_paths()[stage]
+    base = io.load_model(path)
+    signature = data.input_signature(base)
+    calib = data.load_data(feeds_dir / stage, signature)
+    held_out = data.load_data(feeds_dir / f"eval_{stage}", signature)
+    ref = _decisions(base, held_out)
+    raw0, zip0 = file_sizes(base)
+    rows = []
+    for sparsity in sparsities:
+        steps = [
+            ("teacher", Step("teacher")),
+            ("simplify", Step("simplify")),
+            (f"prune {sparsity:.0%} global + repair", Step("prune", {"sparsity": sparsity, "scope": "global", "skip_last": True, "repair": True, "sequential": False, "max_layer_sparsity": max(layer_cap, sparsity)})),
+            ("cluster 16 (size-aware per channel) + repair", Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0, "sequential": False})),
+            ("distill", Step("distill", distill_options)),
+            ("pack 4-bit", Step("cluster", {"clusters": 16, "per_channel": True, "pack": True, "min_elements": 0})),
+        ]
+        # Not quiet: distillation takes minutes and its progress bar goes to stderr.
+        context = PassContext(calibration=calib, evaluation=held_out, quiet=False)
+        passes = recipes.build([s for _, s in steps], context)
+        model = io.load_model(path)
+        rows.append({"model": f"pp-ocr {stage}", "sparsity": sparsity, "step": "fp32", "file_bytes": raw0,
+                     "zip_bytes": zip0, "zip_ratio": 1.0, "agreement": 1.0, "samples": int(ref.shape[0])})
+        for (label, _), p in zip(steps, passes, strict=True):
+            t0 = time.perf_counter()
+            print(f"  {label} ...", file=sys.stderr, flush=True)
+            result = pipeline.run(model, [p])
+            model = result.model
+            rep = result.reports[0]
+            if rep.status == "rolled-back":
+                raise RuntimeError(f"{label}: rolled back: {rep.error}")
+            if label in ("teacher", "simplify"):
+                continue
+            out = _decisions(model, held_out)
+            raw, zipped = file_sizes(model)
+            row = {"model": f"pp-ocr {stage}", "sparsity": sparsity, "step": label, "file_bytes": raw,
+                   "zip_bytes": zipped, "zip_ratio": zip0 / zipped, "samples": int(ref.shape[0]),
+                   "seconds": time.perf_counter() - t0}
+            if ref.ndim == 2 and ref.shape[1] >= 2:
+                row["agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
+            else:
+                row["cosine"] = float(np.dot(out.ravel(), ref.ravel()) / (np.linalg.norm(out) * np.linalg.norm(ref)))
+            if label == "distill":
+                training = next((r for r in rep.records if r.get("item") == "training"), {})
+                row["calib_before"] = training.get("before")
+                row["calib_after"] = training.get("after")
+                row["epochs"] = training.get("epochs_run")
+            if "cluster" in label:
+                bytes_rows = [r for r in rep.records if "granularity" in r]
+                row["per_tensor_layers"] = sum(r["granularity"] == "tensor" for r in bytes_rows)
+                row["per_channel_layers"] = sum(r["granularity"] == "channel" for r in bytes_rows)
+            rows.append(row)
+            print(f"  {row}", file=sys.stderr, flush=True)  # progress: this part takes minutes
+    return rows
+
+
+def part_sweep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float]) -> list[dict]:
+    """Magnitude pruning alone (no training) on a PP-OCR model: agreement with FP32 vs sparsity."""
+    from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
+
+    path = ocr_data.model_paths()[stage]
+    base = io.load_model(path)
+    signature = data.input_signature(base)
+    calib = data.load_data(feeds_dir / stage, signature)
+    held_out = data.load_data(feeds_dir / f"eval_{stage}", signature)
+    ref = _decisions(base, held_out).argmax(1)
+    rows = []
+    for sparsity in sparsities:
+        for scope, repaired in (("layer", False), ("global", False), ("global", True)):
+            context = PassContext(calibration=calib, quiet=True)
+            options = {"sparsity": sparsity, "scope": scope, "skip_last": True, "repair": repaired, "sequential": False}
+            steps = [Step("simplify"), Step("prune", options)]
+            model = pipeline.run(io.load_model(path), recipes.build(steps, context), check=False).model
+            agree = float((_decisions(model, held_out).argmax(1) == ref).mean())
+            rows.append({"model": f"pp-ocr {stage}", "sparsity": sparsity, "scope": scope, "repair": repaired,
+                         "agreement": agree, "samples": int(ref.shape[0])})
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
 def _table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):
@@ -312,11 +412,17 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr"])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--ocr-stages", default="cls", help="PP-OCR models for --part ocr: cls, det or cls,det")
+    parser.add_argument("--feeds", default=str(ROOT / "benchmarks" / "ocr" / ".cache" / "feeds"),
+                        help="--part deep: folder with <stage>/ and eval_<stage>/ feeds")
+    parser.add_argument("--deep-stage", default="cls", help="--part deep: PP-OCR model (cls, det)")
+    parser.add_argument("--sparsities", default="0.8", help="--part deep: comma-separated pruning fractions")
+    parser.add_argument("--max-layer-sparsity", type=float, default=1.0, help="--part deep: prune's per-tensor cap")
+    parser.add_argument("--distill", default="", help="--part deep: distill options k=v,... (defaults otherwise)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     names = ["digits_cnn", "digits_mlp"]
@@ -354,6 +460,22 @@ def main() -> None:
         result["ocr"] = rows
         print("\n## PP-OCR: 16 clusters packed (held-out captured feeds; worst output)\n")
         print(_table(rows, ["model", "setting", "file_bytes", "zip_bytes", "rel_l2", "cosine", "seconds"]))
+    if args.part == "deep":  # minutes of training: only when asked for
+        from onnxopt import config
+
+        options = config.parse_options(args.distill) if args.distill else {}
+        rows = part_deep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")], options,
+                         args.max_layer_sparsity)
+        result["deep"] = rows
+        print("\n## Deep Compression step by step (zip = deflate level 9; agreement: top-1 vs FP32 on held-out feeds)\n")
+        print(_table(rows, ["model", "sparsity", "step", "file_bytes", "zip_bytes", "zip_ratio", "agreement",
+                            "cosine", "samples", "per_channel_layers", "per_tensor_layers", "calib_before",
+                            "calib_after", "epochs", "seconds"]))
+    if args.part == "sweep":
+        rows = part_sweep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")])
+        result["sweep"] = rows
+        print("\n## Pruning alone, no training (agreement: top-1 vs FP32 on held-out feeds)\n")
+        print(_table(rows, ["model", "sparsity", "scope", "repair", "agreement", "samples"]))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -136,7 +136,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                 f"{r.pass_name}: {r.summary()} | nodes {b['nodes']} -> {a['nodes']}, "
                 f"weight bytes {b['weight_bytes']:,} -> {a['weight_bytes']:,} ({r.seconds:.2f}s)"
             )
-            check = _noise_line(r.fidelity)
+            check = _noise_line(r.fidelity) or _cumulative_line(r.fidelity)
             if check:
                 print(f"    check: {check}")
             for note in r.notes:
@@ -255,6 +255,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"onnxopt: internal error: {type(err).__name__}: {_one_line(err)} (run with -v for details)",
               file=sys.stderr)
         return 2
+
+
+def _cumulative_line(fidelity: dict) -> str:
+    """A lossy pass's distance from the input model so far, for the summary."""
+    if "cumulative_cosine" not in fidelity:
+        return ""
+    parts = [f"vs the input model on {fidelity['feeds']} {fidelity['data']} feeds: cosine {fidelity['cumulative_cosine']:.5f}"]
+    if "cumulative_top1" in fidelity:
+        parts.append(f"top-1 agreement {fidelity['cumulative_top1']:.4f}")
+    if "cumulative_accuracy" in fidelity:
+        parts.append(f"accuracy {fidelity['cumulative_accuracy']:.4f}")
+    return ", ".join(parts)
 
 
 def _noise_line(fidelity: dict) -> str:

@@ -95,6 +95,9 @@ def run(
     """
     reports: list[PassReport] = []
     noise = _NoiseCache()
+    # Lossy passes are also measured against the pipeline's input, so every step says how far
+    # the model has drifted so far (tensors are shared: the copy costs the graph, not the weights).
+    original = _snapshot(model) if check and any(not p.lossless for p in passes) else None
     # Weights may be initializers or Constant nodes; passes read initializers only (exact).
     lifted = normalize.lift_constants(model) if passes else None
     if lifted is not None and lifted.note():
@@ -117,6 +120,8 @@ def run(
             if check and report.modified:
                 check_model(model)
                 _check_numerics(p, snapshot, model, report, noise)
+                if not p.lossless and original is not None:
+                    _check_cumulative(p, original, model, report)
         except Exception as err:
             if strict:
                 raise
@@ -202,6 +207,33 @@ def noise_level(model: ir.Model) -> runtime.OptLevel:
             if out.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
                 return "basic"
     return "all"
+
+
+def _check_cumulative(p: OptPass, original: ir.Model, after: ir.Model, report: PassReport) -> None:
+    """Fidelity of the model after a lossy pass to the pipeline's input on the check data.
+
+    Records ``cumulative_cosine`` (worst output), ``cumulative_top1`` (top-1 agreement, class-score
+    outputs) and ``cumulative_accuracy`` where the check data keeps its labels (a set of more
+    than CHECK_FEEDS feeds is cut to that and loses them); a step past the run's accuracy budget
+    (``--min-cosine`` / ``--max-error``) gets a note saying so (the final check decides the exit).
+    """
+    feeds = p.context.check_data
+    if feeds is None or "cosine" not in report.fidelity:
+        return  # no real data, or the per-pass check was skipped (its note says why)
+    if len(feeds) > CHECK_FEEDS:
+        feeds = feeds.take(CHECK_FEEDS)
+    result = validation.compare(original, after, feeds, rtol=1.0, atol=1.0)
+    fields = {"cosine": "cosine", "top1": "top1", "accuracy": "cand_accuracy", "max_abs": "max_abs"}
+    for key, metric in fields.items():
+        value = result.worst(metric)
+        if value == value:  # NaN: not applicable (no class outputs, no labels)
+            report.fidelity[f"cumulative_{key}"] = value
+    source = "evaluation" if p.context.evaluation is not None else "calibration"
+    report.fidelity["data"] = source
+    missed = result.failures(min_cosine=p.context.min_cosine, max_abs=p.context.max_error)
+    if p.context.min_cosine is not None or p.context.max_error is not None:
+        if missed:
+            report.note(f"past the accuracy budget after this step: {missed[0]}")
 
 
 def _check_numerics(

@@ -92,8 +92,9 @@ add_recipe(Recipe("fuse", "simplify, then onnxruntime's transformer fusions (att
 add_recipe(Recipe("fuse-int8", "simplify, transformer fusions, then static INT8 QDQ of the remaining MatMuls",
                   (Step("simplify"), Step("fuse"), Step("quantize")), needs_calibration=True))
 add_recipe(Recipe("compress-distill", "teacher, then 80% global pruning and 16 clusters per output channel "
-                  "(both repaired on --calib data), distillation against the input model on --calib data "
-                  "(labels used when present), and 4-bit packing of the trained codebooks",
+                  "(one per tensor where per-channel codebooks would outweigh int8; both repaired on --calib "
+                  "data), distillation against the input model on --calib data (augmented image feeds, hint "
+                  "layers, labels used when present), and 4-bit packing of the trained codebooks",
                   (Step("teacher"), Step("simplify"),
                    Step("prune", {"sparsity": 0.8, "scope": "global", "skip_last": True, "repair": True}),
                    Step("cluster", {"clusters": 16, "per_channel": True, "repair": True, "min_elements": 0}),

@@ -37,6 +37,10 @@ class ClusterConfig(weight_sharing.CodebookConfig):
     keep_zeros: bool = option(True, "exact zeros (pruned weights) keep a fixed zero centroid")
     repair: bool = option(False, "re-fit centroids on calibration data (skipped with a note without data)")
     index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if k <= 16), uint8, uint4")  # noqa: RUF009
+    size_aware: bool = option(
+        True, "with per_channel: a tensor whose per-channel codebooks (k float32 per channel plus "
+        "indices) would take more bytes than its int8 per-channel form gets one codebook per tensor"
+    )
 
     def __post_init__(self) -> None:
         if not 2 <= self.clusters <= 256:
@@ -55,7 +59,9 @@ class ClusterPass(OptPass[ClusterConfig]):
         initializers plus Cast/Gather(Elements)/Reshape nodes that rebuild W). With repair,
         biases change (or are added to Conv/Gemm) by the mean output shift.
     Preserves: graph inputs/outputs, opset imports, weights that are not selected.
-    Guarantees: ``len(unique(W)) <= clusters`` per tensor (per channel with ``per_channel``);
+    Guarantees: ``len(unique(W)) <= clusters`` per tensor (per channel with ``per_channel``,
+        except where ``size_aware`` chose one codebook for the tensor because its per-channel
+        codebooks would outweigh its int8 form; records give both byte counts and the choice);
         packed and baked models give bit-identical weights; each tensor's relative weight error
         (and with repair the relative output error on calibration data before/after) is in
         the report records. Weights it cannot handle are left as they are, with a skip reason.
@@ -69,7 +75,7 @@ class ClusterPass(OptPass[ClusterConfig]):
         """Transform ``model`` in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
-        opts = cfg.sharing_options()
+        opts = dataclasses.replace(cfg.sharing_options(), size_aware_clusters=cfg.clusters if cfg.size_aware else 0)
         seed = self.context.seed
 
         def fit(w: np.ndarray, axis: int | None) -> Codebook:

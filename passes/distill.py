@@ -58,6 +58,18 @@ class DistillConfig:
     max_samples: int = option(0, "use at most this many calibration samples (0: all)")
     threads: int = option(0, "torch intra-op threads while training (0: torch's default)")
     check_atol: float = option(1e-4, "written ONNX vs trained torch model: largest allowed max-abs difference")
+    augment: int = option(
+        8, "augmented copies of each training sample (random shift, zoom in/out, noise); only for "
+        "image inputs (float [N, C<=4, H>=8, W>=8]), off otherwise; 0: off"
+    )
+    augment_shift: float = option(0.05, "augmentation: largest shift, as a fraction of height / width")
+    augment_scale: float = option(0.1, "augmentation: largest relative zoom in (a crop) or out")
+    augment_noise: float = option(0.02, "augmentation: Gaussian noise, as a fraction of each sample's std")
+    hints: str = option(
+        "auto", "FitNets hint layers: auto (the inputs of the layers at 1/3, 2/3 and the last), none, "
+        "or comma-separated value names present in student and teacher"
+    )
+    hint_weight: float = option(1.0, "weight of the hint (intermediate feature) loss, >= 0")
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,6 +84,11 @@ class DistillConfig:
             ("max_samples", self.max_samples >= 0, ">= 0"),
             ("threads", self.threads >= 0, ">= 0"),
             ("check_atol", self.check_atol > 0, "> 0"),
+            ("augment", self.augment >= 0, ">= 0"),
+            ("augment_shift", 0.0 <= self.augment_shift < 0.5, "in [0, 0.5)"),
+            ("augment_scale", 0.0 <= self.augment_scale < 1.0, "in [0, 1)"),
+            ("augment_noise", self.augment_noise >= 0, ">= 0"),
+            ("hint_weight", self.hint_weight >= 0, ">= 0"),
         ]
         for field, ok, valid in checks:
             if not ok:
@@ -146,16 +163,42 @@ class DistillPass(OptPass[DistillConfig]):
             report.skip("no float output depends on a trainable initializer")
             return report
         batch = static or cfg.batch_size
-        targets = distill_data.teacher_outputs(teacher, inputs, batch, quiet=self.context.quiet)
-        n = targets[0].shape[0]
         rng = np.random.default_rng(self.context.seed)
+        n = next(iter(inputs.values())).shape[0]
         n_val = round(cfg.val_fraction * n)
         n_val -= n_val % (static or 1)
         val_index = np.sort(rng.permutation(n)[:n_val])
+        train_only = np.setdiff1d(np.arange(n), val_index)
+        images = distill_data.image_inputs(inputs) if cfg.augment else []
+        if cfg.augment and not images:
+            report.note("augmentation off: no input is an image batch (float [N, C<=4, H>=8, W>=8])")
+        elif images:
+            # Copies of the training samples only, so the held-out samples stay unseen.
+            extra = distill_data.augment_images(
+                {k: v[train_only] for k, v in inputs.items()}, cfg.augment, rng,
+                shift=cfg.augment_shift, scale=cfg.augment_scale, noise=cfg.augment_noise,
+            )
+            inputs = {k: np.concatenate([v, extra[k]]) for k, v in inputs.items()}
+            if labels is not None:
+                labels = np.concatenate([labels, np.tile(labels[train_only], cfg.augment)])
+            total = next(iter(inputs.values())).shape[0]
+            if static and total % static:
+                inputs = {k: v[: total - total % static] for k, v in inputs.items()}
+                labels = labels[: total - total % static] if labels is not None else None
+        hints = distill_data.choose_hints(model, teacher, cfg.hints) if cfg.hint_weight > 0 else []
+        if hints:  # same name, other shape (a low-rank split's middle value): not a hint
+            t_probe = distill_data.teacher_outputs(teacher, probe, batch, quiet=True, extra=hints)[-len(hints) :]
+            s_probe = distill_torch.predict(graph, params, probe, batch, extra=hints)[-len(hints) :]
+            for name, t_val, s_val in zip(list(hints), t_probe, s_probe, strict=True):
+                if t_val.shape != s_val.shape:
+                    hints.remove(name)
+                    report.note(f"hint {name!r} left out: student {s_val.shape[1:]} vs teacher {t_val.shape[1:]}")
+        targets = distill_data.teacher_outputs(teacher, inputs, batch, quiet=self.context.quiet, extra=hints)
         check_index = val_index if len(val_index) else np.arange(min(n, max(256 - 256 % batch, batch)))
         check_inputs = {k: v[check_index] for k, v in inputs.items()}
+        n_out = len(targets) - len(hints)
         before = distill_torch.predict(graph, params, check_inputs, batch)
-        _check_outputs(before, targets, cfg.teacher or "recorded teacher")
+        _check_outputs(before, targets[:n_out], cfg.teacher or "recorded teacher")
         settings = distill_torch.TrainSettings(
             tau=cfg.tau,
             alpha=cfg.alpha if labels is not None else 1.0,
@@ -168,6 +211,8 @@ class DistillPass(OptPass[DistillConfig]):
             loss=cfg.loss,
             threads=cfg.threads,
             quiet=self.context.quiet,
+            hints=tuple(hints),
+            hint_weight=cfg.hint_weight,
         )
         result = distill_torch.train(graph, params, inputs, targets, labels, val_index, settings)
         if result.best_epoch == 0:
@@ -195,6 +240,9 @@ class DistillPass(OptPass[DistillConfig]):
             best_epoch=result.best_epoch,
             stopped_early=result.stopped_early,
             samples=n,
+            augmented=next(iter(inputs.values())).shape[0] - n,
+            augmented_inputs=images,
+            hints=hints,
             held_out=len(val_index),
             labels=labels is not None,
             onnx_vs_torch_max_abs=diff,

@@ -27,7 +27,16 @@ from onnxopt.config import option
 from onnxopt.outcome import Outcome
 from onnxopt.runtime.data import Dataset
 
-__all__ = ["SUPPORTED_OPS", "CodebookConfig", "SelectionConfig", "SharingOptions", "Target", "apply", "select"]
+__all__ = [
+    "SUPPORTED_OPS",
+    "CodebookConfig",
+    "SelectionConfig",
+    "SharingOptions",
+    "Target",
+    "apply",
+    "layout_bytes",
+    "select",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,9 @@ class SharingOptions:
     index_dtype: IndexDType
     scale_only: bool = False
     sequential: bool = True
+    # per_channel: one codebook per tensor where per-channel codebooks of ``clusters`` entries would
+    # take more bytes than the tensor's int8 per-channel form (0: always per channel).
+    size_aware_clusters: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,8 +273,17 @@ def _share_one(
 ) -> None:
     weight = target.weight
     w = weight.const_value.numpy()
-    book = fit(w.astype(np.float64), target.axis)
-    fields: dict[str, object] = {"shape": list(w.shape), "k": book.k, "axis": target.axis}
+    axis = target.axis
+    fields: dict[str, object] = {}
+    if axis is not None and opts.size_aware_clusters:
+        sizes = layout_bytes(w.shape, axis, min(opts.size_aware_clusters, int(np.unique(w).size)))
+        fields.update(sizes)
+        if sizes["per_channel_bytes"] > sizes["int8_bytes"]:
+            axis = None
+            report.count("per_tensor_by_size")
+    book = fit(w.astype(np.float64), axis)
+    fields.update({"shape": list(w.shape), "k": book.k, "axis": axis})
+    fields["granularity"] = "tensor" if axis is None else "channel"
     fields["weight_rel_error"] = _rel(w, book.weights(np.float64))
     if stats is not None:
         layer = target.layer
@@ -287,6 +308,25 @@ def _share_one(
     if opts.pack:
         report.count("packed")
     report.record(weight.name or "?", **fields)
+
+
+def layout_bytes(shape: tuple[int, ...], axis: int, k: int) -> dict[str, int]:
+    """Stored bytes of a packed weight: per-channel codebooks, one codebook, and int8 per channel.
+
+    Indices take 4 bits (k <= 16) or 8; a codebook holds ``min(k, elements per channel)`` float32
+    entries per channel (or ``k`` per tensor); the int8 form is one byte per element plus a float32
+    scale per channel. A 3x3 depthwise layer (9 elements per channel) with per-channel codebooks
+    stores 9 floats per channel, more than its float32 weights; these counts let the pass see it.
+    """
+    size = int(np.prod(shape))
+    channels = int(shape[axis])
+    bits = 4 if k <= 16 else 8
+    index = -(-size * bits // 8)
+    return {
+        "per_channel_bytes": index + channels * min(k, size // max(channels, 1)) * 4,
+        "per_tensor_bytes": index + k * 4,
+        "int8_bytes": size + channels * 4,
+    }
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

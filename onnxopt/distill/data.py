@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import tqdm
 
@@ -24,6 +25,9 @@ from onnxopt.runtime.data import Dataset
 
 __all__ = [
     "agreement",
+    "augment_images",
+    "choose_hints",
+    "image_inputs",
     "select_trainable",
     "stack_samples",
     "static_batch",
@@ -101,11 +105,22 @@ def stack_samples(
 
 
 def teacher_outputs(
-    teacher: ir.Model | bytes, inputs: Mapping[str, np.ndarray], batch_size: int, *, quiet: bool = False
+    teacher: ir.Model | bytes,
+    inputs: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    quiet: bool = False,
+    extra: Sequence[str] = (),
 ) -> list[np.ndarray]:
-    """The teacher's outputs (one array per graph output, axis 0 = samples), run in onnxruntime."""
+    """The teacher's outputs (one array per graph output, then one per ``extra`` value name).
+
+    Axis 0 indexes samples; run in onnxruntime. ``extra`` names intermediate values of the
+    teacher (hint layers), exposed as outputs on an in-memory copy.
+    """
     n = next(iter(inputs.values())).shape[0]
     chunks: list[list[np.ndarray]] = []
+    if extra:
+        teacher = _with_outputs(teacher, extra)
     with runtime.session(teacher) as handle:
         starts = range(0, n, batch_size)
         for start in tqdm.tqdm(starts, desc="teacher", unit="batch", disable=quiet or len(starts) < 8, leave=False):
@@ -155,3 +170,126 @@ def agreement(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray | Non
     if labels is not None:
         out["accuracy"] = float((top == labels).mean())
     return out
+
+
+def _with_outputs(teacher: ir.Model | bytes, names: Sequence[str]) -> ir.Model:
+    model = ir.from_proto(onnx.load_from_string(teacher)) if isinstance(teacher, bytes) else teacher.clone()
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    for name in names:
+        if name not in values:
+            raise DataError(f"distill: hint value {name!r} is not in the teacher")
+        if values[name] not in model.graph.outputs:
+            model.graph.outputs.append(values[name])
+    return model
+
+
+def image_inputs(inputs: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the inputs that look like image batches, the ones augmentation may change.
+
+    An input counts as an image when its samples are float arrays of shape ``[C, H, W]`` with
+    ``C`` in 1..4 (grey, RGB, RGBA; NCHW as ONNX vision models take them) and ``H, W >= 8``.
+    Token ids, audio frames, tabular rows and NHWC tensors do not match, so augmentation is off
+    for them (an augmentation that does not preserve the label would teach the wrong thing).
+    """
+    found = []
+    for name, array in inputs.items():
+        shape = array.shape[1:]
+        if np.issubdtype(array.dtype, np.floating) and len(shape) == 3 and 1 <= shape[0] <= 4 and min(shape[1:]) >= 8:
+            found.append(name)
+    return found
+
+
+def augment_images(
+    inputs: Mapping[str, np.ndarray],
+    copies: int,
+    rng: np.random.Generator,
+    *,
+    shift: float = 0.05,
+    scale: float = 0.1,
+    noise: float = 0.02,
+) -> dict[str, np.ndarray]:
+    """``copies`` randomly shifted, scaled (zoomed in = a crop, out = edge-padded) and noisy
+    versions of every sample, ``copies * n`` samples per input (copy ``c`` of sample ``i`` at
+    ``c * n + i``). Inputs that are not images (:func:`image_inputs`) are repeated unchanged.
+
+    Args:
+        inputs: sample arrays per input name (axis 0 = samples).
+        copies: augmented copies per sample.
+        rng: the random source.
+        shift: largest shift as a fraction of the height / width.
+        scale: largest relative zoom in or out.
+        noise: Gaussian noise, standard deviation as a fraction of each sample's own.
+
+    """
+    images = set(image_inputs(inputs))
+    out = {}
+    for name, array in inputs.items():
+        if name not in images:
+            out[name] = np.concatenate([array] * copies)
+            continue
+        n, _, h, w = array.shape
+        parts = []
+        for _ in range(copies):
+            zoom = np.exp(rng.uniform(-np.log1p(scale), np.log1p(scale), n))
+            dy = rng.uniform(-shift, shift, n) * h
+            dx = rng.uniform(-shift, shift, n) * w
+            moved = np.stack([_resample(array[i], zoom[i], dy[i], dx[i]) for i in range(n)])
+            sigma = noise * moved.reshape(n, -1).std(axis=1).reshape(n, 1, 1, 1)
+            parts.append((moved + sigma * rng.standard_normal(moved.shape)).astype(array.dtype))
+        out[name] = np.concatenate(parts)
+    return out
+
+
+def _resample(image: np.ndarray, zoom: float, dy: float, dx: float) -> np.ndarray:
+    """Bilinear resampling of ``[C, H, W]`` about the centre, edge pixels repeated outside."""
+    # Written with numpy: scipy is not a dependency and this is a few thousand small images.
+    _, h, w = image.shape
+    ys = np.clip((np.arange(h) - (h - 1) / 2 - dy) / zoom + (h - 1) / 2, 0, h - 1)
+    xs = np.clip((np.arange(w) - (w - 1) / 2 - dx) / zoom + (w - 1) / 2, 0, w - 1)
+    y0 = np.minimum(np.floor(ys).astype(int), h - 2) if h > 1 else np.zeros(h, int)
+    x0 = np.minimum(np.floor(xs).astype(int), w - 2) if w > 1 else np.zeros(w, int)
+    fy = (ys - y0)[:, None]
+    fx = (xs - x0)[None, :]
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    top = image[:, y0][:, :, x0] * (1 - fx) + image[:, y0][:, :, x1] * fx
+    bottom = image[:, y1][:, :, x0] * (1 - fx) + image[:, y1][:, :, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+_HINT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def choose_hints(student: ir.Model, teacher: ir.Model | bytes, spec: str) -> list[str]:
+    """The intermediate values whose teacher features the student is trained to match (FitNets).
+
+    ``spec``: ``"auto"`` picks the activation entering the Conv/Gemm/MatMul layers at one third
+    and two thirds of the graph and the one entering the last such layer (the penultimate
+    features): early enough to guide the lower layers, late enough to carry the decision;
+    ``"none"`` or ``""`` none; otherwise comma-separated value names. Only values that exist by
+    name in both graphs, are computed by a node (not graph inputs or weights) and are float
+    are kept; named ones that fail that raise.
+
+    Raises:
+        DataError: a named hint value missing from the student or the teacher.
+
+    """
+    if spec in ("", "none"):
+        return []
+    tmodel = ir.from_proto(onnx.load_from_string(teacher)) if isinstance(teacher, bytes) else teacher
+    in_teacher = {v.name for node in tmodel.graph for v in node.outputs if v.name}
+    produced = {v.name: v for node in student.graph for v in node.outputs if v.name}
+    if spec != "auto":
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        for name in names:
+            if name not in produced or name not in in_teacher:
+                where = "student" if name not in produced else "teacher"
+                raise DataError(f"distill: hint value {name!r} is not computed by a node of the {where}")
+        return names
+    layers = [n for n in student.graph if n.op_type in _HINT_OPS and n.inputs and n.inputs[0] is not None]
+    feeds = [n.inputs[0].name for n in layers if n.inputs[0].name in produced]
+    feeds = [f for f in feeds if f in in_teacher and _ir_utils.is_float_dtype(produced[f].dtype or ir.DataType.FLOAT)]
+    if not feeds:
+        return []
+    picks = [feeds[len(feeds) // 3], feeds[(2 * len(feeds)) // 3], feeds[-1]]
+    return list(dict.fromkeys(picks))

@@ -15,7 +15,7 @@ Importing this module imports torch (the ``distill`` extra); the core never impo
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -63,9 +63,14 @@ class TorchGraph:
             self._steps.append((fn, ins, outs, node))
 
     def __call__(
-        self, feeds: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor] | None = None
+        self,
+        feeds: Mapping[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor] | None = None,
+        extra: Sequence[str] = (),
     ) -> list[torch.Tensor]:
         """The graph outputs for ``feeds``, using ``weights[name]`` instead of an initializer.
+
+        The values named in ``extra`` (intermediate tensors) follow the graph outputs.
 
         Raises:
             UnsupportedOpError: an op fails on these inputs (names the op and node).
@@ -87,4 +92,4 @@ class TorchGraph:
             for name, value in zip(outs, results, strict=False):  # Dropout: no mask output
                 if name:
                     env[name] = value
-        return [env[name] for name in self.output_names]
+        return [env[name] for name in self.output_names] + [env[name] for name in extra]

@@ -65,6 +65,8 @@ class TrainSettings:
     max_codebook: int = 256
     threads: int = 0
     quiet: bool = False
+    hints: tuple[str, ...] = ()  # intermediate values matched to the teacher's (FitNets)
+    hint_weight: float = 1.0
 
 
 class ConstrainedParam:
@@ -140,9 +142,24 @@ class TrainResult:
 
 
 def _kinds(teacher: Sequence[np.ndarray], loss: LossKind) -> list[str]:
-    if loss != "auto":
-        return [loss] * len(teacher)
-    return ["kl" if t.ndim == 2 and t.shape[1] >= 2 else "mse" for t in teacher]
+    """Loss per output; ``kl_prob`` where the model already ends in a softmax."""
+    if loss == "auto":
+        kinds = ["kl" if t.ndim == 2 and t.shape[1] >= 2 else "mse" for t in teacher]
+    else:
+        kinds = [loss] * len(teacher)
+    return ["kl_prob" if k == "kl" and is_probability(t) else k for k, t in zip(kinds, teacher, strict=True)]
+
+
+def is_probability(t: np.ndarray) -> bool:
+    """Whether ``t`` ([N, classes]) holds probabilities (softmax output) rather than logits.
+
+    Tempering probabilities as if they were logits flattens them to near-uniform targets (the
+    PP-OCR direction classifier ends in Softmax); their logarithms are logits up to a constant.
+    The row-sum tolerance is float32 rounding of a softmax over a few thousand classes.
+    """
+    if t.ndim != 2 or not np.issubdtype(t.dtype, np.floating) or (t < 0).any():
+        return False
+    return bool(np.allclose(t.sum(axis=1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def distill_loss(
@@ -152,14 +169,28 @@ def distill_loss(
     kinds: Sequence[str],
     tau: float,
     alpha: float,
+    hints: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    hint_weight: float = 1.0,
 ) -> torch.Tensor:
-    """``(1 - alpha) * CE(labels, student[0]) + alpha * sum of per-output distillation terms``."""
+    """``(1 - alpha) * CE(labels, student[0]) + alpha * (sum of per-output distillation terms
+    + hint_weight * mean of the hint terms)``.
+
+    A hint term (FitNets, Romero et al. 2015) is the MSE between the student's and the
+    teacher's intermediate features divided by the teacher features' variance, so each hint
+    weighs about as much as one normalised output term whatever its scale.
+    """
     total = torch.zeros(())
+    if hints:
+        terms = [F.mse_loss(s, t.to(s.dtype)) / (t.var() + 1e-12) for s, t in hints]
+        total = total + hint_weight * sum(terms) / len(terms)
     for s, t, kind in zip(student, teacher, kinds, strict=True):
         if not s.dtype.is_floating_point:
             continue  # integer/bool outputs carry no gradient
         t = t.to(s.dtype)
-        if kind == "kl":
+        if kind == "kl_prob":  # log-probabilities are logits up to a per-row constant
+            s = torch.log(s.clamp_min(1e-12))
+            t = torch.log(t.clamp_min(1e-12))
+        if kind in ("kl", "kl_prob"):
             log_p_s = F.log_softmax(s / tau, dim=-1)
             log_p_t = F.log_softmax(t / tau, dim=-1)
             term = tau * tau * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -170,7 +201,8 @@ def distill_loss(
         total = total + term
     if labels is None:
         return total
-    return (1 - alpha) * F.cross_entropy(student[0], labels) + alpha * total
+    logits = torch.log(student[0].clamp_min(1e-12)) if kinds[0] == "kl_prob" else student[0]
+    return (1 - alpha) * F.cross_entropy(logits, labels) + alpha * total
 
 
 def train(
@@ -219,27 +251,53 @@ def _train(
     n = next(iter(inputs.values())).shape[0]
     train_index = np.setdiff1d(np.arange(n), val_index)
     x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+    hints = tuple(settings.hints)
+    n_out = len(teacher) - len(hints)  # teacher: graph outputs, then the hint features
     t = [torch.from_numpy(np.ascontiguousarray(v)) for v in teacher]
     y = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
-    kinds = _kinds(teacher, settings.loss)
+    kinds = _kinds(teacher[:n_out], settings.loss)
     optimizer = torch.optim.Adam([p.theta for p in params], lr=settings.lr)
     # Cosine decay over the epoch budget: large steps first, small ones to settle at the end.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     rng = np.random.default_rng(settings.seed)
+    classes = kinds[0] in ("kl", "kl_prob") and t[0].ndim == 2
 
-    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+    def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ti = torch.from_numpy(idx)
         weights = {p.name: p.weight() for p in params}
-        out = graph({k: v[ti] for k, v in x.items()}, weights)
-        return distill_loss(out, [v[ti] for v in t], y[ti] if y is not None else None, kinds, settings.tau, settings.alpha)
+        out = graph({k: v[ti] for k, v in x.items()}, weights, extra=hints)
+        pairs = [(s, v[ti]) for s, v in zip(out[n_out:], t[n_out:], strict=True)]
+        loss = distill_loss(
+            out[:n_out], [v[ti] for v in t[:n_out]], y[ti] if y is not None else None, kinds,
+            settings.tau, settings.alpha, pairs, settings.hint_weight,
+        )
+        return loss, out[0]
 
-    def evaluate(idx: np.ndarray) -> float:
+    def evaluate(idx: np.ndarray) -> tuple[float, float]:
+        """Held-out (loss, top-1 agreement with the teacher; 1.0 where outputs are not classes)."""
         with torch.no_grad():
             size = settings.static_batch or 512
-            chunks = [idx[i : i + size] for i in range(0, len(idx) - len(idx) % size if settings.static_batch else len(idx), size)]
-            return float(sum(batch_loss(c).item() * len(c) for c in chunks) / max(len(idx), 1))
+            stop = len(idx) - len(idx) % size if settings.static_batch else len(idx)
+            loss, agree = 0.0, 0.0
+            for i in range(0, stop, size):
+                chunk = idx[i : i + size]
+                value, first = forward(chunk)
+                loss += value.item() * len(chunk)
+                if classes:
+                    agree += float((first.argmax(1) == t[0][torch.from_numpy(chunk)].argmax(1)).sum())
+            count = max(stop, 1)
+            return loss / count, agree / count if classes else 1.0
 
-    best = evaluate(val_index) if len(val_index) else math.inf
+    def key(loss: float, agree: float) -> tuple[float, float]:
+        # Early stopping on what the user sees: held-out decisions agreeing with the teacher,
+        # the held-out loss breaking ties (and deciding alone for outputs that are not classes).
+        return (-agree, loss)
+
+    if len(val_index):
+        loss0, agree0 = evaluate(val_index)
+        best = key(loss0, agree0)
+    else:
+        best = (math.inf, math.inf)
     best_state = [p.theta.detach().clone() for p in params]
     best_epoch, waited, history = 0, 0, []
     stopped = False
@@ -251,7 +309,7 @@ def _train(
         for start in range(0, len(order) - len(order) % size if settings.static_batch else len(order), size):
             idx = order[start : start + size]
             optimizer.zero_grad()
-            loss = batch_loss(idx)
+            loss, _ = forward(idx)
             loss.backward()
             for p in params:
                 p.mask_grad()
@@ -260,17 +318,17 @@ def _train(
                 p.project()
             running += loss.item() * len(idx)
         schedule.step()
-        row = {"epoch": epoch + 1, "train_loss": running / max(len(order), 1)}
+        row = {"epoch": epoch + 1, "train_loss": running / max(len(order), 1), "lr": schedule.get_last_lr()[0]}
         if len(val_index):
-            row["val_loss"] = evaluate(val_index)
+            row["val_loss"], row["val_agreement"] = evaluate(val_index)
         history.append(row)
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
         if on_epoch is not None:
             on_epoch(row)
-        score = row.get("val_loss", row["train_loss"])
-        if not math.isfinite(score) or not math.isfinite(row["train_loss"]):
+        if not math.isfinite(row.get("val_loss", 0.0)) or not math.isfinite(row["train_loss"]):
             stopped = True  # a non-finite loss (e.g. masked -inf logits): keep the best weights so far
             break
+        score = key(row["val_loss"], row["val_agreement"]) if len(val_index) else (row["train_loss"], 0.0)
         if score < best or not len(val_index):
             best, best_epoch, waited = score, epoch + 1, 0
             best_state = [p.theta.detach().clone() for p in params]
@@ -294,14 +352,19 @@ def depends_on_params(graph: TorchGraph, params: Sequence[ConstrainedParam], inp
 
 
 def predict(
-    graph: TorchGraph, params: Sequence[ConstrainedParam], inputs: Mapping[str, np.ndarray], size: int = 256
+    graph: TorchGraph,
+    params: Sequence[ConstrainedParam],
+    inputs: Mapping[str, np.ndarray],
+    size: int = 256,
+    extra: Sequence[str] = (),
 ) -> list[np.ndarray]:
-    """The student's outputs (torch) with the current parameters, ``size`` samples at a time."""
+    """The student's outputs (torch) with the current parameters, ``size`` samples at a time,
+    followed by the intermediate values named in ``extra``."""
     n = next(iter(inputs.values())).shape[0]
     chunks = []
     with torch.no_grad():
         weights = {p.name: p.weight() for p in params}
         for start in range(0, n, size):
             feeds = {k: torch.from_numpy(np.ascontiguousarray(v[start : start + size])) for k, v in inputs.items()}
-            chunks.append([o.detach().numpy() for o in graph(feeds, weights)])
+            chunks.append([o.detach().numpy() for o in graph(feeds, weights, extra)])
     return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]

@@ -38,7 +38,7 @@ def _any_feed(model: ir.Model) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_unique_values_at_most_k(per_channel):
     model = cnn()
-    report = _run(model, clusters=8, per_channel=per_channel, min_elements=0)
+    report = _run(model, clusters=8, per_channel=per_channel, min_elements=0, size_aware=False)
     assert report.counts["shared"] == 3 and report.modified
     for rec in report.records:
         w = model.graph.initializers[rec["item"]].const_value.numpy()
@@ -48,6 +48,24 @@ def test_unique_values_at_most_k(per_channel):
         else:
             assert len(np.unique(w)) <= 8
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_size_aware_per_channel_never_stores_more_than_int8():
+    # digits CNN: 3x3 convolutions with few input channels (per-channel codebooks of 16 float32
+    # outweigh the int8 form) next to a large Gemm (where they do not).
+    model = load_model("digits_cnn.onnx")
+    make("simplify", {})(model)
+    report = _run(model, clusters=16, per_channel=True, pack=True, min_elements=0)
+    records = [r for r in report.records if "granularity" in r]
+    assert records and report.counts["per_tensor_by_size"] >= 1
+    for rec in records:
+        assert rec["granularity"] == ("channel" if rec["per_channel_bytes"] <= rec["int8_bytes"] else "tensor")
+        # Written: indices + codebook as counted, plus the int64 shape and, for the first packed
+        # weight, the two small int constants of the nibble unpacking (shared by later weights).
+        chosen = rec["per_channel_bytes"] if rec["granularity"] == "channel" else rec["per_tensor_bytes"]
+        assert chosen <= rec["bytes_after"] <= chosen + 8 * len(rec["shape"]) + 16
+        assert chosen <= max(rec["int8_bytes"], rec["per_tensor_bytes"])
+    assert any(r["granularity"] == "channel" for r in records) or report.counts["per_tensor_by_size"] == len(records)
 
 
 @pytest.mark.parametrize(("opset", "k", "storage", "dtype"), [

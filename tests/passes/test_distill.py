@@ -169,7 +169,9 @@ def test_constraints_hold_and_student_moves_towards_teacher(rng):
     before = {n: v.const_value.numpy().copy() for n, v in student.graph.initializers.items()}
     nodes_before = [(n.op_type, [i.name for i in n.inputs]) for n in student.graph]
     ctx = _context(teacher, x)
-    opts = {"epochs": 8, "lr": 1e-2, "threads": 1, "val_fraction": 0.25, "loss": "mse"}
+    # Output loss only: hint layers (on by default) also pull the middle features, which this
+    # 8-epoch check of "the output moves towards the teacher" does not measure.
+    opts = {"epochs": 8, "lr": 1e-2, "threads": 1, "val_fraction": 0.25, "loss": "mse", "hints": "none"}
     report = make("distill", opts, ctx)(student)
     assert report.modified and report.counts["trained"] == 6
     after = {n: v.const_value.numpy() for n, v in student.graph.initializers.items()}
@@ -287,3 +289,46 @@ def test_compress_distill_recipe_on_digits_cnn_recovers_accuracy():
     final = accuracy(result.model)
     assert final >= ref - 0.02, (ref, final, compressed.fidelity)
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+
+
+def test_softmax_outputs_are_trained_as_log_probabilities(rng):
+    logits = rng.standard_normal((16, 5)).astype(np.float32) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert distill_torch.is_probability(probs) and not distill_torch.is_probability(logits)
+    assert distill_torch._kinds([probs], "auto") == ["kl_prob"] and distill_torch._kinds([logits], "auto") == ["kl"]
+    t = torch.from_numpy(probs)
+    same = distill_torch.distill_loss([t.clone()], [t], None, ["kl_prob"], tau=4.0, alpha=1.0)
+    assert abs(same.item()) < 1e-6
+    # Tempered log-probabilities equal tempered logits (softmax is shift-invariant per row): the
+    # loss on probabilities is the loss the logits would give.
+    s_logits = torch.from_numpy(rng.standard_normal((16, 5)).astype(np.float32))
+    on_probs = distill_torch.distill_loss([torch.softmax(s_logits, 1)], [t], None, ["kl_prob"], 4.0, 1.0)
+    on_logits = distill_torch.distill_loss([s_logits], [torch.from_numpy(logits)], None, ["kl"], 4.0, 1.0)
+    assert on_probs.item() == pytest.approx(on_logits.item(), rel=1e-4)
+
+
+def test_augmented_hinted_distillation_reports_agreement_and_keeps_constraints():
+    """digits CNN (input [N, 1, 8, 8]: an image): pruned and clustered, then distilled with two
+    augmented copies per training sample and the automatic hint layers."""
+    calib = data.load_data(model_path("digits_cnn_calib.npz"))
+    ctx = PassContext(calibration=calib, quiet=True)
+    steps = [recipes.Step("teacher"), recipes.Step("simplify"),
+             recipes.Step("prune", {"sparsity": 0.8, "scope": "global", "skip_last": True}),
+             recipes.Step("cluster", {"clusters": 16, "per_channel": True, "min_elements": 0}),
+             recipes.Step("distill", {"epochs": 2, "threads": 1, "augment": 2, "patience": 0})]
+    result = pipeline.run(load_model("digits_cnn.onnx"), recipes.build(steps, ctx))
+    assert [r.status for r in result.reports] == ["unchanged", "ok", "ok", "ok", "ok"]
+    clustered, distilled = result.reports[3], result.reports[4]
+    training = next(r for r in distilled.records if r["item"] == "training")
+    n, held = training["samples"], training["held_out"]
+    assert training["augmented_inputs"] == ["input"] and training["augmented"] == 2 * (n - held)
+    assert 1 <= len(training["hints"]) <= 3
+    assert set(training["before"]) == set(training["after"]) == {"top1_agreement"}
+    assert all("val_agreement" in row for row in training["history"])
+    # Constraints: the zeros of the pruned model stay zero, each clustered channel keeps <= 16 values.
+    for rec in clustered.records:
+        if "granularity" not in rec:
+            continue
+        w = result.model.graph.initializers[rec["item"]].const_value.numpy()
+        groups = w.reshape(1, -1) if rec["axis"] is None else np.moveaxis(w, rec["axis"], 0).reshape(w.shape[rec["axis"]], -1)
+        assert max(len(np.unique(g)) for g in groups) <= 16

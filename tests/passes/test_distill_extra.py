@@ -81,3 +81,48 @@ def test_without_torch_the_error_says_how_to_install_it():
     with pytest.raises(DistillDependencyError, match=r"pip install 'onnxopt\[distill\]'"):
         make("distill", {}, ctx)(model)
     assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_augmentation_is_for_image_inputs_only(rng):
+    from onnxopt.distill import data as distill_data
+
+    inputs = {
+        "image": rng.standard_normal((5, 3, 16, 24)).astype(np.float32),   # NCHW, RGB
+        "grey": rng.standard_normal((5, 1, 8, 8)).astype(np.float32),      # the digits CNN's input
+        "rows": rng.standard_normal((5, 64)).astype(np.float32),           # tabular / MLP
+        "nhwc": rng.standard_normal((5, 16, 16, 3)).astype(np.float32),    # channels last
+        "tokens": rng.integers(0, 100, (5, 3, 16, 16)),                    # integer ids
+    }
+    assert distill_data.image_inputs(inputs) == ["image", "grey"]
+    out = distill_data.augment_images(inputs, 3, rng)
+    for name, array in inputs.items():
+        assert out[name].shape == (15, *array.shape[1:]) and out[name].dtype == array.dtype
+    for name in ("rows", "nhwc", "tokens"):  # repeated unchanged, copy c of sample i at c * n + i
+        np.testing.assert_array_equal(out[name], np.concatenate([inputs[name]] * 3))
+    assert not np.array_equal(out["image"][:5], inputs["image"])
+
+
+def test_augmentation_without_shift_zoom_or_noise_is_the_identity(rng):
+    from onnxopt.distill import data as distill_data
+
+    x = {"image": rng.standard_normal((4, 3, 12, 20)).astype(np.float32)}
+    out = distill_data.augment_images(x, 2, rng, shift=0.0, scale=0.0, noise=0.0)
+    # Bilinear weights at integer positions are exactly 0 and 1: the identity, up to float32
+    # rounding of v * 1 + w * 0 (exact).
+    np.testing.assert_array_equal(out["image"], np.concatenate([x["image"]] * 2))
+
+
+def test_auto_hints_are_intermediate_values_of_both_graphs():
+    from onnxopt.distill import data as distill_data
+    from onnxopt.errors import DataError
+
+    teacher = load_model("digits_cnn.onnx")
+    student = load_model("digits_cnn.onnx")
+    make("simplify", {})(student)  # BatchNorm folded: some names go, activations stay
+    hints = distill_data.choose_hints(student, ir.to_proto(teacher).SerializeToString(), "auto")
+    produced_s = {v.name for n in student.graph for v in n.outputs}
+    produced_t = {v.name for n in teacher.graph for v in n.outputs}
+    assert 1 <= len(hints) <= 3 and all(h in produced_s and h in produced_t for h in hints)
+    assert distill_data.choose_hints(student, teacher, "none") == []
+    with pytest.raises(DataError, match="hint value 'nope'"):
+        distill_data.choose_hints(student, teacher, "nope")

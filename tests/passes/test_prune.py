@@ -55,6 +55,24 @@ def test_unstructured_global_scope_one_threshold():
     assert zero_mags.size == round(0.5 * (zero_mags.size + kept_mags.size))
 
 
+def test_global_scope_cap_keeps_every_layer_alive(rng):
+    from onnxopt.passes.prune import _magnitude_masks
+
+    # A layer of small weights (as BatchNorm folding leaves some): one global threshold at 50%
+    # removes it whole; with the cap it keeps 20% and the others make up the total.
+    arrays = [rng.standard_normal((40, 10)), 1e-3 * rng.standard_normal((20, 10)), rng.standard_normal((30, 10))]
+    total = sum(a.size for a in arrays)
+    plain = _magnitude_masks(arrays, 0.5, "global")
+    assert not plain[1].any()
+    capped = _magnitude_masks(arrays, 0.5, "global", cap=0.8)
+    assert capped[1].mean() == pytest.approx(0.2)  # exactly floor(0.8 * 200) dropped
+    dropped = sum(int((~m).sum()) for m in capped)
+    assert round(0.5 * total) <= dropped <= round(0.5 * total) + len(arrays)  # ties: one per tensor at most
+    # Still one threshold for the uncapped tensors: what they drop is smaller than what they keep.
+    for a, m in ((arrays[0], capped[0]), (arrays[2], capped[2])):
+        assert np.abs(a)[~m].max() <= np.abs(a)[m].min()
+
+
 def test_unstructured_repair_keeps_zeros_and_lowers_error():
     calib, held_out = feeds(mlp(), 8, seed=1), feeds(mlp(), 4, seed=2)
     ref, plain, repaired = mlp(), mlp(), mlp()
@@ -163,6 +181,7 @@ def test_repair_without_data_notes():
     ({"scope": "model"}, "expected one of 'layer', 'global'"),
     ({"op_types": "Add"}, "op_types: unsupported 'Add'"),
     ({"channel_multiple": 0}, "channel_multiple must be >= 1"),
+    ({"sparsity": 0.8, "max_layer_sparsity": 0.5}, r"max_layer_sparsity must be in \[sparsity, 1\]"),
 ])
 def test_config_rejected(options, message):
     with pytest.raises(ValueError, match=message):
