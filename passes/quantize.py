@@ -54,10 +54,12 @@ class QuantizePass(OptPass[QuantizeConfig]):
         if problem:
             raise ir.passes.PreconditionError(f"quantize: {problem}")
         names = {n.name for n in model.graph.all_nodes()}
-        for field in ("include_nodes", "exclude_nodes"):
+        for field in ("include_nodes", "exclude_nodes", "dynamic_nodes"):
             missing = sorted(getattr(self.config, field) - names)
             if missing:
                 raise ir.passes.PreconditionError(f"{field}: no node named {missing[0]!r} in the model")
+        if self.config.activations == "dynamic":
+            return  # run-time scales: calibration data only for SmoothQuant (skipped with a note without it)
         if not self.config.calib_table and self.context.calibration is None:
             raise ir.passes.PreconditionError("quantize needs calibration data (--calib) or calib_table")
 

@@ -37,7 +37,15 @@ import onnx_ir.passes.common as ir_common
 from onnxopt import _ir_utils
 from onnxopt.config import option
 from onnxopt.outcome import Outcome
-from onnxopt.quant import bias_correction, calibration, deploy_check, reduce_range, smooth
+from onnxopt.quant import (
+    bias_correction,
+    calibration,
+    deploy_check,
+    dynamic,
+    embedding,
+    reduce_range,
+    smooth,
+)
 from onnxopt.quant import insert as qdq_insert
 from onnxopt.quant.calibration import CalibrationTable
 from onnxopt.quant.rules import RULES, SUPPORTED_OPS, QuantPlan, RuleContext
@@ -50,6 +58,7 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
 _SMOOTH_MIN_RATIO = 4.0  # smoothing: max / median per-channel range that counts as outlier channels
 _SMOOTH_FEEDS = 4  # calibration feeds whose per-channel ranges decide smoothing
+_EMBEDDING_MIN_ROWS = 1024  # smaller Gather tables (position, token type) cost little and stay float
 
 
 def _check_ops(field: str, ops: frozenset[str]) -> None:
@@ -89,6 +98,19 @@ class QuantizeConfig:
         0.5, "SmoothQuant alpha in (0, 1]: activations with outlier channels (largest channel range "
         f">= {_SMOOTH_MIN_RATIO:g}x the median) after a LayerNorm or a Conv hand them to the MatMul/Gemm/Conv "
         "weights that read them (0: off)"
+    )
+    activations: Literal["static", "dynamic", "auto"] = option(
+        "static", "static: calibrated per-tensor activation scales; dynamic: every MatMul/Gemm with a constant "
+        "weight gets per-token scales computed at run time (MatMulInteger) and nothing else is quantized "
+        "(no calibration needed); auto: dynamic for MatMul/Gemm on inputs of rank >= 3 (token sequences), "
+        "static for the rest"
+    )
+    dynamic_nodes: frozenset[str] = option(
+        frozenset(), "MatMul/Gemm node names given per-token run-time activation scales (dynamic INT8) "
+        "whatever `activations` says"
+    )
+    embeddings: Literal["int8", "float"] = option(
+        "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
     )
     sqnr_samples: int = option(4, "calibration feeds used for the layer-wise SQNR report (0: off)")
     latency_runs: int = option(10, "runs for the FP32 vs INT8 CPU latency check (0: off)")
@@ -139,30 +161,28 @@ def quantize(
     if _ir_utils.upgrade_opset(model, MIN_OPSET):
         out.count("opset_upgraded")
         out.note(f"default opset upgraded from {opset} to {MIN_OPSET} for per-channel QDQ")
-    table, float_readers = _calibrate(model, config, calibration, cache, quiet, out)
+    if config.activations == "dynamic":  # no static activation: ranges are not needed, smoothing may be
+        table, float_readers = CalibrationTable({}, "none", 0), _smooth_only(model, config, calibration, out)
+    else:
+        table, float_readers = _calibrate(model, config, calibration, cache, quiet, out)
     float_model = model.clone() if calibration is not None else None
     if config.save_calib_table:
         table.save(config.save_calib_table)
     dtypes, ranks = _tensor_types(model)
+    dynamic_names = _dynamic_names(model, config, ranks, out)
     rules = RuleContext(table.ranges, config.per_tensor, config.mask_threshold, dtypes=dtypes, ranks=ranks)
-    plans = _plans(model, config, rules, float_readers, out)
-    if not plans:
+    plans = [] if config.activations == "dynamic" else _plans(model, config, rules, float_readers, out, dynamic_names)
+    if plans:
+        result = _static(model, config, plans, table, rules, float_readers, dynamic_names, calibration, float_model,
+                         target, pass_name, out)
+    else:
+        result = qdq_insert.InsertResult()
+    _dynamic_and_embeddings(model, config, dynamic_names, target, pass_name, out)
+    if not plans and not out.counts:
         return out
-    seven_bit = reduce_range.decide(config.reduce_range, target, can_measure=calibration is not None, outcome=out)
-    if seven_bit is not None:
-        result = _insert(model, config, plans, table, seven_bit, float_readers, pass_name)
-    else:  # auto on a CPU whose kernels saturate, with data (float_model is set): build both, measure
-        reduced = model.clone()  # planned, not yet quantized
-        result = _insert(model, config, plans, table, False, float_readers, pass_name)
-        reduced_plans = _plans(reduced, config, rules, float_readers, Outcome())  # skips reported above
-        reduced_result = _insert(reduced, config, reduced_plans, table, True, float_readers, pass_name)
-        feeds = list(calibration.take(reduce_range.CHECK_FEEDS))  # type: ignore[union-attr]
-        if reduce_range.reduced_is_closer(float_model, model, reduced, feeds, out):  # type: ignore[arg-type]
-            model.graph, plans, result = reduced.graph, reduced_plans, reduced_result
-        del reduced
     ir_common.RemoveUnusedNodesPass()(model)
     _drop_inner_value_info(model)
-    if config.bias_correction and float_model is not None and calibration is not None:
+    if config.bias_correction and float_model is not None and calibration is not None and plans:
         bias_correction.correct_if_better(float_model, model, list(calibration), out)
     for op, n in collections.Counter(p.node.op_type for p in plans).items():
         out.count(f"quantized_{op}", n)
@@ -171,12 +191,111 @@ def quantize(
     out.count("relu_clip_absorbed", result.absorbed)
     out.count("activations_quantized", len(result.dequantized))
     if float_model is not None and calibration is not None:
-        if config.sqnr_samples:
+        if config.sqnr_samples and plans:
             feeds = list(calibration.take(config.sqnr_samples))
             deploy_check.record_sqnr(float_model, model, result, config.activation_type, feeds, out)
         if config.latency_runs:
             deploy_check.record_latency(float_model, model, next(iter(calibration)), config.latency_runs, out)
     return out
+
+
+def _static(
+    model: ir.Model,
+    config: QuantizeConfig,
+    plans: list[QuantPlan],
+    table: CalibrationTable,
+    rules: RuleContext,
+    float_readers: frozenset[str],
+    dynamic_names: frozenset[str],
+    calibration: Dataset | None,
+    float_model: ir.Model | None,
+    target: str,
+    pass_name: str,
+    out: Outcome,
+) -> qdq_insert.InsertResult:
+    """Insert the static Q/DQ of ``plans`` (steps 4 and 5 of the module docstring)."""
+    seven_bit = reduce_range.decide(config.reduce_range, target, can_measure=calibration is not None, outcome=out)
+    if seven_bit is not None:
+        result = _insert(model, config, plans, table, seven_bit, float_readers, pass_name)
+    else:  # auto on a CPU whose kernels saturate, with data (float_model is set): build both, measure
+        reduced = model.clone()  # planned, not yet quantized
+        result = _insert(model, config, plans, table, False, float_readers, pass_name)
+        reduced_plans = _plans(reduced, config, rules, float_readers, Outcome(), dynamic_names)  # skips reported above
+        reduced_result = _insert(reduced, config, reduced_plans, table, True, float_readers, pass_name)
+        feeds = list(calibration.take(reduce_range.CHECK_FEEDS))  # type: ignore[union-attr]
+        if reduce_range.reduced_is_closer(float_model, model, reduced, feeds, out):  # type: ignore[arg-type]
+            model.graph, result = reduced.graph, reduced_result
+            plans[:] = reduced_plans
+        del reduced
+    return result
+
+
+def _dynamic_names(model: ir.Model, config: QuantizeConfig, ranks: dict[str, int], out: Outcome) -> frozenset[str]:
+    """Names of the MatMul/Gemm nodes that get run-time (per-token) activation scales."""
+    names = set()
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        if (config.include_nodes and node.name not in config.include_nodes) or node.name in config.exclude_nodes:
+            continue
+        if (config.include_ops and node.op_type not in config.include_ops) or node.op_type in config.exclude_ops:
+            continue
+        wanted = node.name in config.dynamic_nodes or config.activations == "dynamic" or (
+            config.activations == "auto" and ranks.get(node.inputs[0].name if node.inputs[0] else "", 0) >= 3
+        )
+        if not wanted:
+            continue
+        reason = dynamic.can_quantize(node)
+        if reason is not None:
+            if node.name in config.dynamic_nodes:
+                out.note(f"{node.name}: asked for dynamic INT8, but {reason}")
+            if config.activations == "dynamic" or node.name in config.dynamic_nodes:
+                out.skip(f"{node.op_type}: dynamic INT8 not possible, {reason}")
+            continue
+        if not node.name:  # plans and the rewrite find dynamic nodes by name
+            node.name = _ir_utils.unique_name(model.graph, f"{node.op_type}_dynamic")
+        names.add(node.name)
+    return frozenset(names)
+
+
+def _dynamic_and_embeddings(
+    model: ir.Model, config: QuantizeConfig, names: frozenset[str], target: str, pass_name: str, out: Outcome
+) -> None:
+    """Rewrite the dynamic nodes (:mod:`onnxopt.quant.dynamic`) and the embedding tables."""
+    nodes = [n for n in model.graph if n.name in names and n.op_type in ("MatMul", "Gemm")]
+    if nodes:
+        seven_bit = config.reduce_range == "true" or (
+            config.reduce_range == "auto" and target == "cpu" and reduce_range.scales.int8_dot_saturates()
+        )
+        done = dynamic.quantize_dynamic_nodes(model, nodes, reduce_range=seven_bit, pass_name=pass_name)
+        out.count("dynamic_int8_nodes", len(done.nodes))
+        out.count("dynamic_int8_inputs", done.inputs_quantized)
+        out.count("int8_weights", done.weights)
+        if seven_bit:
+            out.note("dynamic INT8: 7-bit weights (reduce_range), the u8 x s8 kernels of this CPU saturate")
+    if config.embeddings == "int8":
+        emb = embedding.quantize_embeddings(model, min_rows=_EMBEDDING_MIN_ROWS, pass_name=pass_name)
+        for name, (rows, cols, err) in emb.tables.items():
+            out.record(f"embedding:{name}", rows=rows, columns=cols, max_row_rel_error=round(err, 5))
+        if emb.tables:
+            out.count("int8_embedding_tables", len(emb.tables))
+            out.count("embedding_bytes_saved", emb.bytes_before - emb.bytes_after)
+
+
+def _smooth_only(model: ir.Model, config: QuantizeConfig, data: Dataset | None, out: Outcome) -> frozenset[str]:
+    """SmoothQuant without range calibration (all activations dynamic); needs data, else a note."""
+    if not config.smooth_quant:
+        return frozenset()
+    if data is None:
+        out.note("SmoothQuant skipped: no calibration data (dynamic INT8 needs none otherwise)")
+        return frozenset()
+    done = smooth.smooth(model, data.take(_SMOOTH_FEEDS), config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO)
+    for rec in done.records:
+        out.record(f"smooth:{rec.pop('tensor')}", **rec)
+    for reason in done.skipped:
+        out.note(f"SmoothQuant: {reason}")
+    out.count("smoothed_activations", len(done.scales))
+    return frozenset(done.inserted)
 
 
 def _calibrate(
@@ -219,12 +338,13 @@ def _calibrate(
 
 
 def _plans(
-    model: ir.Model, config: QuantizeConfig, rules: RuleContext, float_readers: frozenset[str], out: Outcome
+    model: ir.Model, config: QuantizeConfig, rules: RuleContext, float_readers: frozenset[str], out: Outcome,
+    dynamic_names: frozenset[str] = frozenset(),
 ) -> list[QuantPlan]:
     """One plan per main-graph node its rule quantizes; every other candidate is a skip with its reason."""
     plans = []
     for node in model.graph:
-        if node.op_type not in RULES or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in RULES or node.domain not in ("", "ai.onnx") or node.name in dynamic_names:
             continue
         label = node.name or node.op_type
         if node.name in float_readers:

@@ -1,0 +1,198 @@
+"""Dynamic INT8 MatMul/Gemm: activation scales computed at run time, one per token (row).
+
+Algebra: for ``y = x @ W`` with a constant ``W[K, N]``, each row ``x_r`` of ``x`` (one token of a
+transformer) gets its own scale ``s_r = max|x_r| / 127``; ``q_r = round(x_r / s_r)`` lies in
+[-127, 127]. The weight is symmetric int8 per output column, ``W ~= q_W * s_W[N]``. Then
+``y ~= (q_x @ q_W) * s_W * s_r``, where ``q_x @ q_W`` is an exact int32 accumulation. The error
+of a row is at most ``s_r / 2`` per element, set by that row's own largest value: a token whose
+activations are 50x larger than the others' (the [CLS]/[SEP] tokens of BERT-family encoders)
+no longer coarsens every other token's grid, which is what per-tensor scales (static, or
+onnxruntime's DynamicQuantizeLinear) do.
+
+In the graph, per distinct input ``x`` (Q, K and V projections share one)::
+
+    s   = Max(ReduceMax(Abs(x), axes=[-1], keepdims=1) * (1/127), tiny)
+    q_x = Cast<uint8>(Round(x / s + 128))                  # symmetric int8, shifted to uint8
+    y   = Cast<float>(MatMulInteger(q_x, q_W, 128)) * s_W * s   (+ Gemm's bias C)
+
+Why uint8 with zero point 128 rather than int8 activations: onnxruntime 1.32 runs
+MatMulInteger u8 x s8 through MLAS's VNNI/AMX kernels but s8 x s8 through a slow generic path
+(one 128x384x1536 MatMul, 1 thread, [XEON-AMX]: FP32 9.7 ms, s8 x s8 65.5 ms, u8 x s8 with
+zero point 128 1.0 ms, per-tensor DynamicQuantizeLinear + MatMulInteger 0.59 ms; /tmp micro
+benchmark kept as benchmarks/bench_transformers.py's ``--micro``). Why not QDQ with run-time
+scales: onnxruntime fuses QDQ into integer kernels only with constant scales, so a QDQ graph
+with computed scales runs in float. Why not DynamicQuantizeLinear: it has one scale for the
+whole tensor (the 0.96 embedding cosine of onnxruntime's quantize_dynamic on MiniLM).
+
+On an x86 CPU without VNNI the u8 x s8 pair sums saturate in int16: ``reduce_range`` gives
+7-bit weights there, as for static INT8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import _ir_utils
+from onnxopt.quant import scales as qm
+
+__all__ = ["DynamicResult", "can_quantize", "quantize_dynamic_nodes"]
+
+_QMAX = 127.0
+_TINY = np.float32(1e-12)  # a row of zeros gets this scale (its q is 0 either way)
+_SHIFT = 128  # int8 value + 128 = uint8 value; MatMulInteger subtracts the zero point back
+
+
+@dataclasses.dataclass
+class DynamicResult:
+    """What :func:`quantize_dynamic_nodes` did: node names made dynamic, inputs quantized."""
+
+    nodes: list[str] = dataclasses.field(default_factory=list)
+    inputs_quantized: int = 0
+    weights: int = 0
+
+
+def _weight_matrix(node: ir.Node) -> np.ndarray | None:
+    """The ``[K, N]`` weight of a MatMul/Gemm with a constant 2-D weight, or None."""
+    w_value = _ir_utils.constant_input(node, 1)
+    if w_value is None:
+        return None
+    w = _ir_utils.constant_array(w_value)
+    if w.ndim != 2 or w.dtype != np.float32:
+        return None
+    if node.op_type == "Gemm":
+        return w.T if _attr(node, "transB") else w
+    return w
+
+
+def _attr(node: ir.Node, name: str, default: float = 0) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def can_quantize(node: ir.Node) -> str | None:
+    """Why ``node`` cannot become a dynamic INT8 MatMul, or None if it can."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        return "only MatMul and Gemm have a dynamic INT8 form"
+    if _ir_utils.constant_input(node, 1) is None:
+        return "weight is not a constant initializer (activation x activation)"
+    w = _ir_utils.constant_array(node.inputs[1])
+    if w.ndim != 2 or w.dtype != np.float32:
+        return "weight is not a 2-D float32 matrix"
+    x = node.inputs[0]
+    if x is None or (x.shape is not None and len(x.shape) < 2):
+        return "input is 1-D"
+    if node.op_type == "Gemm":
+        if _attr(node, "transA") or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+            return "Gemm with transA, alpha or beta"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and _ir_utils.constant_input(node, 2) is None:
+            return "Gemm bias is not a constant"
+    return None
+
+
+class _Builder:
+    def __init__(self, model: ir.Model, pass_name: str, reduce_range: bool) -> None:
+        self.graph = model.graph
+        self.opset = model.opset_imports.get("", 13)
+        self.pass_name = pass_name
+        self.reduce_range = reduce_range
+        self.taken = _ir_utils._value_names(self.graph) | {n.name for n in self.graph.all_nodes() if n.name}
+        self.token_quant: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+        self.consts: dict[str, ir.Value] = {}
+        self.result = DynamicResult()
+
+    def initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        name = _ir_utils.unique_name(self.graph, base, self.taken)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                         const_value=ir.Tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def shared_const(self, key: str, array: np.ndarray) -> ir.Value:
+        if key not in self.consts:
+            self.consts[key] = self.initializer(f"dyn_{key}", array)
+        return self.consts[key]
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], base: str, before: ir.Node, **attrs: object) -> ir.Value:
+        name = _ir_utils.unique_name(self.graph, base, self.taken)
+        node = ir.node(op_type, list(inputs), attributes=attrs, name=name)
+        node.outputs[0].name = name
+        _ir_utils.tag(node, self.pass_name)
+        self.graph.insert_before(before, node)
+        return node.outputs[0]
+
+    def quantize_tokens(self, x: ir.Value, first_user: ir.Node) -> tuple[ir.Value, ir.Value]:
+        """(q_x uint8, s per row) for ``x``, built once per tensor before its first dynamic user."""
+        if x in self.token_quant:
+            return self.token_quant[x]
+        base = x.name or "x"
+        absx = self.op("Abs", [x], f"{base}_abs", first_user)
+        if self.opset >= 18:
+            axes = self.shared_const("axes_last", np.array([-1], np.int64))
+            rmax = self.op("ReduceMax", [absx, axes], f"{base}_absmax", first_user, keepdims=1)
+        else:
+            rmax = self.op("ReduceMax", [absx], f"{base}_absmax", first_user, axes=[-1], keepdims=1)
+        inv = self.shared_const("inv_qmax", np.array(1.0 / _QMAX, np.float32))
+        tiny = self.shared_const("tiny", np.array(_TINY, np.float32))
+        scale = self.op("Max", [self.op("Mul", [rmax, inv], f"{base}_s0", first_user), tiny], f"{base}_s", first_user)
+        shift = self.shared_const("shift", np.array(float(_SHIFT), np.float32))
+        shifted = self.op("Add", [self.op("Div", [x, scale], f"{base}_div", first_user), shift], f"{base}_shift", first_user)
+        q = self.op("Cast", [self.op("Round", [shifted], f"{base}_round", first_user)], f"{base}_q8", first_user,
+                    to=ir.DataType.UINT8)
+        self.token_quant[x] = (q, scale)
+        self.result.inputs_quantized += 1
+        return q, scale
+
+    def rewrite(self, node: ir.Node) -> None:
+        w = _weight_matrix(node)
+        assert w is not None
+        qw, w_scales = qm.per_channel_symmetric(w, 1, reduce_range=self.reduce_range)
+        label = node.name or node.op_type
+        q, scale = self.quantize_tokens(node.inputs[0], node)
+        w_name = node.inputs[1].name or label
+        qw_v = self.initializer(f"{w_name}_dyn_q", np.ascontiguousarray(qw.astype(np.int8)))
+        ws_v = self.initializer(f"{w_name}_dyn_s", w_scales.astype(np.float32))
+        zero = self.shared_const("zero_point", np.array(_SHIFT, np.uint8))
+        acc = self.op("MatMulInteger", [q, qw_v, zero], f"{label}_acc", node)
+        y = self.op("Mul", [self.op("Cast", [acc], f"{label}_accf", node, to=ir.DataType.FLOAT), ws_v],
+                    f"{label}_wscaled", node)
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        out = node.outputs[0]
+        if bias is None:
+            final = ir.node("Mul", [y, scale], name=label)
+        else:
+            final = ir.node("Add", [self.op("Mul", [y, scale], f"{label}_xscaled", node), bias], name=label)
+        _ir_utils.tag(final, self.pass_name)
+        self.graph.insert_before(node, final)
+        out_name = out.name
+        ir.convenience.replace_all_uses_with(out, final.outputs[0])
+        for i, graph_out in enumerate(self.graph.outputs):
+            if graph_out is out:
+                self.graph.outputs[i] = final.outputs[0]
+        self.graph.remove(node, safe=True)
+        final.outputs[0].name = out_name
+        final.outputs[0].type, final.outputs[0].shape = out.type, out.shape
+        self.result.nodes.append(label)
+        self.result.weights += 1
+
+
+def quantize_dynamic_nodes(
+    model: ir.Model, nodes: Sequence[ir.Node], *, reduce_range: bool = False, pass_name: str = "quantize"
+) -> DynamicResult:
+    """Rewrite each of ``nodes`` (all passing :func:`can_quantize`) as a per-token dynamic INT8 MatMul.
+
+    Graph input/output names and the float output of every node are kept; the float weights
+    are dropped once no other node reads them.
+    """
+    builder = _Builder(model, pass_name, reduce_range)
+    weights = []
+    for node in nodes:
+        weights.append(node.inputs[1])
+        builder.rewrite(node)
+    for value in weights:
+        if not value.uses() and not value.is_graph_output() and value.name in model.graph.initializers:
+            model.graph.initializers.pop(value.name)
+    return builder.result
