@@ -45,6 +45,10 @@ class QuantizePass(OptPass[QuantizeConfig]):
     config_class = QuantizeConfig
     needs_calibration = True
 
+    def needs_data(self) -> bool:
+        """Calibration data is optional with ``activations=dynamic`` (run-time scales)."""
+        return self.config.activations != "dynamic"
+
     def requires(self, model: ir.Model) -> None:
         """Check the opset, the node names in the config and that calibration is available."""
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))

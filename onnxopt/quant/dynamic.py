@@ -12,8 +12,10 @@ onnxruntime's DynamicQuantizeLinear) do.
 In the graph, per distinct input ``x`` (Q, K and V projections share one)::
 
     s   = Max(ReduceMax(Abs(x), axes=[-1], keepdims=1) * (1/127), tiny)
-    q_x = Cast<uint8>(Round(x / s + 128))                  # symmetric int8, shifted to uint8
-    y   = Cast<float>(MatMulInteger(q_x, q_W, 128)) * s_W * s   (+ Gemm's bias C)
+    q_x = Cast<uint8>(x / s + 128.5)                        # round(x / s), shifted to uint8
+    y   = MatMulIntegerToFloat(q_x, q_W, 1, s_W, 128) * s     (+ Gemm's bias C)
+
+(``MatMulIntegerToFloat``, onnxruntime's com.microsoft op, is ``float(q_x - 128) @ q_W * s_W``.)
 
 Why uint8 with zero point 128 rather than int8 activations: onnxruntime 1.32 runs
 MatMulInteger u8 x s8 through MLAS's VNNI/AMX kernels but s8 x s8 through a slow generic path
@@ -31,7 +33,7 @@ On an x86 CPU without VNNI the u8 x s8 pair sums saturate in int16: ``reduce_ran
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -44,6 +46,7 @@ __all__ = ["DynamicResult", "can_quantize", "quantize_dynamic_nodes"]
 _QMAX = 127.0
 _TINY = np.float32(1e-12)  # a row of zeros gets this scale (its q is 0 either way)
 _SHIFT = 128  # int8 value + 128 = uint8 value; MatMulInteger subtracts the zero point back
+_MS = "com.microsoft"
 
 
 @dataclasses.dataclass
@@ -101,6 +104,7 @@ class _Builder:
         self.reduce_range = reduce_range
         self.taken = _ir_utils._value_names(self.graph) | {n.name for n in self.graph.all_nodes() if n.name}
         self.token_quant: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+        self.tensor_quant: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.consts: dict[str, ir.Value] = {}
         self.result = DynamicResult()
 
@@ -116,9 +120,10 @@ class _Builder:
             self.consts[key] = self.initializer(f"dyn_{key}", array)
         return self.consts[key]
 
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], base: str, before: ir.Node, **attrs: object) -> ir.Value:
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], base: str, before: ir.Node,
+           _domain: str = "", **attrs: object) -> ir.Value:
         name = _ir_utils.unique_name(self.graph, base, self.taken)
-        node = ir.node(op_type, list(inputs), attributes=attrs, name=name)
+        node = ir.node(op_type, list(inputs), attributes=attrs, name=name, domain=_domain)
         node.outputs[0].name = name
         _ir_utils.tag(node, self.pass_name)
         self.graph.insert_before(before, node)
@@ -138,40 +143,67 @@ class _Builder:
         inv = self.shared_const("inv_qmax", np.array(1.0 / _QMAX, np.float32))
         tiny = self.shared_const("tiny", np.array(_TINY, np.float32))
         scale = self.op("Max", [self.op("Mul", [rmax, inv], f"{base}_s0", first_user), tiny], f"{base}_s", first_user)
-        shift = self.shared_const("shift", np.array(float(_SHIFT), np.float32))
+        # Cast truncates toward zero; x / s + 128.5 >= 1.5 > 0, so truncating it rounds x / s + 128
+        # (halves up): one op fewer than Round then Cast.
+        shift = self.shared_const("shift", np.array(_SHIFT + 0.5, np.float32))
         shifted = self.op("Add", [self.op("Div", [x, scale], f"{base}_div", first_user), shift], f"{base}_shift", first_user)
-        q = self.op("Cast", [self.op("Round", [shifted], f"{base}_round", first_user)], f"{base}_q8", first_user,
-                    to=ir.DataType.UINT8)
+        q = self.op("Cast", [shifted], f"{base}_q8", first_user, to=ir.DataType.UINT8)
         self.token_quant[x] = (q, scale)
         self.result.inputs_quantized += 1
         return q, scale
 
-    def rewrite(self, node: ir.Node) -> None:
+    def quantize_tensor(self, x: ir.Value, first_user: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(q_x uint8, scale, zero point) of DynamicQuantizeLinear on ``x``, built once per tensor."""
+        if x in self.tensor_quant:
+            return self.tensor_quant[x]
+        base = x.name or "x"
+        name = _ir_utils.unique_name(self.graph, f"{base}_dql", self.taken)
+        node = ir.node("DynamicQuantizeLinear", [x], name=name, num_outputs=3)
+        for out, suffix in zip(node.outputs, ("_q8", "_s", "_zp"), strict=True):
+            out.name = _ir_utils.unique_name(self.graph, f"{base}{suffix}", self.taken)
+        _ir_utils.tag(node, self.pass_name)
+        self.graph.insert_before(first_user, node)
+        self.tensor_quant[x] = (node.outputs[0], node.outputs[1], node.outputs[2])
+        self.result.inputs_quantized += 1
+        return self.tensor_quant[x]
+
+    def rewrite(self, node: ir.Node, granularity: str) -> None:
         w = _weight_matrix(node)
         assert w is not None
         qw, w_scales = qm.per_channel_symmetric(w, 1, reduce_range=self.reduce_range)
         label = node.name or node.op_type
-        q, scale = self.quantize_tokens(node.inputs[0], node)
         w_name = node.inputs[1].name or label
         qw_v = self.initializer(f"{w_name}_dyn_q", np.ascontiguousarray(qw.astype(np.int8)))
         ws_v = self.initializer(f"{w_name}_dyn_s", w_scales.astype(np.float32))
-        zero = self.shared_const("zero_point", np.array(_SHIFT, np.uint8))
-        acc = self.op("MatMulInteger", [q, qw_v, zero], f"{label}_acc", node)
-        y = self.op("Mul", [self.op("Cast", [acc], f"{label}_accf", node, to=ir.DataType.FLOAT), ws_v],
-                    f"{label}_wscaled", node)
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-        out = node.outputs[0]
-        if bias is None:
-            final = ir.node("Mul", [y, scale], name=label)
+        replaced = node
+        if granularity == "tensor":
+            bias_add = _bias_add(node, qw.shape[1]) if bias is None else None
+            if bias_add is not None:
+                replaced, bias = bias_add
+            q, xs, xz = self.quantize_tensor(node.inputs[0], node)
+            # One kernel: int32 accumulation, float cast, s_x * s_W per column and the bias.
+            final = ir.node("MatMulIntegerToFloat", [q, qw_v, xs, ws_v, xz, None, bias], name=label, domain=_MS)
         else:
-            final = ir.node("Add", [self.op("Mul", [y, scale], f"{label}_xscaled", node), bias], name=label)
+            q, scale = self.quantize_tokens(node.inputs[0], node)
+            zero = self.shared_const("zero_point", np.array(_SHIFT, np.uint8))
+            one = self.shared_const("one", np.array(1.0, np.float32))
+            # MatMulIntegerToFloat: the int32 accumulation, its float cast and the per-column
+            # weight scale in one kernel (MatMulInteger -> Cast -> Mul with a per-column scale is
+            # not fused by onnxruntime 1.32: 3 passes over the output instead of 1). Its a_scale is
+            # a scalar, so the row scales follow as a Mul, and the bias after that.
+            y = self.op("MatMulIntegerToFloat", [q, qw_v, one, ws_v, zero], f"{label}_wscaled", node, _domain=_MS)
+            if bias is None:
+                final = ir.node("Mul", [y, scale], name=label)
+            else:
+                final = ir.node("Add", [self.op("Mul", [y, scale], f"{label}_xscaled", node), bias], name=label)
         _ir_utils.tag(final, self.pass_name)
         self.graph.insert_before(node, final)
+        out = replaced.outputs[0]
         out_name = out.name
-        ir.convenience.replace_all_uses_with(out, final.outputs[0])
-        for i, graph_out in enumerate(self.graph.outputs):
-            if graph_out is out:
-                self.graph.outputs[i] = final.outputs[0]
+        ir.convenience.replace_all_uses_with(out, final.outputs[0], replace_graph_outputs=True)
+        if replaced is not node:
+            self.graph.remove(replaced, safe=True)
         self.graph.remove(node, safe=True)
         final.outputs[0].name = out_name
         final.outputs[0].type, final.outputs[0].shape = out.type, out.shape
@@ -179,19 +211,46 @@ class _Builder:
         self.result.weights += 1
 
 
+def _bias_add(node: ir.Node, columns: int) -> tuple[ir.Node, ir.Value] | None:
+    """The ``Add(node's output, b[columns])`` that only reads it, and ``b``, or None."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or add.graph is not node.graph:
+        return None
+    other = 1 - uses[0].idx
+    b = _ir_utils.constant_input(add, other)
+    if b is None or b.const_value.dtype != ir.DataType.FLOAT or tuple(b.const_value.shape) != (columns,):
+        return None
+    return add, b
+
+
 def quantize_dynamic_nodes(
-    model: ir.Model, nodes: Sequence[ir.Node], *, reduce_range: bool = False, pass_name: str = "quantize"
+    model: ir.Model,
+    nodes: Sequence[ir.Node],
+    *,
+    granularity: Mapping[str, str] | str = "token",
+    reduce_range: bool = False,
+    pass_name: str = "quantize",
 ) -> DynamicResult:
-    """Rewrite each of ``nodes`` (all passing :func:`can_quantize`) as a per-token dynamic INT8 MatMul.
+    """Rewrite each of ``nodes`` (all passing :func:`can_quantize`) as a dynamic INT8 MatMul.
+
+    ``granularity`` ("token" or "tensor", or per node name) picks per-token scales or one
+    DynamicQuantizeLinear scale for the whole input.
 
     Graph input/output names and the float output of every node are kept; the float weights
     are dropped once no other node reads them.
     """
     builder = _Builder(model, pass_name, reduce_range)
+    if nodes and _MS not in model.opset_imports:
+        model.opset_imports[_MS] = 1
     weights = []
     for node in nodes:
         weights.append(node.inputs[1])
-        builder.rewrite(node)
+        how = granularity if isinstance(granularity, str) else granularity.get(node.name, "token")
+        builder.rewrite(node, how)
     for value in weights:
         if not value.uses() and not value.is_graph_output() and value.name in model.graph.initializers:
             model.graph.initializers.pop(value.name)

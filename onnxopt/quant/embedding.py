@@ -100,10 +100,7 @@ def quantize_embeddings(model: ir.Model, *, min_rows: int = 1024, pass_name: str
         graph.insert_before(node, [*new_nodes, final])
         out = node.outputs[0]
         out_name = out.name
-        ir.convenience.replace_all_uses_with(out, final.outputs[0])
-        for i, graph_out in enumerate(graph.outputs):
-            if graph_out is out:
-                graph.outputs[i] = final.outputs[0]
+        ir.convenience.replace_all_uses_with(out, final.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
         final.outputs[0].name = out_name
         final.outputs[0].type, final.outputs[0].shape = out.type, out.shape

@@ -109,6 +109,10 @@ class QuantizeConfig:
         frozenset(), "MatMul/Gemm node names given per-token run-time activation scales (dynamic INT8) "
         "whatever `activations` says"
     )
+    dynamic_scales: Literal["token", "tensor"] = option(
+        "token", "dynamic INT8 activation scales: one per token (row; robust to outlier tokens) or one per "
+        "tensor (onnxruntime's DynamicQuantizeLinear; fewer ops)"
+    )
     embeddings: Literal["int8", "float"] = option(
         "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
     )
@@ -267,7 +271,8 @@ def _dynamic_and_embeddings(
         seven_bit = config.reduce_range == "true" or (
             config.reduce_range == "auto" and target == "cpu" and reduce_range.scales.int8_dot_saturates()
         )
-        done = dynamic.quantize_dynamic_nodes(model, nodes, reduce_range=seven_bit, pass_name=pass_name)
+        done = dynamic.quantize_dynamic_nodes(model, nodes, granularity=config.dynamic_scales, reduce_range=seven_bit,
+                                              pass_name=pass_name)
         out.count("dynamic_int8_nodes", len(done.nodes))
         out.count("dynamic_int8_inputs", done.inputs_quantized)
         out.count("int8_weights", done.weights)
