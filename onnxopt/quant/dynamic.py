@@ -41,7 +41,7 @@ import onnx_ir as ir
 from onnxopt import _ir_utils
 from onnxopt.quant import scales as qm
 
-__all__ = ["DynamicResult", "can_quantize", "quantize_dynamic_nodes"]
+__all__ = ["DynamicResult", "can_quantize", "quantize_dynamic_nodes", "unpack_attention"]
 
 _QMAX = 127.0
 _TINY = np.float32(1e-12)  # a row of zeros gets this scale (its q is 0 either way)
@@ -255,3 +255,71 @@ def quantize_dynamic_nodes(
         if not value.uses() and not value.is_graph_output() and value.name in model.graph.initializers:
             model.graph.initializers.pop(value.name)
     return builder.result
+
+
+def unpack_attention(model: ir.Model, pass_name: str = "quantize") -> list[str]:
+    """Split each com.microsoft Attention into Q/K/V MatMul + bias Add and a MultiHeadAttention.
+
+    The fused Attention keeps its packed ``[hidden, 3 * hidden]`` projection weight inside one
+    float kernel, where no dynamic INT8 can reach it; MultiHeadAttention computes the same
+    ``softmax(Q K^T * scale + mask) V`` from projected Q, K and V (exact up to float
+    re-association), so the three projections become ordinary MatMuls that can be quantized.
+    Only the encoder form is split: no past state, not unidirectional, a raw 2-D key padding
+    mask or none, equal Q/K/V widths. Returns the names of the MatMuls created.
+    """
+    graph = model.graph
+    taken = _ir_utils._value_names(graph) | {n.name for n in graph.all_nodes() if n.name}
+    created: list[str] = []
+    for node in list(graph):
+        if node.op_type != "Attention" or node.domain != _MS or len(node.outputs) != 1:
+            continue
+        inputs = list(node.inputs) + [None] * (4 - len(node.inputs))
+        x, w_value, b_value, mask = inputs[:4]
+        if any(v is not None for v in node.inputs[4:]) or _attr(node, "unidirectional"):
+            continue
+        w, b = _ir_utils.constant_input(node, 1), _ir_utils.constant_input(node, 2)
+        if w is None or b is None or node.attributes.get("qkv_hidden_sizes") is not None:
+            continue
+        weight, bias = _ir_utils.constant_array(w), _ir_utils.constant_array(b)
+        if weight.ndim != 2 or weight.shape[1] % 3 or bias.shape != (weight.shape[1],):
+            continue
+        if mask is not None and (mask.shape is None or len(mask.shape) != 2):
+            continue
+        hidden = weight.shape[1] // 3
+        label = node.name or "Attention"
+        projected = []
+        new_nodes = []
+        for i, part in enumerate("qkv"):
+            names = [_ir_utils.unique_name(graph, f"{label}_{part}{s}", taken) for s in ("_w", "_b", "_matmul", "")]
+            w_i = ir.Value(name=names[0], shape=ir.Shape([weight.shape[0], hidden]), type=ir.TensorType(ir.DataType.FLOAT),
+                           const_value=ir.Tensor(np.ascontiguousarray(weight[:, i * hidden:(i + 1) * hidden]), name=names[0]))
+            b_i = ir.Value(name=names[1], shape=ir.Shape([hidden]), type=ir.TensorType(ir.DataType.FLOAT),
+                           const_value=ir.Tensor(np.ascontiguousarray(bias[i * hidden:(i + 1) * hidden]), name=names[1]))
+            graph.register_initializer(w_i)
+            graph.register_initializer(b_i)
+            matmul = ir.node("MatMul", [x, w_i], name=names[2])
+            matmul.outputs[0].name = names[2]
+            add = ir.node("Add", [matmul.outputs[0], b_i], name=names[3])
+            add.outputs[0].name = names[3]
+            new_nodes += [matmul, add]
+            projected.append(add.outputs[0])
+            created.append(names[2])
+        attrs: dict[str, object] = {"num_heads": int(_attr(node, "num_heads"))}
+        for name in ("scale", "mask_filter_value"):
+            if node.attributes.get(name) is not None:
+                attrs[name] = node.attributes[name].value
+        mha = ir.node("MultiHeadAttention", [*projected, None, mask], attributes=attrs, name=f"{label}_mha",
+                      domain=_MS)
+        for n in [*new_nodes, mha]:
+            _ir_utils.tag(n, pass_name)
+        graph.insert_before(node, [*new_nodes, mha])
+        out = node.outputs[0]
+        out_name = out.name
+        ir.convenience.replace_all_uses_with(out, mha.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        mha.outputs[0].name = out_name
+        mha.outputs[0].type, mha.outputs[0].shape = out.type, out.shape
+        for value in (w_value, b_value):
+            if value is not None and not value.uses() and value.name in graph.initializers:
+                graph.initializers.pop(value.name)
+    return created

@@ -101,16 +101,16 @@ class QuantizeConfig:
     )
     activations: Literal["static", "dynamic", "auto"] = option(
         "static", "static: calibrated per-tensor activation scales; dynamic: every MatMul/Gemm with a constant "
-        "weight gets per-token scales computed at run time (MatMulInteger) and nothing else is quantized "
-        "(no calibration needed); auto: dynamic for MatMul/Gemm on inputs of rank >= 3 (token sequences), "
-        "static for the rest"
+        "weight gets scales computed at run time (see dynamic_scales) and nothing else is quantized "
+        "(no calibration needed); auto: dynamic for transformers (MatMuls on token sequences, no "
+        "convolutions), static otherwise"
     )
     dynamic_nodes: frozenset[str] = option(
         frozenset(), "MatMul/Gemm node names given per-token run-time activation scales (dynamic INT8) "
         "whatever `activations` says"
     )
     dynamic_scales: Literal["token", "tensor"] = option(
-        "token", "dynamic INT8 activation scales: one per token (row; robust to outlier tokens) or one per "
+        "tensor", "dynamic INT8 activation scales: one per token (row; robust to outlier tokens) or one per "
         "tensor (onnxruntime's DynamicQuantizeLinear; fewer ops)"
     )
     embeddings: Literal["int8", "float"] = option(
@@ -165,7 +165,14 @@ def quantize(
     if _ir_utils.upgrade_opset(model, MIN_OPSET):
         out.count("opset_upgraded")
         out.note(f"default opset upgraded from {opset} to {MIN_OPSET} for per-channel QDQ")
-    if config.activations == "dynamic":  # no static activation: ranges are not needed, smoothing may be
+    mode = _resolve_mode(model, config, out)
+    if mode == "dynamic":
+        unpacked = dynamic.unpack_attention(model, pass_name)
+        if unpacked:
+            out.count("attention_unpacked", len(unpacked) // 3)
+            out.note(f"{len(unpacked) // 3} fused Attention node(s) split into Q/K/V MatMuls + MultiHeadAttention "
+                     "so that their projections are quantized")
+    if mode == "dynamic":  # no static activation: ranges are not needed, smoothing may be
         table, float_readers = CalibrationTable({}, "none", 0), _smooth_only(model, config, calibration, out)
     else:
         table, float_readers = _calibrate(model, config, calibration, cache, quiet, out)
@@ -173,9 +180,9 @@ def quantize(
     if config.save_calib_table:
         table.save(config.save_calib_table)
     dtypes, ranks = _tensor_types(model)
-    dynamic_names = _dynamic_names(model, config, ranks, out)
+    dynamic_names = _dynamic_names(model, config, mode, out)
     rules = RuleContext(table.ranges, config.per_tensor, config.mask_threshold, dtypes=dtypes, ranks=ranks)
-    plans = [] if config.activations == "dynamic" else _plans(model, config, rules, float_readers, out, dynamic_names)
+    plans = [] if mode == "dynamic" else _plans(model, config, rules, float_readers, out, dynamic_names)
     if plans:
         result = _static(model, config, plans, table, rules, float_readers, dynamic_names, calibration, float_model,
                          target, pass_name, out)
@@ -234,8 +241,29 @@ def _static(
     return result
 
 
-def _dynamic_names(model: ir.Model, config: QuantizeConfig, ranks: dict[str, int], out: Outcome) -> frozenset[str]:
-    """Names of the MatMul/Gemm nodes that get run-time (per-token) activation scales."""
+def _resolve_mode(model: ir.Model, config: QuantizeConfig, out: Outcome) -> str:
+    """``static`` or ``dynamic``: ``activations=auto`` decided for this model (a note says why)."""
+    if config.activations != "auto":
+        return config.activations
+    ops = {(n.domain or "", n.op_type) for n in model.graph}
+    if ("", "Conv") in ops or ("", "ConvTranspose") in ops:
+        out.note("activations=auto: static (the model has convolutions)")
+        return "static"
+    fused = {("com.microsoft", op) for op in ("Attention", "MultiHeadAttention", "SkipLayerNormalization")}
+    _, ranks = _tensor_types(model)
+    sequence = [n for n in model.graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")
+                and n.inputs[0] is not None and ranks.get(n.inputs[0].name, 0) >= 3
+                and dynamic.can_quantize(n) is None]
+    if sequence or ops & fused:
+        out.note("activations=auto: dynamic (a transformer: MatMuls with constant weights on token sequences, no "
+                 "convolutions), every MatMul/Gemm with run-time scales, the rest float")
+        return "dynamic"
+    out.note("activations=auto: static (no MatMul/Gemm on token sequences)")
+    return "static"
+
+
+def _dynamic_names(model: ir.Model, config: QuantizeConfig, mode: str, out: Outcome) -> frozenset[str]:
+    """Names of the MatMul/Gemm nodes that get run-time activation scales."""
     names = set()
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
@@ -244,16 +272,13 @@ def _dynamic_names(model: ir.Model, config: QuantizeConfig, ranks: dict[str, int
             continue
         if (config.include_ops and node.op_type not in config.include_ops) or node.op_type in config.exclude_ops:
             continue
-        wanted = node.name in config.dynamic_nodes or config.activations == "dynamic" or (
-            config.activations == "auto" and ranks.get(node.inputs[0].name if node.inputs[0] else "", 0) >= 3
-        )
-        if not wanted:
+        if not (node.name in config.dynamic_nodes or mode == "dynamic"):
             continue
         reason = dynamic.can_quantize(node)
         if reason is not None:
             if node.name in config.dynamic_nodes:
                 out.note(f"{node.name}: asked for dynamic INT8, but {reason}")
-            if config.activations == "dynamic" or node.name in config.dynamic_nodes:
+            if mode == "dynamic" or node.name in config.dynamic_nodes:
                 out.skip(f"{node.op_type}: dynamic INT8 not possible, {reason}")
             continue
         if not node.name:  # plans and the rewrite find dynamic nodes by name
