@@ -49,6 +49,7 @@ from onnxopt.quant import (
 from onnxopt.quant import insert as qdq_insert
 from onnxopt.quant.calibration import CalibrationTable
 from onnxopt.quant.rules import RULES, SUPPORTED_OPS, QuantPlan, RuleContext
+from onnxopt.runtime import environment
 from onnxopt.runtime.data import Dataset
 
 __all__ = ["MIN_OPSET", "QuantizeConfig", "quantize"]
@@ -296,6 +297,10 @@ def _dynamic_and_embeddings(
         seven_bit = config.reduce_range == "true" or (
             config.reduce_range == "auto" and target == "cpu" and reduce_range.scales.int8_dot_saturates()
         )
+        cpu = environment.cpu_info()
+        how = "set in the config" if config.reduce_range != "auto" else (
+            "auto, dynamic INT8: 7-bit weights where the u8 x s8 kernels saturate (no data needed to decide)")
+        out.record("reduce_range", reduce_range=seven_bit, how=how, cpu=cpu.describe(), int8_dot=cpu.int8_dot)
         done = dynamic.quantize_dynamic_nodes(model, nodes, granularity=config.dynamic_scales, reduce_range=seven_bit,
                                               pass_name=pass_name)
         out.count("dynamic_int8_nodes", len(done.nodes))

@@ -244,7 +244,11 @@ def test_fuse_int8_recipe_end_to_end(tmp_path):
     assert all(r.status == "ok" for r in result.reports), [r.error for r in result.reports]
     assert result.passed, result.failures
     ops = op_counts(_io.load_model(tmp_path / "bert.int8.onnx"))
-    assert ops["Attention"] == 1 and ops["QuantizeLinear"] > 0
+    # activations=auto on a transformer: dynamic INT8; the fused Attention is split so that its
+    # Q/K/V projections are quantized too (onnxopt.quant.dynamic.unpack_attention).
+    assert result.reports[2].counts["attention_unpacked"] == 1
+    assert ops["MultiHeadAttention"] == 1 and ops["Attention"] == 0
+    assert ops["MatMulIntegerToFloat"] == 7 and ops["MatMul"] == 0  # Q, K, V, out-proj, 2 FFN, head
 
 
 @pytest.mark.slow
