@@ -19,7 +19,7 @@ from onnxopt.passes.quantize import QuantizeConfig, QuantizePass
 
 from onnxopt import config
 from onnxopt.context import PassContext
-from onnxopt.quant import dynamic, embedding
+from onnxopt.quant import dynamic, embedding, smooth
 from onnxopt.runtime import sessions as runtime
 from onnxopt.runtime.data import Dataset
 from tests.tolerances import TOL
@@ -211,3 +211,20 @@ def test_unpack_attention_is_exact(rng):
     feed = {"x": rng.standard_normal((2, 5, hidden)).astype(np.float32),
             "mask": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)}
     np.testing.assert_allclose(_run(model, feed)["y"], _run(ref, feed)["y"], **TOL["reassociate_fp32"])
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_smoothquant_alpha_chosen_per_layer_from_activations(per_token):
+    """Per-layer alpha: the grid value (or none) with the least simulated INT8 error is applied and recorded."""
+    from tests.passes.test_smooth import ln_model
+
+    rng = np.random.default_rng(0)
+    model = ln_model(30.0)  # LayerNorm output with 30x outlier channels, read by two MatMuls
+    feeds = [{"x": rng.standard_normal((2, 8, 32)).astype(np.float32)} for _ in range(4)]
+    done = smooth.smooth(model, feeds, 0.5, min_ratio=4.0, per_layer=smooth.ALPHA_GRID, per_token=per_token)
+    (rec,) = [r for r in done.records if r["tensor"] == "y"]
+    errors = rec["int8_rel_error"]
+    assert set(errors) == {"off", *(f"{a:g}" for a in smooth.ALPHA_GRID)}
+    assert rec["alpha"] in smooth.ALPHA_GRID and errors[f"{rec['alpha']:g}"] == min(errors.values())
+    assert errors[f"{rec['alpha']:g}"] < errors["off"]  # smoothing these outliers helps: measured, then applied
+    assert "y" in done.scales
