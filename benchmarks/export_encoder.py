@@ -178,7 +178,7 @@ def main() -> int:
                               opset_version=args.opset, dynamo=False)
         else:
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-            shapes = ({0: batch, 1: seq},) * len(names)
+            shapes = (({0: batch, 1: seq},) * len(names),)  # forward(*inputs): one varargs entry
             program = torch.onnx.export(Encoder(model), inputs, input_names=list(names),
                                         output_names=["last_hidden_state"], dynamic_shapes=shapes,
                                         opset_version=args.opset, dynamo=True, external_data=False)
