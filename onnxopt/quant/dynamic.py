@@ -76,6 +76,24 @@ def _attr(node: ir.Node, name: str, default: float = 0) -> float:
     return default if attr is None else attr.value
 
 
+_NORMS = frozenset({"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+                    "SkipSimplifiedLayerNormalization"})
+
+
+def normalized_input(node: ir.Node) -> bool:
+    """Whether ``node`` reads a LayerNorm output (directly, or through a SmoothQuant Mul).
+
+    Every row of a LayerNorm output has the same RMS up to the per-channel gamma, so one scale
+    per tensor costs little there; the attention context and the GELU output between the two
+    FFN MatMuls have no such bound, and single tokens reach 10-40x the median token's max.
+    """
+    producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if producer is not None and producer.op_type == "Mul" and _ir_utils.constant_input(producer, 1) is not None:
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    return producer is not None and producer.op_type in _NORMS and producer.outputs[0] is not None and (
+        node.inputs[0] is producer.outputs[0] or node.inputs[0].producer() is not producer)
+
+
 def can_quantize(node: ir.Node) -> str | None:
     """Why ``node`` cannot become a dynamic INT8 MatMul, or None if it can."""
     if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
@@ -237,8 +255,9 @@ def quantize_dynamic_nodes(
 ) -> DynamicResult:
     """Rewrite each of ``nodes`` (all passing :func:`can_quantize`) as a dynamic INT8 MatMul.
 
-    ``granularity`` ("token" or "tensor", or per node name) picks per-token scales or one
-    DynamicQuantizeLinear scale for the whole input.
+    ``granularity`` ("token", "tensor" or "auto", or per node name) picks per-token scales or
+    one DynamicQuantizeLinear scale for the whole input; auto: per tensor where the input is a
+    LayerNorm output (:func:`normalized_input`), per token elsewhere.
 
     Graph input/output names and the float output of every node are kept; the float weights
     are dropped once no other node reads them.
@@ -250,6 +269,8 @@ def quantize_dynamic_nodes(
     for node in nodes:
         weights.append(node.inputs[1])
         how = granularity if isinstance(granularity, str) else granularity.get(node.name, "token")
+        if how == "auto":
+            how = "tensor" if normalized_input(node) else "token"
         builder.rewrite(node, how)
     for value in weights:
         if not value.uses() and not value.is_graph_output() and value.name in model.graph.initializers:

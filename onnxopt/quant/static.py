@@ -110,9 +110,10 @@ class QuantizeConfig:
         frozenset(), "MatMul/Gemm node names given per-token run-time activation scales (dynamic INT8) "
         "whatever `activations` says"
     )
-    dynamic_scales: Literal["token", "tensor"] = option(
-        "tensor", "dynamic INT8 activation scales: one per token (row; robust to outlier tokens) or one per "
-        "tensor (onnxruntime's DynamicQuantizeLinear; fewer ops)"
+    dynamic_scales: Literal["auto", "token", "tensor"] = option(
+        "auto", "dynamic INT8 activation scales: token: one per token (row), robust to outlier tokens; tensor: one "
+        "per tensor (onnxruntime's DynamicQuantizeLinear, fewer ops); auto: per tensor on LayerNorm outputs "
+        "(every row normalized), per token elsewhere (attention context, GELU output)"
     )
     embeddings: Literal["int8", "float"] = option(
         "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
@@ -336,7 +337,7 @@ def _smooth_only(model: ir.Model, config: QuantizeConfig, data: Dataset | None, 
         out.note("SmoothQuant skipped: no calibration data (dynamic INT8 needs none otherwise)")
         return frozenset()
     done = smooth.smooth(model, data.take(_SMOOTH_FEEDS), config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO,
-                         **_alphas(config, config.dynamic_scales == "token"))
+                         **_alphas(config, config.dynamic_scales == "token"))  # auto: LayerNorm outputs per tensor
     for rec in done.records:
         out.record(f"smooth:{rec.pop('tensor')}", **rec)
     for reason in done.skipped:
