@@ -39,7 +39,15 @@ class QuantizePass(OptPass[QuantizeConfig]):
     Guarantees: never quantizes a tensor whose range reaches ``mask_threshold`` (additive attention
         masks); every node left float has a reason in ``report.skipped``; layer-wise SQNR (worst
         first) in ``report.records``; a note when INT8 is measured slower than FP32 on CPU.
-    Not exact: output error ~ the output scale; tests use atol = 2 x output scale.
+    Dynamic INT8 (``activations=dynamic``, or ``auto`` on a transformer, or the nodes named in
+        ``dynamic_nodes``): MatMul/Gemm with constant weights become onnxruntime
+        MatMulIntegerToFloat kernels on activations quantized at run time (per token or per
+        tensor, ``dynamic_scales``; :mod:`onnxopt.quant.dynamic`), fused com.microsoft Attention
+        is split into Q/K/V MatMuls + MultiHeadAttention first; Gather tables of >= 1024 rows
+        become int8 with a scale per row (``embeddings``, :mod:`onnxopt.quant.embedding`).
+    Not exact: output error ~ the output scale; tests use atol = 2 x output scale (static);
+        dynamic INT8 and int8 embeddings: the worst-case bounds derived in
+        tests/passes/test_quantize_dynamic.py.
     """
 
     config_class = QuantizeConfig

@@ -13,6 +13,7 @@ dequantize all V rows on every run. The file holds ``V * (D + 4)`` bytes instead
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -33,10 +34,10 @@ class EmbeddingResult:
     bytes_after: int = 0
 
 
-def _candidates(model: ir.Model, min_rows: int) -> list[ir.Node]:
+def _candidates(model: ir.Model, min_rows: int, allowed: Callable[[ir.Node], bool]) -> list[ir.Node]:
     nodes = []
     for node in model.graph:
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or not allowed(node):
             continue
         table = _ir_utils.constant_input(node, 0)
         if table is None or node.attributes.get("axis") is not None and node.attributes["axis"].value != 0:
@@ -50,8 +51,15 @@ def _candidates(model: ir.Model, min_rows: int) -> list[ir.Node]:
     return nodes
 
 
-def quantize_embeddings(model: ir.Model, *, min_rows: int = 1024, pass_name: str = "quantize") -> EmbeddingResult:
-    """Rewrite every ``Gather(E, ids)`` (axis 0) on a constant float table of >= ``min_rows`` rows.
+def quantize_embeddings(
+    model: ir.Model,
+    *,
+    min_rows: int = 1024,
+    pass_name: str = "quantize",
+    allowed: Callable[[ir.Node], bool] = lambda node: True,
+) -> EmbeddingResult:
+    """Rewrite every ``Gather(E, ids)`` (axis 0) on a constant float table of >= ``min_rows`` rows
+    (and for which ``allowed`` is true: the caller's node selection).
 
     A table also read by other nodes (a tied output projection) keeps its float copy for them.
     """
@@ -59,7 +67,7 @@ def quantize_embeddings(model: ir.Model, *, min_rows: int = 1024, pass_name: str
     graph = model.graph
     taken = _ir_utils._value_names(graph) | {n.name for n in graph.all_nodes() if n.name}
     done: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
-    for node in _candidates(model, min_rows):
+    for node in _candidates(model, min_rows, allowed):
         table = node.inputs[0]
         if table not in done:
             e = _ir_utils.constant_array(table)

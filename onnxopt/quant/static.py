@@ -20,6 +20,12 @@ with the int32 bias (scale ``s_x * s_w``), so the fused model computes what the 
 
 Steps 4, 6 and 7 run onnxruntime on calibration feeds; without calibration data (a saved
 calibration table) they are left out.
+
+Dynamic INT8 (``activations=dynamic``, ``auto`` on a transformer, or ``dynamic_nodes``): those
+MatMul/Gemm nodes get activation scales computed at run time (:mod:`onnxopt.quant.dynamic`) instead
+of Q/DQ from the calibration table; with ``activations=dynamic`` nothing else is quantized and
+calibration data is needed only for SmoothQuant. Embedding tables become int8 rows
+(:mod:`onnxopt.quant.embedding`) in every mode unless ``embeddings=float``.
 """
 
 from __future__ import annotations
@@ -314,7 +320,14 @@ def _dynamic_and_embeddings(
         if seven_bit:
             out.note("dynamic INT8: 7-bit weights (reduce_range), the u8 x s8 kernels of this CPU saturate")
     if config.embeddings == "int8":
-        emb = embedding.quantize_embeddings(model, min_rows=_EMBEDDING_MIN_ROWS, pass_name=pass_name)
+        def allowed(node: ir.Node) -> bool:  # the same node selection as every other quantized node
+            if "Gather" in config.exclude_ops or (config.include_ops and "Gather" not in config.include_ops):
+                return False
+            return not ((config.include_nodes and node.name not in config.include_nodes)
+                        or node.name in config.exclude_nodes)
+
+        emb = embedding.quantize_embeddings(model, min_rows=_EMBEDDING_MIN_ROWS, pass_name=pass_name,
+                                            allowed=allowed)
         for name, (rows, cols, err) in emb.tables.items():
             out.record(f"embedding:{name}", rows=rows, columns=cols, max_row_rel_error=round(err, 5))
         if emb.tables:

@@ -228,3 +228,23 @@ def test_smoothquant_alpha_chosen_per_layer_from_activations(per_token):
     assert rec["alpha"] in smooth.ALPHA_GRID and errors[f"{rec['alpha']:g}"] == min(errors.values())
     assert errors[f"{rec['alpha']:g}"] < errors["off"]  # smoothing these outliers helps: measured, then applied
     assert "y" in done.scales
+
+
+def test_embeddings_follow_the_node_selection(rng):
+    table = rng.standard_normal((2000, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+
+    def model() -> ir.Model:
+        return _model([helper.make_node("Gather", ["E", "ids"], ["e"], name="words"),
+                       helper.make_node("MatMul", ["e", "W"], ["y"], name="mm")],
+                      [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, 8])], {"E": table, "W": w})
+
+    picked = model()
+    report = _quantize(picked, activations="dynamic", include_nodes=frozenset({"mm"}))
+    assert report.counts["dynamic_int8_nodes"] == 1 and not report.counts["int8_embedding_tables"]
+    assert "E" in picked.graph.initializers
+    both = model()
+    assert _quantize(both, activations="dynamic").counts["int8_embedding_tables"] == 1
+    kept = model()
+    assert not _quantize(kept, activations="dynamic", embeddings="float").counts["int8_embedding_tables"]
