@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import tempfile
 import time
 
@@ -43,7 +42,7 @@ import onnx
 import onnxruntime as ort
 
 import onnxopt
-from onnxopt.runtime import latency, sessions
+from onnxopt.runtime import environment, latency, sessions
 
 ONNXOPT = {
     "onnxopt int8": {"recipe": "int8"},
@@ -169,7 +168,7 @@ def main() -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         for path in args.models:
             rows += bench_model(path, workdir, variants, args.runs)
-    print(f"CPU: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, "
+    print(f"CPU: {environment.cpu_info().describe()}, onnxruntime {ort.__version__}, "
           f"onnxopt {getattr(onnxopt, '__version__', '?')}; latency 1 thread, batch 1 x 128 tokens, interleaved")
     print("| model | variant | cosine mean | cosine min | latency vs FP32 | size vs FP32 |")
     print("|---|---|---|---|---|---|")
