@@ -50,7 +50,7 @@ ONNXOPT = {
     # the recipes' steps with one activation scale per tensor everywhere (faster, less faithful)
     "onnxopt int8 per-tensor": {"recipe": "simplify", "passes": ["quantize:activations=auto,dynamic_scales=tensor"]},
     "onnxopt fuse-int8 per-tensor": {"recipe": "simplify", "passes": [
-        "fuse:embed_layer_norm=false", "quantize:activations=auto,dynamic_scales=tensor"]},
+        "fuse:embed_layer_norm=false,skip_layer_norm=false", "quantize:activations=auto,dynamic_scales=tensor"]},
 }
 PEERS = ("ort quantize_dynamic", "ort optimizer+quantize_dynamic", "nncf transformer")
 
