@@ -20,11 +20,13 @@ SmoothQuant; INT8 embedding rows), and both with ``dynamic_scales=tensor``; onnx
 per-channel off), onnxruntime's transformer optimizer (``optimize_model``, model_type bert, the
 model's heads and hidden size) + ``quantize_dynamic``, and NNCF ``quantize`` with
 ``model_type=TRANSFORMER`` on the 16 calibration sentences. The peers run only here (NNCF
-must be installed in the interpreter that runs this script)::
+must be installed in the interpreter that runs this script, with this checkout installed
+editable: ``pip install -e . nncf``)::
 
     /work/venv-hf/bin/python benchmarks/export_encoder.py minilm /tmp/enc/minilm.onnx --data /tmp/enc/minilm_data
     /work/venv-hf/bin/python benchmarks/export_encoder.py splade-tiny /tmp/enc/splade-tiny.onnx --data /tmp/enc/splade-tiny_data
-    PYTHONPATH=. /work/venv-peers/bin/python benchmarks/bench_transformers.py /tmp/enc/minilm.onnx /tmp/enc/splade-tiny.onnx
+    /work/venv-hf/bin/python benchmarks/export_encoder.py mpnet /tmp/enc/mpnet.onnx --data /tmp/enc/mpnet_data
+    python benchmarks/bench_transformers.py /tmp/enc/minilm.onnx /tmp/enc/mpnet.onnx /tmp/enc/splade-tiny.onnx
 
 (each model's data folder is ``<model>_data`` next to it).
 """
@@ -161,6 +163,12 @@ def main() -> int:
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows here")
     parser.add_argument("--keep", type=pathlib.Path, help="keep the built models in this folder")
     args = parser.parse_args()
+    import onnxopt.passes
+
+    here = pathlib.Path(onnxopt.__file__).resolve().parents[1]
+    if pathlib.Path(onnxopt.passes.__file__).resolve().parents[1] != here:  # PYTHONPATH over another editable install
+        raise SystemExit(f"onnxopt.passes comes from {onnxopt.passes.__file__}, not from {here}: "
+                         "run in a venv where this checkout is installed (pip install -e .)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
