@@ -158,7 +158,7 @@ def optimize(
     )
     pass_objs = recipes.build(steps, context)
     for p in pass_objs:
-        if p.needs_calibration and calib is None:
+        if p.needs_data() and calib is None:
             raise DataError(f"pass {p.name!r} needs calibration data (--calib)")
     work = _io.load_model(model)
     result = pipeline.run(work, pass_objs, check=check, strict=strict)

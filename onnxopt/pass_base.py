@@ -144,6 +144,10 @@ class OptPass(ir.passes.InPlacePass, Generic[C]):
     def __repr__(self) -> str:
         return f"{self.name}({self.config})"
 
+    def needs_data(self) -> bool:
+        """Whether this pass, with its config, needs calibration data (default: ``needs_calibration``)."""
+        return self.needs_calibration
+
     def new_report(self, model: ir.Model) -> PassReport:
         """An empty report for this pass."""
         return PassReport(model=model, modified=False, pass_name=self.name)

@@ -77,8 +77,11 @@ add_recipe(Recipe("deep-compression", "Deep Compression (Han et al. 2016) on the
                    Step("cluster", {"clusters": 16, "repair": True, "pack": True, "min_elements": 0})),
                   needs_calibration=True))
 
-add_recipe(Recipe("int8", "simplify, then static INT8 QDQ quantization from calibration data",
-                  (Step("simplify"), Step("quantize")), needs_calibration=True))
+# activations=auto: transformers get dynamic INT8 (run-time scales: 0.997 embedding cosine on
+# all-MiniLM-L6-v2 where static gets 0.84, benchmarks/bench_transformers.py), CNNs static QDQ.
+add_recipe(Recipe("int8", "simplify, then INT8: static QDQ from calibration data, or dynamic (run-time "
+                  "activation scales) MatMuls and int8 embeddings for transformers",
+                  (Step("simplify"), Step("quantize", {"activations": "auto"})), needs_calibration=True))
 add_recipe(Recipe("fp16", "simplify, then float16 weights and compute; nodes whose calibrated ranges "
                   "leave float16 stay float32 (--calib optional: without it only weights are checked)",
                   (Step("simplify"), Step("fp16"))))
@@ -89,8 +92,14 @@ add_recipe(Recipe("fuse", "simplify, then onnxruntime's transformer fusions (att
                   (Step("simplify"), Step("fuse"))))
 # Fusion before INT8: the fused kernels keep attention/LayerNorm/GELU float and quantize takes the
 # remaining MatMuls; Q/DQ pairs placed first would break the patterns (benchmarks/bench_fuse.py).
-add_recipe(Recipe("fuse-int8", "simplify, transformer fusions, then static INT8 QDQ of the remaining MatMuls",
-                  (Step("simplify"), Step("fuse"), Step("quantize")), needs_calibration=True))
+# No EmbedLayerNormalization: it would hide the word-embedding Gather (half of a MiniLM file) from
+# the int8 embedding table. No SkipLayerNormalization: beside dynamic INT8 MatMuls it measured
+# slower than Add + LayerNormalization (all-MiniLM-L6-v2, 1 thread, [XEON-AMX]: 12 SkipLayerNorm
+# nodes 30% of the profile; fuse-int8 0.51x -> 0.42x FP32 latency, cosine 0.9990 both).
+add_recipe(Recipe("fuse-int8", "simplify, transformer fusions (attention, LayerNorm, GELU), then INT8 of the "
+                  "MatMuls (dynamic for transformers, as the int8 recipe)",
+                  (Step("simplify"), Step("fuse", {"embed_layer_norm": False, "skip_layer_norm": False}),
+                   Step("quantize", {"activations": "auto"})), needs_calibration=True))
 add_recipe(Recipe("compress-distill", "teacher, then 80% global pruning and 16 clusters per output channel "
                   "(one per tensor where per-channel codebooks would outweigh int8; both repaired on --calib "
                   "data), distillation against the input model on --calib data (augmented image feeds, hint "

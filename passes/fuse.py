@@ -74,6 +74,9 @@ class FuseConfig:
     hidden_size: int = option(0, "hidden size; 0: inferred from the graph (projection weights)")
     attention: bool = option(True, "fuse self-attention into Attention")
     layer_norm: bool = option(True, "fuse LayerNormalization and SkipLayerNormalization")
+    skip_layer_norm: bool = option(True, "with layer_norm: also fuse residual Add + LayerNorm into "
+                                   "SkipLayerNormalization (off in fuse-int8: slower than Add + LayerNormalization "
+                                   "beside dynamic INT8 MatMuls on [XEON-AMX], docs/benchmarks.md)")
     gelu: bool = option(True, "fuse Gelu and BiasGelu")
     embed_layer_norm: bool = option(True, "fuse embeddings + LayerNorm into EmbedLayerNormalization")
     mask_format: MaskFormat = option("raw", "attention mask given to Attention: raw (exact for any "
@@ -240,8 +243,8 @@ def _optimize(proto: onnx.ModelProto, model_type: str, cfg: FuseConfig, num_head
     options = FusionOptions(model_type)
     options.enable_attention = use_attention
     options.enable_layer_norm = cfg.layer_norm
-    options.enable_skip_layer_norm = cfg.layer_norm
-    options.enable_bias_skip_layer_norm = cfg.layer_norm
+    options.enable_skip_layer_norm = cfg.layer_norm and cfg.skip_layer_norm
+    options.enable_bias_skip_layer_norm = cfg.layer_norm and cfg.skip_layer_norm
     options.enable_gelu = cfg.gelu
     options.enable_bias_gelu = cfg.gelu
     options.enable_embed_layer_norm = cfg.embed_layer_norm

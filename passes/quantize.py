@@ -39,11 +39,23 @@ class QuantizePass(OptPass[QuantizeConfig]):
     Guarantees: never quantizes a tensor whose range reaches ``mask_threshold`` (additive attention
         masks); every node left float has a reason in ``report.skipped``; layer-wise SQNR (worst
         first) in ``report.records``; a note when INT8 is measured slower than FP32 on CPU.
-    Not exact: output error ~ the output scale; tests use atol = 2 x output scale.
+    Dynamic INT8 (``activations=dynamic``, or ``auto`` on a transformer, or the nodes named in
+        ``dynamic_nodes``): MatMul/Gemm with constant weights become onnxruntime
+        MatMulIntegerToFloat kernels on activations quantized at run time (per token or per
+        tensor, ``dynamic_scales``; :mod:`onnxopt.quant.dynamic`), fused com.microsoft Attention
+        is split into Q/K/V MatMuls + MultiHeadAttention first; Gather tables of >= 1024 rows
+        become int8 with a scale per row (``embeddings``, :mod:`onnxopt.quant.embedding`).
+    Not exact: output error ~ the output scale; tests use atol = 2 x output scale (static);
+        dynamic INT8 and int8 embeddings: the worst-case bounds derived in
+        tests/passes/test_quantize_dynamic.py.
     """
 
     config_class = QuantizeConfig
     needs_calibration = True
+
+    def needs_data(self) -> bool:
+        """Calibration data is optional with ``activations=dynamic`` (run-time scales)."""
+        return self.config.activations != "dynamic"
 
     def requires(self, model: ir.Model) -> None:
         """Check the opset, the node names in the config and that calibration is available."""
@@ -54,10 +66,12 @@ class QuantizePass(OptPass[QuantizeConfig]):
         if problem:
             raise ir.passes.PreconditionError(f"quantize: {problem}")
         names = {n.name for n in model.graph.all_nodes()}
-        for field in ("include_nodes", "exclude_nodes"):
+        for field in ("include_nodes", "exclude_nodes", "dynamic_nodes"):
             missing = sorted(getattr(self.config, field) - names)
             if missing:
                 raise ir.passes.PreconditionError(f"{field}: no node named {missing[0]!r} in the model")
+        if self.config.activations == "dynamic":
+            return  # run-time scales: calibration data only for SmoothQuant (skipped with a note without it)
         if not self.config.calib_table and self.context.calibration is None:
             raise ir.passes.PreconditionError("quantize needs calibration data (--calib) or calib_table")
 

@@ -329,6 +329,152 @@ def _identity_reshape(block: Block) -> ir.Node | None:
     return reshape if free == 1 else None
 
 
+_PROBE = (2, 3, 5, 7)  # distinct primes: a computed shape is matched to the dims it came from
+
+
+def _shape_value(value: ir.Value | None, probe: ir.Value, depth: int = 0) -> np.ndarray | None:
+    """Evaluate a shape expression (Shape/Slice/Gather/Unsqueeze/Squeeze/Concat of constants) with
+    ``probe`` given the shape :data:`_PROBE`; None where it reads anything else."""
+    if value is None or depth > 8:
+        return None
+    array = _const(value)
+    if array is not None:
+        return array.astype(np.int64).reshape(-1) if array.dtype.kind == "i" else None
+    node = _producer(value, "Shape", "Slice", "Gather", "Unsqueeze", "Squeeze", "Concat")
+    if node is None:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        if node.inputs[0] is not probe:
+            return None
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", len(_PROBE))
+        return np.array(_PROBE[start:end], np.int64)
+    parts = [_shape_value(i, probe, depth + 1) if k == 0 or op == "Concat" else _const(i)
+             for k, i in enumerate(node.inputs) if i is not None]
+    if any(p is None for p in parts):
+        return None
+    if op == "Concat":
+        return np.concatenate([p.reshape(-1) for p in parts])
+    if op == "Slice":
+        data, starts, ends = parts[0], parts[1], parts[2]
+        steps = parts[4] if len(parts) > 4 else [1]
+        if len(starts) != 1 or (len(parts) > 3 and list(parts[3].reshape(-1)) not in ([0], [-1])):
+            return None
+        return data[int(starts[0]):int(min(ends[0], 2**31)):int(steps[0])]
+    if op == "Gather":
+        return np.atleast_1d(parts[0][parts[1].astype(np.int64)]).reshape(-1)
+    return parts[0].reshape(-1)  # Unsqueeze/Squeeze of a 1-D shape expression: same values
+
+
+def _reshape_result(reshape: ir.Node, probe: ir.Value, in_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The output shape of ``reshape`` when ``probe`` has shape :data:`_PROBE` and its input ``in_shape``."""
+    target = _shape_value(reshape.inputs[1] if len(reshape.inputs) > 1 else None, probe)
+    if target is None or np.count_nonzero(target == -1) > 1 or np.any(target == 0):
+        return None
+    dims = [int(d) for d in target]
+    if -1 in dims:
+        known = int(np.prod([d for d in dims if d != -1]))
+        dims[dims.index(-1)] = int(np.prod(in_shape)) // known
+    return tuple(dims) if int(np.prod(dims)) == int(np.prod(in_shape)) else None
+
+
+def _flattened_k_transpose(value: ir.Value) -> tuple[ir.Node, ir.Value, list[int]] | None:
+    """K^T written through 3-D (dynamo's SDPA export): ``Reshape(Transpose(Reshape(K, [-1, s, d]),
+    [0, 2, 1]), [b, h, d, s])`` with K ``[b, h, s, d]``. Returns (outer Reshape, the tensor to
+    transpose instead, its perm) where the chain is exactly a transpose of K's last two dims."""
+    outer = _producer(value, "Reshape")
+    inner_t = _producer(outer.inputs[0], "Transpose") if outer is not None else None
+    if inner_t is None or list(inner_t.attributes.get_ints("perm", [])) != [0, 2, 1]:
+        return None
+    inner = _producer(inner_t.inputs[0], "Reshape")
+    if inner is None or len(inner_t.outputs[0].uses()) != 1 or len(inner.outputs[0].uses()) != 1:
+        return None
+    k = inner.inputs[0]
+    flat = _reshape_result(inner, k, _PROBE)
+    b, h, s_, d = _PROBE
+    if flat != (b * h, s_, d) or _reshape_result(outer, k, (b * h, d, s_)) != (b, h, d, s_):
+        return None
+    producer = _producer(k, "Transpose")
+    if producer is not None and list(producer.attributes.get_ints("perm", [])) == [0, 2, 1, 3]:
+        return outer, producer.inputs[0], [0, 2, 3, 1]  # the form of a Hugging Face eager export
+    return outer, k, [0, 1, 3, 2]
+
+
+def _graph_inputs_reached(value: ir.Value, graph: ir.Graph, depth: int = 0) -> set[str] | None:
+    """Names of the graph inputs ``value`` depends on other than through Shape; None if too deep."""
+    if value.is_graph_input():
+        return {value.name or ""}
+    node = value.producer()
+    if node is None or node.op_type == "Shape":
+        return set()
+    if depth > 12:
+        return None
+    found: set[str] = set()
+    for i in node.inputs:
+        if i is not None:
+            sub = _graph_inputs_reached(i, graph, depth + 1)
+            if sub is None:
+                return None
+            found |= sub
+    return found
+
+
+def _dynamo_padding_mask(where: ir.Node, graph: ir.Graph) -> ir.Value | None:
+    """The raw 0/1 mask input behind dynamo's SDPA mask ``Where(keep, 0, -inf)``, or None.
+
+    ``keep`` is ``And(<all-true from shapes>, GatherND(Cast<bool>(mask), [batch, key] indices))``:
+    the key padding mask broadcast over queries, which is what the TorchScript export's
+    ``Where(Cast<bool>(1 - mask[:, None, None, :]), -inf, 0)`` computes for a 0/1 mask.
+    """
+    zero, fill = _scalar(where.inputs[1]), _scalar(where.inputs[2])
+    if zero != 0.0 or fill is None or fill > -1e30:
+        return None
+    keep = _producer(where.inputs[0], "And")
+    if keep is None:
+        return None
+    for i in (0, 1):
+        gather = _producer(keep.inputs[i], "GatherND")
+        cast = _producer(gather.inputs[0], "Cast") if gather is not None else None
+        if cast is None or cast.attributes.get_int("to", 0) != ir.DataType.BOOL or not cast.inputs[0].is_graph_input():
+            continue
+        if _graph_inputs_reached(keep.inputs[1 - i], graph) == set() and \
+                _graph_inputs_reached(gather.inputs[1], graph) == set():
+            return cast.inputs[0]
+    return None
+
+
+def _torchscript_mask(graph: ir.Graph, mask: ir.Value, fill: float, cache: dict, before: ir.Node) -> ir.Value:
+    """``Where(Cast<bool>(1 - Expand(Unsqueeze(Unsqueeze(mask)))), fill, 0)``: the mask form of a
+    TorchScript SDPA export, which onnxruntime's attention fusion reads (built once per mask)."""
+    if mask in cache:
+        return cache[mask]
+    base = f"{mask.name}/onnxopt_mask"
+    names = [_ir_utils.unique_name(graph, f"{base}_{k}") for k in range(10)]
+
+    def const(i: int, array: np.ndarray) -> ir.Value:
+        v = ir.Value(name=names[i], const_value=ir.tensor(array))
+        graph.register_initializer(v)
+        return v
+
+    dtype = mask.dtype.numpy() if mask.dtype is not None else np.int64
+    axes1, axes2 = const(0, np.array([1], np.int64)), const(1, np.array([2], np.int64))
+    ones, one = const(2, np.ones(4, np.int64)), const(3, np.array(1, dtype))
+    fill_v, zero_v = const(4, np.array(fill, np.float32)), const(5, np.array(0.0, np.float32))
+    nodes = [ir.node("Unsqueeze", [mask, axes1], name=names[6])]
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], axes2], name=names[7]))
+    nodes.append(ir.node("Expand", [nodes[-1].outputs[0], ones], name=names[8]))
+    nodes.append(ir.node("Sub", [one, nodes[-1].outputs[0]], name=names[9]))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.BOOL},
+                         name=_ir_utils.unique_name(graph, f"{base}_bool")))
+    nodes.append(ir.node("Where", [nodes[-1].outputs[0], fill_v, zero_v], name=_ir_utils.unique_name(graph, base)))
+    for node in nodes:
+        node.outputs[0].name = node.name
+    graph.insert_before(before, nodes)
+    cache[mask] = nodes[-1].outputs[0]
+    return cache[mask]
+
+
 def canonicalize(graph: ir.Graph, blocks: list[Block]) -> list[str]:
     """Rewrite ``blocks`` into the eager form onnxruntime's fusion matches (see the module docstring).
 
@@ -338,8 +484,28 @@ def canonicalize(graph: ir.Graph, blocks: list[Block]) -> list[str]:
 
     """
     touched = []
+    masks: dict = {}
     for n, block in enumerate(blocks):
         changed = False
+        # dynamo's Where(And(.., GatherND(Cast<bool>(mask), idx)), 0, -inf) -> the TorchScript mask form
+        add = _producer(block.softmax.inputs[0], "Add")
+        for i, value in enumerate(add.inputs if add is not None else ()):
+            where = _producer(value, "Where")
+            mask = _dynamo_padding_mask(where, graph) if where is not None else None
+            if mask is not None:
+                add.replace_input_with(i, _torchscript_mask(graph, mask, _scalar(where.inputs[2]), masks, add))
+                changed = True
+        # Reshape(Transpose(Reshape(K, [-1, s, d]), [0, 2, 1]), [b, h, d, s]) -> Transpose(K) (a copy)
+        k_in = block.k_scaled.inputs[0] if block.k_scaled is not None else block.qk.inputs[1]
+        flat = _flattened_k_transpose(k_in)
+        if flat is not None and not flat[0].outputs[0].is_graph_output():
+            outer, source, perm = flat
+            name = _ir_utils.unique_name(graph, f"{outer.name or 'k'}/onnxopt_k_transpose")
+            transpose = ir.node("Transpose", [source], attributes={"perm": perm}, name=name)
+            transpose.outputs[0].name = name
+            graph.insert_before(outer, transpose)
+            outer.outputs[0].replace_all_uses_with(transpose.outputs[0])
+            changed = True
         # Where(IsNaN(P), 0, P) -> P
         for use in list(block.softmax.outputs[0].uses()):
             where = use.node

@@ -31,8 +31,9 @@ import onnx_ir as ir
 from onnxopt import _ir_utils
 from onnxopt.errors import DataError
 from onnxopt.quant.channel_stats import channel_stats
+from onnxopt.runtime import sessions as runtime
 
-__all__ = ["Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
+__all__ = ["ALPHA_GRID", "Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
 
 _NORMS = {("", "LayerNormalization"), ("com.microsoft", "SkipLayerNormalization")}
 _SCALE_LIMIT = 1e4  # s is clipped to [1/limit, limit]: dead channels must not blow weights up
@@ -234,6 +235,54 @@ def _replace_constant(node: ir.Node, index: int, array: np.ndarray, taken: set[s
     node.replace_input_with(index, new)
 
 
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # per-layer alpha candidates (SmoothQuant's sweet spot is 0.4-0.8)
+
+
+def _fake_quant_rows(x: np.ndarray, per_token: bool) -> np.ndarray:
+    """X as the INT8 kernels see it: uint8 over [min, max] per tensor, or symmetric int8 per row."""
+    if per_token:
+        s = np.maximum(np.abs(x).max(axis=1, keepdims=True) / 127, 1e-12)
+        return np.rint(x / s) * s
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    s = max((hi - lo) / 255, 1e-12)
+    z = np.rint(-lo / s)
+    return (np.clip(np.rint(x / s) + z, 0, 255) - z) * s
+
+
+def _fake_quant_cols(w: np.ndarray) -> np.ndarray:
+    """W[C, N] as symmetric int8 per output column."""
+    s = np.maximum(np.abs(w).max(axis=0, keepdims=True) / 127, 1e-12)
+    return np.rint(w / s) * s
+
+
+def _best_alpha(
+    g: SmoothGroup, x: np.ndarray, x_max: np.ndarray, w_max: np.ndarray, grid: Sequence[float], per_token: bool
+) -> tuple[float | None, dict[str, float]]:
+    """The alpha of ``grid`` whose smoothed INT8 outputs are closest to the float ones on ``x``.
+
+    The error is the relative L2 of ``Q(X / s) Q(diag(s) W) - X W`` over all the group's readers,
+    with the activation quantized as it will be (per tensor or per token) and the weights per
+    output column. None: no smoothing (s = 1) was measured best.
+    """
+    weights = []
+    for r in g.readers:
+        w = _ir_utils.constant_array(r.node.inputs[r.index]).astype(np.float64)
+        weights.append(w if r.kind == "rows" else w.T)
+    ref = [x @ w for w in weights]
+    norm = sum(float(np.sum(y * y)) for y in ref) or 1.0
+
+    def error(s: np.ndarray) -> float:
+        xq = _fake_quant_rows(x / s, per_token)
+        return float(np.sqrt(sum(np.sum((xq @ _fake_quant_cols(w * s[:, None]) - y) ** 2)
+                                 for w, y in zip(weights, ref, strict=True)) / norm))
+
+    errors = {"off": error(np.ones_like(x_max))}
+    for a in grid:
+        errors[f"{a:g}"] = error(_scales(x_max, w_max, a))
+    best = min(errors, key=errors.get)  # type: ignore[arg-type]
+    return (None if best == "off" else float(best)), {k: round(v, 5) for k, v in errors.items()}
+
+
 def smooth(
     model: ir.Model,
     feeds: Iterable[Mapping[str, np.ndarray]] | None,
@@ -241,6 +290,8 @@ def smooth(
     *,
     min_ratio: float = 0.0,
     scales: Mapping[str, Sequence[float]] | None = None,
+    per_layer: Sequence[float] = (),
+    per_token: bool = False,
 ) -> SmoothResult:
     """Apply SmoothQuant to ``model`` in place; the float function is unchanged (up to rounding).
 
@@ -253,6 +304,11 @@ def smooth(
             times the median channel range (outlier channels); the others are recorded as left.
         scales: per-channel factors to apply instead of measuring (a saved calibration table's
             ``smoothing``); ``feeds``, ``alpha`` and ``min_ratio`` are then not used.
+        per_layer: alpha candidates; if given, each activation after a LayerNorm gets the one
+            whose simulated INT8 output error on the feeds' real activations is least (or no
+            smoothing, if that is measured best); Conv groups keep ``alpha``.
+        per_token: for ``per_layer``: simulate per-token activation scales (dynamic INT8)
+            instead of one per tensor.
 
     Raises:
         ValueError: alpha outside (0, 1].
@@ -282,6 +338,8 @@ def smooth(
         if after_conv:
             x_max.update(channel_stats(model, after_conv, feeds, absmax=True))
         planned = {}
+        chosen: dict[str, tuple[float | None, dict[str, float]]] = {}
+        samples = _samples(model, [g.value.name for g in groups if g.channel_axis == -1], feeds) if per_layer else {}
         for g in groups:
             xm = x_max.get(g.value.name)
             if xm is None or xm.shape != (g.channels,):
@@ -292,8 +350,18 @@ def smooth(
                 result.records.append({"tensor": g.value.name, "channels": g.channels, "outlier_ratio_before": round(ratio, 2),
                                        "how": f"left: no outlier channels (max/median channel range < {min_ratio:g})"})
                 continue
-            w_max = np.max([r.in_absmax() for r in g.readers], axis=0)
-            planned[g.value.name] = (g, _scales(xm, w_max.astype(np.float64), alpha), xm)
+            w_max = np.max([r.in_absmax() for r in g.readers], axis=0).astype(np.float64)
+            a = alpha
+            if g.value.name in samples:
+                best, errors = _best_alpha(g, samples[g.value.name], xm.astype(np.float64), w_max, per_layer, per_token)
+                chosen[g.value.name] = (best, errors)
+                if best is None:
+                    result.records.append({"tensor": g.value.name, "channels": g.channels, "outlier_ratio_before":
+                                           round(ratio, 2), "how": "left: no alpha measured better than none",
+                                           "int8_rel_error": errors})
+                    continue
+                a = best
+            planned[g.value.name] = (g, _scales(xm, w_max, a), xm)
     else:
         planned = {}
     taken = _ir_utils._value_names(model.graph) | {n.name for n in model.graph.all_nodes() if n.name}
@@ -301,11 +369,25 @@ def smooth(
         how = _apply(model, g, s, taken, result)
         result.scales[name] = tuple(float(x) for x in s)
         record = {"tensor": name, "channels": g.channels, "consumers": len(g.readers), "how": how}
+        if scales is None and name in chosen:
+            record["alpha"], record["int8_rel_error"] = chosen[name]
         if xm is not None:
             record["outlier_ratio_before"] = round(_outlier_ratio(xm), 2)
             record["outlier_ratio_after"] = round(_outlier_ratio(xm / s), 2)
         result.records.append(record)
     return result
+
+
+def _samples(model: ir.Model, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The feeds' values of ``names``, each flattened to [tokens, channels] (float64)."""
+    if not names:
+        return {}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for outs in runtime.capture(model, feeds, names):
+        for n in names:
+            if n in outs:
+                rows[n].append(outs[n].reshape(-1, outs[n].shape[-1]).astype(np.float64))
+    return {n: np.concatenate(r) for n, r in rows.items() if r}
 
 
 def _apply(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], result: SmoothResult) -> str:

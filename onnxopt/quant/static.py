@@ -20,6 +20,12 @@ with the int32 bias (scale ``s_x * s_w``), so the fused model computes what the 
 
 Steps 4, 6 and 7 run onnxruntime on calibration feeds; without calibration data (a saved
 calibration table) they are left out.
+
+Dynamic INT8 (``activations=dynamic``, ``auto`` on a transformer, or ``dynamic_nodes``): those
+MatMul/Gemm nodes get activation scales computed at run time (:mod:`onnxopt.quant.dynamic`) instead
+of Q/DQ from the calibration table; with ``activations=dynamic`` nothing else is quantized and
+calibration data is needed only for SmoothQuant. Embedding tables become int8 rows
+(:mod:`onnxopt.quant.embedding`) in every mode unless ``embeddings=float``.
 """
 
 from __future__ import annotations
@@ -37,10 +43,19 @@ import onnx_ir.passes.common as ir_common
 from onnxopt import _ir_utils
 from onnxopt.config import option
 from onnxopt.outcome import Outcome
-from onnxopt.quant import bias_correction, calibration, deploy_check, reduce_range, smooth
+from onnxopt.quant import (
+    bias_correction,
+    calibration,
+    deploy_check,
+    dynamic,
+    embedding,
+    reduce_range,
+    smooth,
+)
 from onnxopt.quant import insert as qdq_insert
 from onnxopt.quant.calibration import CalibrationTable
 from onnxopt.quant.rules import RULES, SUPPORTED_OPS, QuantPlan, RuleContext
+from onnxopt.runtime import environment
 from onnxopt.runtime.data import Dataset
 
 __all__ = ["MIN_OPSET", "QuantizeConfig", "quantize"]
@@ -50,6 +65,7 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
 _SMOOTH_MIN_RATIO = 4.0  # smoothing: max / median per-channel range that counts as outlier channels
 _SMOOTH_FEEDS = 4  # calibration feeds whose per-channel ranges decide smoothing
+_EMBEDDING_MIN_ROWS = 1024  # smaller Gather tables (position, token type) cost little and stay float
 
 
 def _check_ops(field: str, ops: frozenset[str]) -> None:
@@ -89,6 +105,28 @@ class QuantizeConfig:
         0.5, "SmoothQuant alpha in (0, 1]: activations with outlier channels (largest channel range "
         f">= {_SMOOTH_MIN_RATIO:g}x the median) after a LayerNorm or a Conv hand them to the MatMul/Gemm/Conv "
         "weights that read them (0: off)"
+    )
+    activations: Literal["static", "dynamic", "auto"] = option(
+        "static", "static: calibrated per-tensor activation scales; dynamic: every MatMul/Gemm with a constant "
+        "weight gets scales computed at run time (see dynamic_scales) and nothing else is quantized "
+        "(no calibration needed); auto: dynamic for transformers (MatMuls on token sequences, no "
+        "convolutions), static otherwise"
+    )
+    dynamic_nodes: frozenset[str] = option(
+        frozenset(), "MatMul/Gemm node names given per-token run-time activation scales (dynamic INT8) "
+        "whatever `activations` says"
+    )
+    dynamic_scales: Literal["auto", "token", "tensor"] = option(
+        "auto", "dynamic INT8 activation scales: token: one per token (row), robust to outlier tokens; tensor: one "
+        "per tensor (onnxruntime's DynamicQuantizeLinear, fewer ops); auto: per tensor on LayerNorm outputs "
+        "(every row normalized), per token elsewhere (attention context, GELU output)"
+    )
+    embeddings: Literal["int8", "float"] = option(
+        "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
+    )
+    smooth_alpha: Literal["per-layer", "fixed"] = option(
+        "per-layer", "SmoothQuant alpha: per-layer: for each LayerNorm output, the alpha (0.3-0.9, or no smoothing) "
+        "whose simulated INT8 output error on the calibration activations is least; fixed: smooth_quant for all"
     )
     sqnr_samples: int = option(4, "calibration feeds used for the layer-wise SQNR report (0: off)")
     latency_runs: int = option(10, "runs for the FP32 vs INT8 CPU latency check (0: off)")
@@ -139,30 +177,35 @@ def quantize(
     if _ir_utils.upgrade_opset(model, MIN_OPSET):
         out.count("opset_upgraded")
         out.note(f"default opset upgraded from {opset} to {MIN_OPSET} for per-channel QDQ")
-    table, float_readers = _calibrate(model, config, calibration, cache, quiet, out)
+    mode = _resolve_mode(model, config, out)
+    if mode == "dynamic":
+        unpacked = dynamic.unpack_attention(model, pass_name)
+        if unpacked:
+            out.count("attention_unpacked", len(unpacked) // 3)
+            out.note(f"{len(unpacked) // 3} fused Attention node(s) split into Q/K/V MatMuls + MultiHeadAttention "
+                     "so that their projections are quantized")
+    if mode == "dynamic":  # no static activation: ranges are not needed, smoothing may be
+        table, float_readers = CalibrationTable({}, "none", 0), _smooth_only(model, config, calibration, out)
+    else:
+        table, float_readers = _calibrate(model, config, calibration, cache, quiet, out)
     float_model = model.clone() if calibration is not None else None
     if config.save_calib_table:
         table.save(config.save_calib_table)
     dtypes, ranks = _tensor_types(model)
+    dynamic_names = _dynamic_names(model, config, mode, out)
     rules = RuleContext(table.ranges, config.per_tensor, config.mask_threshold, dtypes=dtypes, ranks=ranks)
-    plans = _plans(model, config, rules, float_readers, out)
-    if not plans:
+    plans = [] if mode == "dynamic" else _plans(model, config, rules, float_readers, out, dynamic_names)
+    if plans:
+        result = _static(model, config, plans, table, rules, float_readers, dynamic_names, calibration, float_model,
+                         target, pass_name, out)
+    else:
+        result = qdq_insert.InsertResult()
+    _dynamic_and_embeddings(model, config, dynamic_names, target, pass_name, out)
+    if not plans and not out.counts:
         return out
-    seven_bit = reduce_range.decide(config.reduce_range, target, can_measure=calibration is not None, outcome=out)
-    if seven_bit is not None:
-        result = _insert(model, config, plans, table, seven_bit, float_readers, pass_name)
-    else:  # auto on a CPU whose kernels saturate, with data (float_model is set): build both, measure
-        reduced = model.clone()  # planned, not yet quantized
-        result = _insert(model, config, plans, table, False, float_readers, pass_name)
-        reduced_plans = _plans(reduced, config, rules, float_readers, Outcome())  # skips reported above
-        reduced_result = _insert(reduced, config, reduced_plans, table, True, float_readers, pass_name)
-        feeds = list(calibration.take(reduce_range.CHECK_FEEDS))  # type: ignore[union-attr]
-        if reduce_range.reduced_is_closer(float_model, model, reduced, feeds, out):  # type: ignore[arg-type]
-            model.graph, plans, result = reduced.graph, reduced_plans, reduced_result
-        del reduced
     ir_common.RemoveUnusedNodesPass()(model)
     _drop_inner_value_info(model)
-    if config.bias_correction and float_model is not None and calibration is not None:
+    if config.bias_correction and float_model is not None and calibration is not None and plans:
         bias_correction.correct_if_better(float_model, model, list(calibration), out)
     for op, n in collections.Counter(p.node.op_type for p in plans).items():
         out.count(f"quantized_{op}", n)
@@ -171,12 +214,149 @@ def quantize(
     out.count("relu_clip_absorbed", result.absorbed)
     out.count("activations_quantized", len(result.dequantized))
     if float_model is not None and calibration is not None:
-        if config.sqnr_samples:
+        if config.sqnr_samples and plans:
             feeds = list(calibration.take(config.sqnr_samples))
             deploy_check.record_sqnr(float_model, model, result, config.activation_type, feeds, out)
         if config.latency_runs:
             deploy_check.record_latency(float_model, model, next(iter(calibration)), config.latency_runs, out)
     return out
+
+
+def _static(
+    model: ir.Model,
+    config: QuantizeConfig,
+    plans: list[QuantPlan],
+    table: CalibrationTable,
+    rules: RuleContext,
+    float_readers: frozenset[str],
+    dynamic_names: frozenset[str],
+    calibration: Dataset | None,
+    float_model: ir.Model | None,
+    target: str,
+    pass_name: str,
+    out: Outcome,
+) -> qdq_insert.InsertResult:
+    """Insert the static Q/DQ of ``plans`` (steps 4 and 5 of the module docstring)."""
+    seven_bit = reduce_range.decide(config.reduce_range, target, can_measure=calibration is not None, outcome=out)
+    if seven_bit is not None:
+        result = _insert(model, config, plans, table, seven_bit, float_readers, pass_name)
+    else:  # auto on a CPU whose kernels saturate, with data (float_model is set): build both, measure
+        reduced = model.clone()  # planned, not yet quantized
+        result = _insert(model, config, plans, table, False, float_readers, pass_name)
+        reduced_plans = _plans(reduced, config, rules, float_readers, Outcome(), dynamic_names)  # skips reported above
+        reduced_result = _insert(reduced, config, reduced_plans, table, True, float_readers, pass_name)
+        feeds = list(calibration.take(reduce_range.CHECK_FEEDS))  # type: ignore[union-attr]
+        if reduce_range.reduced_is_closer(float_model, model, reduced, feeds, out):  # type: ignore[arg-type]
+            model.graph, result = reduced.graph, reduced_result
+            plans[:] = reduced_plans
+        del reduced
+    return result
+
+
+def _resolve_mode(model: ir.Model, config: QuantizeConfig, out: Outcome) -> str:
+    """``static`` or ``dynamic``: ``activations=auto`` decided for this model (a note says why)."""
+    if config.activations != "auto":
+        return config.activations
+    ops = {(n.domain or "", n.op_type) for n in model.graph}
+    if ("", "Conv") in ops or ("", "ConvTranspose") in ops:
+        out.note("activations=auto: static (the model has convolutions)")
+        return "static"
+    fused = {("com.microsoft", op) for op in ("Attention", "MultiHeadAttention", "SkipLayerNormalization")}
+    _, ranks = _tensor_types(model)
+    sequence = [n for n in model.graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")
+                and n.inputs[0] is not None and ranks.get(n.inputs[0].name, 0) >= 3
+                and dynamic.can_quantize(n) is None]
+    if sequence or ops & fused:
+        out.note("activations=auto: dynamic (a transformer: MatMuls with constant weights on token sequences, no "
+                 "convolutions), every MatMul/Gemm with run-time scales, the rest float")
+        return "dynamic"
+    out.note("activations=auto: static (no MatMul/Gemm on token sequences)")
+    return "static"
+
+
+def _dynamic_names(model: ir.Model, config: QuantizeConfig, mode: str, out: Outcome) -> frozenset[str]:
+    """Names of the MatMul/Gemm nodes that get run-time activation scales."""
+    names = set()
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        if (config.include_nodes and node.name not in config.include_nodes) or node.name in config.exclude_nodes:
+            continue
+        if (config.include_ops and node.op_type not in config.include_ops) or node.op_type in config.exclude_ops:
+            continue
+        if not (node.name in config.dynamic_nodes or mode == "dynamic"):
+            continue
+        reason = dynamic.can_quantize(node)
+        if reason is not None:
+            if node.name in config.dynamic_nodes:
+                out.note(f"{node.name}: asked for dynamic INT8, but {reason}")
+            if mode == "dynamic" or node.name in config.dynamic_nodes:
+                out.skip(f"{node.op_type}: dynamic INT8 not possible, {reason}")
+            continue
+        if not node.name:  # plans and the rewrite find dynamic nodes by name
+            node.name = _ir_utils.unique_name(model.graph, f"{node.op_type}_dynamic")
+        names.add(node.name)
+    return frozenset(names)
+
+
+def _dynamic_and_embeddings(
+    model: ir.Model, config: QuantizeConfig, names: frozenset[str], target: str, pass_name: str, out: Outcome
+) -> None:
+    """Rewrite the dynamic nodes (:mod:`onnxopt.quant.dynamic`) and the embedding tables."""
+    nodes = [n for n in model.graph if n.name in names and n.op_type in ("MatMul", "Gemm")]
+    if nodes:
+        seven_bit = config.reduce_range == "true" or (
+            config.reduce_range == "auto" and target == "cpu" and reduce_range.scales.int8_dot_saturates()
+        )
+        cpu = environment.cpu_info()
+        how = "set in the config" if config.reduce_range != "auto" else (
+            "auto, dynamic INT8: 7-bit weights where the u8 x s8 kernels saturate (no data needed to decide)")
+        out.record("reduce_range", reduce_range=seven_bit, how=how, cpu=cpu.describe(), int8_dot=cpu.int8_dot)
+        done = dynamic.quantize_dynamic_nodes(model, nodes, granularity=config.dynamic_scales, reduce_range=seven_bit,
+                                              pass_name=pass_name)
+        out.count("dynamic_int8_nodes", len(done.nodes))
+        out.count("dynamic_int8_inputs", done.inputs_quantized)
+        out.count("int8_weights", done.weights)
+        if seven_bit:
+            out.note("dynamic INT8: 7-bit weights (reduce_range), the u8 x s8 kernels of this CPU saturate")
+    if config.embeddings == "int8":
+        def allowed(node: ir.Node) -> bool:  # the same node selection as every other quantized node
+            if "Gather" in config.exclude_ops or (config.include_ops and "Gather" not in config.include_ops):
+                return False
+            return not ((config.include_nodes and node.name not in config.include_nodes)
+                        or node.name in config.exclude_nodes)
+
+        emb = embedding.quantize_embeddings(model, min_rows=_EMBEDDING_MIN_ROWS, pass_name=pass_name,
+                                            allowed=allowed)
+        for name, (rows, cols, err) in emb.tables.items():
+            out.record(f"embedding:{name}", rows=rows, columns=cols, max_row_rel_error=round(err, 5))
+        if emb.tables:
+            out.count("int8_embedding_tables", len(emb.tables))
+            out.count("embedding_bytes_saved", emb.bytes_before - emb.bytes_after)
+
+
+def _alphas(config: QuantizeConfig, per_token: bool) -> dict[str, Any]:
+    """smooth.smooth's per-layer alpha arguments for ``config``."""
+    if config.smooth_alpha == "fixed":
+        return {}
+    return {"per_layer": smooth.ALPHA_GRID, "per_token": per_token}
+
+
+def _smooth_only(model: ir.Model, config: QuantizeConfig, data: Dataset | None, out: Outcome) -> frozenset[str]:
+    """SmoothQuant without range calibration (all activations dynamic); needs data, else a note."""
+    if not config.smooth_quant:
+        return frozenset()
+    if data is None:
+        out.note("SmoothQuant skipped: no calibration data (dynamic INT8 needs none otherwise)")
+        return frozenset()
+    done = smooth.smooth(model, data.take(_SMOOTH_FEEDS), config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO,
+                         **_alphas(config, config.dynamic_scales == "token"))  # auto: LayerNorm outputs per tensor
+    for rec in done.records:
+        out.record(f"smooth:{rec.pop('tensor')}", **rec)
+    for reason in done.skipped:
+        out.note(f"SmoothQuant: {reason}")
+    out.count("smoothed_activations", len(done.scales))
+    return frozenset(done.inserted)
 
 
 def _calibrate(
@@ -202,7 +382,7 @@ def _calibrate(
     else:
         if config.smooth_quant:
             feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
-            done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO)
+            done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO, **_alphas(config, False))
         method = config.calibration_method
         kw = {"percentile": config.percentile} if method == "percentile" else {}
         table = calibration.cached_ranges(model, data, None, method, cache=cache, quiet=quiet, **kw)
@@ -219,12 +399,13 @@ def _calibrate(
 
 
 def _plans(
-    model: ir.Model, config: QuantizeConfig, rules: RuleContext, float_readers: frozenset[str], out: Outcome
+    model: ir.Model, config: QuantizeConfig, rules: RuleContext, float_readers: frozenset[str], out: Outcome,
+    dynamic_names: frozenset[str] = frozenset(),
 ) -> list[QuantPlan]:
     """One plan per main-graph node its rule quantizes; every other candidate is a skip with its reason."""
     plans = []
     for node in model.graph:
-        if node.op_type not in RULES or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in RULES or node.domain not in ("", "ai.onnx") or node.name in dynamic_names:
             continue
         label = node.name or node.op_type
         if node.name in float_readers:

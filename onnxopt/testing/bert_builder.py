@@ -23,6 +23,12 @@ by tests/passes/test_fuse.py and benchmarks/bench_fuse.py.
   K^T before their MatMul, ``Where(mask, 0, -inf)`` per layer, a ``Where(IsNaN(P), 0, P)`` guard
   after the Softmax and a Reshape of the context to its own shape (``Concat`` of its dims, -1).
 
+- ``dynamo`` (torch.onnx.export(dynamo=True) of the SDPA model, transformers 5): as ``sdpa``, but
+  K^T is written through 3-D (``Reshape(K, [-1, seq, head_dim])``, ``Transpose([0, 2, 1])``,
+  ``Reshape([batch, heads, head_dim, seq])``) and the padding mask is picked with ``GatherND``
+  from ``Cast<bool>(attention_mask)`` by broadcast (batch, key) indices, ``And``-ed with a
+  shape-only ``key >= 0``.
+
 The non-legacy styles use the LayerNormalization op (opset 17, as those exports do). GELU is
 written out with Erf in every style.
 """
@@ -38,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 __all__ = ["bert_feeds", "make_bert"]
 
 _OUTLIER_CHANNELS = (3, 17)
-Style = Literal["legacy", "hf4", "eager", "sdpa"]
+Style = Literal["legacy", "hf4", "eager", "sdpa", "dynamo"]
 _F32_MIN = float(np.finfo(np.float32).min)
 
 
@@ -113,6 +119,33 @@ class _Builder:
         gathered = self.op("Gather", [self.op("Shape", [x]), self.const("axis", np.array(axis, np.int64))], axis=0)
         return self.op("Unsqueeze", [gathered, self.const("ax0", np.array([0], np.int64))])
 
+    def gathernd_mask(self, mask: str) -> str:
+        """The dynamo export's key padding mask [batch, 1, 1, seq]: GatherND of (batch, key) indices."""
+        def i64(*v: int) -> str:
+            return self.const("i", np.array(v, np.int64))
+
+        shape = self.op("Shape", [mask])
+        batch = self.op("Gather", [shape, self.const("zero", np.array(0, np.int64))], axis=0)
+        seq = self.op("Gather", [shape, self.const("one", np.array(1, np.int64))], axis=0)
+        rows = self.op("Unsqueeze", [self.op("Range", [self.const("r0", np.array(0, np.int64)), batch,
+                                                       self.const("r1", np.array(1, np.int64))]), i64(1, 2, 3)])
+        keys = self.op("Unsqueeze", [self.op("Range", [self.const("r0", np.array(0, np.int64)), seq,
+                                                       self.const("r1", np.array(1, np.int64))]), i64(0, 1, 2)])
+        both = self.op("Shape", [self.op("Max", [rows, keys])])
+        index = self.op("Concat", [self.op("Unsqueeze", [self.op("Expand", [rows, both]), i64(-1)]),
+                                   self.op("Unsqueeze", [self.op("Expand", [keys, both]), i64(-1)])], axis=-1)
+        picked = self.op("GatherND", [self.op("Cast", [mask], to=TensorProto.BOOL), index])
+        valid = self.op("GreaterOrEqual", [keys, self.const("zero", np.array(0, np.int64))])
+        return self.op("And", [valid, picked])
+
+    def k_transposed_via_3d(self, k: str) -> str:
+        """K [batch, seq, heads, head_dim] -> K^T [batch, heads, head_dim, seq] as dynamo writes it."""
+        kt = self.op("Transpose", [k], perm=[0, 2, 1, 3])
+        flat = self.op("Concat", [self.const("m1", np.array([-1], np.int64)), self.dim(kt, 2), self.dim(kt, 3)], axis=0)
+        t = self.op("Transpose", [self.op("Reshape", [kt, flat])], perm=[0, 2, 1])
+        back = self.op("Concat", [self.dim(kt, 0), self.dim(kt, 1), self.dim(kt, 3), self.dim(kt, 2)], axis=0)
+        return self.op("Reshape", [t, back])
+
     def padding_mask(self, mask: str) -> str:
         """Build transformers 5's boolean key-padding mask [batch, 1, seq, seq] as its export writes it."""
         def i64(*v: int) -> str:
@@ -159,8 +192,8 @@ def make_bert(
     """
     if hidden % heads:
         raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
-    if style not in ("legacy", "hf4", "eager", "sdpa"):
-        raise ValueError(f"unknown style {style!r}; expected legacy, hf4, eager or sdpa")
+    if style not in ("legacy", "hf4", "eager", "sdpa", "dynamo"):
+        raise ValueError(f"unknown style {style!r}; expected legacy, hf4, eager, sdpa or dynamo")
     if style != "legacy" and opset < 17:
         raise ValueError(f"style {style!r} is written with LayerNormalization: needs opset >= 17, got {opset}")
     b = _Builder(np.random.default_rng(seed), outlier_scale, fused_norm=style != "legacy")
@@ -182,7 +215,7 @@ def make_bert(
         low = -10000.0 if style == "legacy" else _F32_MIN
         mask_bias = b.op("Mul", [m, b.const("neg", np.array(low, np.float32))])
     else:
-        allowed = b.padding_mask("attention_mask")
+        allowed = b.gathernd_mask("attention_mask") if style == "dynamo" else b.padding_mask("attention_mask")
         if style == "eager":
             mask_bias = b.op("Where", [allowed, b.const("zero_f", np.array(0.0, np.float32)),
                                        b.const("min_f", np.array(_F32_MIN, np.float32))])
@@ -196,7 +229,7 @@ def make_bert(
             merge_shape = b.op("Concat", [b.dim(x, 0), b.dim(x, 1), b.const("minus1", i64(-1))], axis=0)
         q, k, v = (b.op("Reshape", [b.linear(x, hidden, hidden), split_shape]) for _ in range(3))
         q = b.op("Transpose", [q], perm=[0, 2, 1, 3])
-        k = b.op("Transpose", [k], perm=[0, 2, 3, 1])
+        k = b.k_transposed_via_3d(k) if style == "dynamo" else b.op("Transpose", [k], perm=[0, 2, 3, 1])
         v = b.op("Transpose", [v], perm=[0, 2, 1, 3])
         if style in ("legacy", "hf4"):
             scores = b.op("Div", [b.op("MatMul", [q, k]), b.const("scale", np.array(np.sqrt(head_dim), np.float32))])
@@ -208,10 +241,10 @@ def make_bert(
             mask_bias = b.op("Where", [allowed, b.const("zero_f", np.array([0.0], np.float32)),
                                        b.const("ninf", np.array([-np.inf], np.float32))])
         probs = b.op("Softmax", [b.op("Add", [scores, mask_bias])], axis=-1)
-        if style == "sdpa":
+        if style in ("sdpa", "dynamo"):
             probs = b.op("Where", [b.op("IsNaN", [probs]), b.const("zero_f", np.array([0.0], np.float32)), probs])
         ctx = b.op("MatMul", [probs, v])
-        if style == "sdpa":  # the context reshaped to its own dims [batch, -1, seq, head_dim]
+        if style in ("sdpa", "dynamo"):  # the context reshaped to its own dims [batch, -1, seq, head_dim]
             own = b.op("Concat", [b.dim(ctx, 0), b.const("minus1", i64(-1)), b.dim(q, 2), b.dim(v, 3)], axis=0)
             ctx = b.op("Reshape", [ctx, own])
         ctx = b.op("Transpose", [ctx], perm=[0, 2, 1, 3])
