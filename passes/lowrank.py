@@ -32,7 +32,7 @@ __all__ = ["LowRankConfig", "LowRankPass"]
 
 logger = logging.getLogger(__name__)
 
-_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
 _Stats = tuple[np.ndarray, float]  # (X^T X in float64, mean rows per feed)
 
 
@@ -59,13 +59,19 @@ class LowRankConfig:
     damping: float = option(1e-4, "aware: add damping * mean(diag X^T X) to the diagonal")
     refit: bool = option(False, "least-squares re-fit of V on calibration data after choosing U")
     spatial: bool = option(False, "also split k x k Conv into k x 1 then 1 x k (weight SVD)")
-    op_types: frozenset[str] = option(frozenset(_OPS), "ops to split: MatMul, Gemm, Conv")
+    op_types: frozenset[str] = option(
+        frozenset(_OPS), "ops to split: MatMul, Gemm, Conv, Gather (a [V, D] embedding table)"
+    )
     max_feeds: int = option(256, "calibration feeds used for activation statistics")
     default_min_cosine: float = option(
         0.99, "budget mode: output cosine to the input model when the context gives no budget"
     )
     search_steps: int = option(8, "budget mode: bisection steps over the global target (one model run each)")
     eval_feeds: int = option(32, "budget mode: feeds each trial model is measured on")
+    sensitivity: bool = option(
+        True, "budget mode: split each layer alone once (at half its pay-off rank), measure the model "
+        "output, and scale that layer's error curve by it, so layers the output is sensitive to keep rank"
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -92,6 +98,8 @@ class LowRankConfig:
 @register("lowrank")
 class LowRankPass(OptPass[LowRankConfig]):
     """Replace MatMul(x, W) / Gemm(x, W, C) / 1x1 Conv by two thinner nodes of rank r (+ bias).
+
+    An embedding ``Gather(E, ids)`` becomes ``MatMul(Gather(U, ids), V)``.
 
     Changes: per split node adds initializers ``<W>.lr_u``, ``<W>.lr_v`` and one node before
         it (the original node becomes the ``V`` half and keeps its output name); drops W once
@@ -134,7 +142,7 @@ class LowRankPass(OptPass[LowRankConfig]):
             if aware and gram is not None and dec.note:
                 report.count("aware_fallback_to_plain")
                 report.note(f"{cand.label}: {dec.note}; used plain SVD")
-            elif aware and gram is None and cand.kind != "conv-spatial":
+            elif aware and gram is None and cand.kind not in ("conv-spatial", "gather"):
                 report.note(f"{cand.label}: no activation statistics; used plain SVD")
             k, n = cand.matrix.shape
             limit = lg.breakeven_rank(k, n, cfg.min_saving)
@@ -278,6 +286,8 @@ class LowRankPass(OptPass[LowRankConfig]):
             return nothing
         reference = sensitivity.run_outputs(model, feeds)
         budgets, what = self._layer_budgets(plans, report)
+        if cfg.sensitivity and budget.metric is None:
+            budgets = self._weigh(model, plans, budgets, reference, feeds, budget, report)
         _ranks, most = lm.allocate_ranks(budgets, 1.0 - 1e-9)  # the most that can be removed
         lo, hi = 0.0, most
         best, best_removed, best_m = nothing, 0.0, None
@@ -311,6 +321,38 @@ class LowRankPass(OptPass[LowRankConfig]):
             "r < K*N/(K+N), the rest stay whole"
         )
         return best
+
+    def _weigh(
+        self, model: ir.Model, plans: list, budgets: list[lm.LayerBudget], reference: list,
+        feeds: list, budget: sensitivity.Budget, report: PassReport,
+    ) -> list[lm.LayerBudget]:
+        """Scale each layer's error curve by its measured effect on the model output.
+
+        The curve is the layer's own relative output error; what the budget sees is the model's.
+        Layer l alone at its probe rank p (half its pay-off rank) costs the model ``loss_l``;
+        ``1 - cosine`` grows as the square of a small relative error (``max abs`` linearly), so
+        the curve is scaled by ``sqrt(loss_l) / curve_l[p]`` (``loss_l / curve_l[p]``).
+        """
+        out = list(budgets)
+        quiet = self.context.quiet
+        bar = tqdm.tqdm(list(enumerate(budgets)), desc="lowrank sensitivity", unit="layer",
+                        disable=quiet, leave=False)
+        for i, layer in bar:
+            probe = max(1, layer.max_rank // 2)
+            if layer.max_rank < 1 or layer.curve[probe] <= 0:
+                continue
+            ranks: list[int | None] = [None] * len(plans)
+            ranks[i] = probe
+            m = sensitivity.measure(reference, sensitivity.run_outputs(self._trial(model, plans, ranks), feeds), budget)
+            if not np.isfinite(m.loss):
+                out[i] = dataclasses.replace(layer, max_rank=0)  # never split: it breaks the model
+                continue
+            loss = max(m.loss, 0.0)
+            scale = (np.sqrt(loss) if budget.max_error is None else loss) / float(layer.curve[probe])
+            out[i] = dataclasses.replace(layer, curve=np.asarray(layer.curve) * scale)
+            plans[i][0].alone = (probe, m.cosine)
+        report.note(f"budget search: each of {len(budgets)} layers measured alone at half its pay-off rank")
+        return out
 
     def _trial(self, model: ir.Model, plans: list, ranks: list[int | None]) -> ir.Model:
         """A clone of ``model`` with ``ranks`` applied (the candidates are found again in it)."""
@@ -372,6 +414,7 @@ class LowRankPass(OptPass[LowRankConfig]):
             flop_reduction=1.0 - after / before,
             weight_rel_error=lm.weight_rel_error(cand.matrix, u, v),
             output_rel_error=out_err,
+            alone_rank_cosine=cand.alone,
         )
         logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
 

@@ -381,7 +381,13 @@ def _histogram_phase(
 
 
 def threshold_from_histogram(
-    hist: np.ndarray, top: float, method: str, *, percentile: float = 99.99, levels: int = 128
+    hist: np.ndarray,
+    top: float,
+    method: str,
+    *,
+    percentile: float = 99.99,
+    levels: int = 128,
+    bounds: tuple[float, float] | None = None,
 ) -> float:
     """Clipping threshold for ``|x|`` from a histogram of ``|x|`` over ``[0, top]``.
 
@@ -391,6 +397,10 @@ def threshold_from_histogram(
         method: "percentile", "entropy" (KL divergence, as TensorRT) or "mse".
         percentile: for "percentile", the share (in %) of values kept unclipped.
         levels: quantisation levels on one side of zero (128 for int8).
+        bounds: for "mse" with an asymmetric 8-bit grid (uint8 with a zero point): the observed
+            ``(min, max)``. The grid then spans the clipped range ``[max(min, -t), min(max, t)]``
+            (0 included) in 255 steps, so a one-sided tensor (ReLU output) gets steps of t/255,
+            not the t/127 of a symmetric grid that over-counts its rounding error 4x and clips.
 
     """
     n = len(hist)
@@ -403,19 +413,24 @@ def threshold_from_histogram(
         idx = int(np.searchsorted(cdf, percentile / 100.0))
         return float(min(idx + 1, n) * width)
     if method == "mse":
-        return _mse_threshold(hist.astype(np.float64), width, levels)
+        return _mse_threshold(hist.astype(np.float64), width, levels, bounds)
     if method == "entropy":
         return _entropy_threshold(hist.astype(np.float64), width, levels)
     raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
 
 
-def _mse_threshold(hist: np.ndarray, width: float, levels: int) -> float:
+def _mse_threshold(
+    hist: np.ndarray, width: float, levels: int, bounds: tuple[float, float] | None = None
+) -> float:
     n = len(hist)
     centers = (np.arange(n) + 0.5) * width
     best_t, best_err = n * width, math.inf
     for k in np.unique(np.linspace(max(n // 64, 1), n, 128).astype(int)):
         t = k * width
-        step = t / (levels - 1)
+        if bounds is None:
+            step = t / (levels - 1)
+        else:  # asymmetric: 255 steps over the clipped range, zero included
+            step = (min(max(bounds[1], 0.0), t) + min(max(-bounds[0], 0.0), t)) / 255.0 or t / 255.0
         inside = hist[:k].sum()
         clipped = hist[k:] @ (centers[k:] - t) ** 2
         err = inside * step * step / 12.0 + clipped
@@ -466,6 +481,7 @@ def collect_ranges(
     quiet: bool = False,
     max_chunk_bytes: int = 256 << 20,
     exact: bool = False,
+    asymmetric: bool = False,
 ) -> CalibrationTable:
     """Observe ``values`` on ``data`` through onnxruntime and return their ranges.
 
@@ -483,6 +499,8 @@ def collect_ranges(
         max_chunk_bytes: largest total size of the tensors fetched at once for exact histograms.
         exact: histograms of every value (the tensors are fetched in chunks, one session over
             the data per chunk) instead of the one-pass sketch; models below opset 11 always.
+        asymmetric: the ranges are for an asymmetric 8-bit grid (uint8 with a zero point):
+            "mse" counts its real step (see :func:`threshold_from_histogram`'s ``bounds``).
 
     Raises:
         ValueError: an unknown method or a bad option.
@@ -516,8 +534,9 @@ def collect_ranges(
             chunked = _histogram_phase(typed, data, observed, absmax, sizes, num_bins, max_chunk_bytes, quiet)
             hists = {n: (chunked[n], absmax[n]) for n in observed}
         for name in observed:
-            t = threshold_from_histogram(*hists[name], method, percentile=percentile)
             lo, hi = ranges[name]
+            bounds = (lo, hi) if asymmetric else None
+            t = threshold_from_histogram(*hists[name], method, percentile=percentile, bounds=bounds)
             ranges[name] = [max(lo, -t), min(hi, t)]
     table = {n: (float(ranges[n][0]), float(ranges[n][1])) for n in observed}
     logger.debug("calibrated %d tensors on %d feeds (%s)", len(table), count, method)

@@ -205,6 +205,8 @@ def _calibrate(
             done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO)
         method = config.calibration_method
         kw = {"percentile": config.percentile} if method == "percentile" else {}
+        if method == "mse" and config.activation_type == "uint8" and not config.symmetric_activations:
+            kw["asymmetric"] = True  # mse counts uint8's real step: (clipped range) / 255
         table = calibration.cached_ranges(model, data, None, method, cache=cache, quiet=quiet, **kw)
         if done is not None and done.scales:
             table = dataclasses.replace(table, smoothing=done.scales)

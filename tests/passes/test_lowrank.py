@@ -546,3 +546,25 @@ def test_lowrank_recipe_budget_on_digits_transformer_and_fixed_recipe_kept(tmp_p
     before = sum(r["params_before"] for r in fixed.records)
     after = sum(r["params_after"] for r in fixed.records)
     assert after <= 0.5 * before + 1e-9 * before  # the fixed mode still removes its 50 %
+
+
+def test_embedding_gather_is_split_into_gather_then_matmul(rng):
+    table = low_rank(rng, 200, 48, 6)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["y"], name="emb")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 48])],
+        [numpy_helper.from_array(table, "E")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model, ref = ir.from_proto(proto), ir.from_proto(proto)
+    report = LowRankPass(LowRankConfig(rank_ratio=0.125, min_elements=0))(model)
+    assert report.counts["split_gather"] == 1
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMul"]
+    assert model.graph.initializers["E.lr_u"].shape == ir.Shape([200, 6])
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feeds = [{"ids": rng.integers(0, 200, (2, 7)).astype(np.int64)}]
+    # A rank-6 table split at rank 6: exact up to float32 reassociation of a 6-term sum.
+    got = validation.compare(ref, model, feeds)
+    assert got.worst("max_abs") <= TOL["reassociate_fp32"]["atol"] + TOL["reassociate_fp32"]["rtol"] * float(np.abs(table).max())
