@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import onnx.shape_inference
@@ -37,7 +37,14 @@ import onnx_ir.passes.common as ir_common
 from onnxopt import _ir_utils
 from onnxopt.config import option
 from onnxopt.outcome import Outcome
-from onnxopt.quant import bias_correction, calibration, deploy_check, reduce_range, smooth
+from onnxopt.quant import (
+    bias_correction,
+    calibration,
+    deploy_check,
+    range_search,
+    reduce_range,
+    smooth,
+)
 from onnxopt.quant import insert as qdq_insert
 from onnxopt.quant.calibration import CalibrationTable
 from onnxopt.quant.rules import RULES, SUPPORTED_OPS, QuantPlan, RuleContext
@@ -50,6 +57,7 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel `axis`
 _SMOOTH_MIN_RATIO = 4.0  # smoothing: max / median per-channel range that counts as outlier channels
 _SMOOTH_FEEDS = 4  # calibration feeds whose per-channel ranges decide smoothing
+_AUTO_FEEDS = 4  # calibration feeds each candidate model is measured on (calibration_method=auto)
 
 
 def _check_ops(field: str, ops: frozenset[str]) -> None:
@@ -64,8 +72,9 @@ def _check_ops(field: str, ops: frozenset[str]) -> None:
 class QuantizeConfig:
     """Options of the quantize pass."""
 
-    calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = option(
-        "mse", "how activation ranges are chosen from calibration data (mse: the clipping with the least squared error)"
+    calibration_method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = option(
+        "mse", "how activation ranges are chosen from calibration data (mse: the clipping with the least squared "
+        "error; auto: per tensor, the method whose range gives the model output closest to FP32, measured)"
     )
     percentile: float = option(99.999, "for calibration_method=percentile: share (%) of |x| kept unclipped")
     calib_table: str = option("", "path of a saved calibration table (JSON) to use instead of data")
@@ -148,6 +157,10 @@ def quantize(
     plans = _plans(model, config, rules, float_readers, out)
     if not plans:
         return out
+    if config.calibration_method == "auto" and calibration is not None:
+        table = _auto_ranges(model, config, table, rules, float_readers, calibration, cache, quiet, pass_name, out)
+        if config.save_calib_table:
+            table.save(config.save_calib_table)
     seven_bit = reduce_range.decide(config.reduce_range, target, can_measure=calibration is not None, outcome=out)
     if seven_bit is not None:
         result = _insert(model, config, plans, table, seven_bit, float_readers, pass_name)
@@ -203,10 +216,12 @@ def _calibrate(
         if config.smooth_quant:
             feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
             done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO)
-        method = config.calibration_method
-        kw = {"percentile": config.percentile} if method == "percentile" else {}
-        if method == "mse" and config.activation_type == "uint8" and not config.symmetric_activations:
-            kw["asymmetric"] = True  # mse counts uint8's real step: (clipped range) / 255
+        method = config.calibration_method if config.calibration_method != "auto" else "mse"
+        # mse counts uint8's real step, (clipped range) / 255, where activations are asymmetric.
+        kw = calibration.method_options(method, percentile=config.percentile, asymmetric=_asymmetric(config))
+        if config.calibration_method == "auto":  # every method's table from one pass; mse first
+            calibration.cached_methods(model, data, cache=cache, quiet=quiet, percentile=config.percentile,
+                                       asymmetric=_asymmetric(config))
         table = calibration.cached_ranges(model, data, None, method, cache=cache, quiet=quiet, **kw)
         if done is not None and done.scales:
             table = dataclasses.replace(table, smoothing=done.scales)
@@ -218,6 +233,34 @@ def _calibrate(
         out.note(f"SmoothQuant: {reason}")
     out.count("smoothed_activations", len(done.scales))
     return table, frozenset(done.inserted)
+
+
+def _asymmetric(config: QuantizeConfig) -> bool:
+    return config.activation_type == "uint8" and not config.symmetric_activations
+
+
+def _auto_ranges(
+    model: ir.Model, config: QuantizeConfig, base: CalibrationTable, rules: RuleContext,
+    float_readers: frozenset[str], data: Dataset, cache: MutableMapping[Any, Any] | None, quiet: bool, pass_name: str, out: Outcome,
+) -> CalibrationTable:
+    """calibration_method=auto: per-tensor method choice measured in onnxruntime (range_search)."""
+    tables = calibration.cached_methods(model, data, cache=cache, quiet=quiet, percentile=config.percentile,
+                                        asymmetric=_asymmetric(config))
+
+    def build(ranges: Mapping[str, tuple[float, float]]) -> ir.Model:
+        trial = model.clone()
+        trial_plans = _plans(trial, config, rules, float_readers, Outcome())
+        _insert(trial, config, trial_plans, CalibrationTable(ranges, "auto"), False, float_readers, pass_name)
+        return trial
+
+    feeds = list(data.take(_AUTO_FEEDS))
+    choice = range_search.choose(tables, build, model, feeds, quiet=quiet)
+    out.record("auto_calibration", start=choice.start, whole=choice.whole, changed=choice.changed,
+               loss=choice.loss, trials=choice.trials)
+    out.note(f"calibration auto: {choice.start} table best whole (output 1-cosine "
+             f"{choice.whole[choice.start]:.3g} on {len(feeds)} calibration feeds); {len(choice.changed)} "
+             f"tensors took another method's range, 1-cosine {choice.loss:.3g} ({choice.trials} models measured)")
+    return dataclasses.replace(choice.table, smoothing=base.smoothing)
 
 
 def _plans(
