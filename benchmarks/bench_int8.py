@@ -405,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="", help="comma list (default: all available)")
     ap.add_argument("--samples", type=int, default=20, help="calibration feeds for both tools")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per model and thread count")
-    ap.add_argument("--method", default="minmax", choices=[*sorted(_ORT_METHODS), "mse"],
+    ap.add_argument("--method", default="minmax", choices=[*sorted(_ORT_METHODS), "mse", "auto"],
                     help="calibration method of both tools (mse: onnxopt only, for its child runs)")
-    ap.add_argument("--onnxopt-method", default="", choices=["", "minmax", "percentile", "entropy", "mse"],
+    ap.add_argument("--onnxopt-method", default="", choices=["", "minmax", "percentile", "entropy", "mse", "auto"],
                     help="also run onnxopt with this calibration method")
     ap.add_argument("--eval-feeds", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="4 samples, 5 runs, 2 eval feeds")
