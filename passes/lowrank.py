@@ -33,6 +33,7 @@ __all__ = ["LowRankConfig", "LowRankPass"]
 logger = logging.getLogger(__name__)
 
 _OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
+_DEFAULT_OPS = frozenset({"MatMul", "Gemm", "Conv"})  # Gather (embeddings) on request: the lowrank recipe
 _Stats = tuple[np.ndarray, float]  # (X^T X in float64, mean rows per feed)
 
 
@@ -60,7 +61,7 @@ class LowRankConfig:
     refit: bool = option(False, "least-squares re-fit of V on calibration data after choosing U")
     spatial: bool = option(False, "also split k x k Conv into k x 1 then 1 x k (weight SVD)")
     op_types: frozenset[str] = option(
-        frozenset(_OPS), "ops to split: MatMul, Gemm, Conv, Gather (a [V, D] embedding table)"
+        _DEFAULT_OPS, "ops to split: MatMul, Gemm, Conv, and Gather (a [V, D] embedding table; not by default)"
     )
     max_feeds: int = option(256, "calibration feeds used for activation statistics")
     default_min_cosine: float = option(
