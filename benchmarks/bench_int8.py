@@ -179,11 +179,7 @@ def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int,
     cwd = os.getcwd()
     os.chdir(tmp)  # on failure its symbolic shape inference drops a temp model into the cwd
     try:
-        quant_pre_process(str(src), str(tmp / "pre.onnx"))
-        src = tmp / "pre.onnx"
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:120]
-        notes.append(f"quant_pre_process failed: {type(err).__name__}: {first}")
+        src = _pre_process(quant_pre_process, src, tmp / "pre.onnx", notes)
     finally:
         os.chdir(cwd)
     feeds = _feeds(model, calib, n)
@@ -203,6 +199,22 @@ def run_ort(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int,
     return {"notes": notes}
 
 
+def _pre_process(fn, src: pathlib.Path, out: pathlib.Path, notes: list[str]) -> pathlib.Path:
+    """onnxruntime's quant_pre_process; where its symbolic shape inference fails (PP-OCR rec/det),
+    again without it (onnx shape inference and the optimizer still run), else the model as is."""
+    for skip in (False, True):
+        try:
+            fn(str(src), str(out), skip_symbolic_shape=skip)
+            if skip:
+                notes.append("quant_pre_process with skip_symbolic_shape=True (symbolic shape inference failed)")
+            return out
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[0][:100]
+            last = f"quant_pre_process failed: {type(err).__name__}: {first}"
+    notes.append(last)
+    return src
+
+
 def run_nncf(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
     """NNCF's post-training quantization (default preset) after onnxruntime's pre-processing."""
     import nncf
@@ -215,10 +227,7 @@ def run_nncf(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
-        quant_pre_process(str(model), str(tmp / "pre.onnx"))
-        src = tmp / "pre.onnx"
-    except Exception as err:
-        notes.append(f"quant_pre_process failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}")
+        src = _pre_process(quant_pre_process, model, tmp / "pre.onnx", notes)
     finally:
         os.chdir(cwd)
     feeds = _feeds(model, calib, n)
