@@ -16,9 +16,21 @@ aware at rank 25%, and aware with the global 50% target) using the captured real
 ``onnxopt/testing/ocr_data.py capture``; output error on the held-out feeds, interleaved latency,
 and the character error rate of the whole OCR pipeline on the held-out images.
 
+Part 4 (``--part minilm``, not in ``all``: minutes): all-MiniLM-L6-v2 (a real pretrained sentence
+encoder, ``benchmarks/export_minilm.py``) through the ``lowrank`` recipe at each ``--min-cosine``
+budget and through ``lowrank-fixed`` (the old fixed 50 %), ranks chosen on ``calib.npz`` and the
+budget checked on ``eval.npz`` (``benchmarks/minilm_sentences.py``: disjoint sentences); reported:
+mean/min cosine of mean-pooled sentence embeddings on the held-out sentences, file size ratio, and
+latency ratio to FP32 (1 thread, ORT_ENABLE_ALL, reference and candidate alternating in one
+process, median of per-pair ratios) on one held-out sentence and on 128 tokens::
+
+    /work/venv-hf/bin/python benchmarks/export_minilm.py /tmp/minilm/minilm.onnx
+    /work/venv-hf/bin/python benchmarks/minilm_sentences.py /tmp/minilm
+    python benchmarks/bench_lowrank.py --part minilm --minilm-dir /tmp/minilm --budgets 0.99 0.98
+
 Usage::
 
-    python benchmarks/bench_lowrank.py [--part all|accuracy|latency|ocr] [--tokens 64 256]
+    python benchmarks/bench_lowrank.py [--part all|accuracy|latency|ocr|minilm] [--tokens 64 256]
         [--rounds 60] [--threads 1] [--json OUT.json]
 """
 
@@ -242,9 +254,75 @@ def ocr(rounds: int, threads: int, max_feeds: int) -> list[dict]:
     return rows
 
 
+def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the token vectors over the attention mask (sentence-transformers' pooling)."""
+    m = mask[..., None].astype(np.float64)
+    return (hidden.astype(np.float64) * m).sum(axis=-2) / np.maximum(m.sum(axis=-2), 1.0)
+
+
+def minilm(workdir: pathlib.Path, budgets: list[float], rounds: int, threads: int,
+           min_saving: float | None) -> list[dict]:
+    """lowrank (budget) and lowrank-fixed on all-MiniLM-L6-v2; see the module docstring."""
+    import onnxopt
+    from onnxopt.runtime import latency as lat
+
+    src = workdir / "minilm.onnx"
+    fp32 = io.load_model(src)
+    sig = data.input_signature(fp32)
+    held = [dict(f) for f in data.load_data(workdir / "eval.npz", sig)]
+    with runtime.session(fp32) as handle:
+        ref = runtime.run_all(handle, held)
+    first = held[0]
+    seq = first["input_ids"].shape[-1]
+    long = {k: np.tile(v, (1, 128 // seq + 1))[:, :128] for k, v in first.items()}
+    rows = []
+    settings = [(f"lowrank --min-cosine {b}", "lowrank", b) for b in budgets]
+    settings.append(("lowrank-fixed (50%)", "lowrank-fixed", None))
+    for label, recipe, budget in settings:
+        out = workdir / f"{recipe}_{budget}.onnx"
+        passes = ()
+        if min_saving is not None and recipe == "lowrank":  # same recipe, stricter pay-off rule
+            recipe, passes = "simplify", (f"lowrank:rank_mode=budget,min_saving={min_saving}",)
+            label += f" min_saving={min_saving}"
+        t0 = time.perf_counter()
+        result = onnxopt.optimize(src, out, recipe=recipe, passes=passes, calibration=workdir / "calib.npz",
+                                  evaluation=workdir / "eval.npz", min_cosine=budget, quiet=True)
+        seconds = time.perf_counter() - t0
+        cand = io.load_model(out)
+        with runtime.session(cand) as handle:
+            got = runtime.run_all(handle, held)
+        cos = []
+        for feed, r, c in zip(held, ref, got, strict=True):
+            a = _pooled(next(iter(r.values())), feed["attention_mask"]).ravel()
+            b = _pooled(next(iter(c.values())), feed["attention_mask"]).ravel()
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        token_cos = validation.output_metrics([next(iter(r.values())) for r in ref],
+                                              [next(iter(c.values())) for c in got]).cosine
+        rep = next(r for r in result.reports if r.pass_name == "lowrank")
+        row = {
+            "setting": label, "seconds": seconds, "layers_split": rep.counts["split"],
+            "emb_cos_mean": float(np.mean(cos)), "emb_cos_min": float(np.min(cos)), "token_cos": token_cos,
+            "size_ratio": out.stat().st_size / src.stat().st_size,
+            "ranks": {r["item"]: [r["K"], r["N"], r["rank"], r["output_rel_error"]] for r in rep.records},
+            "notes": rep.notes,
+        }
+        for name, feed in (("sentence", first), ("128 tokens", long)):
+            _ms, ratio = lat.paired_ratio(src, out, feed, rounds, threads=threads)
+            row[f"latency_ratio_{name}"] = ratio
+        rows.append(row)
+        print(f"{label:<40} split {row['layers_split']:>2}  emb cos mean {row['emb_cos_mean']:.4f} "
+              f"min {row['emb_cos_min']:.4f}  token cos {token_cos:.4f}  size {row['size_ratio']:.3f}x  "
+              f"latency {row['latency_ratio_sentence']:.3f}x / {row['latency_ratio_128 tokens']:.3f}x  "
+              f"({seconds:.0f} s)", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "accuracy", "latency", "ocr"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "latency", "ocr", "minilm"], default="all")
+    parser.add_argument("--minilm-dir", type=pathlib.Path, default=pathlib.Path("/tmp/minilm"))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.99, 0.98])
+    parser.add_argument("--min-saving", type=float, help="minilm: lowrank min_saving (default: the pass's)")
     parser.add_argument("--ocr-feeds", type=int, default=8, help="ocr: calibration feeds for X^T X")
     parser.add_argument("--models", nargs="+", default=["digits_mlp", "digits_transformer"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[64, 256])
@@ -289,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['rel_l2']:7.4f}  {row['cosine']:.5f}  {row['latency_ms_ref']:7.2f}  "
                 f"{row['latency_ms_split']:8.2f}  {row['latency_ratio']:.3f}  {row['cer']:.4f}"
             )
+    if args.part == "minilm":
+        results["minilm"] = minilm(args.minilm_dir, args.budgets, args.rounds, args.threads, args.min_saving)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -60,10 +60,16 @@ def add_recipe(recipe: Recipe) -> Recipe:
 
 add_recipe(Recipe("simplify", "exact clean-ups: constant folding, dead code, CSE, BatchNorm folding",
                   (Step("simplify"),)))
-add_recipe(Recipe("lowrank", "simplify, then split MatMul/Gemm/1x1 Conv weights by SVD (activation-aware "
-                  "with --calib), removing 50% of the split layers' parameters where it costs least",
+add_recipe(Recipe("lowrank", "simplify, then split MatMul/Gemm/1x1 Conv weights and embedding tables by SVD (activation-aware "
+                  "with --calib) at the per-layer ranks that remove the most parameters while the outputs "
+                  "keep cosine >= 0.99 to the input model (default budget; --min-cosine / --max-error set "
+                  "it), measured in onnxruntime on --eval data (else --calib, else generated feeds); a "
+                  "[K,N] weight is split only where r*(K+N) < 0.9*K*N (smaller r pays, larger costs)",
+                  (Step("simplify"), Step("lowrank", {"rank_mode": "budget", "op_types": "[MatMul,Gemm,Conv,Gather]"}))))
+add_recipe(Recipe("lowrank-fixed", "simplify, then the low-rank split removing a fixed 50% of the split layers' "
+                  "parameters where it costs least, whatever the accuracy (the lowrank recipe before the budget)",
                   (Step("simplify"), Step("lowrank", {"rank_mode": "global", "target": 0.5}))))
-add_recipe(Recipe("lowrank-int8", "the lowrank recipe, then static INT8 QDQ quantization of the split model",
+add_recipe(Recipe("lowrank-int8", "the lowrank-fixed recipe, then static INT8 QDQ quantization of the split model",
                   (Step("simplify"), Step("lowrank", {"rank_mode": "global", "target": 0.5}), Step("quantize")),
                   needs_calibration=True))
 add_recipe(Recipe("compress", "simplify, 50% magnitude pruning, 16-cluster weight sharing, repair on "

@@ -23,6 +23,8 @@ from onnxopt.compress import lowrank_graph as lg
 from onnxopt.compress import lowrank_math as lm
 from onnxopt.config import option
 from onnxopt.pass_base import OptPass, PassReport, register
+from onnxopt.quant import sensitivity
+from onnxopt.runtime import feedgen
 from onnxopt.runtime import sessions as runtime
 from onnxopt.runtime.data import Dataset
 
@@ -30,7 +32,8 @@ __all__ = ["LowRankConfig", "LowRankPass"]
 
 logger = logging.getLogger(__name__)
 
-_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
+_DEFAULT_OPS = frozenset({"MatMul", "Gemm", "Conv"})  # Gather (embeddings) on request: the lowrank recipe
 _Stats = tuple[np.ndarray, float]  # (X^T X in float64, mean rows per feed)
 
 
@@ -41,8 +44,11 @@ class LowRankConfig:
     method: Literal["auto", "aware", "plain"] = option(
         "auto", "aware: whiten by calibration X^T X; plain: SVD of W; auto: aware if data is given"
     )
-    rank_mode: Literal["ratio", "energy", "error", "global"] = option(
-        "ratio", "rank rule: fixed ratio, kept energy, per-layer error budget, or global target"
+    rank_mode: Literal["ratio", "energy", "error", "global", "budget"] = option(
+        "ratio",
+        "rank rule: fixed ratio, kept energy, per-layer error budget, global target, or budget "
+        "(the largest global target whose model meets the context's --min-cosine/--max-error, "
+        "measured in onnxruntime on --eval data, else --calib, else generated feeds)",
     )
     rank_ratio: float = option(0.25, "ratio mode: keep ceil(rank_ratio * min(K, N)) singular values")
     energy: float = option(0.99, "energy mode: keep this fraction of sum(sigma^2)")
@@ -54,8 +60,19 @@ class LowRankConfig:
     damping: float = option(1e-4, "aware: add damping * mean(diag X^T X) to the diagonal")
     refit: bool = option(False, "least-squares re-fit of V on calibration data after choosing U")
     spatial: bool = option(False, "also split k x k Conv into k x 1 then 1 x k (weight SVD)")
-    op_types: frozenset[str] = option(frozenset(_OPS), "ops to split: MatMul, Gemm, Conv")
+    op_types: frozenset[str] = option(
+        _DEFAULT_OPS, "ops to split: MatMul, Gemm, Conv, and Gather (a [V, D] embedding table; not by default)"
+    )
     max_feeds: int = option(256, "calibration feeds used for activation statistics")
+    default_min_cosine: float = option(
+        0.99, "budget mode: output cosine to the input model when the context gives no budget"
+    )
+    search_steps: int = option(8, "budget mode: bisection steps over the global target (one model run each)")
+    eval_feeds: int = option(32, "budget mode: feeds each trial model is measured on")
+    sensitivity: bool = option(
+        True, "budget mode: split each layer alone once (at half its pay-off rank), measure the model "
+        "output, and scale that layer's error curve by it, so layers the output is sensitive to keep rank"
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -67,6 +84,9 @@ class LowRankConfig:
             "min_elements": (self.min_elements >= 0, ">= 0"),
             "damping": (0.0 <= self.damping < 1.0, "[0, 1)"),
             "max_feeds": (self.max_feeds >= 1, ">= 1"),
+            "default_min_cosine": (-1.0 <= self.default_min_cosine <= 1.0, "[-1, 1]"),
+            "search_steps": (self.search_steps >= 1, ">= 1"),
+            "eval_feeds": (self.eval_feeds >= 1, ">= 1"),
         }
         for name, (ok, valid) in checks.items():
             if not ok:
@@ -79,6 +99,8 @@ class LowRankConfig:
 @register("lowrank")
 class LowRankPass(OptPass[LowRankConfig]):
     """Replace MatMul(x, W) / Gemm(x, W, C) / 1x1 Conv by two thinner nodes of rank r (+ bias).
+
+    An embedding ``Gather(E, ids)`` becomes ``MatMul(Gather(U, ids), V)``.
 
     Changes: per split node adds initializers ``<W>.lr_u``, ``<W>.lr_v`` and one node before
         it (the original node becomes the ``V`` half and keeps its output name); drops W once
@@ -105,18 +127,7 @@ class LowRankPass(OptPass[LowRankConfig]):
         """Split every qualifying node in place; see the class docstring."""
         report = self.new_report(model)
         cfg = self.config
-        cands: list[lg.Candidate] = []
-        for node in _ir_utils.iter_nodes(model, cfg.op_types):
-            if node.graph is not model.graph:
-                report.skip("node is in a subgraph (only the main graph is split)")
-                continue
-            found = lg.find_candidate(
-                node, min_elements=cfg.min_elements, spatial=cfg.spatial, pass_name=self.name
-            )
-            if isinstance(found, str):
-                report.skip(found)
-            else:
-                cands.append(found)
+        cands = self._candidates(model, report)
         if not cands:
             return report
         stats = self._statistics(model, cands)
@@ -132,22 +143,42 @@ class LowRankPass(OptPass[LowRankConfig]):
             if aware and gram is not None and dec.note:
                 report.count("aware_fallback_to_plain")
                 report.note(f"{cand.label}: {dec.note}; used plain SVD")
-            elif aware and gram is None and cand.kind != "conv-spatial":
+            elif aware and gram is None and cand.kind not in ("conv-spatial", "gather"):
                 report.note(f"{cand.label}: no activation statistics; used plain SVD")
             k, n = cand.matrix.shape
             limit = lg.breakeven_rank(k, n, cfg.min_saving)
             plans.append((cand, dec, gram, rows, dec.error_curve(gram), limit))
-        ranks = self._ranks(plans, report)
+        if cfg.rank_mode == "budget":
+            ranks = self._search(model, plans, report)
+        else:
+            ranks = self._ranks(plans, report)
         taken = _names(model.graph)
         for (cand, dec, gram, rows, _curve, limit), rank in zip(plans, ranks, strict=True):
             if rank is None:
-                report.skip("global target: layer left unsplit")
+                report.skip(f"{cfg.rank_mode} mode: layer left unsplit")
                 continue
             if rank > limit:
                 report.skip("split would not pay: r*(K+N) >= (1 - min_saving)*K*N")
                 continue
             self._split(model.graph, cand, dec, gram, rows, rank, taken, report)
         return report
+
+    def _candidates(self, model: ir.Model, report: PassReport | None) -> list[lg.Candidate]:
+        """The splittable nodes of the main graph in graph order (skip reasons go to ``report``)."""
+        cfg = self.config
+        cands: list[lg.Candidate] = []
+        for node in _ir_utils.iter_nodes(model, cfg.op_types):
+            if node.graph is not model.graph:
+                found: lg.Candidate | str = "node is in a subgraph (only the main graph is split)"
+            else:
+                found = lg.find_candidate(
+                    node, min_elements=cfg.min_elements, spatial=cfg.spatial, pass_name=self.name
+                )
+            if not isinstance(found, str):
+                cands.append(found)
+            elif report is not None:
+                report.skip(found)
+        return cands
 
     def _statistics(self, model: ir.Model, cands: list[lg.Candidate]) -> dict[tuple, _Stats]:
         """Per activation key: (X^T X in float64, mean rows per feed), streamed feed by feed.
@@ -197,7 +228,17 @@ class LowRankPass(OptPass[LowRankConfig]):
                 else:
                     out.append(lm.rank_for_error(curve, cfg.max_rel_error))
             return out
-        flops = cfg.target_metric == "flops"
+        budgets, what = self._layer_budgets(plans, report)
+        ranks, removed = lm.allocate_ranks(budgets, cfg.target)
+        report.note(
+            f"global target: removed {removed:.1%} of the candidate layers' {what} "
+            f"(target {cfg.target:.1%})"
+        )
+        return ranks
+
+    def _layer_budgets(self, plans: list, report: PassReport) -> tuple[list[lm.LayerBudget], str]:
+        """One :class:`LayerBudget` per plan (cost in parameters or FLOPs) and what it counts."""
+        flops = self.config.target_metric == "flops"
         if flops and any(rows <= 0 for _c, _d, _g, rows, _cu, _l in plans):
             report.note("target_metric=flops needs activation statistics for every layer; "
                         "counted parameters")
@@ -206,13 +247,138 @@ class LowRankPass(OptPass[LowRankConfig]):
             lm.LayerBudget(curve, *cand.matrix.shape, limit, rows if flops else 1.0)
             for cand, _dec, _gram, rows, curve, limit in plans
         ]
-        ranks, removed = lm.allocate_ranks(budgets, cfg.target)
-        what = "FLOPs" if flops else "parameters"
-        report.note(
-            f"global target: removed {removed:.1%} of the candidate layers' {what} "
-            f"(target {cfg.target:.1%})"
+        return budgets, "FLOPs" if flops else "parameters"
+
+    def _check_feeds(self, model: ir.Model, report: PassReport) -> list[dict[str, np.ndarray]] | None:
+        """Feeds the budget is measured on: evaluation, else calibration, else generated."""
+        ctx = self.context
+        n = self.config.eval_feeds
+        if ctx.evaluation is not None:
+            return [dict(f) for f in ctx.evaluation.take(n)]
+        if ctx.calibration is not None:
+            report.note("budget measured on the calibration data (the ranks were fitted on it); "
+                        "pass --eval DATA for held-out data")
+            return [dict(f) for f in ctx.calibration.take(n)]
+        try:
+            feeds = feedgen.runnable_feeds(model, min(n, 8), seed=ctx.seed, cache=ctx.cache)
+        except Exception as err:  # noqa: BLE001 - any reason the model cannot run is reported
+            report.note(f"budget mode: no feeds the model runs on ({str(err).splitlines()[0][:200]}); "
+                        "nothing split")
+            return None
+        report.note("budget measured on generated feeds (no --eval/--calib data): real inputs may differ")
+        return [dict(f) for f in feeds]
+
+    def _search(self, model: ir.Model, plans: list, report: PassReport) -> list[int | None]:
+        """Ranks of the largest global target whose split model meets the budget (bisection).
+
+        Each trial allocates ranks for a target fraction of the candidate layers' cost (the
+        cheapest output error per removed parameter first, as ``global`` mode), splits a clone
+        and runs it in onnxruntime on the check feeds. Nothing split (target 0) always meets
+        the budget, so the bisection keeps the best trial that met it.
+        """
+        ctx, cfg = self.context, self.config
+        budget = sensitivity.Budget.from_bounds(
+            min_cosine=ctx.min_cosine, max_error=ctx.max_error, metric=ctx.metric,
+            min_metric=ctx.min_metric, default_min_cosine=cfg.default_min_cosine,
         )
-        return ranks
+        nothing: list[int | None] = [None] * len(plans)
+        feeds = self._check_feeds(model, report)
+        if feeds is None:
+            return nothing
+        reference = sensitivity.run_outputs(model, feeds)
+        budgets, what = self._layer_budgets(plans, report)
+        if cfg.sensitivity and budget.metric is None:
+            budgets = self._weigh(model, plans, budgets, reference, feeds, budget, report)
+        _ranks, most = lm.allocate_ranks(budgets, 1.0 - 1e-9)  # the most that can be removed
+        lo, hi = 0.0, most
+        best, best_removed, best_m = nothing, 0.0, None
+        seen: dict[tuple, sensitivity.Measurement] = {}
+        steps = tqdm.trange(cfg.search_steps, desc="lowrank budget", unit="trial",
+                            disable=ctx.quiet, leave=False)
+        for step in steps:
+            target = hi if step == 0 else (lo + hi) / 2  # the most first: often it already fits
+            if target <= 0.0:
+                break
+            ranks, removed = lm.allocate_ranks(budgets, target)
+            key = tuple(ranks)
+            if key not in seen:
+                trial = self._trial(model, plans, ranks)
+                seen[key] = sensitivity.measure(reference, sensitivity.run_outputs(trial, feeds), budget)
+            m = seen[key]
+            report.note(f"budget search: removing {removed:.1%} of the candidate {what}: "
+                        f"cosine {m.cosine:.6f}, max abs {m.max_abs:.4g} ({'fits' if m.ok else 'over'})")
+            if m.ok:
+                best, best_removed, best_m = ranks, removed, m
+                lo = target
+                if step == 0:
+                    break
+            else:
+                hi = target
+        met = best_m.cosine if best_m is not None else 1.0
+        report.count("budget_met")
+        report.note(
+            f"budget {budget.describe()}: kept ranks removing {best_removed:.1%} of the candidate "
+            f"{what} (measured cosine {met:.6f} on {len(feeds)} feeds); splits pay only where "
+            "r < K*N/(K+N), the rest stay whole"
+        )
+        return best
+
+    def _weigh(
+        self, model: ir.Model, plans: list, budgets: list[lm.LayerBudget], reference: list,
+        feeds: list, budget: sensitivity.Budget, report: PassReport,
+    ) -> list[lm.LayerBudget]:
+        """Scale each layer's error curve by its measured effect on the model output.
+
+        The curve is the layer's own relative output error; what the budget sees is the model's.
+        Layer l alone at its probe rank p (half its pay-off rank) costs the model ``loss_l``;
+        ``1 - cosine`` grows as the square of a small relative error (``max abs`` linearly), so
+        the curve is scaled by ``sqrt(loss_l) / curve_l[p]`` (``loss_l / curve_l[p]``).
+        """
+        out = list(budgets)
+        quiet = self.context.quiet
+        bar = tqdm.tqdm(list(enumerate(budgets)), desc="lowrank sensitivity", unit="layer",
+                        disable=quiet, leave=False)
+        for i, layer in bar:
+            probe = max(1, layer.max_rank // 2)
+            if layer.max_rank < 1 or layer.curve[probe] <= 0:
+                continue
+            ranks: list[int | None] = [None] * len(plans)
+            ranks[i] = probe
+            m = sensitivity.measure(reference, sensitivity.run_outputs(self._trial(model, plans, ranks), feeds), budget)
+            if not np.isfinite(m.loss):
+                out[i] = dataclasses.replace(layer, max_rank=0)  # never split: it breaks the model
+                continue
+            loss = max(m.loss, 0.0)
+            scale = (np.sqrt(loss) if budget.max_error is None else loss) / float(layer.curve[probe])
+            out[i] = dataclasses.replace(layer, curve=np.asarray(layer.curve) * scale)
+            plans[i][0].alone = (probe, m.cosine)
+        report.note(f"budget search: each of {len(budgets)} layers measured alone at half its pay-off rank")
+        return out
+
+    def _trial(self, model: ir.Model, plans: list, ranks: list[int | None]) -> ir.Model:
+        """A clone of ``model`` with ``ranks`` applied (the candidates are found again in it)."""
+        clone = model.clone()
+        cands = self._candidates(clone, None)
+        taken = _names(clone.graph)
+        for (cand, dec, gram, _rows, _curve, limit), twin, rank in zip(plans, cands, ranks, strict=True):
+            if twin.label != cand.label:
+                raise RuntimeError(f"lowrank: clone candidate {twin.label} != {cand.label}")
+            if rank is None or rank > limit:
+                continue
+            u, v, _refit = self._factors(cand, dec, gram, rank)
+            lg.apply_split(clone.graph, twin, u, v, self.name, taken)
+        return clone
+
+    def _factors(
+        self, cand: lg.Candidate, dec: lm.Decomposition, gram: np.ndarray | None, rank: int
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``U``, ``V`` in the weight's dtype, and whether ``V`` was re-fitted."""
+        u, v = dec.factors(rank)
+        refit = self.config.refit and gram is not None
+        if refit:
+            v = lm.refit_v(cand.matrix, u, gram)
+        dtype = cand.weight.const_value.dtype.numpy()
+        return u.astype(dtype), v.astype(dtype), refit
 
     def _split(
         self,
@@ -225,12 +391,7 @@ class LowRankPass(OptPass[LowRankConfig]):
         taken: set[str],
         report: PassReport,
     ) -> None:
-        u, v = dec.factors(rank)
-        refit = self.config.refit and gram is not None
-        if refit:
-            v = lm.refit_v(cand.matrix, u, gram)
-        dtype = cand.weight.const_value.dtype.numpy()
-        u, v = u.astype(dtype), v.astype(dtype)
+        u, v, refit = self._factors(cand, dec, gram, rank)
         k, n = cand.matrix.shape
         before, after = lg.split_cost(cand, rank)
         out_err = lm.output_rel_error(cand.matrix, u, v, gram) if gram is not None else None
@@ -254,6 +415,7 @@ class LowRankPass(OptPass[LowRankConfig]):
             flop_reduction=1.0 - after / before,
             weight_rel_error=lm.weight_rel_error(cand.matrix, u, v),
             output_rel_error=out_err,
+            alone_rank_cosine=cand.alone,
         )
         logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
 

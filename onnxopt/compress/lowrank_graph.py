@@ -14,6 +14,11 @@ output name and its users) as the second, ``V`` half, and inserts the ``U`` half
 - k x k 2-D ``Conv`` (Jaderberg et al. 2014, scheme 2): the weight as a [C*kh, kw*N] matrix,
   split into a [r, C, kh, 1] vertical conv (vertical strides/pads/dilations) followed by a
   [N, r, 1, kw] horizontal conv (horizontal ones, and the bias). Weight-based SVD only.
+- ``Gather(E, ids)`` of a [V, D] embedding table (axis 0) -> ``MatMul(Gather(U, ids), V)``
+  (ALBERT's factorised embedding, Lan et al. 2020): ``E[i] = U[i] @ V`` row by row, so the
+  split is exact up to the truncation. The rows are one-hot selections, so the SVD is of the
+  table itself (every token weighs alike; a few calibration sentences would bias a
+  frequency weighting). The original node becomes the MatMul and keeps its output name.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ class Candidate:
 
     Attributes:
         node: the MatMul/Gemm/Conv node.
-        kind: "matmul", "gemm", "conv1x1" or "conv-spatial".
+        kind: "matmul", "gemm", "conv1x1", "conv-spatial" or "gather".
         weight: the constant weight value.
         matrix: the weight as [K, N] float64 (Gemm alpha folded in).
         activation: the value whose rows multiply ``matrix`` (None: not available).
         layout: how :func:`rows_of` turns a captured activation into [rows, K].
+        alone: budget mode: (probe rank, model output cosine) measured with this layer the only
+            one split, or None.
 
     """
 
@@ -49,6 +56,7 @@ class Candidate:
     matrix: np.ndarray
     activation: ir.Value | None
     layout: tuple
+    alone: tuple[int, float] | None = None
 
     @property
     def label(self) -> str:
@@ -67,6 +75,8 @@ def find_candidate(
     """Return a :class:`Candidate` for ``node``, or the reason it cannot be split."""
     if node.metadata_props.get(_ir_utils.PROVENANCE_KEY) == pass_name:
         return "node is already a low-rank factor"
+    if node.op_type == "Gather":
+        return _gather(node, min_elements)
     weight = _ir_utils.constant_input(node, 1)
     if weight is None:
         return f"{node.op_type} weight is not a constant initializer"
@@ -125,6 +135,27 @@ def _conv(node: ir.Node, weight: ir.Value, w: np.ndarray, spatial: bool) -> Cand
     return Candidate(node, "conv-spatial", weight, mat, None, ("none",))
 
 
+def _gather(node: ir.Node, min_elements: int) -> Candidate | str:
+    table = _ir_utils.constant_input(node, 0)
+    if table is None:
+        return "Gather data is not a constant initializer"
+    if not _ir_utils.is_float_dtype(table.dtype):
+        return f"Gather data dtype {table.dtype} is not floating point"
+    if len(table.uses()) > 1:
+        return f"Gather data is shared by {len(table.uses())} uses"
+    ids = node.inputs[1] if len(node.inputs) > 1 else None
+    if ids is None or ids.const_value is not None or ids.is_initializer():
+        return "Gather indices are constant (simplify folds it)"
+    if node.attributes.get_int("axis", 0) != 0:
+        return "Gather axis is not 0"
+    w = _ir_utils.constant_array(table)
+    if w.ndim != 2:
+        return f"Gather data is {w.ndim}-D, not a 2-D embedding table"
+    if w.size < min_elements:
+        return f"weight has fewer than min_elements={min_elements} elements"
+    return Candidate(node, "gather", table, w.astype(np.float64), None, ("none",))
+
+
 def rows_of(array: np.ndarray, layout: tuple) -> np.ndarray:
     """Reshape a captured activation to [rows, K] (the rows that multiply the [K, N] matrix)."""
     if layout[0] == "cols":
@@ -151,7 +182,7 @@ def apply_split(
     base = str(cand.weight.name)
     k, n = cand.matrix.shape
     r = u.shape[1]
-    if cand.kind in ("matmul", "gemm"):
+    if cand.kind in ("matmul", "gemm", "gather"):
         u_arr, v_arr = u, v
     elif cand.kind == "conv1x1":
         spatial_ones = (1,) * (cand.weight.const_value.numpy().ndim - 2)
@@ -163,9 +194,22 @@ def apply_split(
         v_arr = v.reshape(r, kw, nw).transpose(2, 0, 1)[:, :, None, :]  # [N, r, 1, kw]
     u_val = _initializer(graph, f"{base}.lr_u", u_arr.astype(dtype), taken)
     v_val = _initializer(graph, f"{base}.lr_v", v_arr.astype(dtype), taken)
-    x = node.inputs[0]
     mid = ir.Value(name=_ir_utils.unique_name(graph, f"{base}.lr_mid", taken))
     mid.dtype = cand.weight.dtype  # MatMul/Gemm/Conv: activation dtype = weight dtype
+    if cand.kind == "gather":  # Gather(U, ids) -> mid; the node itself becomes MatMul(mid, V)
+        name = _ir_utils.unique_name(graph, f"{node.name}.lr_u", taken) if node.name else None
+        first = ir.node("Gather", [u_val, node.inputs[1]], {"axis": 0}, outputs=[mid], name=name)
+        _ir_utils.tag(first, pass_name)
+        graph.insert_before(node, first)
+        node.op_type = "MatMul"
+        node.attributes.pop("axis", None)
+        node.replace_input_with(0, mid)
+        node.replace_input_with(1, v_val)
+        _ir_utils.tag(node, pass_name)
+        if not cand.weight.uses() and cand.weight.name in graph.initializers and not cand.weight.is_graph_output():
+            graph.initializers.pop(cand.weight.name)
+        return
+    x = node.inputs[0]
     first = _first_node(cand, x, u_val, mid, graph, taken)
     _ir_utils.tag(first, pass_name)
     graph.insert_before(node, first)

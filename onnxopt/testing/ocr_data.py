@@ -611,7 +611,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     )
     for prefix, group in (("", images), ("eval_", eval_images)):
         start = time.perf_counter()
-        folders = capture_feeds(group, out, prefix=prefix, compress=args.compress)
+        folders = capture_feeds(group, out, prefix=prefix, stages=args.model or ("det", "cls"), compress=args.compress)
         print(f"captured {len(group)} images in {time.perf_counter() - start:.1f}s")
         for folder in folders.values():
             print(f"  {folder}: {_folder_summary(folder)}")
@@ -675,11 +675,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_models = sub.add_parser("models", help="where the packaged models are, and what they hold")
     p_models.set_defaults(func=_cmd_models)
 
-    p_cap = sub.add_parser("capture", help="record det/cls feeds from shared and held-out images")
+    p_cap = sub.add_parser("capture", help="record det/cls (and with --model rec, rec) feeds from shared and held-out images")
     p_cap.add_argument(
         "--out", default=str(CACHE_DIR / "feeds"), help="output folder (default: %(default)s)"
     )
     p_cap.add_argument("--compress", action="store_true", help="write compressed .npz files")
+    p_cap.add_argument(
+        "--model", action="append", choices=STAGES,
+        help="stage whose feeds are recorded; repeat for several (default: det and cls; rec: the "
+        "recogniser's text-line batches, as rapidocr feeds them)",
+    )
     common(p_cap)
     p_cap.set_defaults(func=_cmd_capture)
 
