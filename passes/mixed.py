@@ -80,6 +80,10 @@ def int8_quantizer(context: PassContext, calibration_method: str = "mse") -> pre
 class MixedConfig:
     """Options of the mixed pass."""
 
+    # Off by default: merged with the dynamic INT8 engine, the switch graph's dynamic screening did
+    # not match the real build on the digits models (every repaired plan fell back to FP32).
+    dynamic_int8: str = option("false", "offer per-token dynamic INT8 per MatMul: true, false, or auto (where the "
+                               "quantize engine's activations=auto picks dynamic: transformers)")
     default_min_cosine: float = option(0.99, "budget when the context gives no min_cosine/max_error/metric")
     plan_feeds: int = option(4, "feeds plans are screened on: the smallest of the first 4x as many evaluation (else calibration) feeds")
     eval_feeds: int = option(32, "evaluation feeds the chosen plan is verified on (a model built for real)")
@@ -97,6 +101,8 @@ class MixedConfig:
         for name in ("plan_feeds", "eval_feeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dynamic_int8 not in ("auto", "true", "false"):
+            raise ValueError(f"dynamic_int8 must be auto, true or false, got {self.dynamic_int8!r}")
         if not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if self.latency_runs < 0 or self.sqnr_feeds < 0:
@@ -179,7 +185,10 @@ class MixedPass(OptPass[MixedConfig]):
         tb = time.perf_counter()
         smoothed = quantize(float_model.clone(), frozenset(candidates))
         build_s = time.perf_counter() - tb
-        levels = precision_plan.levels_for(ctx.target, dynamic_supported())
+        offer_dynamic = dynamic_supported() and (
+            self.config.dynamic_int8 == "true"
+            or (self.config.dynamic_int8 == "auto" and static.activations_mode(float_model) == "dynamic"))
+        levels = precision_plan.levels_for(ctx.target, offer_dynamic)
         screen = screening.build(full, smoothed, candidates, [lv for lv in levels if lv != "fp32"])
         del smoothed
         report.count("precision_groups", len(screen.groups))

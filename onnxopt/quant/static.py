@@ -262,6 +262,11 @@ def _static(
     return result
 
 
+def activations_mode(model: ir.Model) -> str:
+    """What ``activations=auto`` picks for ``model``: ``static`` or ``dynamic`` (transformers)."""
+    return _resolve_mode(model, QuantizeConfig(activations="auto"), Outcome())
+
+
 def _resolve_mode(model: ir.Model, config: QuantizeConfig, out: Outcome) -> str:
     """``static`` or ``dynamic``: ``activations=auto`` decided for this model (a note says why)."""
     if config.activations != "auto":
