@@ -31,6 +31,7 @@ calibration data is needed only for SmoothQuant. Embedding tables become int8 ro
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 from collections.abc import Mapping, MutableMapping
@@ -189,7 +190,7 @@ def quantize(
             out.note(f"{len(unpacked) // 3} fused Attention node(s) split into Q/K/V MatMuls + MultiHeadAttention "
                      "so that their projections are quantized")
     if mode == "dynamic":  # no static activation: ranges are not needed, smoothing may be
-        table, float_readers = CalibrationTable({}, "none", 0), _smooth_only(model, config, calibration, out)
+        table, float_readers = CalibrationTable({}, "none", 0), _smooth_only(model, config, calibration, cache, out)
     else:
         table, float_readers = _calibrate(model, config, calibration, cache, quiet, out)
     float_model = model.clone() if calibration is not None else None
@@ -356,15 +357,16 @@ def _alphas(config: QuantizeConfig, per_token: bool) -> dict[str, Any]:
     return {"per_layer": smooth.ALPHA_GRID, "per_token": per_token}
 
 
-def _smooth_only(model: ir.Model, config: QuantizeConfig, data: Dataset | None, out: Outcome) -> frozenset[str]:
+def _smooth_only(
+    model: ir.Model, config: QuantizeConfig, data: Dataset | None, cache: MutableMapping[Any, Any] | None, out: Outcome
+) -> frozenset[str]:
     """SmoothQuant without range calibration (all activations dynamic); needs data, else a note."""
     if not config.smooth_quant:
         return frozenset()
     if data is None:
         out.note("SmoothQuant skipped: no calibration data (dynamic INT8 needs none otherwise)")
         return frozenset()
-    done = smooth.smooth(model, data.take(_SMOOTH_FEEDS), config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO,
-                         **_alphas(config, config.dynamic_scales == "token"))  # auto: LayerNorm outputs per tensor
+    done = _cached_smooth(model, config, data, cache, per_token=config.dynamic_scales == "token")  # auto: per tensor
     for rec in done.records:
         out.record(f"smooth:{rec.pop('tensor')}", **rec)
     for reason in done.skipped:
@@ -395,8 +397,7 @@ def _calibrate(
             out.note(f"SmoothQuant scales of {len(table.smoothing)} tensors applied from the calibration table")
     else:
         if config.smooth_quant:
-            feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
-            done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO, **_alphas(config, False))
+            done = _cached_smooth(model, config, data, cache, per_token=False)
         method = config.calibration_method if config.calibration_method != "auto" else "mse"
         # mse keeps the symmetric step t/127 even for uint8 (asymmetric=False): counting uint8's real
         # step on one-sided tensors clips less and was measured worse on the PP-OCR recogniser
@@ -415,6 +416,26 @@ def _calibrate(
         out.note(f"SmoothQuant: {reason}")
     out.count("smoothed_activations", len(done.scales))
     return table, frozenset(done.inserted)
+
+
+def _cached_smooth(
+    model: ir.Model, config: QuantizeConfig, data: Dataset | None, cache: MutableMapping[Any, Any] | None,
+    *, per_token: bool,
+) -> smooth.SmoothResult:
+    """SmoothQuant on ``model``, its scales measured once per model and options (``mixed`` builds
+    many plans of one model: each applies the first build's scales instead of re-running the data)."""
+    key = ("smooth", config.smooth_quant, config.smooth_alpha, per_token, calibration.fingerprint(model))
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        scales, records, skipped = hit
+        done = smooth.smooth(model, None, scales=scales)
+        done.records, done.skipped = copy.deepcopy(records), list(skipped)
+        return done
+    feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
+    done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO, **_alphas(config, per_token))
+    if cache is not None:
+        cache[key] = (dict(done.scales), copy.deepcopy(done.records), list(done.skipped))
+    return done
 
 
 def _auto_ranges(

@@ -238,3 +238,36 @@ def test_conv_equalisation_shrinks_int8_error_on_outlier_channels():
     # Measured err_off / err_on = 5.0 (8-bit weights) / 4.1 (7-bit, reduce_range=auto's other
     # outcome), at both opt levels: the worse still 1.4x over the claimed 3x.
     assert err_on < err_off / 3, (err_on, err_off)
+
+
+@pytest.mark.parametrize("build", ["ln", "conv"])
+def test_a_second_build_in_one_context_reuses_smoothing_and_calibration(build, monkeypatch):
+    """mixed builds many plans of one model: SmoothQuant writes new weight tensors each time, so
+    the calibration cache keys weights by content and the smoothing scales are cached too."""
+    from onnxopt.quant import calibration
+
+    make, data = (ln_model, feeds(8)) if build == "ln" else (conv_model, conv_feeds(8))
+    runs = {"calibrate": 0, "channel_stats": 0}
+    collect, stats = calibration.collect_ranges, smooth.channel_stats
+
+    def counted_collect(*a, **k):
+        runs["calibrate"] += 1
+        return collect(*a, **k)
+
+    def counted_stats(*a, **k):
+        runs["channel_stats"] += 1
+        return stats(*a, **k)
+
+    monkeypatch.setattr(calibration, "collect_ranges", counted_collect)
+    monkeypatch.setattr(smooth, "channel_stats", counted_stats)
+    ctx = PassContext(calibration=Dataset.from_feeds(data), quiet=True)
+    config = QuantizeConfig(latency_runs=0, sqnr_samples=0, calibration_method="minmax")
+    first, second = make(30.0), make(30.0)
+    r1 = QuantizePass(config, ctx)(first)
+    r2 = QuantizePass(config, ctx)(second)
+    assert r1.counts["smoothed_activations"] == r2.counts["smoothed_activations"] == 1
+    assert runs == {"calibrate": 1, "channel_stats": 1}, runs
+    assert [r for r in r1.records if r["item"].startswith("smooth:")] == [
+        r for r in r2.records if r["item"].startswith("smooth:")]
+    evals = conv_feeds(2, seed=9) if build == "conv" else feeds(2, seed=9)
+    np.testing.assert_array_equal(outputs(first, evals), outputs(second, evals))  # the same model, bit for bit
