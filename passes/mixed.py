@@ -35,6 +35,7 @@ from onnxopt.quant import insert as qdq_insert
 from onnxopt.quant import planner as precision_plan
 from onnxopt.quant.calibration import cached_ranges
 from onnxopt.report import plots as mixed_plots
+from onnxopt.runtime.data import Dataset
 
 __all__ = ["MixedConfig", "MixedPass", "int8_quantizer"]
 
@@ -65,12 +66,13 @@ def int8_quantizer(context: PassContext, calibration_method: str = "mse") -> pre
     ``context.cache``, so every plan reuses one calibration.
     """
     base = static.QuantizeConfig(sqnr_samples=0, latency_runs=0, calibration_method=calibration_method)  # type: ignore[arg-type]
+    workers = trials.parse_workers(context.workers)  # calibration on data shards, as the trials
 
     def quantize(clone: ir.Model, keep_float: frozenset[str], dynamic: frozenset[str] = frozenset()) -> ir.Model:
         extra = {"dynamic_nodes": frozenset(dynamic)} if dynamic else {}
         config = dataclasses.replace(base, exclude_nodes=keep_float, **extra)
         static.quantize(clone, config, calibration=context.calibration, target=context.target,
-                        cache=context.cache, quiet=context.quiet, pass_name="quantize")  # fmt: skip
+                        cache=context.cache, quiet=context.quiet, pass_name="quantize", workers=workers)  # fmt: skip
         return clone
 
     return quantize
@@ -194,10 +196,11 @@ class MixedPass(OptPass[MixedConfig]):
         report.count("precision_groups", len(screen.groups))
         hint = {}
         if cfg.sqnr_feeds:
-            table = cached_ranges(
-                float_model, ctx.calibration, None, cfg.calibration_method, cache=ctx.cache, quiet=ctx.quiet,  # type: ignore[arg-type]
-            )  # fmt: skip
-            sqnr = sensitivity.estimate_sqnr(float_model, candidates, table.ranges, calib[: cfg.sqnr_feeds])
+            # A ranking hint only: ranges from the same few screening feeds, not another pass over
+            # the whole calibration set (the float model is not the smoothed one calibrated above).
+            few = calib[: cfg.sqnr_feeds]
+            table = cached_ranges(float_model, Dataset.from_feeds(few), None, cfg.calibration_method, cache=None, quiet=True)
+            sqnr = sensitivity.estimate_sqnr(float_model, candidates, table.ranges, few)
             hint = {g: min(sqnr.get(n, math.inf) for n in names) for g, names in screen.groups.items()}
         reference = planner.reference("calibration")
         tr = time.perf_counter()

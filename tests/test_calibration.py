@@ -231,3 +231,43 @@ def test_asymmetric_mse_threshold_counts_the_uint8_step_of_one_sided_tensors(rng
     # Both errors come from 200k samples of the same tensor: the comparison is exact arithmetic
     # on fixed data, not a statistical estimate, so any strict improvement is meaningful.
     assert mse(asym) < mse(sym)
+
+
+@pytest.mark.parametrize("kind", ["2", "ray"])
+def test_calibration_on_data_shards_gives_the_one_pass_table(kind):
+    """Min/max merge exactly; histograms have power-of-two ranges, so shard histograms merge into
+    the one-pass histogram (floor binning commutes with merging bin pairs) up to float64 rounding
+    of the weight sums (~1e-16 relative): thresholds are bin edges, so the tables are equal."""
+    from onnxopt.quant import trials
+    from tests.conftest import model_path
+
+    if kind == "ray":
+        pytest.importorskip("ray", reason="Ray is the optional extra: pip install 'onnxopt[ray]'")
+    model = ir.load(model_path("digits_cnn.onnx"))
+    from onnxopt.runtime.data import input_signature, load_data
+
+    data = load_data(model_path("digits_cnn_calib.npz"), input_signature(model))
+    feeds = [dict(f) for f in data.take(3)]  # 3 feeds on 2 workers: unequal shards (1 + 2)
+    assert len(feeds) == 3
+    one = calibration.collect_methods(model, feeds, quiet=True)
+    sharded = calibration.collect_methods(model, feeds, quiet=True, workers=trials.parse_workers(kind))
+    for method in calibration.METHODS:
+        assert one[method].num_samples == sharded[method].num_samples == 3
+        assert one[method].ranges.keys() == sharded[method].ranges.keys()
+        for name, (lo, hi) in one[method].ranges.items():
+            assert sharded[method].ranges[name] == pytest.approx((lo, hi), rel=1e-12, abs=0), (method, name)
+
+
+def test_histograms_of_shards_merge_into_the_histogram_of_all(rng):
+    x = [np.abs(rng.standard_normal(5000) * s).astype(np.float32) for s in (0.3, 5.0, 1.0, 40.0)]
+    whole = calibration._Histogram()
+    for a in x:
+        whole.add(float(a.max()), a, a.size)
+    left, right = calibration._Histogram(), calibration._Histogram()
+    for a in x[:2]:
+        left.add(float(a.max()), a, a.size)
+    for a in x[2:]:
+        right.add(float(a.max()), a, a.size)
+    left.merge(right)
+    assert left.top == whole.top and np.log2(whole.top) == int(np.log2(whole.top))
+    np.testing.assert_array_equal(left.counts, whole.counts)  # weight 1: integer counts, exact

@@ -276,16 +276,41 @@ class _Histogram:
         sample = sample[np.isfinite(sample)]
         if not sample.size or not math.isfinite(peak):
             return
-        if self.top == 0.0:
-            self.top = peak if peak > 0 else 1.0
-        while peak > self.top:  # merge bin pairs: the same counts over twice the range
-            half = self.counts.reshape(-1, 2).sum(axis=1)
-            self.counts = np.concatenate([half, np.zeros_like(half)])
-            self.top *= 2.0
+        if self.top == 0.0:  # a power of two: histograms of data shards then merge exactly (merge)
+            self.top = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
+        self._widen(peak)  # merge bin pairs: the same counts over twice the range, until peak fits
         self._bin(sample, size / sample.size)
 
     def _bin(self, x: np.ndarray, weight: float) -> None:
         self.counts += weight * _bincount(x, self.top, len(self.counts))
+
+    def _widen(self, top: float) -> None:
+        while self.top < top:
+            half = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.concatenate([half, np.zeros_like(half)])
+            self.top *= 2.0
+
+    def merge(self, other: _Histogram) -> None:
+        """Add another shard's histogram: both tops are powers of two, so the wider one's bins are
+        unions of the other's bin pairs, and binning floor(x * bins / top) commutes with the pair
+        merge -- the result is the histogram of both shards' samples, up to float64 rounding of
+        the per-feed weights' sum."""
+        if other.top == 0.0:
+            return
+        if self.top == 0.0:
+            self.counts, self.top = other.counts.copy(), other.top
+            return
+        other = _Histogram.from_state(other.counts, other.top)
+        top = max(self.top, other.top)
+        self._widen(top)
+        other._widen(top)
+        self.counts += other.counts
+
+    @classmethod
+    def from_state(cls, counts: np.ndarray, top: float) -> _Histogram:
+        h = cls(len(counts))
+        h.counts, h.top = np.array(counts, dtype=np.float64), float(top)
+        return h
 
 
 def _bincount(x: np.ndarray, top: float, bins: int) -> np.ndarray:
@@ -313,7 +338,7 @@ def _progress(items: Iterable[Any], total: int | None, desc: str, quiet: bool) -
 
 def _minmax_phase(
     model: ir.Model, data: Iterable[Mapping[str, np.ndarray]], names: Sequence[str], quiet: bool,
-    sketch: bool = False,
+    sketch: bool = False, threads: int | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, int], int, dict[str, _Histogram]]:
     instrumented, outs = _reduce_model(model, names, sketch)
     fetch = [x for exposed in outs.values() for x in exposed]
@@ -323,7 +348,8 @@ def _minmax_phase(
     hists = {n: _Histogram() for n in names} if sketch else {}
     count = 0
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    stream = runtime.capture(instrumented, (dict(f) for f in data), fetch, priority_order=True, opt_level=_OPT)
+    stream = runtime.capture(instrumented, (dict(f) for f in data), fetch, priority_order=True, opt_level=_OPT,
+                             threads=threads)  # fmt: skip
     desc = "calibration min/max + histograms" if sketch else "calibration min/max"
     for got in _progress(stream, total, desc, quiet):
         count += 1
@@ -342,6 +368,55 @@ def _minmax_phase(
         raise DataError("calibration: no feeds")
     ranges = {n: [lows[n], highs[n]] for n in names}
     return ranges, sizes, count, hists
+
+
+def _shard_stats(
+    blob: bytes, names: Sequence[str], sketch: bool, feeds: list[dict[str, np.ndarray]]
+) -> tuple[dict[str, list[float]], dict[str, int], int, dict[str, tuple[np.ndarray, float]]]:
+    """One data shard's min/max, sizes and |x| histograms (a worker's task: one thread each)."""
+    model = ir.from_proto(onnx.load_from_string(blob))
+    ranges, sizes, count, hists = _minmax_phase(model, feeds, names, True, sketch, threads=1)
+    return ranges, sizes, count, {n: (h.counts, h.top) for n, h in hists.items()}
+
+
+def _minmax_sharded(
+    model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str], quiet: bool, sketch: bool,
+    workers: Any,
+) -> tuple[dict[str, list[float]], dict[str, int], int, dict[str, _Histogram]]:
+    """:func:`_minmax_phase` over contiguous shards of ``feeds`` on ``workers``, merged.
+
+    Min, max and sizes merge exactly, histograms as :meth:`_Histogram.merge` says, so the table
+    is the one a single pass gives (tested), whatever the number of shards.
+    """
+    from onnxopt.quant import trials
+
+    n = len(feeds)
+    width = workers.count if workers.kind == "local" else max(2, min(n, 64))
+    k = max(1, min(width, n))
+    shards = [[dict(f) for f in feeds[i * n // k : (i + 1) * n // k]] for i in range(k)]
+    blob = ir.to_proto(model).SerializeToString()
+    bar = tqdm(total=n, desc=f"calibration on {k} shards ({workers.describe()})", disable=quiet, leave=False, unit="feed")
+    try:
+        parts = trials.map_tasks(_shard_stats, [(list(names), sketch, shard) for shard in shards], workers, blob)
+    finally:
+        bar.update(n)
+        bar.close()
+    lows = {m: math.inf for m in names}
+    highs = {m: -math.inf for m in names}
+    sizes = dict.fromkeys(names, 0)
+    hists = {m: _Histogram() for m in names} if sketch else {}
+    count = 0
+    for ranges, shard_sizes, shard_count, shard_hists in parts:  # in shard order: the same sums every run
+        count += shard_count
+        for m in names:
+            lows[m] = min(lows[m], ranges[m][0])
+            highs[m] = max(highs[m], ranges[m][1])
+            sizes[m] = max(sizes[m], shard_sizes[m])
+            if sketch and m in shard_hists:
+                hists[m].merge(_Histogram.from_state(*shard_hists[m]))
+    if count == 0:
+        raise DataError("calibration: no feeds")
+    return {m: [lows[m], highs[m]] for m in names}, sizes, count, hists
 
 
 def _chunks(names: Sequence[str], sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
@@ -488,6 +563,7 @@ def collect_ranges(
     max_chunk_bytes: int = 256 << 20,
     exact: bool = False,
     asymmetric: bool = False,
+    workers: Any = None,
 ) -> CalibrationTable:
     """Observe ``values`` on ``data`` through onnxruntime and return their ranges.
 
@@ -507,6 +583,9 @@ def collect_ranges(
             the data per chunk) instead of the one-pass sketch; models below opset 11 always.
         asymmetric: the ranges are for an asymmetric 8-bit grid (uint8 with a zero point):
             "mse" counts its real step (see :func:`threshold_from_histogram`'s ``bounds``).
+        workers: a :class:`onnxopt.quant.trials.WorkerSpec`: with more than one local worker, or
+            Ray, the one-pass statistics are collected on contiguous data shards in parallel
+            (one single-threaded session per worker) and merged; the same table as one pass.
 
     Raises:
         ValueError: an unknown method or a bad option.
@@ -516,7 +595,7 @@ def collect_ranges(
     """
     return collect_methods(
         model, data, values, (method,), percentile=percentile, num_bins=num_bins, quiet=quiet,
-        max_chunk_bytes=max_chunk_bytes, exact=exact, asymmetric=asymmetric,
+        max_chunk_bytes=max_chunk_bytes, exact=exact, asymmetric=asymmetric, workers=workers,
     )[method]
 
 
@@ -532,6 +611,7 @@ def collect_methods(
     max_chunk_bytes: int = 256 << 20,
     exact: bool = False,
     asymmetric: bool = False,
+    workers: Any = None,
 ) -> dict[str, CalibrationTable]:
     """:func:`collect_ranges` for several methods from one pass over the data: method -> table.
 
@@ -555,7 +635,11 @@ def collect_methods(
         data = _reiterable(data)  # a second pass over the data follows
     elif hasattr(data, "get_next"):  # an onnxruntime CalibrationDataReader, read once
         data = iter(data.get_next, None)
-    ranges, sizes, count, sketches = _minmax_phase(typed, data, names, quiet, sketch)
+    parallel = workers is not None and (workers.kind == "ray" or workers.count > 1)
+    if parallel and (sketch or not histogram) and hasattr(data, "__len__") and len(data) > 1:  # type: ignore[arg-type]
+        ranges, sizes, count, sketches = _minmax_sharded(typed, list(data), names, quiet, sketch, workers)
+    else:
+        ranges, sizes, count, sketches = _minmax_phase(typed, data, names, quiet, sketch)
     # Tensors with an infinite bound (masks of -inf, overflow) get no range: they stay float.
     observed = [n for n in names if math.isfinite(ranges[n][0]) and math.isfinite(ranges[n][1])]
     hists = {}
@@ -589,6 +673,7 @@ def cached_ranges(
     *,
     cache: MutableMapping[Any, Any] | None,
     quiet: bool = False,
+    workers: Any = None,
     **kw: Any,
 ) -> CalibrationTable:
     """:func:`collect_ranges` on ``data``, cached in ``cache`` (a pass context's cache).
@@ -604,6 +689,7 @@ def cached_ranges(
         method: the calibration method.
         cache: where tables are kept between calls; None: nothing is cached.
         quiet: no progress bar.
+        workers: where to collect (:func:`collect_ranges`); not part of the key (the same table).
         **kw: method options for :func:`collect_ranges` (``percentile``).
 
     Raises:
@@ -621,7 +707,7 @@ def cached_ranges(
     )
     table = cache.get(key) if cache is not None else None
     if table is None:
-        table = collect_ranges(model, data, values, method, quiet=quiet, **kw)
+        table = collect_ranges(model, data, values, method, quiet=quiet, workers=workers, **kw)
         if cache is not None:
             cache[key] = table
     return table
@@ -645,6 +731,7 @@ def cached_methods(
     quiet: bool = False,
     percentile: float = 99.99,
     asymmetric: bool = False,
+    workers: Any = None,
 ) -> dict[str, CalibrationTable]:
     """Tables of several methods (every float tensor), missing ones from one pass over ``data``.
 
@@ -662,7 +749,8 @@ def cached_methods(
     tables = {m: cache[keys[m]] for m in methods if cache is not None and keys[m] in cache}
     missing = [m for m in methods if m not in tables]
     if missing:
-        got = collect_methods(model, data, None, missing, percentile=percentile, quiet=quiet, asymmetric=asymmetric)
+        got = collect_methods(model, data, None, missing, percentile=percentile, quiet=quiet, asymmetric=asymmetric,
+                              workers=workers)  # fmt: skip
         for m in missing:
             tables[m] = got[m]
             if cache is not None:

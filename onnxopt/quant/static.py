@@ -159,6 +159,7 @@ def quantize(
     cache: MutableMapping[Any, Any] | None = None,
     quiet: bool = True,
     pass_name: str = "quantize",
+    workers: Any = None,
 ) -> Outcome:
     """Quantize ``model`` in place to static INT8 QDQ; the steps are in the module docstring.
 
@@ -171,6 +172,8 @@ def quantize(
         cache: where calibration tables are cached and looked up (shared by later steps), or None.
         quiet: no progress bars.
         pass_name: the provenance tag of the nodes created.
+        workers: a :class:`onnxopt.quant.trials.WorkerSpec` to calibrate on data shards in
+            parallel (:func:`onnxopt.quant.calibration.collect_ranges`); None: one session.
 
     Returns:
         What was done: counts of changes, skipped nodes with reasons, records (smoothing,
@@ -192,7 +195,7 @@ def quantize(
     if mode == "dynamic":  # no static activation: ranges are not needed, smoothing may be
         table, float_readers = CalibrationTable({}, "none", 0), _smooth_only(model, config, calibration, cache, out)
     else:
-        table, float_readers = _calibrate(model, config, calibration, cache, quiet, out)
+        table, float_readers = _calibrate(model, config, calibration, cache, quiet, out, workers)
     float_model = model.clone() if calibration is not None else None
     if config.save_calib_table:
         table.save(config.save_calib_table)
@@ -382,6 +385,7 @@ def _calibrate(
     cache: MutableMapping[Any, Any] | None,
     quiet: bool,
     out: Outcome,
+    workers: Any = None,
 ) -> tuple[CalibrationTable, frozenset[str]]:
     """Smooth outlier channels, then calibrate; the table and the nodes that read a smoothed float tensor.
 
@@ -404,8 +408,8 @@ def _calibrate(
         # (lines decoded as FP32: 28 % against 50 %; docs/benchmarks.md).
         kw = calibration.method_options(method, percentile=config.percentile, asymmetric=False)
         if config.calibration_method == "auto":  # every method's table from one pass; mse first
-            calibration.cached_methods(model, data, cache=cache, quiet=quiet, percentile=config.percentile)
-        table = calibration.cached_ranges(model, data, None, method, cache=cache, quiet=quiet, **kw)
+            calibration.cached_methods(model, data, cache=cache, quiet=quiet, percentile=config.percentile, workers=workers)
+        table = calibration.cached_ranges(model, data, None, method, cache=cache, quiet=quiet, workers=workers, **kw)
         if done is not None and done.scales:
             table = dataclasses.replace(table, smoothing=done.scales)
     if done is None:

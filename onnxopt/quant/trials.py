@@ -25,7 +25,7 @@ from onnxopt.errors import OnnxOptError
 from onnxopt.quant.sensitivity import Budget, Measurement, measure
 from onnxopt.runtime import sessions
 
-__all__ = ["Runner", "WorkerSpec", "check_available", "cpu_count", "make_runner", "parse_workers", "ray_installed"]
+__all__ = ["Runner", "WorkerSpec", "check_available", "cpu_count", "make_runner", "map_tasks", "parse_workers", "ray_installed"]
 
 Feeds = list[dict[str, np.ndarray]]
 Outputs = list[dict[str, np.ndarray]]
@@ -213,3 +213,52 @@ def make_runner(
 ) -> Runner:
     """A :class:`Runner` (the model is serialized once, by the caller)."""
     return Runner(model, feeds, refs, budget, spec)
+
+
+def map_tasks(fn: Any, tasks: Sequence[tuple], spec: WorkerSpec, shared: Any = None) -> list[Any]:
+    """``[fn(shared, *task) for task in tasks]`` on ``spec``'s workers, results in task order.
+
+    ``shared`` (a model, say) travels once per worker process (a pool) or once to the object
+    store (Ray), each task only with its own arguments. ``fn`` must be importable (module level).
+    Used for data-parallel work such as calibration shards, whose results the caller merges.
+    """
+    if not tasks:
+        return []
+    if spec.kind == "local" and (spec.count <= 1 or len(tasks) == 1):
+        return [fn(shared, *t) for t in tasks]
+    if spec.kind == "ray":
+        try:
+            import ray
+        except ImportError as err:
+            raise OnnxOptError(f"--workers ray needs Ray: {_RAY_HINT}") from err
+        started = not ray.is_initialized()
+        if started:
+            if spec.address:
+                ray.init(address=spec.address, ignore_reinit_error=True, logging_level="ERROR")
+            else:
+                ray.init(num_cpus=cpu_count(), include_dashboard=False, ignore_reinit_error=True,
+                         logging_level="ERROR", log_to_driver=False)  # fmt: skip
+        try:
+            ref = ray.put(shared)
+            remote = ray.remote(num_cpus=1)(fn)
+            return list(ray.get([remote.remote(ref, *t) for t in tasks]))
+        finally:
+            if started:
+                ray.shutdown()
+    ctx = multiprocessing.get_context("spawn")  # as Runner: onnxruntime's threads do not survive a fork
+    with concurrent.futures.ProcessPoolExecutor(min(spec.count, len(tasks)), ctx, initializer=_init_shared,
+                                                initargs=(shared,)) as pool:  # fmt: skip
+        return list(pool.map(_call_shared, [(fn, t) for t in tasks]))
+
+
+_SHARED: Any = None  # map_tasks' shared argument in a pool process (set by its initializer)
+
+
+def _init_shared(shared: Any) -> None:
+    global _SHARED  # noqa: PLW0603 -- one copy per pool process
+    _SHARED = shared
+
+
+def _call_shared(job: tuple[Any, tuple]) -> Any:
+    fn, task = job
+    return fn(_SHARED, *task)
