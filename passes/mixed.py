@@ -45,10 +45,14 @@ logger = logging.getLogger(__name__)
 # records, counts are changes.
 SUMMARY = "summary"
 
-_QDQ_OPSET = static.MIN_OPSET
+_QDQ_OPSET = static.MIN_OPSET  # QuantizeLinear/DequantizeLinear with per-channel axis
 # Estimated serial screening time above which a worker pool is started (its start-up: ~1-2 s
 # per spawned worker to import onnxruntime and load the model).
-_POOL_MIN_SECONDS = 8.0  # QuantizeLinear/DequantizeLinear with per-channel axis
+_POOL_MIN_SECONDS = 8.0
+# Verifications (a real build + a run on every evaluation feed) kept in reserve beyond the first,
+# for the bisection that repairs a screened plan that misses on the evaluation data: 3 steps take
+# a miss among ~8 candidate prefixes to a verified plan (log2 8); later steps run if time is left.
+_REPAIR_STEPS = 3
 
 
 def dynamic_supported() -> bool:
@@ -206,13 +210,14 @@ class MixedPass(OptPass[MixedConfig]):
         tr = time.perf_counter()
         planner.reference("evaluation")
         eval_s = time.perf_counter() - tr
-        # Kept for verification: one build and one (slower, quantized) run on every evaluation
-        # feed. A repair probes only while time is left (twice this starved det's search).
+        # One verification: a build (calibration is cached: no data pass) and one (slower,
+        # quantized) run on every evaluation feed; the search keeps 1 + _REPAIR_STEPS of them.
         reserve = build_s + 1.5 * eval_s
         with _runner(ir.to_proto(screen.model).SerializeToString(), calib, reference, budget, spec, screen, report) as runner:
             result = precision_plan.bounded_search(
-                planner, screen, runner, levels, deadline, hint=hint, reserve=reserve, quiet=ctx.quiet
-            )
+                planner, screen, runner, levels, deadline, hint=hint, reserve=reserve, quiet=ctx.quiet,
+                rank_data="rank", repair_steps=_REPAIR_STEPS,
+            )  # fmt: skip
         report.count("screening_trials", result.trials)
         fallback, fp32, dynamic = result.sets()
         report.record("accuracy plan", non_int8=len(fallback), fallback=sorted(fallback))
@@ -327,7 +332,12 @@ def _runner(model_bytes, feeds, reference, budget, spec, screen, report):
     when the estimated serial screening time is well above its start-up. Every mode runs the same
     single-threaded sessions, so the plan does not depend on this choice.
     """
-    local = trials.Runner(model_bytes, {"screen": feeds}, {"screen": reference}, budget, trials.WorkerSpec())
+    # "rank": the smallest screening feed alone, for the per-group sensitivity trials (a ranking:
+    # one feed, a quarter of a screening trial's cost on det's page-sized images).
+    small = min(range(len(feeds)), key=lambda i: (sum(np.asarray(v).size for v in feeds[i].values()), i))
+    data = {"screen": feeds, "rank": [feeds[small]]}
+    refs = {"screen": reference, "rank": [reference[small]]}
+    local = trials.Runner(model_bytes, data, refs, budget, trials.WorkerSpec())
     runner = local
     try:
         if spec.kind == "ray" or spec.count > 1:
@@ -336,7 +346,7 @@ def _runner(model_bytes, feeds, reference, budget, spec, screen, report):
             estimate = (time.perf_counter() - t) * 1.5 * (len(screen.groups) + 16)
             if spec.kind == "ray" or estimate > _POOL_MIN_SECONDS:
                 local.close()
-                runner = trials.Runner(model_bytes, {"screen": feeds}, {"screen": reference}, budget, spec)
+                runner = trials.Runner(model_bytes, data, refs, budget, spec)
                 if runner.note:
                     report.note(runner.note)
         yield runner

@@ -424,16 +424,19 @@ class SearchResult:
 class _Screen:
     """Screening trials of group plans through a runner; records every plan in the frontier."""
 
-    def __init__(self, planner: Planner, screen: Any, runner: Any, bar: Any) -> None:
+    def __init__(self, planner: Planner, screen: Any, runner: Any, bar: Any, rank_data: str = "screen") -> None:
         self.planner, self.screen, self.runner, self.bar = planner, screen, runner, bar
+        self.rank_data = rank_data  # the runner's data set for ranking trials (group alone)
         self.trials = 0
 
     def node_plan(self, assign: Mapping[str, str]) -> dict[str, str]:
         return {n: assign.get(g, "fp32") for g, names in self.screen.groups.items() for n in names}
 
-    def run(self, labelled: Sequence[tuple[str, Mapping[str, str]]], record: bool = True) -> list[Measurement]:
+    def run(
+        self, labelled: Sequence[tuple[str, Mapping[str, str]]], record: bool = True, data: str = "screen"
+    ) -> list[Measurement]:
         switches = [self.screen.feed(a) for _, a in labelled]
-        results = self.runner.measure("screen", switches)
+        results = self.runner.measure(data, switches)
         self.trials += len(labelled)
         self.bar.update(len(labelled))
         if record:
@@ -488,6 +491,8 @@ def bounded_search(
     hint: Mapping[str, float] | None = None,
     reserve: float = 0.0,
     quiet: bool = True,
+    rank_data: str = "screen",
+    repair_steps: int = 0,
 ) -> SearchResult:
     """Plan per group on the screening graph within ``deadline``; verify on a real build.
 
@@ -501,6 +506,9 @@ def bounded_search(
     Parallel trials are speculative (binary-search tree levels, greedy look-ahead), so the plan
     equals the serial one whenever the budget does not cut the search. ``reserve`` seconds are
     kept for verification builds. FP32 is the fallback plan, valid by construction.
+    ``rank_data`` names the runner's data set for the per-group sensitivity trials (a ranking
+    only: ``mixed`` gives its smallest screening feed); ``repair_steps`` more verifications are
+    kept in reserve for a repair when the screened plan misses on the evaluation data.
     """
     from tqdm.auto import tqdm
 
@@ -511,11 +519,12 @@ def bounded_search(
     stopped = False
     est = 1 + len(groups) + 2 * max(1, math.ceil(math.log2(len(groups) + 1))) + len(groups) // 4
     bar = tqdm(total=est, desc="mixed: screening", unit="trial", disable=quiet, leave=False)
-    scr = _Screen(planner, screen, runner, bar)
+    scr = _Screen(planner, screen, runner, bar, rank_data)
+    search_reserve = reserve * (1 + repair_steps)
 
     def alive() -> bool:
-        bar.set_postfix_str(f"budget left {max(0.0, deadline.left() - reserve):.0f} s", refresh=False)
-        return deadline.left() > reserve
+        bar.set_postfix_str(f"budget left {max(0.0, deadline.left() - search_reserve):.0f} s", refresh=False)
+        return deadline.left() > search_reserve
 
     # 1. full INT8, then sensitivity per group.
     full = {g: low for g in groups}
@@ -525,7 +534,7 @@ def bounded_search(
     # Measured even when full INT8 screens fine: a verification miss still needs the order.
     # At most 40 % of the time left, judged by the clock between batches (not by the first
     # trial, whose time includes the workers' start-up).
-    sens_end = time.perf_counter() + 0.4 * max(0.0, deadline.left() - reserve)
+    sens_end = time.perf_counter() + 0.4 * max(0.0, deadline.left() - search_reserve)
     bar.set_description("mixed: sensitivity")
     alone = _alone(scr, rank, low, width, lambda: alive() and time.perf_counter() < sens_end)
     loss.update(alone)
@@ -630,10 +639,13 @@ def bounded_search(
 
             lo, hi = 0, len(lowest)
             found = None
-            if lowest and deadline.left() > 0:
+            # Raising every lowest group to FP32, with the rest FP32 already, is the FP32 model: it
+            # meets the budget by construction, so it is not built (bisection starts bracketed).
+            everything = levels[1] == top and all(best_screen[g] == top for g in groups if g not in set(lowest))
+            if lowest and not everything and deadline.left() > 0:
                 p, m, plan = real(hi)
                 found = (p, m, plan) if p.measurement.ok else None  # None: even all raised misses
-            while found is not None and hi - lo > 1:
+            while (found is not None or (everything and lowest)) and hi - lo > 1:
                 if deadline.left() <= 0:
                     stopped = True
                     progress.append("repair cut off by the time budget")
@@ -664,7 +676,8 @@ def _alone(scr: _Screen, todo: Sequence[str], level: str, width: int, alive: Any
         if not alive():
             break
         batch = todo[i : i + 4 * width]
-        for g, m in zip(batch, scr.run([(f"{g} alone {level}", {g: level}) for g in batch], record=False), strict=True):
+        trials = [(f"{g} alone {level}", {g: level}) for g in batch]
+        for g, m in zip(batch, scr.run(trials, record=False, data=scr.rank_data), strict=True):
             out[g] = m.loss
     return out
 
