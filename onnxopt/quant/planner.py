@@ -542,9 +542,15 @@ def bounded_search(
     progress.append(f"sensitivity of {measured} of {len(groups)} groups")
     if measured < len(groups):
         progress[-1] += " (the rest ranked by the SQNR estimate: out of time)"
-    # Measured groups by loss (non-finite first); the unmeasured after them, in estimate order.
+    # Measured groups by loss (non-finite first), the unmeasured (estimate order) before the
+    # measured ones that are known to be safe -- alone, less than an even share of full INT8's
+    # loss: on det an unmeasured group that the SQNR estimate ranked last cost 0.004 alone, and
+    # bisection had to raise every measured safe group before it.
     pos = {g: i for i, g in enumerate(rank)}
-    order = sorted(alone, key=lambda g: (-loss[g], pos[g])) + [g for g in rank if g not in alone]
+    share = full_m.loss / len(groups) if math.isfinite(full_m.loss) else math.inf
+    by_loss = sorted(alone, key=lambda g: (-loss[g], pos[g]))
+    order = ([g for g in by_loss if not loss[g] <= share] + [g for g in rank if g not in alone]
+             + [g for g in by_loss if loss[g] <= share])  # fmt: skip
 
     # 2. per level, bisect the number of most sensitive groups that move up one level.
     assign = dict(full)
