@@ -86,9 +86,9 @@ def int8_quantizer(context: PassContext, calibration_method: str = "mse") -> pre
 class MixedConfig:
     """Options of the mixed pass."""
 
-    # Off by default: merged with the dynamic INT8 engine, the switch graph's dynamic screening did
-    # not match the real build on the digits models (every repaired plan fell back to FP32).
-    dynamic_int8: str = option("false", "offer per-token dynamic INT8 per MatMul: true, false, or auto (where the "
+    # auto: offered on transformers. The screen quantizes what a dynamic reader really reads (a
+    # static DQ's output where the producer is INT8), and only MatMul/Gemm groups may be dynamic.
+    dynamic_int8: str = option("auto", "offer per-token dynamic INT8 per MatMul: true, false, or auto (where the "
                                "quantize engine's activations=auto picks dynamic: transformers)")
     default_min_cosine: float = option(0.99, "budget when the context gives no min_cosine/max_error/metric")
     plan_feeds: int = option(4, "feeds plans are screened on: the smallest of the first 4x as many evaluation (else calibration) feeds")
@@ -216,7 +216,7 @@ class MixedPass(OptPass[MixedConfig]):
         with _runner(ir.to_proto(screen.model).SerializeToString(), calib, reference, budget, spec, screen, report) as runner:
             result = precision_plan.bounded_search(
                 planner, screen, runner, levels, deadline, hint=hint, reserve=reserve, quiet=ctx.quiet,
-                rank_data="rank", repair_steps=_REPAIR_STEPS,
+                rank_data="rank", repair_steps=_REPAIR_STEPS, dynamic_groups=_dynamic_groups(float_model, screen.groups),
             )  # fmt: skip
         report.count("screening_trials", result.trials)
         fallback, fp32, dynamic = result.sets()
@@ -353,6 +353,18 @@ def _runner(model_bytes, feeds, reference, budget, spec, screen, report):
     finally:
         runner.close()
         local.close()
+
+
+def _dynamic_groups(model: ir.Model, groups: dict[str, list[str]]) -> frozenset[str]:
+    """Groups whose every node is a MatMul/Gemm the engine can give run-time activation scales."""
+    from onnxopt.quant import dynamic
+
+    nodes = {n.name: n for n in model.graph}
+    return frozenset(
+        g for g, names in groups.items()
+        if all(n in nodes and nodes[n].op_type in ("MatMul", "Gemm") and dynamic.can_quantize(nodes[n]) is None
+               for n in names)
+    )  # fmt: skip
 
 
 def _region(node: ir.Node) -> str:

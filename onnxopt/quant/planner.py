@@ -12,7 +12,8 @@ process, a process pool or Ray) and builds for real only to verify:
 
 1. screen full INT8; screen each precision group alone at INT8 (its sensitivity), most
    SQNR-sensitive first, while 40 % of the time left allows (the rest ranked by the estimate);
-2. per level, bisect how many of the most sensitive groups move one level up (screened);
+2. per level, bisect how many of the most sensitive groups move one level up (screened); the
+   group at the boundary is moved first and the bisection repeated below it (a few rounds);
 3. prune: each raised group, least sensitive first, tries one level down (screened);
 4. verify on every evaluation feed with a model built for real; if it misses, bisect (real
    builds) how many more of the most sensitive INT8 groups move up;
@@ -369,6 +370,8 @@ def greedy_search(planner: Planner, *, max_steps: int | None = None) -> tuple[fr
 # --- Bounded search on the screening graph ------------------------------------------------------
 
 LEVELS = ("int8", "int8-dynamic", "fp16", "fp32")  # most compressed first
+# Re-bisections with the boundary group moved first, per level step: each costs ~log2(k) trials.
+_PROMOTE_ROUNDS = 4
 
 
 def levels_for(target: str, dynamic: bool) -> tuple[str, ...]:
@@ -493,12 +496,14 @@ def bounded_search(
     quiet: bool = True,
     rank_data: str = "screen",
     repair_steps: int = 0,
+    dynamic_groups: frozenset[str] | None = None,
 ) -> SearchResult:
     """Plan per group on the screening graph within ``deadline``; verify on a real build.
 
     1. full INT8 screened; per-group sensitivity (group alone at the lowest level), most
        ``hint``-sensitive first (SQNR estimate), for as long as 40 % of the time left allows;
-    2. per level, bisect how many of the most sensitive groups move up one level (screen);
+    2. per level, bisect how many of the most sensitive groups move up one level (screen), then
+       re-bisect with the boundary group first while that lowers the count;
     3. prune: each raised group, least sensitive first, tries one level down (screen);
     4. verify on the evaluation data with a model built for real; if it misses, bisect (real
        builds) how many more of the most sensitive lowest-level groups move up.
@@ -509,12 +514,26 @@ def bounded_search(
     ``rank_data`` names the runner's data set for the per-group sensitivity trials (a ranking
     only: ``mixed`` gives its smallest screening feed); ``repair_steps`` more verifications are
     kept in reserve for a repair when the screened plan misses on the evaluation data.
+    ``dynamic_groups``: the groups that may take ``int8-dynamic`` (MatMul/Gemm the engine can
+    give run-time scales; None: all); the others step from INT8 straight to the next level.
     """
     from tqdm.auto import tqdm
 
     groups = list(screen.groups)
     width = max(1, runner.workers)
     low, top = levels[0], levels[-1]
+
+    def own(g: str) -> list[str]:  # the levels group g may take
+        return [lv for lv in levels if lv != "int8-dynamic" or dynamic_groups is None or g in dynamic_groups]
+
+    def up(g: str, lv: str) -> str:
+        mine = own(g)
+        return mine[min(mine.index(lv) + 1, len(mine) - 1)]
+
+    def down(g: str, lv: str) -> str:
+        mine = own(g)
+        return mine[max(mine.index(lv) - 1, 0)]
+
     progress: list[str] = []
     stopped = False
     est = 1 + len(groups) + 2 * max(1, math.ceil(math.log2(len(groups) + 1))) + len(groups) // 4
@@ -561,7 +580,9 @@ def bounded_search(
         if ok:
             break
         cur, nxt = levels[li], levels[li + 1]
-        movable = [g for g in order if assign[g] == cur]
+        # Groups at this level, and lower ones whose next level is nxt (INT8 groups that cannot
+        # be dynamic, when this step leaves int8-dynamic).
+        movable = [g for g in order if assign[g] != top and levels.index(assign[g]) <= li and up(g, assign[g]) == nxt]
         if not movable:
             continue
         if not alive():
@@ -569,8 +590,8 @@ def bounded_search(
             break
         if li > 0:  # rank the raised groups by their own loss at this level (FP16 on GPU targets)
             bar.set_description(f"mixed: sensitivity {cur}")
-            level_loss[cur] = _alone(scr, movable, cur, width, alive)
-            movable.sort(key=lambda g: -level_loss[cur].get(g, math.inf))
+            level_loss[cur] = _alone(scr, [g for g in movable if assign[g] == cur], cur, width, alive)
+            movable.sort(key=lambda g: -level_loss[cur].get(g, loss.get(g, math.inf)))
         bar.set_description(f"mixed: {cur} -> {nxt}")
 
         def plan_k(k: int, movable=movable, nxt=nxt) -> dict[str, str]:
@@ -585,9 +606,34 @@ def bounded_search(
             lambda ks, pk=plan_k, nxt=nxt: [m.ok for m in scr.run([(f"top {k} {nxt}", pk(k)) for k in ks])],
             width, alive,
         )  # fmt: skip
+        # The group at the boundary (top k holds, top k-1 does not) is critical whatever its rank:
+        # move it first and bisect again below k. A ranking from groups measured alone misses
+        # groups that matter only next to other INT8 groups (on rec: ranked 169th of 190, the one
+        # that took the screen from cosine 0.979 to 0.99999).
+        promoted = 0
+        while done and k > 1 and promoted < _PROMOTE_ROUNDS and alive():
+            critical = movable[k - 1]
+            again = [critical] + movable[: k - 1] + movable[k:]
+
+            def plan_j(j: int, again=again, nxt=nxt) -> dict[str, str]:
+                return {**assign, **{g: nxt for g in again[:j]}}
+
+            k2, done = _bisect(
+                0, k,
+                lambda ks, pj=plan_j, nxt=nxt: [m.ok for m in scr.run([(f"top {j} {nxt} (critical first)", pj(j))
+                                                                         for j in ks])],
+                width, alive,
+            )  # fmt: skip
+            promoted += 1
+            if k2 >= k:
+                break
+            movable[:] = again
+            order = [critical] + [g for g in order if g != critical]
+            k = k2
         assign, ok = plan_k(k), True
         best_screen = dict(assign)
-        progress.append(f"{cur} -> {nxt}: {k} of {len(movable)} groups")
+        progress.append(f"{cur} -> {nxt}: {k} of {len(movable)} groups"
+                        + (f" ({promoted} boundary re-bisections)" if promoted else ""))  # fmt: skip
         if not done:
             stopped = True
             progress[-1] += " (bisection cut off by the time budget)"
@@ -602,14 +648,14 @@ def bounded_search(
     # 3. prune: raised groups, least sensitive first, one level down while the screen holds.
     if ok and not stopped and best_screen is not None:
         bar.set_description("mixed: prune")
-        raised = [g for g in reversed(order) if levels.index(assign[g]) > 0]
+        raised = [g for g in reversed(order) if assign[g] != own(g)[0]]
         i, given_back = 0, 0
         while i < len(raised):
             if not alive():
                 stopped = True
                 break
             batch = raised[i : i + width]
-            trials = [(f"prune {g}", {**assign, g: levels[levels.index(assign[g]) - 1]}) for g in batch]
+            trials = [(f"prune {g}", {**assign, g: down(g, assign[g])}) for g in batch]
             results = scr.run(trials)
             i += len(batch)
             for j, m in enumerate(results):
@@ -638,7 +684,7 @@ def bounded_search(
             lowest = [g for g in order if best_screen[g] == low]
 
             def real(k: int) -> tuple[PlanPoint, ir.Model, dict[str, str]]:
-                a = {**best_screen, **{g: levels[1] for g in lowest[:k]}}  # type: ignore[dict-item]
+                a = {**best_screen, **{g: up(g, low) for g in lowest[:k]}}  # type: ignore[dict-item]
                 f, f32, d = _sets(scr.node_plan(a))
                 p, m = planner.evaluate(f"verify: +{k} raised", f, f32, "evaluation", d, timed=False)
                 return p, m, scr.node_plan(a)
@@ -647,7 +693,8 @@ def bounded_search(
             found = None
             # Raising every lowest group to FP32, with the rest FP32 already, is the FP32 model: it
             # meets the budget by construction, so it is not built (bisection starts bracketed).
-            everything = levels[1] == top and all(best_screen[g] == top for g in groups if g not in set(lowest))
+            everything = (all(up(g, low) == top for g in lowest)
+                          and all(best_screen[g] == top for g in groups if g not in set(lowest)))  # fmt: skip
             if lowest and not everything and deadline.left() > 0:
                 p, m, plan = real(hi)
                 found = (p, m, plan) if p.measurement.ok else None  # None: even all raised misses

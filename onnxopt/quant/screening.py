@@ -12,7 +12,8 @@ activation, the float (smoothed) initializer for a weight or bias. GPU targets g
 switch per group, ``fp16_g``, selecting ``Cast(Cast(float_i, fp16), fp32)`` (fake FP16 on the
 inputs: the rounding of FP16 storage, not of FP16 arithmetic). Where the quantize engine has
 per-token dynamic activations (``QuantizeConfig.dynamic_nodes``), ``dyn_g`` selects
-``DQ(DynamicQuantizeLinear(x))`` on activations (per tensor: an upper bound on per-token error).
+``DQ(DynamicQuantizeLinear(x))`` on what the reader would otherwise read (per tensor: an upper
+bound on per-token error; after a static DQ where the producer is INT8, as in a real build).
 A trial is one ``session.run`` with a dict of booleans: no rebuild, no re-optimisation.
 
 Why this and not per-node subgraph runs on cached activations: a plan's error compounds across
@@ -124,8 +125,8 @@ def _other_levels(add, levels, switch_values, group, chosen, plain, base):  # no
         half = add("Cast", [chosen], f"{base}_f16", to=ir.DataType.FLOAT16)[0]
         back = add("Cast", [half], f"{base}_f16f32", to=ir.DataType.FLOAT)[0]
         chosen = add("Where", [switch_values[(group, "fp16")], back, chosen], f"{base}_sel16")[0]
-    if "int8-dynamic" in levels:
-        y, scale, zero = add("DynamicQuantizeLinear", [plain], f"{base}_dyn")
+    if "int8-dynamic" in levels:  # on what the reader gets: a real build quantizes a static DQ's output again
+        y, scale, zero = add("DynamicQuantizeLinear", [chosen], f"{base}_dyn")
         dynamic = add("DequantizeLinear", [y, scale, zero], f"{base}_dyndq")[0]
         chosen = add("Where", [switch_values[(group, "int8-dynamic")], dynamic, chosen], f"{base}_seldyn")[0]
     return chosen
