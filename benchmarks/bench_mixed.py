@@ -220,6 +220,25 @@ def run_scale(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Pa
                           "speedup_2_vs_1": round(timing[1] / timing[2], 2),
                           "identical": [m.loss for m in results[1]] == [m.loss for m in results[2]]}  # fmt: skip
         print(json.dumps(row["workers"]), flush=True)
+    # Calibration: one session (onnxruntime's intra-op threads: all cores) against data shards on
+    # 2 single-threaded worker processes (start-up included), and whether the tables are equal.
+    if args.calib_shards:
+        from onnxopt.quant import calibration
+
+        feeds = [dict(f) for f in calib.take(args.calib_shards)]
+        timing, tables = {}, {}
+        for label, spec in (("one_session", None), ("2_workers", trials.parse_workers(2))):
+            t0 = time.perf_counter()
+            tables[label] = calibration.collect_methods(base, feeds, quiet=True, workers=spec)
+            timing[label] = time.perf_counter() - t0
+        gap = max(abs(a - b) / max(abs(a), 1e-30)
+                  for m in calibration.METHODS for name, lohi in tables["one_session"][m].ranges.items()
+                  for a, b in zip(lohi, tables["2_workers"][m].ranges[name], strict=True))  # fmt: skip
+        row["calibration"] = {"feeds": len(feeds), "seconds_one_session": round(timing["one_session"], 2),
+                              "seconds_2_workers": round(timing["2_workers"], 2),
+                              "speedup": round(timing["one_session"] / timing["2_workers"], 2),
+                              "max_relative_range_gap": gap}  # fmt: skip
+        print(json.dumps(row["calibration"]), flush=True)
     # The recipe itself, as a user runs it.
     if args.run_mixed:
         out = tmp / f"{name}.mixed.onnx"
@@ -265,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild-trials", type=int, default=3)
     parser.add_argument("--worker-trials", type=int, default=16)
     parser.add_argument("--run-mixed", action="store_true")
+    parser.add_argument("--calib-shards", type=int, default=0, help="time calibration on this many feeds: one session vs 2 shards")
     parser.add_argument("--time-budget", type=float, default=None)
     parser.add_argument("--workers", default=None)
     args = parser.parse_args(argv)

@@ -234,7 +234,7 @@ def test_asymmetric_mse_threshold_counts_the_uint8_step_of_one_sided_tensors(rng
 
 
 @pytest.mark.parametrize("kind", ["2", "ray"])
-def test_calibration_on_data_shards_gives_the_one_pass_table(kind):
+def test_calibration_on_data_shards_gives_the_one_pass_table(kind, monkeypatch):
     """Min/max merge exactly; histograms have power-of-two ranges, so shard histograms merge into
     the one-pass histogram (floor binning commutes with merging bin pairs) up to float64 rounding
     of the weight sums (~1e-16 relative): thresholds are bin edges, so the tables are equal."""
@@ -247,12 +247,17 @@ def test_calibration_on_data_shards_gives_the_one_pass_table(kind):
     from onnxopt.runtime.data import input_signature, load_data
 
     data = load_data(model_path("digits_cnn_calib.npz"), input_signature(model))
-    feeds = [dict(f) for f in data.take(3)]  # 3 feeds on 2 workers: unequal shards (1 + 2)
-    assert len(feeds) == 3
+    feeds = [dict(f) for f in data.take(4)]  # the first here, 3 on 2 workers: unequal shards (1 + 2)
+    assert len(feeds) == 4
+    monkeypatch.setattr(calibration, "_SHARD_MIN_SECONDS", 0.0)  # shard even this small data
+    shards = []
+    real_map = trials.map_tasks
+    monkeypatch.setattr(trials, "map_tasks", lambda fn, tasks, *a: shards.append(len(tasks)) or real_map(fn, tasks, *a))
     one = calibration.collect_methods(model, feeds, quiet=True)
     sharded = calibration.collect_methods(model, feeds, quiet=True, workers=trials.parse_workers(kind))
+    assert shards == [2 if kind == "2" else 3]  # the 3 feeds after the first: 2 pool workers, or 1 Ray task each
     for method in calibration.METHODS:
-        assert one[method].num_samples == sharded[method].num_samples == 3
+        assert one[method].num_samples == sharded[method].num_samples == 4
         assert one[method].ranges.keys() == sharded[method].ranges.keys()
         for name, (lo, hi) in one[method].ranges.items():
             assert sharded[method].ranges[name] == pytest.approx((lo, hi), rel=1e-12, abs=0), (method, name)

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import pathlib
+import time
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
@@ -65,6 +66,7 @@ METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 _REDUCE_SUFFIXES = ("min", "max", "size")
 _SKETCH_OPSET = 11  # Slice with tensor steps, Mod
+_SHARD_MIN_SECONDS = 8.0  # estimated one-process calibration time above which data shards go to workers
 _SAMPLE = 1 << 17  # values of |x| sampled per tensor and feed (all of them in smaller tensors)
 _BINS = 4096
 _OPT = "disable"  # exact float values as written; instrumented nodes block fusions anyway
@@ -401,6 +403,12 @@ def _minmax_sharded(
     finally:
         bar.update(n)
         bar.close()
+    return _merge_stats([(r, z, c, {m: _Histogram.from_state(*h) for m, h in hs.items()}) for r, z, c, hs in parts],
+                        names, sketch)  # fmt: skip
+
+
+def _merge_stats(parts: Sequence[tuple], names: Sequence[str], sketch: bool) -> tuple:
+    """Merge (ranges, sizes, count, histograms) of consecutive data shards, in shard order."""
     lows = {m: math.inf for m in names}
     highs = {m: -math.inf for m in names}
     sizes = dict.fromkeys(names, 0)
@@ -413,10 +421,27 @@ def _minmax_sharded(
             highs[m] = max(highs[m], ranges[m][1])
             sizes[m] = max(sizes[m], shard_sizes[m])
             if sketch and m in shard_hists:
-                hists[m].merge(_Histogram.from_state(*shard_hists[m]))
+                hists[m].merge(shard_hists[m])
     if count == 0:
         raise DataError("calibration: no feeds")
     return {m: [lows[m], highs[m]] for m in names}, sizes, count, hists
+
+
+def _minmax_parallel(
+    model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str], quiet: bool, sketch: bool,
+    workers: Any,
+) -> tuple:
+    """The first feed here, timed; the rest on ``workers`` only if that is estimated to take more
+    than _SHARD_MIN_SECONDS in one process (spawning workers costs ~2-5 s: the digits models
+    calibrate in 1 s in one session and in 5 s on two fresh workers)."""
+    t0 = time.perf_counter()
+    first = _minmax_phase(model, feeds[:1], names, True, sketch)
+    estimate = (time.perf_counter() - t0) * (len(feeds) - 1)
+    if len(feeds) < 3 or estimate < _SHARD_MIN_SECONDS:
+        rest = _minmax_phase(model, feeds[1:], names, quiet, sketch) if len(feeds) > 1 else None
+    else:
+        rest = _minmax_sharded(model, feeds[1:], names, quiet, sketch, workers)
+    return _merge_stats([first] + ([rest] if rest is not None else []), names, sketch)
 
 
 def _chunks(names: Sequence[str], sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
@@ -637,7 +662,7 @@ def collect_methods(
         data = iter(data.get_next, None)
     parallel = workers is not None and (workers.kind == "ray" or workers.count > 1)
     if parallel and (sketch or not histogram) and hasattr(data, "__len__") and len(data) > 1:  # type: ignore[arg-type]
-        ranges, sizes, count, sketches = _minmax_sharded(typed, list(data), names, quiet, sketch, workers)
+        ranges, sizes, count, sketches = _minmax_parallel(typed, list(data), names, quiet, sketch, workers)
     else:
         ranges, sizes, count, sketches = _minmax_phase(typed, data, names, quiet, sketch)
     # Tensors with an infinite bound (masks of -inf, overflow) get no range: they stay float.
