@@ -18,6 +18,24 @@ into its weights and bias per output channel, and the readers' weights take ``s`
 channel (any group count). MobileNet-style depthwise -> pointwise pairs are where it matters: a
 depthwise output's channels differ in range by orders of magnitude, and one per-tensor scale
 cannot hold them all.
+
+Activations that are not positively homogeneous (HardSwish written out as ``x * clip(x + 3, 0,
+6) / 6``, as in MobileNetV3 / PP-LCNet / PicoDet) break that chain; two exact rewrites take over:
+
+- a Conv output read only by such an activation (elementwise parts of that tensor alone) gets
+  ``1 / s`` folded into the Conv's weights and bias per output channel, and a float
+  ``Mul(X / s, s)`` (tagged ``RESCALED_KEY``) gives the activation the original values; the
+  Conv's integer output is then quantized with its channels evened out, and the activation runs
+  in float (``rules`` keep the Mul and its readers float);
+- an activation output read only by Convs, made by a ``Mul``/``Div`` by a constant (the ``/ 6``),
+  gets ``1 / s`` folded into that constant, which becomes one value per channel.
+
+Both are free for the weights where each weight's rounding is unchanged: a Conv's own output
+channels (weights quantized per output channel) and depthwise readers (one input channel per
+output channel). Such groups take ``s = max |X|`` per channel (alpha 1) whatever their spread;
+the rest keep ``alpha`` and ``min_ratio``. On the PicoDet CDLA layout detector the per-tensor
+activation scales of its depthwise blocks were what lost the fidelity: worst-output cosine 0.73
+-> 0.97 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
