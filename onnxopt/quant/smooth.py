@@ -260,7 +260,9 @@ def _activation_readers(x: ir.Value) -> bool:
 
     for u in uses:
         node = u.node
-        if node.op_type not in _ACTIVATION_PARTS or node.domain not in ("", "ai.onnx"):
+        # A lone Relu/Clip is absorbed into the Conv's quantized output (and Relu passes the
+        # Conv -> Conv equalisation): only a reader that keeps X's spread makes a candidate.
+        if node.op_type not in _ACTIVATION_PARTS - {"Relu", "Clip"} or node.domain not in ("", "ai.onnx"):
             return False
         if not all(from_x(v, 3) for v in node.inputs):
             return False
@@ -304,7 +306,8 @@ def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
             if conv is not None:
                 groups.append(SmoothGroup(node.outputs[0], channels, [], conv[0], channel_axis=1, rank=conv[1],
                                           restore=True))
-    return groups, reasons
+    folded = {id(n) for g in groups if not g.restore for n, _, _ in g.fold}
+    return [g for g in groups if not (g.restore and id(g.fold[0][0]) in folded)], reasons
 
 
 def _outlier_ratio(x_max: np.ndarray) -> float:
