@@ -30,7 +30,8 @@ Activations that are not positively homogeneous (HardSwish written out as ``x * 
 - an activation output read only by Convs, made by a ``Mul``/``Div`` by a constant (the ``/ 6``),
   gets ``1 / s`` folded into that constant, which becomes one value per channel.
 
-Both are free for the weights where each weight's rounding is unchanged: a Conv's own output
+The first is opt-in (``rescale_conv_outputs``): it makes the activation float, and it lost
+on PP-OCR det/rec while it won on PicoDet. Both are free for the weights where each weight's rounding is unchanged: a Conv's own output
 channels (weights quantized per output channel) and depthwise readers (one input channel per
 output channel). Such groups take ``s = max |X|`` per channel (alpha 1) whatever their spread;
 the rest keep ``alpha`` and ``min_ratio``. On the PicoDet CDLA layout detector the per-tensor
@@ -269,7 +270,7 @@ def _activation_readers(x: ir.Value) -> bool:
     return True
 
 
-def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
+def find_groups(model: ir.Model, *, rescale_conv_outputs: bool = False) -> tuple[list[SmoothGroup], list[str]]:
     """Smoothable activations: LayerNorm outputs read by MatMul/Gemm, Conv outputs read by Convs.
 
     Returns the groups and reasons for candidates left alone.
@@ -299,7 +300,8 @@ def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
                 rank = len(readers[0].node.inputs[readers[0].index].const_value.shape)
                 if (scale := _scale_producer(x, channels, rank)) is not None:
                     groups.append(SmoothGroup(x, channels, readers, scale, channel_axis=1, rank=rank))
-        if node.op_type == "Conv" and node.domain in ("", "ai.onnx") and _activation_readers(node.outputs[0]):
+        if (rescale_conv_outputs and node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+                and _activation_readers(node.outputs[0])):
             w = _ir_utils.constant_input(node, 1)
             channels = int(w.const_value.shape[0]) if w is not None else 0
             conv = _conv_producer(node.outputs[0], channels) if channels else None
@@ -393,6 +395,7 @@ def smooth(
     scales: Mapping[str, Sequence[float]] | None = None,
     per_layer: Sequence[float] = (),
     per_token: bool = False,
+    rescale_conv_outputs: bool = False,
 ) -> SmoothResult:
     """Apply SmoothQuant to ``model`` in place; the float function is unchanged (up to rounding).
 
@@ -410,6 +413,9 @@ def smooth(
             smoothing, if that is measured best); Conv groups keep ``alpha``.
         per_token: for ``per_layer``: simulate per-token activation scales (dynamic INT8)
             instead of one per tensor.
+        rescale_conv_outputs: also even out Conv outputs read by a written-out activation
+            (``_restore``); off by default: it won on the PicoDet layout detector and lost on
+            PP-OCR det/rec (docs/benchmarks.md).
 
     Raises:
         ValueError: alpha outside (0, 1].
@@ -420,7 +426,7 @@ def smooth(
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha must be in (0, 1], got {alpha}")
     result = SmoothResult()
-    groups, result.skipped = find_groups(model)
+    groups, result.skipped = find_groups(model, rescale_conv_outputs=rescale_conv_outputs)
     by_name = {g.value.name: g for g in groups}
     if scales is not None:
         for name, factors in scales.items():

@@ -128,6 +128,11 @@ class QuantizeConfig:
     embeddings: Literal["int8", "float"] = option(
         "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
     )
+    rescale_conv_outputs: bool = option(
+        False, "even out the channels of Conv outputs read by a written-out activation (HardSwish): folded into "
+        "the Conv, a float Mul restores them and the activation runs in float (PicoDet layout: worst cosine "
+        "0.73 -> 0.97; PP-OCR det/rec: worse, see docs/benchmarks.md)"
+    )
     smooth_alpha: Literal["per-layer", "fixed"] = option(
         "per-layer", "SmoothQuant alpha: per-layer: for each LayerNorm output, the alpha (0.3-0.9, or no smoothing) "
         "whose simulated INT8 output error on the calibration activations is least; fixed: smooth_quant for all"
@@ -396,7 +401,8 @@ def _calibrate(
     else:
         if config.smooth_quant:
             feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
-            done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO, **_alphas(config, False))
+            done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO,
+                                 rescale_conv_outputs=config.rescale_conv_outputs, **_alphas(config, False))
         method = config.calibration_method if config.calibration_method != "auto" else "mse"
         # mse keeps the symmetric step t/127 even for uint8 (asymmetric=False): counting uint8's real
         # step on one-sided tensors clips less and was measured worse on the PP-OCR recogniser

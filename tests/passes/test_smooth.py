@@ -287,7 +287,7 @@ def test_hardswish_conv_outputs_are_rescaled_and_the_depthwise_input_evened_out_
     model = hardswish_model(30.0)
     evals = conv_feeds(2, seed=5)
     ref = outputs(model, evals)
-    done = smooth.smooth(model, conv_feeds(4), 0.5, min_ratio=4.0)
+    done = smooth.smooth(model, conv_feeds(4), 0.5, min_ratio=4.0, rescale_conv_outputs=True)
     how = {r["tensor"]: r["how"] for r in done.records}
     assert how["c1"].startswith("folded into conv1, float Mul restores it")
     assert how["hs1_o"] == "folded into hs1_div"  # depthwise reader: evened out whatever its spread
@@ -301,7 +301,7 @@ def test_hardswish_conv_outputs_are_rescaled_and_the_depthwise_input_evened_out_
 
 def test_conv_read_by_a_residual_add_is_not_rescaled():
     model = hardswish_model(30.0, residual=True)
-    done = smooth.smooth(model, conv_feeds(4), 0.5, min_ratio=4.0)
+    done = smooth.smooth(model, conv_feeds(4), 0.5, min_ratio=4.0, rescale_conv_outputs=True)
     assert "c1" not in {r["tensor"] for r in done.records}  # its Add reader mixes in another tensor
     assert "d_res" not in {r["tensor"] for r in done.records}  # an Add output, not a Conv's
 
@@ -311,7 +311,7 @@ def test_hardswish_rescaling_shrinks_int8_error_and_keeps_integer_convs():
     ref = outputs(hardswish_model(30.0), evals)
     off, on = hardswish_model(30.0), hardswish_model(30.0)
     quantize(off, data, smooth_quant=0.0)
-    report = quantize(on, data)
+    report = quantize(on, data, rescale_conv_outputs=True)
     assert report.counts["quantized_Conv"] == 3
     # The Conv outputs stay quantized (so onnxruntime runs QLinearConv); the restoring Mul and
     # the HardSwish parts after it read the dequantized tensor and stay float.
@@ -328,3 +328,10 @@ def test_hardswish_rescaling_shrinks_int8_error_and_keeps_integer_convs():
     # channel's range is ~1 under its own factor; the error should drop by an order of magnitude.
     # A 3x drop is claimed (the same margin as the Conv -> Conv equalisation test above).
     assert err_on < err_off / 3, (err_on, err_off)
+
+
+def test_conv_outputs_are_not_rescaled_unless_asked():
+    model = hardswish_model(30.0)
+    done = smooth.smooth(model, conv_feeds(4), 0.5, min_ratio=4.0)
+    assert done.rescaled == [] and "c1" not in {r["tensor"] for r in done.records}
+    assert {r["tensor"]: r["how"] for r in done.records}["hs1_o"] == "folded into hs1_div"
