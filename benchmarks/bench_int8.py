@@ -36,6 +36,9 @@ on the same calibration feeds. ``--onnxopt-recipe`` adds an onnxopt row made by 
         [--keep DIR]
     python benchmarks/bench_int8.py --models det --method mse --no-ort   # onnxopt alone
     python benchmarks/bench_int8.py --quick      # 4 samples, 5 runs: proves the script works
+
+Extra quantize options for onnxopt's rows come from the environment as JSON, e.g.
+``BENCH_INT8_QUANTIZE_OPTIONS='{"rescale_conv_outputs": true}'`` (the layout rows in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def run_onnxopt(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: 
 
     m = io.load_model(model)
     ctx = PassContext(calibration=data.load_data(calib, data.input_signature(m)).take(n), quiet=True)
-    options = {"calibration_method": method, "sqnr_samples": 0, "latency_runs": 0}
+    options = {"calibration_method": method, "sqnr_samples": 0, "latency_runs": 0,
+               **json.loads(os.environ.get("BENCH_INT8_QUANTIZE_OPTIONS", "{}"))}
     passes = [make("simplify", {}, ctx), make("quantize", options, ctx)]
     result = pipeline.run(m, passes, check=False, strict=True)
     io.save_model(result.model, out)

@@ -18,6 +18,25 @@ into its weights and bias per output channel, and the readers' weights take ``s`
 channel (any group count). MobileNet-style depthwise -> pointwise pairs are where it matters: a
 depthwise output's channels differ in range by orders of magnitude, and one per-tensor scale
 cannot hold them all.
+
+Activations that are not positively homogeneous (HardSwish written out as ``x * clip(x + 3, 0,
+6) / 6``, as in MobileNetV3 / PP-LCNet / PicoDet) break that chain; two exact rewrites take over:
+
+- a Conv output read only by such an activation (elementwise parts of that tensor alone) gets
+  ``1 / s`` folded into the Conv's weights and bias per output channel, and a float
+  ``Mul(X / s, s)`` (tagged ``RESCALED_KEY``) gives the activation the original values; the
+  Conv's integer output is then quantized with its channels evened out, and the activation runs
+  in float (``rules`` keep the Mul and its readers float);
+- an activation output read only by Convs, made by a ``Mul``/``Div`` by a constant (the ``/ 6``),
+  gets ``1 / s`` folded into that constant, which becomes one value per channel.
+
+The first is opt-in (``rescale_conv_outputs``): it makes the activation float, and it lost
+on PP-OCR det/rec while it won on PicoDet. Both are free for the weights where each weight's rounding is unchanged: a Conv's own output
+channels (weights quantized per output channel) and depthwise readers (one input channel per
+output channel). Such groups take ``s = max |X|`` per channel (alpha 1) whatever their spread;
+the rest keep ``alpha`` and ``min_ratio``. On the PicoDet CDLA layout detector the per-tensor
+activation scales of its depthwise blocks were what lost the fidelity: worst-output cosine 0.73
+-> 0.97 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,7 +52,13 @@ from onnxopt.errors import DataError
 from onnxopt.quant.channel_stats import channel_stats
 from onnxopt.runtime import sessions as runtime
 
-__all__ = ["ALPHA_GRID", "Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
+__all__ = ["ALPHA_GRID", "RESCALED_KEY", "Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
+
+# metadata_props key on the float Mul that gives a Conv's evened-out output its channel scales back
+# (``rules`` keep it and whatever reads its output float).
+RESCALED_KEY = "onnxopt.rescaled"
+# Elementwise ops that may make up an activation function written out in primitives.
+_ACTIVATION_PARTS = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Relu", "Sigmoid", "HardSigmoid", "Tanh", "Min", "Max"})
 
 _NORMS = {("", "LayerNormalization"), ("com.microsoft", "SkipLayerNormalization")}
 _SCALE_LIMIT = 1e4  # s is clipped to [1/limit, limit]: dead channels must not blow weights up
@@ -62,6 +87,13 @@ class Reader:
         g = self.group
         return w.reshape(g, w.shape[0] // g, w.shape[1], -1).max(axis=(1, 3)).reshape(-1)
 
+    def depthwise(self) -> bool:
+        """Whether this is a Conv whose every output channel reads one input channel (group = channels)."""
+        if self.kind != "conv":
+            return False
+        shape = self.node.inputs[self.index].const_value.shape
+        return int(shape[1]) == 1 and self.group > 1 and int(shape[0]) % self.group == 0
+
     def scaled(self, s: np.ndarray) -> np.ndarray:
         """Return the weight with input channel j multiplied by ``s[j]``."""
         w = _ir_utils.constant_array(self.node.inputs[self.index])
@@ -89,6 +121,7 @@ class SmoothGroup:
     fold: list[tuple[ir.Node, int, int]]
     channel_axis: int = -1
     rank: int = 0
+    restore: bool = False  # no weight reader: a float Mul(X / s, s) feeds X's readers (a pre-activation)
 
 
 @dataclasses.dataclass
@@ -97,6 +130,7 @@ class SmoothResult:
 
     records: list[dict] = dataclasses.field(default_factory=list)
     inserted: list[str] = dataclasses.field(default_factory=list)
+    rescaled: list[str] = dataclasses.field(default_factory=list)  # float Muls after a Conv (``_restore``)
     skipped: list[str] = dataclasses.field(default_factory=list)
     scales: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
@@ -180,7 +214,63 @@ def _conv_producer(x: ir.Value, channels: int) -> tuple[list[tuple[ir.Node, int,
     return fold, len(w.const_value.shape)
 
 
-def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
+def _scale_producer(x: ir.Value, channels: int, rank: int) -> list[tuple[ir.Node, int, int]] | None:
+    """Find the ``Mul``/``Div`` by a constant (one value, or one per channel along axis 1) that makes X.
+
+    Activations that are not positively homogeneous (HardSwish written out as ``x * clip(x + 3,
+    0, 6) / 6``, SiLU, GELU) end in such a node; ``1 / s`` folds exactly into its constant, which
+    becomes one value per channel.
+    """
+    node = x.producer()
+    if node is None or node.op_type not in ("Mul", "Div") or node.domain not in ("", "ai.onnx"):
+        return None
+    for i in ((1,) if node.op_type == "Div" else (1, 0)):
+        c = _ir_utils.constant_input(node, i)
+        if c is None or c.const_value.dtype != ir.DataType.FLOAT:
+            continue
+        shape = [int(d) for d in c.const_value.shape]
+        if len(shape) > rank or int(np.prod(shape)) not in (1, channels):
+            return None
+        if int(np.prod(shape)) == channels and channels > 1:  # must run along X's axis 1
+            padded = [1] * (rank - len(shape)) + shape
+            if padded[1] != channels:
+                return None
+        return [(node, i, 1)]
+    return None
+
+
+def _activation_readers(x: ir.Value) -> bool:
+    """Whether every reader of X is part of an elementwise activation of X alone (HardSwish, SiLU written out).
+
+    Each reader is one of ``_ACTIVATION_PARTS`` whose other inputs are constants or computed from X
+    by such parts (``x * clip(x + 3, 0, 6)``): a residual Add of another tensor does not count.
+    """
+    uses = x.uses()
+    if not uses or x.is_graph_output():
+        return False
+
+    def from_x(v: ir.Value | None, depth: int) -> bool:
+        if v is None or v is x or v.const_value is not None:
+            return True
+        node = v.producer()
+        if node is not None and node.op_type == "Constant":
+            return True
+        if node is None or depth == 0 or node.op_type not in _ACTIVATION_PARTS or node.domain not in ("", "ai.onnx"):
+            return False
+        return all(from_x(u, depth - 1) for u in node.inputs)
+
+    for u in uses:
+        node = u.node
+        # A lone Relu/Clip is absorbed into the Conv's quantized output (and Relu passes the
+        # Conv -> Conv equalisation): only a reader that keeps X's spread makes a candidate.
+        if node.op_type not in _ACTIVATION_PARTS - {"Relu", "Clip"} or node.domain not in ("", "ai.onnx"):
+            return False
+        if not all(from_x(v, 3) for v in node.inputs):
+            return False
+    return True
+
+
+def find_groups(model: ir.Model, *, rescale_conv_outputs: bool = False) -> tuple[list[SmoothGroup], list[str]]:
     """Smoothable activations: LayerNorm outputs read by MatMul/Gemm, Conv outputs read by Convs.
 
     Returns the groups and reasons for candidates left alone.
@@ -206,7 +296,20 @@ def find_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[str]]:
                     groups.append(SmoothGroup(x, channels, readers, [] if others else fold))
             elif kinds == {True} and not others and (conv := _conv_producer(x, channels)) is not None:
                 groups.append(SmoothGroup(x, channels, readers, conv[0], channel_axis=1, rank=conv[1]))
-    return groups, reasons
+            elif kinds == {True} and not others:
+                rank = len(readers[0].node.inputs[readers[0].index].const_value.shape)
+                if (scale := _scale_producer(x, channels, rank)) is not None:
+                    groups.append(SmoothGroup(x, channels, readers, scale, channel_axis=1, rank=rank))
+        if (rescale_conv_outputs and node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+                and _activation_readers(node.outputs[0])):
+            w = _ir_utils.constant_input(node, 1)
+            channels = int(w.const_value.shape[0]) if w is not None else 0
+            conv = _conv_producer(node.outputs[0], channels) if channels else None
+            if conv is not None:
+                groups.append(SmoothGroup(node.outputs[0], channels, [], conv[0], channel_axis=1, rank=conv[1],
+                                          restore=True))
+    folded = {id(n) for g in groups if not g.restore for n, _, _ in g.fold}
+    return [g for g in groups if not (g.restore and id(g.fold[0][0]) in folded)], reasons
 
 
 def _outlier_ratio(x_max: np.ndarray) -> float:
@@ -292,6 +395,7 @@ def smooth(
     scales: Mapping[str, Sequence[float]] | None = None,
     per_layer: Sequence[float] = (),
     per_token: bool = False,
+    rescale_conv_outputs: bool = False,
 ) -> SmoothResult:
     """Apply SmoothQuant to ``model`` in place; the float function is unchanged (up to rounding).
 
@@ -309,6 +413,9 @@ def smooth(
             smoothing, if that is measured best); Conv groups keep ``alpha``.
         per_token: for ``per_layer``: simulate per-token activation scales (dynamic INT8)
             instead of one per tensor.
+        rescale_conv_outputs: also even out Conv outputs read by a written-out activation
+            (``_restore``); off by default: it won on the PicoDet layout detector and lost on
+            PP-OCR det/rec (docs/benchmarks.md).
 
     Raises:
         ValueError: alpha outside (0, 1].
@@ -319,7 +426,7 @@ def smooth(
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha must be in (0, 1], got {alpha}")
     result = SmoothResult()
-    groups, result.skipped = find_groups(model)
+    groups, result.skipped = find_groups(model, rescale_conv_outputs=rescale_conv_outputs)
     by_name = {g.value.name: g for g in groups}
     if scales is not None:
         for name, factors in scales.items():
@@ -346,12 +453,21 @@ def smooth(
                 result.skipped.append(f"{g.value.name}: no per-channel statistics")
                 continue
             ratio = _outlier_ratio(xm)
-            if ratio < min_ratio:
+            # Free groups (no weight's rounding changes: a rescaled Conv output, depthwise readers)
+            # are evened out whatever their spread; the others only past min_ratio.
+            free = g.restore or all(r.depthwise() for r in g.readers)
+            if ratio < min_ratio and not free:
                 result.records.append({"tensor": g.value.name, "channels": g.channels, "outlier_ratio_before": round(ratio, 2),
                                        "how": f"left: no outlier channels (max/median channel range < {min_ratio:g})"})
                 continue
+            if g.restore:  # the Conv quantizes its weights per output channel: s = x_max costs them nothing
+                planned[g.value.name] = (g, _scales(xm, np.ones_like(xm), 1.0), xm)
+                continue
             w_max = np.max([r.in_absmax() for r in g.readers], axis=0).astype(np.float64)
-            a = alpha
+            # Depthwise readers (one input channel per output channel) quantize their weights per
+            # output channel, so scaling channel j's weights by s_j changes no weight's rounding:
+            # all of the activation's spread can move into them (alpha 1).
+            a = 1.0 if free else alpha
             if g.value.name in samples:
                 best, errors = _best_alpha(g, samples[g.value.name], xm.astype(np.float64), w_max, per_layer, per_token)
                 chosen[g.value.name] = (best, errors)
@@ -394,9 +510,16 @@ def _apply(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], resu
     """Scale ``g``'s reading weights by ``s`` and its activation by ``1 / s``; say how the latter was done."""
     for r in g.readers:
         _replace_constant(r.node, r.index, r.scaled(s), taken, model.graph)
+    if g.restore:
+        return _restore(model, g, s, taken, result)
     if g.fold:
         for node, i, axis in g.fold:
             c = _ir_utils.constant_array(node.inputs[i])
+            if node.op_type in ("Mul", "Div"):  # a scale producer: its constant becomes [C, 1, ...] along X's axis 1
+                c = np.broadcast_to(c.reshape(-1), (g.channels,)).reshape([g.channels] + [1] * (g.rank - 2))
+                _replace_constant(node, i, c * s.reshape(c.shape) if node.op_type == "Div" else c / s.reshape(c.shape),
+                                  taken, model.graph)
+                continue
             shape = [1] * c.ndim
             shape[axis] = -1
             factor = s.reshape(c.shape) if c.size == g.channels else s.reshape(shape)
@@ -415,3 +538,30 @@ def _apply(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], resu
         r.node.replace_input_with(0, mul.outputs[0])
     result.inserted.append(name)
     return "Mul inserted (the activation has other readers)"
+
+
+def _restore(model: ir.Model, g: SmoothGroup, s: np.ndarray, taken: set[str], result: SmoothResult) -> str:
+    """Divide the producing Conv's output channels by ``s`` and insert a float ``Mul(X / s, s)`` for X's readers.
+
+    The Conv's integer output is then quantized with its channels evened out; the activation
+    after it (HardSwish written out, ...) runs in float on the rescaled values, so no per-tensor
+    scale ever holds X's uneven channels.
+    """
+    readers = [(u.node, u.idx) for u in g.value.uses()]
+    for node, i, axis in g.fold:
+        c = _ir_utils.constant_array(node.inputs[i])
+        shape = [1] * c.ndim
+        shape[axis] = -1
+        _replace_constant(node, i, c / s.reshape(shape), taken, model.graph)
+    name = _ir_utils.unique_name(model.graph, f"{g.value.name}_rescale", taken)
+    factor = ir.Value(name=name + "_s", const_value=ir.Tensor(s.reshape([-1] + [1] * (g.rank - 2)).astype(np.float32),
+                                                              name=name + "_s"))
+    model.graph.register_initializer(factor)
+    mul = ir.node("Mul", [g.value, factor], name=name)
+    mul.outputs[0].name = name
+    mul.metadata_props[RESCALED_KEY] = "1"
+    model.graph.insert_after(g.value.producer(), [mul])
+    for node, idx in readers:
+        node.replace_input_with(idx, mul.outputs[0])
+    result.rescaled.append(name)
+    return "folded into " + (g.fold[0][0].name or "Conv") + ", float Mul restores it for the activation"

@@ -129,6 +129,11 @@ class QuantizeConfig:
     embeddings: Literal["int8", "float"] = option(
         "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
     )
+    rescale_conv_outputs: bool = option(
+        False, "even out the channels of Conv outputs read by a written-out activation (HardSwish): folded into "
+        "the Conv, a float Mul restores them and the activation runs in float (PicoDet layout: worst cosine "
+        "0.73 -> 0.97; PP-OCR det/rec: worse, see docs/benchmarks.md)"
+    )
     smooth_alpha: Literal["per-layer", "fixed"] = option(
         "per-layer", "SmoothQuant alpha: per-layer: for each LayerNorm output, the alpha (0.3-0.9, or no smoothing) "
         "whose simulated INT8 output error on the calibration activations is least; fixed: smooth_quant for all"
@@ -397,7 +402,7 @@ def _calibrate(
     if config.calib_table:
         table = CalibrationTable.load(config.calib_table)
         if table.smoothing:
-            done = smooth.smooth(model, None, scales=table.smoothing)
+            done = smooth.smooth(model, None, scales=table.smoothing, rescale_conv_outputs=config.rescale_conv_outputs)
             out.note(f"SmoothQuant scales of {len(table.smoothing)} tensors applied from the calibration table")
     else:
         if config.smooth_quant:
@@ -428,15 +433,17 @@ def _cached_smooth(
 ) -> smooth.SmoothResult:
     """SmoothQuant on ``model``, its scales measured once per model and options (``mixed`` builds
     many plans of one model: each applies the first build's scales instead of re-running the data)."""
-    key = ("smooth", config.smooth_quant, config.smooth_alpha, per_token, calibration.fingerprint(model))
+    key = ("smooth", config.smooth_quant, config.smooth_alpha, config.rescale_conv_outputs, per_token,
+           calibration.fingerprint(model))  # fmt: skip
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         scales, records, skipped = hit
-        done = smooth.smooth(model, None, scales=scales)
+        done = smooth.smooth(model, None, scales=scales, rescale_conv_outputs=config.rescale_conv_outputs)
         done.records, done.skipped = copy.deepcopy(records), list(skipped)
         return done
     feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
-    done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO, **_alphas(config, per_token))
+    done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO,
+                         rescale_conv_outputs=config.rescale_conv_outputs, **_alphas(config, per_token))
     if cache is not None:
         cache[key] = (dict(done.scales), copy.deepcopy(done.records), list(done.skipped))
     return done
