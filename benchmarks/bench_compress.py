@@ -475,8 +475,9 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
     init = model.graph.initializers
     w0 = {k: init[k].const_value.numpy().copy() for k in prefix + suffix}
     total = sum(w.size for w in w0.values())
-    for k in prefix:  # 16 clusters per tensor, not pruned (the early layers hold 3 % of the weights)
-        init[k].const_value = ir.tensor(codebook.fit_kmeans(w0[k], 16, None).weights(np.float32), name=k)
+    prefix_axis = 0 if args.prefix_codebooks == "channel" else None
+    for k in prefix:  # 16 clusters per tensor (or channel), not pruned: the early layers hold 3 % of the weights
+        init[k].const_value = ir.tensor(codebook.fit_kmeans(w0[k], 16, prefix_axis).weights(np.float32), name=k)
     cut_value = layers[cut].inputs[0].name
     with_cut = ir.from_proto(ir.to_proto(model))
     with_cut.graph.outputs.append(next(v for n in with_cut.graph for v in n.outputs if v.name == cut_value))
@@ -551,7 +552,7 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
     t0 = time.perf_counter()
     ws = {**{k: w0[k] for k in suffix}, **{k: init[k].const_value.numpy().copy() for k in biases}}
     params = params_for(ws)
-    record(f"prefix ({len(prefix)} layers, {sum(w0[k].size for k in prefix)} weights) 16 clusters/tensor", params, t0)
+    record(f"prefix ({len(prefix)} layers, {sum(w0[k].size for k in prefix)} weights) 16 clusters/{args.prefix_codebooks}", params, t0)
     caps = {k: (0.0 if k == suffix[-1] else args.depthwise_cap if k in depthwise else args.layer_cap) for k in suffix}
     suffix_size = sum(w0[k].size for k in suffix)
     for step_sparsity in [float(v) for v in args.schedule.split(",")]:
@@ -572,7 +573,10 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
     for k, w in final.items():
         init[k].const_value = ir.tensor(w.astype(np.float32), name=k)
     pack = {"clusters": 16, "pack": True, "min_elements": 0}
-    packed = pipeline.run(model, recipes.build([Step("cluster", pack)], PassContext(quiet=True))).model
+    pre = "^(" + "|".join(prefix) + ")$"  # per-channel k-means of <= 16 values per channel is exact
+    steps = [Step("cluster", {**pack, "per_channel": args.prefix_codebooks == "channel", "size_aware": False, "include": pre}),
+             Step("cluster", {**pack, "exclude": pre})]
+    packed = pipeline.run(model, recipes.build(steps, PassContext(quiet=True))).model
     variants = {"pack 4-bit (onnxruntime)": packed}
     if args.fp16_biases:
         half = ir.from_proto(ir.to_proto(packed))
@@ -652,6 +656,8 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=2.0)
     parser.add_argument("--layer-cap", type=float, default=0.95, help="--part gradual: most any layer loses")
     parser.add_argument("--depthwise-cap", type=float, default=0.7, help="--part gradual: most a depthwise layer loses")
+    parser.add_argument("--prefix-codebooks", choices=["tensor", "channel"], default="tensor",
+                        help="--part gradual: codebooks of the untrained layers before --cut")
     parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")
     parser.add_argument("--save", default=None, help="--part gradual: write the packed model(s) here")
     parser.add_argument("--json", default=None)
