@@ -505,9 +505,11 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
             ws = {p.name: p.weight() for p in params}
             return torch.cat([graph({cut_value: torch.from_numpy(f[i : i + 512])}, ws)[0] for i in range(0, len(f), 512)])
 
-    def fit(params: list, epochs: int, lr: float) -> None:
+    def fit(params: list, epochs: int, lr: float) -> int:
+        """Train ``params`` up to ``epochs`` epochs; keep the best epoch; return epochs run."""
         if epochs <= 0:
-            return
+            return 0
+        ran = 0
         opt = torch.optim.Adam([p.theta for p in params], lr=lr)
         steps = epochs * -(-len(train_idx) // args.batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -516,6 +518,10 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
         best = (float((outputs(params, feats[val_idx]).argmax(1).numpy() == val_ref).mean()),
                 [p.theta.detach().clone() for p in params])
         for _ in range(epochs):
+            if time.perf_counter() - t_start > args.train_budget_s:  # shared machine: finish the table
+                print(f"  training budget {args.train_budget_s:.0f} s spent: no more epochs", file=sys.stderr, flush=True)
+                break
+            ran += 1
             order = train_idx[rng.permutation(len(train_idx))]
             for i in range(0, len(order), args.batch):
                 idx = torch.from_numpy(order[i : i + args.batch])
@@ -536,6 +542,7 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
         with torch.no_grad():
             for p, state in zip(params, best[1], strict=True):
                 p.theta.copy_(state)
+        return ran
 
     rows: list[dict] = []
 
@@ -562,14 +569,14 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
         for k in suffix:  # the masks only grow: earlier zeros are the smallest values
             current[k] = sparsity_plan.prune_smallest(current[k], max(plan[k], float((current[k] == 0).mean())))
         params = params_for(current)
-        fit(params, args.epochs_per_step, args.lr)
-        record(f"prune {step_sparsity:.0%} + distill {args.epochs_per_step} ep", params, t0)
+        ran = fit(params, args.epochs_per_step, args.lr)
+        record(f"prune {step_sparsity:.0%} + distill {ran} ep", params, t0)
     t0 = time.perf_counter()
     params = params_for({p.name: p.numpy() for p in params}, book=True)
     record("cluster 16/tensor (zero kept), before fine-tuning", params, t0)
     t0 = time.perf_counter()
-    fit(params, args.cluster_epochs, args.lr / 3)
-    final = record(f"centroid fine-tuning {args.cluster_epochs} ep", params, t0)
+    ran = fit(params, args.cluster_epochs, args.lr / 3)
+    final = record(f"centroid fine-tuning {ran} ep", params, t0)
     for k, w in final.items():
         init[k].const_value = ir.tensor(w.astype(np.float32), name=k)
     pack = {"clusters": 16, "pack": True, "min_elements": 0}
@@ -656,6 +663,8 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=2.0)
     parser.add_argument("--layer-cap", type=float, default=0.95, help="--part gradual: most any layer loses")
     parser.add_argument("--depthwise-cap", type=float, default=0.7, help="--part gradual: most a depthwise layer loses")
+    parser.add_argument("--train-budget-s", type=float, default=780.0,
+                        help="--part gradual: no new epoch after this many seconds (the steps still run)")
     parser.add_argument("--prefix-codebooks", choices=["tensor", "channel"], default="tensor",
                         help="--part gradual: codebooks of the untrained layers before --cut")
     parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")
