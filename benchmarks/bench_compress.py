@@ -44,6 +44,8 @@ Usage::
 
     python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks|ocr]
         [--rounds 200] [--threads 1] [--batch 64] [--ocr-stages cls,det] [--json OUT.json]
+    python benchmarks/bench_compress.py --part gradual --feeds DIR [--crops 3000]
+        [--schedule 0.3,0.5,0.65,0.8] [--epochs-per-step 3] [--allocation uniform|std] ...
 """
 
 from __future__ import annotations
@@ -565,7 +567,15 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
     for step_sparsity in [float(v) for v in args.schedule.split(",")]:
         t0 = time.perf_counter()
         current = {p.name: p.numpy() for p in params}
-        plan = sparsity_plan.allocate({k: w0[k] for k in suffix}, min(step_sparsity * total / suffix_size, 0.999), caps)
+        goal = min(step_sparsity * total / suffix_size, 0.999)
+        if args.allocation == "uniform":  # one fraction for every layer, capped; bisection on it
+            lo, hi = 0.0, 1.0
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if sum(min(caps[k], mid) * w0[k].size for k in suffix) < goal * suffix_size else (lo, mid)
+            plan = {k: min(caps[k], hi) for k in suffix}
+        else:
+            plan = sparsity_plan.allocate({k: w0[k] for k in suffix}, goal, caps)
         for k in suffix:  # the masks only grow: earlier zeros are the smallest values
             current[k] = sparsity_plan.prune_smallest(current[k], max(plan[k], float((current[k] == 0).mean())))
         params = params_for(current)
@@ -665,6 +675,8 @@ def main() -> None:
     parser.add_argument("--depthwise-cap", type=float, default=0.7, help="--part gradual: most a depthwise layer loses")
     parser.add_argument("--train-budget-s", type=float, default=780.0,
                         help="--part gradual: no new epoch after this many seconds (the steps still run)")
+    parser.add_argument("--allocation", choices=["std", "uniform"], default="uniform",
+                        help="--part gradual: per-layer fractions from one |w|/std threshold, or one fraction for all")
     parser.add_argument("--prefix-codebooks", choices=["tensor", "channel"], default="tensor",
                         help="--part gradual: codebooks of the untrained layers before --cut")
     parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")
