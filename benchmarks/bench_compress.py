@@ -24,6 +24,16 @@ Parts (``--part``; all by default), every number measured in this run:
                ``eval_cls``). ``--sparsities 0.8,0.9`` gives one table per sparsity (the frontier).
 ``sweep``      pruning alone (no training) on the same model and feeds, layer / global scope,
                global with repair, at ``--sparsities``: agreement with FP32 on held-out feeds.
+``gradual``    Deep Compression with training on PP-OCR cls, on thousands of rendered unlabeled text
+               crops (``ocr_data.render_cls_crops``, teacher = FP32's outputs; disjoint from the
+               held-out feeds): the layers before ``--cut`` get 16 clusters per tensor (not
+               pruned, not trained; their outputs on the crops are cached once with onnxruntime),
+               the layers after it are pruned gradually (``--schedule``: per-layer fractions from
+               one std-relative threshold with caps, ``onnxopt.compress.sparsity``; distillation
+               epochs after every step), clustered to 16 per tensor (zero kept) and their
+               centroids fine-tuned (shared-weight gradient), then packed 4-bit. Agreement with
+               FP32 on the held-out rendered and shared-image crops after every step; zip bytes
+               split into indices, codebooks, biases and the rest. Needs torch.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
@@ -34,6 +44,8 @@ Usage::
 
     python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks|ocr]
         [--rounds 200] [--threads 1] [--batch 64] [--ocr-stages cls,det] [--json OUT.json]
+    python benchmarks/bench_compress.py --part gradual --feeds DIR [--crops 3000]
+        [--schedule 0.3,0.5,0.65,0.8] [--epochs-per-step 3] [--allocation uniform|std] ...
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ import statistics
 import sys
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import onnx_ir as ir
@@ -375,6 +388,233 @@ def part_deep(
     return rows
 
 
+def _zip(raw: bytes) -> int:
+    return len(zlib.compress(raw, 9))
+
+
+def byte_split(model: ir.Model) -> dict[str, int]:
+    """Deflated bytes of the packed model's parts: indices, codebooks, float biases and other
+    float tensors, and everything else (graph, names, shapes; measured with every
+    initializer's bytes zeroed). The parts are deflated separately, so they add up to about
+    the file's zip, not exactly."""
+    groups: dict[str, list[bytes]] = {"indices": [], "codebooks": [], "float tensors (biases, fc)": []}
+    for name, value in model.graph.initializers.items():
+        t = value.const_value
+        key = "indices" if ".idx" in name else "codebooks" if name.endswith(".codebook") else None
+        if key is None and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            key = "float tensors (biases, fc)"
+        if key:
+            groups[key].append(t.tobytes())
+    out = {k: _zip(b"".join(v)) for k, v in groups.items()}
+    hollow = ir.from_proto(ir.to_proto(model))
+    for value in hollow.graph.initializers.values():
+        arr = value.const_value.numpy()
+        value.const_value = ir.Tensor(np.zeros_like(arr), dtype=value.const_value.dtype, name=value.name)
+    out["graph and the rest"] = _zip(ir.to_proto(hollow).SerializeToString())
+    return out
+
+
+def biases_to_fp16(model: ir.Model) -> int:
+    """Store every float32 Conv/Gemm bias as float16 + Cast (onnxruntime folds the Cast at
+    load); returns how many. The values change by float16 rounding (relative 2^-11)."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        bias = node.inputs[2]
+        if bias.const_value is None or bias.const_value.dtype != ir.DataType.FLOAT or len(bias.uses()) != 1:
+            continue
+        half = ir.Value(name=f"{bias.name}.fp16", const_value=ir.tensor(bias.const_value.numpy().astype(np.float16),
+                        name=f"{bias.name}.fp16"), shape=bias.shape, type=ir.TensorType(ir.DataType.FLOAT16))
+        model.graph.register_initializer(half)
+        cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=f"{bias.name}.cast")
+        cast.outputs[0].name = f"{bias.name}.f32"
+        cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, bias.shape
+        model.graph.insert_before(node, cast)
+        node.replace_input_with(2, cast.outputs[0])
+        model.graph.initializers.pop(bias.name)
+        count += 1
+    return count
+
+
+def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict]:
+    """Gradual pruning + clustering + distillation of PP-OCR cls; one row per step."""
+    import torch
+
+    from onnxopt.compress import sparsity as sparsity_plan
+    from onnxopt.distill import train as distill_train
+    from onnxopt.distill.torch_graph import TorchGraph
+    from onnxopt.testing import ocr_data
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    path = ocr_data.model_paths()["cls"]
+    orig = io.load_model(path)
+    zip0 = _zip(ir.to_proto(orig).SerializeToString())
+    signature = data.input_signature(orig)
+    held = {name: np.concatenate([f["x"] for f in data.load_data(feeds_dir / folder, signature)])
+            for name, folder in (("rendered", "eval_cls"), ("shared", "cls"))}
+
+    def run_ort(m: ir.Model, x: np.ndarray, out: str | None = None) -> np.ndarray:
+        """The output ``out`` (default: the first) for every sample, 256 at a time."""
+        with runtime.session(m) as handle:
+            parts = [handle.run({"x": x[i : i + 256]}) for i in range(0, len(x), 256)]
+        return np.concatenate([p[out] if out else next(iter(p.values())) for p in parts])
+
+    ref = {k: run_ort(orig, v).argmax(1) for k, v in held.items()}
+    x_train, _ = ocr_data.render_cls_crops(args.crops, seed=args.crop_seed)
+    teacher = run_ort(orig, x_train)
+    model = pipeline.run(io.load_model(path), recipes.build([Step("simplify")], PassContext(quiet=True))).model
+    layers = [n for n in model.graph if n.op_type in ("Conv", "MatMul") and n.inputs[1].const_value is not None]
+    cut = next((i for i, n in enumerate(layers) if n.inputs[1].name.startswith(args.cut)), None)
+    if cut is None:
+        raise SystemExit(f"--cut {args.cut!r}: no Conv/MatMul weight starts with it")
+    prefix = [n.inputs[1].name for n in layers[:cut]]
+    suffix = [n.inputs[1].name for n in layers[cut:]]
+    depthwise = {n.inputs[1].name for n in layers if n.attributes.get_int("group", 1) > 1}
+    biases = [n.inputs[2].name for n in layers[cut:] if len(n.inputs) > 2 and n.inputs[2] is not None]
+    init = model.graph.initializers
+    w0 = {k: init[k].const_value.numpy().copy() for k in prefix + suffix}
+    total = sum(w.size for w in w0.values())
+    prefix_axis = 0 if args.prefix_codebooks == "channel" else None
+    for k in prefix:  # 16 clusters per tensor (or channel), not pruned: the early layers hold 3 % of the weights
+        init[k].const_value = ir.tensor(codebook.fit_kmeans(w0[k], 16, prefix_axis).weights(np.float32), name=k)
+    cut_value = layers[cut].inputs[0].name
+    with_cut = ir.from_proto(ir.to_proto(model))
+    with_cut.graph.outputs.append(next(v for n in with_cut.graph for v in n.outputs if v.name == cut_value))
+    feats = run_ort(with_cut, x_train, cut_value)
+    feats_held = {k: run_ort(with_cut, v, cut_value) for k, v in held.items()}
+    graph = TorchGraph(model).starting_at([cut_value])
+    n_val = max(1, len(x_train) // 6)  # rendered crops kept out of training, for choosing the best epoch
+    train_idx, val_idx = np.arange(len(x_train) - n_val), np.arange(len(x_train) - n_val, len(x_train))
+    f_t, p_t = torch.from_numpy(feats), torch.from_numpy(teacher)
+
+    def params_for(ws: dict[str, np.ndarray], book: bool = False) -> list:
+        out = []
+        for k in suffix:
+            w = ws[k]
+            if book:
+                cb = codebook.fit_kmeans(w, 16, None)
+                out.append(distill_train.ConstrainedParam(k, w, "codebook", cb.centroids[0], cb.indices.reshape(-1)))
+            else:
+                out.append(distill_train.ConstrainedParam(k, w, "masked" if (w == 0).any() else "free", w.reshape(-1).copy(), None))
+        out += [distill_train.ConstrainedParam(k, ws[k], "free", ws[k].reshape(-1).copy(), None) for k in biases]
+        return out
+
+    def outputs(params: list, f: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            ws = {p.name: p.weight() for p in params}
+            return torch.cat([graph({cut_value: torch.from_numpy(f[i : i + 512])}, ws)[0] for i in range(0, len(f), 512)])
+
+    def fit(params: list, epochs: int, lr: float) -> int:
+        """Train ``params`` up to ``epochs`` epochs; keep the best epoch; return epochs run."""
+        if epochs <= 0:
+            return 0
+        ran = 0
+        opt = torch.optim.Adam([p.theta for p in params], lr=lr)
+        steps = epochs * -(-len(train_idx) // args.batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+        rng = np.random.default_rng(0)
+        val_ref = teacher[val_idx].argmax(1)
+        best = (float((outputs(params, feats[val_idx]).argmax(1).numpy() == val_ref).mean()),
+                [p.theta.detach().clone() for p in params])
+        for _ in range(epochs):
+            if time.perf_counter() - t_start > args.train_budget_s:  # shared machine: finish the table
+                print(f"  training budget {args.train_budget_s:.0f} s spent: no more epochs", file=sys.stderr, flush=True)
+                break
+            ran += 1
+            order = train_idx[rng.permutation(len(train_idx))]
+            for i in range(0, len(order), args.batch):
+                idx = torch.from_numpy(order[i : i + args.batch])
+                opt.zero_grad()
+                ws = {p.name: p.weight() for p in params}
+                out = graph({cut_value: f_t[idx]}, ws)[0]
+                loss = distill_train.distill_loss([out], [p_t[idx]], None, ["kl_prob"], args.tau, 1.0)
+                loss.backward()
+                for p in params:
+                    p.mask_grad()
+                opt.step()
+                sched.step()
+                for p in params:
+                    p.project()
+            agree = float((outputs(params, feats[val_idx]).argmax(1).numpy() == val_ref).mean())
+            if agree >= best[0]:
+                best = (agree, [p.theta.detach().clone() for p in params])
+        with torch.no_grad():
+            for p, state in zip(params, best[1], strict=True):
+                p.theta.copy_(state)
+        return ran
+
+    rows: list[dict] = []
+
+    def record(step: str, params: list, t0: float, **extra: object) -> dict[str, np.ndarray]:
+        ws = {p.name: p.numpy() for p in params}
+        zeros = sum(int((init[k].const_value.numpy() == 0).sum()) for k in prefix) + sum(int((ws[k] == 0).sum()) for k in suffix)
+        row = {"step": step, "sparsity": zeros / total, "seconds": time.perf_counter() - t0, **extra}
+        for name, f in feats_held.items():
+            row[f"agree_{name}"] = float((outputs(params, f).argmax(1).numpy() == ref[name]).mean())
+        rows.append(row)
+        print(f"  {row}", file=sys.stderr, flush=True)
+        return ws
+
+    t0 = time.perf_counter()
+    ws = {**{k: w0[k] for k in suffix}, **{k: init[k].const_value.numpy().copy() for k in biases}}
+    params = params_for(ws)
+    record(f"prefix ({len(prefix)} layers, {sum(w0[k].size for k in prefix)} weights) 16 clusters/{args.prefix_codebooks}", params, t0)
+    caps = {k: (0.0 if k == suffix[-1] else args.depthwise_cap if k in depthwise else args.layer_cap) for k in suffix}
+    suffix_size = sum(w0[k].size for k in suffix)
+    for step_sparsity in [float(v) for v in args.schedule.split(",")]:
+        t0 = time.perf_counter()
+        current = {p.name: p.numpy() for p in params}
+        goal = min(step_sparsity * total / suffix_size, 0.999)
+        if args.allocation == "uniform":  # one fraction for every layer, capped; bisection on it
+            lo, hi = 0.0, 1.0
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if sum(min(caps[k], mid) * w0[k].size for k in suffix) < goal * suffix_size else (lo, mid)
+            plan = {k: min(caps[k], hi) for k in suffix}
+        else:
+            plan = sparsity_plan.allocate({k: w0[k] for k in suffix}, goal, caps)
+        for k in suffix:  # the masks only grow: earlier zeros are the smallest values
+            current[k] = sparsity_plan.prune_smallest(current[k], max(plan[k], float((current[k] == 0).mean())))
+        params = params_for(current)
+        ran = fit(params, args.epochs_per_step, args.lr)
+        record(f"prune {step_sparsity:.0%} + distill {ran} ep", params, t0)
+    t0 = time.perf_counter()
+    params = params_for({p.name: p.numpy() for p in params}, book=True)
+    record("cluster 16/tensor (zero kept), before fine-tuning", params, t0)
+    t0 = time.perf_counter()
+    ran = fit(params, args.cluster_epochs, args.lr / 3)
+    final = record(f"centroid fine-tuning {ran} ep", params, t0)
+    for k, w in final.items():
+        init[k].const_value = ir.tensor(w.astype(np.float32), name=k)
+    pack = {"clusters": 16, "pack": True, "min_elements": 0}
+    pre = "^(" + "|".join(prefix) + ")$"  # per-channel k-means of <= 16 values per channel is exact
+    steps = [Step("cluster", {**pack, "per_channel": args.prefix_codebooks == "channel", "size_aware": False, "include": pre}),
+             Step("cluster", {**pack, "exclude": pre})]
+    packed = pipeline.run(model, recipes.build(steps, PassContext(quiet=True))).model
+    variants = {"pack 4-bit (onnxruntime)": packed}
+    if args.fp16_biases:
+        half = ir.from_proto(ir.to_proto(packed))
+        biases_to_fp16(half)
+        variants["pack 4-bit + float16 biases (onnxruntime)"] = half
+    for label, m in variants.items():
+        raw = ir.to_proto(m).SerializeToString()
+        row = {"step": label, "sparsity": rows[-1]["sparsity"], "file_bytes": len(raw), "zip_bytes": _zip(raw),
+               "zip_ratio": zip0 / _zip(raw), "bytes": byte_split(m)}
+        for name, x in held.items():
+            row[f"agree_{name}"] = float((run_ort(m, x).argmax(1) == ref[name]).mean())
+            row[f"samples_{name}"] = len(x)
+        rows.append(row)
+        print(f"  {row}", file=sys.stderr, flush=True)
+        if args.save:
+            pathlib.Path(args.save).with_suffix(".fp16b.onnx" if "float16" in label else ".onnx").write_bytes(raw)
+    rows.append({"step": "total", "seconds": time.perf_counter() - t_start, "fp32_zip_bytes": zip0,
+                 "crops": args.crops, "epochs_per_step": args.epochs_per_step})
+    return rows
+
+
 def part_sweep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float]) -> list[dict]:
     """Magnitude pruning alone (no training) on a PP-OCR model: agreement with FP32 vs sparsity."""
     from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
@@ -412,7 +652,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep"])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep", "gradual"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
@@ -423,6 +663,24 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.8", help="--part deep: comma-separated pruning fractions")
     parser.add_argument("--max-layer-sparsity", type=float, default=1.0, help="--part deep: prune's per-tensor cap")
     parser.add_argument("--distill", default="", help="--part deep: distill options k=v,... (defaults otherwise)")
+    parser.add_argument("--crops", type=int, default=2400, help="--part gradual: rendered training crops")
+    parser.add_argument("--crop-seed", type=int, default=1000, help="--part gradual: render seed (held-out set: 11)")
+    parser.add_argument("--cut", default="conv6_expand", help="--part gradual: first trained layer (weight name prefix)")
+    parser.add_argument("--schedule", default="0.5,0.7,0.8,0.8", help="--part gradual: overall sparsity after each step")
+    parser.add_argument("--epochs-per-step", type=int, default=1)
+    parser.add_argument("--cluster-epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--tau", type=float, default=2.0)
+    parser.add_argument("--layer-cap", type=float, default=0.95, help="--part gradual: most any layer loses")
+    parser.add_argument("--depthwise-cap", type=float, default=0.7, help="--part gradual: most a depthwise layer loses")
+    parser.add_argument("--train-budget-s", type=float, default=780.0,
+                        help="--part gradual: no new epoch after this many seconds (the steps still run)")
+    parser.add_argument("--allocation", choices=["std", "uniform"], default="uniform",
+                        help="--part gradual: per-layer fractions from one |w|/std threshold, or one fraction for all")
+    parser.add_argument("--prefix-codebooks", choices=["tensor", "channel"], default="tensor",
+                        help="--part gradual: codebooks of the untrained layers before --cut")
+    parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")
+    parser.add_argument("--save", default=None, help="--part gradual: write the packed model(s) here")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     names = ["digits_cnn", "digits_mlp"]
@@ -471,6 +729,15 @@ def main() -> None:
         print(_table(rows, ["model", "sparsity", "step", "file_bytes", "zip_bytes", "zip_ratio", "agreement",
                             "cosine", "samples", "per_channel_layers", "per_tensor_layers", "calib_before",
                             "calib_after", "epochs", "seconds"]))
+    if args.part == "gradual":
+        rows = part_gradual(pathlib.Path(args.feeds), args)
+        result["gradual"] = rows
+        print("\n## Gradual pruning + clustering + distillation, PP-OCR cls (agreement: top-1 vs FP32 on held-out crops)\n")
+        print(_table(rows[:-1], ["step", "sparsity", "agree_rendered", "agree_shared", "zip_bytes", "zip_ratio", "seconds"]))
+        for row in rows[:-1]:
+            if "bytes" in row:
+                print(f"\n{row['step']}: zipped parts {row['bytes']}")
+        print(f"\n{rows[-1]}")
     if args.part == "sweep":
         rows = part_sweep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")])
         result["sweep"] = rows

@@ -14,6 +14,7 @@ Importing this module imports torch (the ``distill`` extra); the core never impo
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -61,6 +62,43 @@ class TorchGraph:
             ins = [v.name if v is not None else None for v in node.inputs]
             outs = [v.name for v in node.outputs]
             self._steps.append((fn, ins, outs, node))
+
+    def starting_at(self, names: Sequence[str]) -> TorchGraph:
+        """An evaluator of the rest of the graph, fed the intermediate values ``names``.
+
+        The nodes that only serve to compute ``names`` (their producers and all their
+        ancestors) are left out, so a caller that caches those values once (onnxruntime on a
+        frozen prefix) trains the suffix without re-running the prefix forward and backward.
+        The returned graph's ``input_names`` are ``names``.
+
+        Raises:
+            ValueError: a name no node produces, or a remaining node that needs another value of
+                the left-out part (the cut does not separate the graph).
+
+        """
+        producer = {out: i for i, (_, _, outs, _) in enumerate(self._steps) for out in outs}
+        missing = [n for n in names if n not in producer]
+        if missing:
+            raise ValueError(f"distill: no node produces {missing[0]!r}: cannot start the graph there")
+        dropped: set[int] = set()
+        todo = list(names)
+        while todo:
+            index = producer.get(todo.pop())
+            if index is None or index in dropped:
+                continue
+            dropped.add(index)
+            todo.extend(n for n in self._steps[index][1] if n)
+        lost = {out for i in dropped for out in self._steps[i][2]} - set(names)
+        for i, (_, ins, _, node) in enumerate(self._steps):
+            if i not in dropped and lost.intersection(ins):
+                needed = sorted(lost.intersection(ins))[0]
+                raise ValueError(
+                    f"distill: {node.op_type} node {node.name!r} needs {needed!r}, computed before the cut {list(names)}"
+                )
+        part = copy.copy(self)
+        part._steps = [step for i, step in enumerate(self._steps) if i not in dropped]
+        part.input_names = list(names)
+        return part
 
     def __call__(
         self,

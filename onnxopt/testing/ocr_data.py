@@ -425,6 +425,56 @@ def make_eval_images(out_dir: Path, n: int = 12, seed: int = 0) -> Path:
     return gt_file
 
 
+def render_cls_crops(n: int, seed: int = 0, rotate_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unlabeled training inputs for the PP-OCR direction classifier: rendered text lines.
+
+    Each crop is one random line (``_random_line``, the held-out renderer's vocabulary but its
+    own random stream: pass a ``seed`` other than the held-out set's) in a random DejaVu font
+    and size, ink and tinted background, cut to the text box plus a random margin (as det's
+    boxes are), with Gaussian noise and blur; a share ``rotate_share`` is turned 180 degrees
+    (the classifier decides 0 vs 180). Each crop goes through rapidocr's own cls
+    pre-processing (``TextClassifier.resize_norm_img``: BGR, height 48, width <= 192, scaled
+    to [-1, 1], zero padded on the right). Returns ``(inputs [n, 3, 48, 192] float32,
+    rotated [n] bool)``; ``rotated`` is how the crop was rendered, not a label the model must
+    give (distillation uses the teacher's outputs). Deterministic for a seed and font set.
+    """
+    import types
+
+    from PIL import Image, ImageDraw, ImageFilter
+    from rapidocr_onnxruntime.ch_ppocr_cls.text_cls import TextClassifier
+
+    prep = types.SimpleNamespace(cls_image_shape=[3, 48, 192])
+    fonts = _font_files()
+    rng = random.Random(seed)
+    noise_rng = np.random.default_rng(seed)
+    out = np.zeros((n, 3, 48, 192), dtype=np.float32)
+    rotated = np.zeros(n, dtype=bool)
+    scratch = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    for i in range(n):
+        text = _random_line(rng)
+        if rng.random() < 0.5:  # shorter pieces too: det often cuts a line into words
+            words = text.split()
+            start = rng.randrange(len(words))
+            text = " ".join(words[start : start + rng.randint(1, 3)])
+        font = _load_font(fonts, rng, rng.randint(14, 40))
+        x0, y0, x1, y1 = scratch.textbbox((0, 0), text, font=font)
+        mx, my = rng.randint(0, 12), rng.randint(0, 8)
+        background = tuple(rng.randint(170, 255) for _ in range(3))
+        ink = tuple(rng.randint(0, 90) for _ in range(3))
+        image = Image.new("RGB", (x1 - x0 + 2 * mx, y1 - y0 + 2 * my), background)
+        ImageDraw.Draw(image).text((mx - x0, my - y0), text, font=font, fill=ink)
+        pixels = np.asarray(image, dtype=np.float32)
+        pixels += noise_rng.normal(0.0, rng.uniform(0.0, 10.0), pixels.shape)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0)))
+        if rng.random() < rotate_share:
+            image = image.transpose(Image.Transpose.ROTATE_180)
+            rotated[i] = True
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])  # rapidocr reads images with cv2
+        out[i] = TextClassifier.resize_norm_img(prep, bgr)
+    return out, rotated
+
+
 # --------------------------------------------------------------------------------------------
 # end-to-end quality
 

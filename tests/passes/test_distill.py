@@ -93,6 +93,33 @@ def test_torch_graph_matches_onnxruntime_on_bundled_models(name):
     np.testing.assert_allclose(_torch(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_graph_started_at_an_intermediate_value_gives_the_full_outputs():
+    model = load_model("digits_cnn.onnx")
+    feeds = {"input": torch.from_numpy(np.load(model_path("digits_cnn_eval.npz"))["input"][:16])}
+    full = TorchGraph(model)
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    cut = convs[-1].inputs[0].name  # the input of the last convolution
+    with torch.no_grad():
+        expected, middle = full(feeds, extra=[cut])
+        part = full.starting_at([cut])
+        got = part({cut: middle})[0]
+    assert part.input_names == [cut]
+    assert len(part._steps) < len(full._steps)
+    # the same torch ops on the same values in the same order: bit-identical, no tolerance
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="no node produces 'nowhere'"):
+        full.starting_at(["nowhere"])
+
+
+def test_graph_start_that_does_not_separate_the_graph_is_refused(rng):
+    mk = onnx.helper.make_node
+    nodes = [mk("Relu", ["x"], ["a"]), mk("Neg", ["a"], ["b"]), mk("Add", ["a", "b"], ["y"])]
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, {}, [info("x", onnx.TensorProto.FLOAT, [2, 3])], [info("y", onnx.TensorProto.FLOAT, [2, 3])])
+    with pytest.raises(ValueError, match="Add node .* needs 'a', computed before the cut"):
+        TorchGraph(model).starting_at(["b"])
+
+
 def test_torch_graph_matches_onnxruntime_on_more_ops(rng):
     mk = onnx.helper.make_node
     nodes = [

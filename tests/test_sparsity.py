@@ -1,0 +1,67 @@
+"""Per-layer sparsity allocation for gradual pruning (onnxopt.compress.sparsity)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxopt.compress import sparsity
+
+
+def _weights(rng):
+    return {
+        "big": rng.normal(0, 1.0, (64, 32)),
+        "tiny_scale": rng.normal(0, 1e-3, (16, 8)),  # raw magnitude would empty this one first
+        "depthwise": rng.normal(0, 0.5, (16, 1, 3, 3)),
+    }
+
+
+def test_target_is_reached_and_scales_do_not_empty_a_layer(rng):
+    w = _weights(rng)
+    alloc = sparsity.allocate(w, 0.8)
+    total = sum(v.size for v in w.values())
+    dropped = sum(round(alloc[n] * w[n].size) for n in w)
+    # counts are integers per tensor; the bisection stops at the first threshold reaching the
+    # target, so it may overshoot by the ties at that threshold (none with continuous values)
+    assert dropped == round(0.8 * total)
+    # same distribution shape: with std-relative scores each layer loses about the target share
+    # (bound: a binomial-ish spread of the 128-element layer, well inside 0.15)
+    assert abs(alloc["tiny_scale"] - 0.8) < 0.15
+
+
+def test_caps_are_respected_and_the_rest_takes_up_the_slack(rng):
+    w = _weights(rng)
+    alloc = sparsity.allocate(w, 0.7, {"depthwise": 0.3, "tiny_scale": 0.0})
+    assert alloc["tiny_scale"] == 0.0
+    assert alloc["depthwise"] <= 0.3
+    total = sum(v.size for v in w.values())
+    assert sum(round(alloc[n] * w[n].size) for n in w) == round(0.7 * total)
+    assert alloc["big"] > 0.7
+
+
+def test_unreachable_target_leaves_every_layer_at_its_cap(rng):
+    w = _weights(rng)
+    alloc = sparsity.allocate(w, 0.9, dict.fromkeys(w, 0.5))
+    assert all(abs(a - 0.5) <= 1 / w[n].size for n, a in alloc.items())
+
+
+def test_prune_smallest_keeps_earlier_zeros_and_exact_count(rng):
+    w = rng.normal(size=(10, 10))
+    first = sparsity.prune_smallest(w, 0.3)
+    assert (first == 0).sum() == 30
+    second = sparsity.prune_smallest(first, 0.6)
+    assert (second == 0).sum() == 60
+    assert np.all(second[first == 0] == 0)  # masks only grow
+    kept = second != 0
+    assert np.array_equal(second[kept], w[kept])  # survivors untouched
+    assert np.abs(w[~kept]).max() <= np.abs(w[kept]).min()
+    assert (w != 0).all()  # input not modified
+
+
+@pytest.mark.parametrize(("target", "caps", "message"), [
+    (1.0, None, r"target sparsity must be in \[0, 1\)"),
+    (0.5, {"big": 1.5}, r"cap of 'big' must be in \[0, 1\]"),
+])
+def test_bad_arguments(rng, target, caps, message):
+    with pytest.raises(ValueError, match=message):
+        sparsity.allocate(_weights(rng), target, caps)
