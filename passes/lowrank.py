@@ -283,7 +283,9 @@ class LowRankPass(OptPass[LowRankConfig]):
         Each trial allocates ranks for a target fraction of the candidate layers' cost (the
         cheapest output error per removed parameter first, as ``global`` mode), splits a clone
         and runs it in onnxruntime on the check feeds. Nothing split (target 0) always meets
-        the budget, so the bisection keeps the best trial that met it.
+        the budget, so the bisection keeps the best trial that met it. Layers whose first paying
+        split is a large step (:func:`_chunky`: an embedding table) make the allocation jump, so
+        the search runs a second time with them left whole and keeps whichever removes more.
         """
         ctx, cfg = self.context, self.config
         budget = sensitivity.Budget.from_bounds(
@@ -298,10 +300,40 @@ class LowRankPass(OptPass[LowRankConfig]):
         budgets, what = self._layer_budgets(plans, report)
         if cfg.sensitivity and budget.metric is None:
             budgets = self._weigh(model, plans, budgets, reference, feeds, budget, report)
+        variants = [("", budgets)]
+        chunky = _chunky(budgets)
+        if chunky and len(chunky) < sum(b.max_rank >= 1 for b in budgets):  # the allocation jumps past them: also search with them left whole
+            labels = ", ".join(plans[i][0].label for i in chunky)
+            whole = [dataclasses.replace(b, max_rank=0) if i in chunky else b for i, b in enumerate(budgets)]
+            variants.append((f" (without {labels})", whole))
+        seen: dict[tuple, sensitivity.Measurement] = {}
+        results = [self._bisect(model, plans, layers, feeds, reference, budget, seen, report, what, tag)
+                   for tag, layers in variants]
+        best, best_removed, best_m, tag = max(results, key=lambda r: r[1])
+        met = best_m.cosine if best_m is not None else 1.0
+        report.count("budget_met")
+        if len(variants) > 1:
+            report.note(f"budget search: {'kept' if tag else 'split'} "
+                        f"{', '.join(plans[i][0].label for i in chunky)} "
+                        "(searched with and without: the first split that pays removes over "
+                        f"{_CHUNK:.0%} of the candidate {what} at once)")
+        report.note(
+            f"budget {budget.describe()}: kept ranks removing {best_removed:.1%} of the candidate "
+            f"{what} (measured cosine {met:.6f} on {len(feeds)} feeds); splits pay only where "
+            "r < K*N/(K+N), the rest stay whole"
+        )
+        return best
+
+    def _bisect(
+        self, model: ir.Model, plans: list, budgets: list[lm.LayerBudget], feeds: list, reference: list,
+        budget: sensitivity.Budget, seen: dict, report: PassReport, what: str, tag: str,
+    ) -> tuple[list[int | None], float, sensitivity.Measurement | None, str]:
+        """Bisection over the global target: (ranks, fraction removed, measurement, ``tag``)."""
+        ctx, cfg = self.context, self.config
         _ranks, most = lm.allocate_ranks(budgets, 1.0 - 1e-9)  # the most that can be removed
         lo, hi = 0.0, most
-        best, best_removed, best_m = nothing, 0.0, None
-        seen: dict[tuple, sensitivity.Measurement] = {}
+        best: list[int | None] = [None] * len(plans)
+        best_removed, best_m = 0.0, None
         steps = tqdm.trange(cfg.search_steps, desc="lowrank budget", unit="trial",
                             disable=ctx.quiet, leave=False)
         for step in steps:
@@ -314,23 +346,17 @@ class LowRankPass(OptPass[LowRankConfig]):
                 trial = self._trial(model, plans, ranks, compensate=True)
                 seen[key] = sensitivity.measure(reference, sensitivity.run_outputs(trial, feeds), budget)
             m = seen[key]
-            report.note(f"budget search: removing {removed:.1%} of the candidate {what}: "
+            report.note(f"budget search{tag}: removing {removed:.1%} of the candidate {what}: "
                         f"cosine {m.cosine:.6f}, max abs {m.max_abs:.4g} ({'fits' if m.ok else 'over'})")
             if m.ok:
-                best, best_removed, best_m = ranks, removed, m
+                if removed > best_removed:
+                    best, best_removed, best_m = ranks, removed, m
                 lo = target
                 if step == 0:
                     break
             else:
                 hi = target
-        met = best_m.cosine if best_m is not None else 1.0
-        report.count("budget_met")
-        report.note(
-            f"budget {budget.describe()}: kept ranks removing {best_removed:.1%} of the candidate "
-            f"{what} (measured cosine {met:.6f} on {len(feeds)} feeds); splits pay only where "
-            "r < K*N/(K+N), the rest stay whole"
-        )
-        return best
+        return best, best_removed, best_m, tag
 
     def _weigh(
         self, model: ir.Model, plans: list, budgets: list[lm.LayerBudget], reference: list,
@@ -479,6 +505,23 @@ class LowRankPass(OptPass[LowRankConfig]):
             alone_rank_cosine=cand.alone,
         )
         logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
+
+
+_CHUNK = 0.02  # a layer whose smallest paying split removes more than this share is "chunky"
+
+
+def _chunky(budgets: list[lm.LayerBudget]) -> list[int]:
+    """Layers whose first paying split (at ``max_rank``) removes over ``_CHUNK`` of the total cost.
+
+    The Lagrangian allocation can only take such a layer in one large step (an embedding table
+    of a small encoder is half its parameters), so every target between "without it" and
+    "with it" lands on "with it"; the budget search therefore also tries them left whole.
+    """
+    total = sum(b.k * b.n * b.weight for b in budgets)
+    if total <= 0:
+        return []
+    return [i for i, b in enumerate(budgets)
+            if b.max_rank >= 1 and (b.k * b.n - b.max_rank * (b.k + b.n)) * b.weight / total > _CHUNK]
 
 
 def _cross_statistics(
