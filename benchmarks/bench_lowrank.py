@@ -329,6 +329,68 @@ def minilm(workdir: pathlib.Path, budgets: list[float], rounds: int, threads: in
     return rows
 
 
+def frontier(workdir: pathlib.Path, calib: str, specs: list[str], model_file: str = "minilm.onnx") -> list[dict]:
+    """Cosine vs file size at fixed ``global`` targets (no budget), one context (statistics once).
+
+    Each spec is lowrank options, e.g. ``target=0.08,damping=0.1`` or
+    ``op_types=[MatMul,Gather],target=0.04,damping=0.1``; rank_mode is ``global``.
+    """
+    import onnxopt
+    from onnxopt.config import from_dict
+    from onnxopt.context import PassContext
+
+    src = workdir / model_file
+    simp = workdir / f"simplified_{model_file}"
+    if not simp.exists():
+        onnxopt.optimize(src, simp, recipe="simplify", quiet=True)
+    base = io.load_model(simp)
+    sig = data.input_signature(base)
+    held = [dict(f) for f in data.load_data(workdir / "eval.npz", sig)]
+    with runtime.session(base) as handle:
+        ref = runtime.run_all(handle, held)
+    context = PassContext(calibration=data.load_data(workdir / calib, sig), quiet=True)
+    rows = []
+    for spec in specs:
+        options = {"rank_mode": "global"}
+        for item in _split_options(spec):
+            key, value = item.split("=", 1)
+            options[key] = value
+        cfg = from_dict(LowRankConfig, options)
+        model = io.load_model(simp)
+        report = LowRankPass(cfg, context)(model)
+        out = workdir / "frontier.onnx"
+        io.save_model(model, out)
+        with runtime.session(io.load_model(out)) as handle:
+            got = runtime.run_all(handle, held)
+        cos = []
+        for feed, r, c in zip(held, ref, got, strict=True):
+            a = _pooled(next(iter(r.values())), feed["attention_mask"]).ravel()
+            b = _pooled(next(iter(c.values())), feed["attention_mask"]).ravel()
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        word = [r["rank"] for r in report.records if "word_embeddings" in r["item"]]
+        row = {"spec": spec, "layers_split": report.counts.get("split", 0), "emb_cos_mean": float(np.mean(cos)),
+               "emb_cos_min": float(np.min(cos)), "size_ratio": out.stat().st_size / src.stat().st_size,
+               "word_embedding_rank": word[0] if word else None}
+        rows.append(row)
+        print(f"{spec:<55} split {row['layers_split']:>2}  emb cos {row['emb_cos_mean']:.4f} / "
+              f"{row['emb_cos_min']:.4f}  size {row['size_ratio']:.3f}x  word embedding rank {row['word_embedding_rank']}",
+              flush=True)
+    return rows
+
+
+def _split_options(spec: str) -> list[str]:
+    """``a=1,op_types=[X,Y],b=2`` -> ``["a=1", "op_types=[X,Y]", "b=2"]`` (commas inside [] kept)."""
+    items, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*items, cur] if cur else items
+
+
 def curves(workdir: pathlib.Path, calibs: list[str], dampings: list[float],
            model_file: str = "minilm.onnx") -> list[dict]:
     """Per layer: relative output error on the held-out sentences vs rank, plain vs aware SVD.
@@ -415,7 +477,10 @@ def curves(workdir: pathlib.Path, calibs: list[str], dampings: list[float],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "accuracy", "latency", "ocr", "minilm", "curves"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "latency", "ocr", "minilm", "curves", "frontier"],
+                        default="all")
+    parser.add_argument("--specs", nargs="+", default=["target=0.04,damping=0.1", "target=0.08,damping=0.1"],
+                        help="frontier: lowrank options per point (rank_mode=global)")
     parser.add_argument("--calib", nargs="+", default=["calib.npz"],
                         help="minilm/curves: calibration file(s) in --minilm-dir (minilm: the first)")
     parser.add_argument("--options", default="", help="minilm: extra lowrank options, e.g. damping=0.1")
@@ -472,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "minilm":
         results["minilm"] = minilm(args.minilm_dir, args.budgets, args.rounds, args.threads, args.min_saving,
                                    args.calib[0], args.options, not args.no_fixed, args.model_file)
+    if args.part == "frontier":
+        results["frontier"] = frontier(args.minilm_dir, args.calib[0], args.specs, args.model_file)
     if args.part == "curves":
         results["curves"] = curves(args.minilm_dir, args.calib, args.dampings, args.model_file)
     if args.json:
