@@ -116,6 +116,9 @@ class LowRankPass(OptPass[LowRankConfig]):
         K, N, r, parameter and FLOP reduction, weight error and (with calibration data) the
         relative output error on that data; at full rank the layer is reproduced up to fp32
         rounding, and a weight of rank <= r is split exactly (tolerance "reassociate_fp32").
+        With ``compensate`` every split layer is the exact rank-r least-squares fit (plus the
+        damping ridge) of the original layer output from the input it sees in the split model,
+        on the calibration data.
     Not exact: a truncated split changes outputs by the reported ``output_rel_error``
         (relative L2 of the layer output without its bias, on calibration data).
     """
