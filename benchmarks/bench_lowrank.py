@@ -261,12 +261,18 @@ def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def minilm(workdir: pathlib.Path, budgets: list[float], rounds: int, threads: int,
-           min_saving: float | None) -> list[dict]:
-    """lowrank (budget) and lowrank-fixed on all-MiniLM-L6-v2; see the module docstring."""
+           min_saving: float | None, calib: str = "calib.npz", options: str = "", fixed: bool = True,
+           model_file: str = "minilm.onnx") -> list[dict]:
+    """lowrank (budget) and lowrank-fixed on all-MiniLM-L6-v2; see the module docstring.
+
+    ``options``: extra lowrank pass options (``damping=0.1,compensate=true``) on top of the
+    recipe's; ``calib``: the calibration file in ``workdir`` (``calib_corpus.npz`` from
+    ``corpus_calib.py``); ``fixed``: also run ``lowrank-fixed``.
+    """
     import onnxopt
     from onnxopt.runtime import latency as lat
 
-    src = workdir / "minilm.onnx"
+    src = workdir / model_file
     fp32 = io.load_model(src)
     sig = data.input_signature(fp32)
     held = [dict(f) for f in data.load_data(workdir / "eval.npz", sig)]
@@ -277,15 +283,19 @@ def minilm(workdir: pathlib.Path, budgets: list[float], rounds: int, threads: in
     long = {k: np.tile(v, (1, 128 // seq + 1))[:, :128] for k, v in first.items()}
     rows = []
     settings = [(f"lowrank --min-cosine {b}", "lowrank", b) for b in budgets]
-    settings.append(("lowrank-fixed (50%)", "lowrank-fixed", None))
+    if fixed:
+        settings.append(("lowrank-fixed (50%)", "lowrank-fixed", None))
     for label, recipe, budget in settings:
         out = workdir / f"{recipe}_{budget}.onnx"
         passes = ()
-        if min_saving is not None and recipe == "lowrank":  # same recipe, stricter pay-off rule
-            recipe, passes = "simplify", (f"lowrank:rank_mode=budget,min_saving={min_saving}",)
-            label += f" min_saving={min_saving}"
+        extra = [f"min_saving={min_saving}"] if min_saving is not None else []
+        extra += [o for o in options.split(",") if o]
+        if extra and recipe == "lowrank":  # the recipe's lowrank step with these options on top
+            recipe = "simplify"
+            passes = ("lowrank:rank_mode=budget,op_types=[MatMul,Gemm,Conv,Gather]," + ",".join(extra),)
+            label += " " + ",".join(extra)
         t0 = time.perf_counter()
-        result = onnxopt.optimize(src, out, recipe=recipe, passes=passes, calibration=workdir / "calib.npz",
+        result = onnxopt.optimize(src, out, recipe=recipe, passes=passes, calibration=workdir / calib,
                                   evaluation=workdir / "eval.npz", min_cosine=budget, quiet=True)
         seconds = time.perf_counter() - t0
         cand = io.load_model(out)
@@ -310,16 +320,173 @@ def minilm(workdir: pathlib.Path, budgets: list[float], rounds: int, threads: in
             _ms, ratio = lat.paired_ratio(src, out, feed, rounds, threads=threads)
             row[f"latency_ratio_{name}"] = ratio
         rows.append(row)
+        row["calib"] = calib
+        row["word_embedding"] = next((v for k, v in row["ranks"].items() if "word_embeddings" in k), None)
         print(f"{label:<40} split {row['layers_split']:>2}  emb cos mean {row['emb_cos_mean']:.4f} "
               f"min {row['emb_cos_min']:.4f}  token cos {token_cos:.4f}  size {row['size_ratio']:.3f}x  "
               f"latency {row['latency_ratio_sentence']:.3f}x / {row['latency_ratio_128 tokens']:.3f}x  "
-              f"({seconds:.0f} s)", flush=True)
+              f"({seconds:.0f} s)  word embedding split: {row['word_embedding']}", flush=True)
+    return rows
+
+
+def frontier(workdir: pathlib.Path, calib: str, specs: list[str], model_file: str = "minilm.onnx") -> list[dict]:
+    """Cosine vs file size at fixed ``global`` targets (no budget), one context (statistics once).
+
+    Each spec is lowrank options, e.g. ``target=0.08,damping=0.1`` or
+    ``op_types=[MatMul,Gather],target=0.04,damping=0.1``; rank_mode is ``global``.
+    """
+    import onnxopt
+    from onnxopt.config import from_dict
+    from onnxopt.context import PassContext
+
+    src = workdir / model_file
+    simp = workdir / f"simplified_{model_file}"
+    if not simp.exists():
+        onnxopt.optimize(src, simp, recipe="simplify", quiet=True)
+    base = io.load_model(simp)
+    sig = data.input_signature(base)
+    held = [dict(f) for f in data.load_data(workdir / "eval.npz", sig)]
+    with runtime.session(base) as handle:
+        ref = runtime.run_all(handle, held)
+    context = PassContext(calibration=data.load_data(workdir / calib, sig), quiet=True)
+    rows = []
+    for spec in specs:
+        options = {"rank_mode": "global"}
+        for item in _split_options(spec):
+            key, value = item.split("=", 1)
+            options[key] = value
+        cfg = from_dict(LowRankConfig, options)
+        model = io.load_model(simp)
+        report = LowRankPass(cfg, context)(model)
+        out = workdir / "frontier.onnx"
+        io.save_model(model, out)
+        with runtime.session(io.load_model(out)) as handle:
+            got = runtime.run_all(handle, held)
+        cos = []
+        for feed, r, c in zip(held, ref, got, strict=True):
+            a = _pooled(next(iter(r.values())), feed["attention_mask"]).ravel()
+            b = _pooled(next(iter(c.values())), feed["attention_mask"]).ravel()
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        word = [r["rank"] for r in report.records if "word_embeddings" in r["item"]]
+        row = {"spec": spec, "layers_split": report.counts.get("split", 0), "emb_cos_mean": float(np.mean(cos)),
+               "emb_cos_min": float(np.min(cos)), "size_ratio": out.stat().st_size / src.stat().st_size,
+               "word_embedding_rank": word[0] if word else None}
+        rows.append(row)
+        print(f"{spec:<55} split {row['layers_split']:>2}  emb cos {row['emb_cos_mean']:.4f} / "
+              f"{row['emb_cos_min']:.4f}  size {row['size_ratio']:.3f}x  word embedding rank {row['word_embedding_rank']}",
+              flush=True)
+    return rows
+
+
+def _split_options(spec: str) -> list[str]:
+    """``a=1,op_types=[X,Y],b=2`` -> ``["a=1", "op_types=[X,Y]", "b=2"]`` (commas inside [] kept)."""
+    items, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*items, cur] if cur else items
+
+
+def curves(workdir: pathlib.Path, calibs: list[str], dampings: list[float],
+           model_file: str = "minilm.onnx") -> list[dict]:
+    """Per layer: relative output error on the held-out sentences vs rank, plain vs aware SVD.
+
+    Every MatMul of the simplified model with a constant weight; the error at rank r is
+    ``||X_eval (W - U_r V_r)|| / ||X_eval W||`` with ``X_eval`` the layer's input on ``eval.npz``
+    (computed exactly from its second moment), ``U_r V_r`` fitted on each calibration file.
+    Ranks are fractions of the pay-off rank ``K*N/(K+N)``. The word-embedding table is reported
+    as the plain SVD error weighted by how often each token occurs in the held-out sentences.
+    """
+    import onnxopt
+    from onnxopt.compress import lowrank_graph as lg
+    from onnxopt.compress import lowrank_math as lm
+
+    simp = workdir / f"simplified_{model_file}"
+    if not simp.exists():
+        onnxopt.optimize(workdir / model_file, simp, recipe="simplify", quiet=True)
+    model = io.load_model(simp)
+    sig = data.input_signature(model)
+    cands = []
+    for node in model.graph:
+        if node.op_type in ("MatMul", "Gather"):
+            found = lg.find_candidate(node, min_elements=4096, spatial=False, pass_name="lowrank")
+            if not isinstance(found, str):
+                cands.append(found)
+    names = sorted({c.activation.name for c in cands if c.activation is not None})
+
+    def grams(path: pathlib.Path) -> tuple[dict, np.ndarray]:
+        feeds = [dict(f) for f in data.load_data(path, sig)]
+        out: dict = {}
+        ids = []
+        for cap in runtime.capture(model, feeds, [*names, "input_ids"]):
+            for n in names:
+                x = cap[n].reshape(-1, cap[n].shape[-1]).astype(np.float64)
+                out[n] = out[n] + x.T @ x if n in out else x.T @ x
+            ids.append(np.asarray(cap["input_ids"]).ravel())
+        return out, np.concatenate(ids)
+
+    held, held_ids = grams(workdir / "eval.npz")
+    fits = {c: grams(workdir / c)[0] for c in calibs}
+    fractions = (0.25, 0.5, 0.75, 0.9)
+    rows = []
+    for cand in cands:
+        w = cand.matrix
+        k, n = w.shape
+        pay = k * n / (k + n)
+        ranks = [max(1, int(f * pay)) for f in fractions]
+        row = {"layer": cand.label, "K": k, "N": n, "ranks": ranks, "errors": {}}
+        if cand.kind == "gather":
+            if cand.node.inputs[1].name != "input_ids":
+                continue
+            p, sv, qt = np.linalg.svd(w, full_matrices=False)
+            weight = np.bincount(held_ids, minlength=w.shape[0]).astype(np.float64)
+            errs = []
+            for r in ranks:
+                e = w - (p[:, :r] * sv[:r]) @ qt[:r]
+                errs.append(float(np.sqrt(np.sum(weight[:, None] * e * e) / np.sum(weight[:, None] * w * w))))
+            row["errors"]["plain (held-out token weighted)"] = errs
+            rows.append(row)
+            continue
+        g_eval = held[cand.activation.name]
+        decs = {"plain": lm.decompose(w)}
+        for calib in calibs:
+            for d in dampings:
+                decs[f"aware {calib} d={d:g}"] = lm.decompose(w, fits[calib][cand.activation.name], damping=d)
+        for label, dec in decs.items():
+            row["errors"][label] = [lm.output_rel_error(w, *dec.factors(r), g_eval) for r in ranks]
+        rows.append(row)
+    print(f"held-out relative output error at {', '.join(f'{f:.0%}' for f in fractions)} of the pay-off rank")
+    for row in rows:
+        print(f"{row['layer'][-45:]:<45} {row['K']}x{row['N']} ranks {row['ranks']}")
+        for label, errs in row["errors"].items():
+            print(f"    {label:<36} " + " ".join(f"{e:.3f}" for e in errs))
+    kinds = {}
+    for row in rows:
+        kind = row["layer"].split("/")[-2] if "layer." in row["layer"] else row["layer"]
+        for label, errs in row["errors"].items():
+            kinds.setdefault((kind, label), []).append(errs)
+    print("mean over the 6 layers of each kind:")
+    for (kind, label), errs in kinds.items():
+        print(f"    {kind[-30:]:<30} {label:<36} " + " ".join(f"{e:.3f}" for e in np.mean(errs, axis=0)))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "accuracy", "latency", "ocr", "minilm"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "latency", "ocr", "minilm", "curves", "frontier"],
+                        default="all")
+    parser.add_argument("--specs", nargs="+", default=["target=0.04,damping=0.1", "target=0.08,damping=0.1"],
+                        help="frontier: lowrank options per point (rank_mode=global)")
+    parser.add_argument("--calib", nargs="+", default=["calib.npz"],
+                        help="minilm/curves: calibration file(s) in --minilm-dir (minilm: the first)")
+    parser.add_argument("--options", default="", help="minilm: extra lowrank options, e.g. damping=0.1")
+    parser.add_argument("--no-fixed", action="store_true", help="minilm: skip the lowrank-fixed row")
+    parser.add_argument("--model-file", default="minilm.onnx", help="minilm/curves: the .onnx in --minilm-dir")
+    parser.add_argument("--dampings", nargs="+", type=float, default=[1e-4, 0.1], help="curves: aware damping values")
     parser.add_argument("--minilm-dir", type=pathlib.Path, default=pathlib.Path("/tmp/minilm"))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.99, 0.98])
     parser.add_argument("--min-saving", type=float, help="minilm: lowrank min_saving (default: the pass's)")
@@ -368,7 +535,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['latency_ms_split']:8.2f}  {row['latency_ratio']:.3f}  {row['cer']:.4f}"
             )
     if args.part == "minilm":
-        results["minilm"] = minilm(args.minilm_dir, args.budgets, args.rounds, args.threads, args.min_saving)
+        results["minilm"] = minilm(args.minilm_dir, args.budgets, args.rounds, args.threads, args.min_saving,
+                                   args.calib[0], args.options, not args.no_fixed, args.model_file)
+    if args.part == "frontier":
+        results["frontier"] = frontier(args.minilm_dir, args.calib[0], args.specs, args.model_file)
+    if args.part == "curves":
+        results["curves"] = curves(args.minilm_dir, args.calib, args.dampings, args.model_file)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -61,11 +61,13 @@ def add_recipe(recipe: Recipe) -> Recipe:
 add_recipe(Recipe("simplify", "exact clean-ups: constant folding, dead code, CSE, BatchNorm folding",
                   (Step("simplify"),)))
 add_recipe(Recipe("lowrank", "simplify, then split MatMul/Gemm/1x1 Conv weights and embedding tables by SVD (activation-aware "
-                  "with --calib) at the per-layer ranks that remove the most parameters while the outputs "
+                  "with --calib, whitened by X^T X + 0.1*mean(diag)*I so that a few calibration sentences do not "
+                  "overfit) at the per-layer ranks that remove the most parameters while the outputs "
                   "keep cosine >= 0.99 to the input model (default budget; --min-cosine / --max-error set "
                   "it), measured in onnxruntime on --eval data (else --calib, else generated feeds); a "
                   "[K,N] weight is split only where r*(K+N) < 0.9*K*N (smaller r pays, larger costs)",
-                  (Step("simplify"), Step("lowrank", {"rank_mode": "budget", "op_types": "[MatMul,Gemm,Conv,Gather]"}))))
+                  (Step("simplify"), Step("lowrank", {"rank_mode": "budget", "op_types": "[MatMul,Gemm,Conv,Gather]",
+                                                      "damping": 0.1}))))
 add_recipe(Recipe("lowrank-fixed", "simplify, then the low-rank split removing a fixed 50% of the split layers' "
                   "parameters where it costs least, whatever the accuracy (the lowrank recipe before the budget)",
                   (Step("simplify"), Step("lowrank", {"rank_mode": "global", "target": 0.5}))))

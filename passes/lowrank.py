@@ -59,6 +59,11 @@ class LowRankConfig:
     min_elements: int = option(4096, "leave weights with fewer elements alone")
     damping: float = option(1e-4, "aware: add damping * mean(diag X^T X) to the diagonal")
     refit: bool = option(False, "least-squares re-fit of V on calibration data after choosing U")
+    compensate: bool = option(
+        False, "error-compensated fit: after choosing the ranks, run the split model on the calibration "
+        "data and refit every split layer (closed form) so that its input there, X', reproduces the "
+        "original layer output X W (upstream splits' error included); one extra pair of model runs"
+    )
     spatial: bool = option(False, "also split k x k Conv into k x 1 then 1 x k (weight SVD)")
     op_types: frozenset[str] = option(
         _DEFAULT_OPS, "ops to split: MatMul, Gemm, Conv, and Gather (a [V, D] embedding table; not by default)"
@@ -111,6 +116,9 @@ class LowRankPass(OptPass[LowRankConfig]):
         K, N, r, parameter and FLOP reduction, weight error and (with calibration data) the
         relative output error on that data; at full rank the layer is reproduced up to fp32
         rounding, and a weight of rank <= r is split exactly (tolerance "reassociate_fp32").
+        With ``compensate`` every split layer is the exact rank-r least-squares fit (plus the
+        damping ridge) of the original layer output from the input it sees in the split model,
+        on the calibration data.
     Not exact: a truncated split changes outputs by the reported ``output_rel_error``
         (relative L2 of the layer output without its bias, on calibration data).
     """
@@ -152,15 +160,19 @@ class LowRankPass(OptPass[LowRankConfig]):
             ranks = self._search(model, plans, report)
         else:
             ranks = self._ranks(plans, report)
+        factors = self._factor_set(model, plans, ranks)
         taken = _names(model.graph)
-        for (cand, dec, gram, rows, _curve, limit), rank in zip(plans, ranks, strict=True):
+        for (cand, dec, gram, rows, _curve, limit), rank, fac in zip(plans, ranks, factors, strict=True):
             if rank is None:
                 report.skip(f"{cfg.rank_mode} mode: layer left unsplit")
                 continue
             if rank > limit:
                 report.skip("split would not pay: r*(K+N) >= (1 - min_saving)*K*N")
                 continue
-            self._split(model.graph, cand, dec, gram, rows, rank, taken, report)
+            self._split(model.graph, cand, dec, gram, rows, rank, fac, taken, report)
+        if cfg.compensate and any(f is not None and f[2] == "compensated" for f in factors):
+            report.note("compensated: split layers refitted on the inputs of the split model "
+                        "(target: the original layer outputs on the calibration data)")
         return report
 
     def _candidates(self, model: ir.Model, report: PassReport | None) -> list[lg.Candidate]:
@@ -274,7 +286,9 @@ class LowRankPass(OptPass[LowRankConfig]):
         Each trial allocates ranks for a target fraction of the candidate layers' cost (the
         cheapest output error per removed parameter first, as ``global`` mode), splits a clone
         and runs it in onnxruntime on the check feeds. Nothing split (target 0) always meets
-        the budget, so the bisection keeps the best trial that met it.
+        the budget, so the bisection keeps the best trial that met it. Layers whose first paying
+        split is a large step (:func:`_chunky`: an embedding table) make the allocation jump, so
+        the search runs a second time with them left whole and keeps whichever removes more.
         """
         ctx, cfg = self.context, self.config
         budget = sensitivity.Budget.from_bounds(
@@ -289,10 +303,40 @@ class LowRankPass(OptPass[LowRankConfig]):
         budgets, what = self._layer_budgets(plans, report)
         if cfg.sensitivity and budget.metric is None:
             budgets = self._weigh(model, plans, budgets, reference, feeds, budget, report)
+        variants = [("", budgets)]
+        chunky = _chunky(budgets)
+        if chunky and len(chunky) < sum(b.max_rank >= 1 for b in budgets):  # the allocation jumps past them: also search with them left whole
+            labels = ", ".join(plans[i][0].label for i in chunky)
+            whole = [dataclasses.replace(b, max_rank=0) if i in chunky else b for i, b in enumerate(budgets)]
+            variants.append((f" (without {labels})", whole))
+        seen: dict[tuple, sensitivity.Measurement] = {}
+        results = [self._bisect(model, plans, layers, feeds, reference, budget, seen, report, what, tag)
+                   for tag, layers in variants]
+        best, best_removed, best_m, tag = max(results, key=lambda r: r[1])
+        met = best_m.cosine if best_m is not None else 1.0
+        report.count("budget_met")
+        if len(variants) > 1:
+            report.note(f"budget search: {'kept' if tag else 'split'} "
+                        f"{', '.join(plans[i][0].label for i in chunky)} "
+                        "(searched with and without: the first split that pays removes over "
+                        f"{_CHUNK:.0%} of the candidate {what} at once)")
+        report.note(
+            f"budget {budget.describe()}: kept ranks removing {best_removed:.1%} of the candidate "
+            f"{what} (measured cosine {met:.6f} on {len(feeds)} feeds); splits pay only where "
+            "r < K*N/(K+N), the rest stay whole"
+        )
+        return best
+
+    def _bisect(
+        self, model: ir.Model, plans: list, budgets: list[lm.LayerBudget], feeds: list, reference: list,
+        budget: sensitivity.Budget, seen: dict, report: PassReport, what: str, tag: str,
+    ) -> tuple[list[int | None], float, sensitivity.Measurement | None, str]:
+        """Bisection over the global target: (ranks, fraction removed, measurement, ``tag``)."""
+        ctx, cfg = self.context, self.config
         _ranks, most = lm.allocate_ranks(budgets, 1.0 - 1e-9)  # the most that can be removed
         lo, hi = 0.0, most
-        best, best_removed, best_m = nothing, 0.0, None
-        seen: dict[tuple, sensitivity.Measurement] = {}
+        best: list[int | None] = [None] * len(plans)
+        best_removed, best_m = 0.0, None
         steps = tqdm.trange(cfg.search_steps, desc="lowrank budget", unit="trial",
                             disable=ctx.quiet, leave=False)
         for step in steps:
@@ -302,26 +346,20 @@ class LowRankPass(OptPass[LowRankConfig]):
             ranks, removed = lm.allocate_ranks(budgets, target)
             key = tuple(ranks)
             if key not in seen:
-                trial = self._trial(model, plans, ranks)
+                trial = self._trial(model, plans, ranks, compensate=True)
                 seen[key] = sensitivity.measure(reference, sensitivity.run_outputs(trial, feeds), budget)
             m = seen[key]
-            report.note(f"budget search: removing {removed:.1%} of the candidate {what}: "
+            report.note(f"budget search{tag}: removing {removed:.1%} of the candidate {what}: "
                         f"cosine {m.cosine:.6f}, max abs {m.max_abs:.4g} ({'fits' if m.ok else 'over'})")
             if m.ok:
-                best, best_removed, best_m = ranks, removed, m
+                if removed > best_removed:
+                    best, best_removed, best_m = ranks, removed, m
                 lo = target
                 if step == 0:
                     break
             else:
                 hi = target
-        met = best_m.cosine if best_m is not None else 1.0
-        report.count("budget_met")
-        report.note(
-            f"budget {budget.describe()}: kept ranks removing {best_removed:.1%} of the candidate "
-            f"{what} (measured cosine {met:.6f} on {len(feeds)} feeds); splits pay only where "
-            "r < K*N/(K+N), the rest stay whole"
-        )
-        return best
+        return best, best_removed, best_m, tag
 
     def _weigh(
         self, model: ir.Model, plans: list, budgets: list[lm.LayerBudget], reference: list,
@@ -355,30 +393,80 @@ class LowRankPass(OptPass[LowRankConfig]):
         report.note(f"budget search: each of {len(budgets)} layers measured alone at half its pay-off rank")
         return out
 
-    def _trial(self, model: ir.Model, plans: list, ranks: list[int | None]) -> ir.Model:
-        """A clone of ``model`` with ``ranks`` applied (the candidates are found again in it)."""
+    def _trial(self, model: ir.Model, plans: list, ranks: list[int | None], *, compensate: bool = False) -> ir.Model:
+        """A clone of ``model`` with ``ranks`` applied (the candidates are found again in it).
+
+        ``compensate``: with the factors of :meth:`_factor_set` (the configured fit), else the
+        direct ones (the per-layer sensitivity probes: one split layer sees its original input).
+        """
+        factors = (self._factor_set(model, plans, ranks) if compensate
+                   else self._direct_factors(plans, ranks))
+        return self._apply(model, plans, factors)
+
+    def _apply(self, model: ir.Model, plans: list, factors: list) -> ir.Model:
+        """A clone of ``model`` with every non-None ``(U, V, how)`` of ``factors`` split in."""
         clone = model.clone()
         cands = self._candidates(clone, None)
         taken = _names(clone.graph)
-        for (cand, dec, gram, _rows, _curve, limit), twin, rank in zip(plans, cands, ranks, strict=True):
+        for (cand, *_rest), twin, fac in zip(plans, cands, factors, strict=True):
             if twin.label != cand.label:
                 raise RuntimeError(f"lowrank: clone candidate {twin.label} != {cand.label}")
-            if rank is None or rank > limit:
-                continue
-            u, v, _refit = self._factors(cand, dec, gram, rank)
-            lg.apply_split(clone.graph, twin, u, v, self.name, taken)
+            if fac is not None:
+                lg.apply_split(clone.graph, twin, fac[0], fac[1], self.name, taken)
         return clone
+
+    def _direct_factors(self, plans: list, ranks: list[int | None]) -> list:
+        """Per plan ``(U, V, how)`` from its own decomposition, or None where it stays whole."""
+        return [
+            None if rank is None or rank > limit else self._factors(cand, dec, gram, rank)
+            for (cand, dec, gram, _rows, _curve, limit), rank in zip(plans, ranks, strict=True)
+        ]
+
+    def _factor_set(self, model: ir.Model, plans: list, ranks: list[int | None]) -> list:
+        """The factors to split with: direct, or error-compensated when ``compensate`` is on.
+
+        Compensated (one Jacobi sweep): the model split with the direct factors is run on the
+        calibration data next to ``model``; per split layer ``G' = X'^T X'`` and ``C = X'^T X``
+        give the closed-form rank-r fit of :func:`lowrank_math.compensated_target` (module
+        docstring there). Layers without activations (embedding tables, spatial convs) keep the
+        direct factors.
+        """
+        factors = self._direct_factors(plans, ranks)
+        data = self.context.calibration
+        if not self.config.compensate or data is None:
+            return factors
+        wanted = {plans[i][0].stats_key for i, f in enumerate(factors)
+                  if f is not None and plans[i][0].activation is not None and plans[i][0].activation.name}
+        if not wanted:
+            return factors
+        if len(data) > self.config.max_feeds:
+            data = data.take(self.config.max_feeds)
+        split = self._apply(model, plans, factors)
+        cross = _cross_statistics(model, split, data, wanted)
+        for i, fac in enumerate(factors):
+            cand, _dec, _gram, _rows, _curve, _limit = plans[i]
+            if fac is None or cand.stats_key not in cross:
+                continue
+            gram_in, c = cross[cand.stats_key]
+            target = lm.compensated_target(cand.matrix, gram_in, c, damping=self.config.damping)
+            dec = lm.decompose(target, gram_in, damping=self.config.damping)
+            if dec.note:  # the split model's activations cannot whiten: keep the direct factors
+                continue
+            u, v = dec.factors(ranks[i])
+            dtype = cand.weight.const_value.dtype.numpy()
+            factors[i] = (u.astype(dtype), v.astype(dtype), "compensated")
+        return factors
 
     def _factors(
         self, cand: lg.Candidate, dec: lm.Decomposition, gram: np.ndarray | None, rank: int
-    ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """``U``, ``V`` in the weight's dtype, and whether ``V`` was re-fitted."""
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """``U``, ``V`` in the weight's dtype, and how ``V`` was fitted ("direct" or "refit")."""
         u, v = dec.factors(rank)
         refit = self.config.refit and gram is not None
         if refit:
             v = lm.refit_v(cand.matrix, u, gram)
         dtype = cand.weight.const_value.dtype.numpy()
-        return u.astype(dtype), v.astype(dtype), refit
+        return u.astype(dtype), v.astype(dtype), "refit" if refit else "direct"
 
     def _split(
         self,
@@ -388,10 +476,12 @@ class LowRankPass(OptPass[LowRankConfig]):
         gram: np.ndarray | None,
         rows: float,
         rank: int,
+        factors: tuple[np.ndarray, np.ndarray, str],
         taken: set[str],
         report: PassReport,
     ) -> None:
-        u, v, refit = self._factors(cand, dec, gram, rank)
+        u, v, how = factors
+        refit = how == "refit"
         k, n = cand.matrix.shape
         before, after = lg.split_cost(cand, rank)
         out_err = lm.output_rel_error(cand.matrix, u, v, gram) if gram is not None else None
@@ -405,7 +495,7 @@ class LowRankPass(OptPass[LowRankConfig]):
             K=k,
             N=n,
             rank=rank,
-            method=dec.method,
+            method=dec.method + ("+compensated" if how == "compensated" else ""),
             refit=refit,
             params_before=before,
             params_after=after,
@@ -418,6 +508,45 @@ class LowRankPass(OptPass[LowRankConfig]):
             alone_rank_cosine=cand.alone,
         )
         logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
+
+
+_CHUNK = 0.02  # a layer whose smallest paying split removes more than this share is "chunky"
+
+
+def _chunky(budgets: list[lm.LayerBudget]) -> list[int]:
+    """Layers whose first paying split (at ``max_rank``) removes over ``_CHUNK`` of the total cost.
+
+    The Lagrangian allocation can only take such a layer in one large step (an embedding table
+    of a small encoder is half its parameters), so every target between "without it" and
+    "with it" lands on "with it"; the budget search therefore also tries them left whole.
+    """
+    total = sum(b.k * b.n * b.weight for b in budgets)
+    if total <= 0:
+        return []
+    return [i for i, b in enumerate(budgets)
+            if b.max_rank >= 1 and (b.k * b.n - b.max_rank * (b.k + b.n)) * b.weight / total > _CHUNK]
+
+
+def _cross_statistics(
+    model: ir.Model, split: ir.Model, data: Dataset, keys: set[tuple]
+) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """Per activation key: ``(X'^T X', X'^T X)`` with X from ``model`` and X' from ``split``.
+
+    Both models run feed by feed in lockstep (one session each), so only one feed's activations
+    are alive at a time. The activation names are the same in both (a split keeps its input).
+    """
+    names = sorted({name for name, _ in keys})
+    out: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    feeds = list(data)
+    for orig, new in zip(runtime.capture(model, feeds, names), runtime.capture(split, feeds, names), strict=True):
+        for key in keys:
+            x = lg.rows_of(np.asarray(orig[key[0]]), key[1]).astype(np.float64)
+            xs = lg.rows_of(np.asarray(new[key[0]]), key[1]).astype(np.float64)
+            g, c = xs.T @ xs, xs.T @ x
+            if key in out:
+                g, c = out[key][0] + g, out[key][1] + c
+            out[key] = (g, c)
+    return out
 
 
 def _digest(model: ir.Model) -> str | None:

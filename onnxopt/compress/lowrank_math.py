@@ -15,6 +15,14 @@ replaces it by ``(X @ U) @ V`` with ``U`` [K, r] and ``V`` [r, N].
   error at rank r is ``sum_{i>r} s_i^2 * (l_i^T G l_i) / tr(W^T G W)`` — one curve per layer,
   used by every rank-selection rule.
 - Least-squares re-fit of V for a chosen U: ``V = (U^T G U)^-1 U^T G W``.
+- Error-compensated fit (sequential, as GPTQ / SVD-LLM v2 do for upstream error): once the
+  layers before this one are split, the layer sees ``X'`` instead of ``X``. The rank-r ``A``
+  minimising ``||X W - X' A||^2 + d ||A - W||^2`` (d = damping * mean(diag G'), a ridge towards
+  ``W`` that keeps directions the calibration rows never visit as they were) is found in two
+  closed-form steps: the unconstrained optimum ``A0 = (G' + d I)^-1 (X'^T X W + d W)``, then the
+  best rank-r approximation of ``A0`` in the metric ``G' + d I`` (the whitened SVD above, with
+  ``G'`` for ``G``), because the objective equals ``tr((A0 - A)^T (G' + d I) (A0 - A))`` plus a
+  constant. With ``X' = X`` it is the activation-aware split itself.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ __all__ = [
     "Decomposition",
     "LayerBudget",
     "allocate_ranks",
+    "compensated_target",
     "decompose",
     "output_rel_error",
     "rank_for_energy",
@@ -150,6 +159,23 @@ def refit_v(weight: np.ndarray, u: np.ndarray, gram: np.ndarray, *, damping: flo
     normal = u.T @ gu
     normal = normal + damping * (np.trace(normal) / max(normal.shape[0], 1)) * np.eye(normal.shape[0])
     return np.linalg.solve(normal, gu.T @ np.asarray(weight, dtype=np.float64))
+
+
+def compensated_target(
+    weight: np.ndarray, gram_in: np.ndarray, cross: np.ndarray, *, damping: float
+) -> np.ndarray:
+    """``A0 = (G' + d I)^-1 (C W + d W)``: the full-rank ``A`` closest to ``X W`` from ``X'``.
+
+    ``gram_in`` is ``G' = X'^T X'``, ``cross`` is ``C = X'^T X`` and ``d = damping * mean(diag
+    G')`` (see the module docstring). Returns ``weight`` itself when ``G'`` is zero or not finite.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    k = gram_in.shape[0]
+    scale = float(np.trace(gram_in)) / k
+    if not (np.all(np.isfinite(gram_in)) and np.all(np.isfinite(cross)) and scale > 0.0):
+        return w
+    d = max(damping, 1e-10) * scale
+    return np.linalg.solve(gram_in + d * np.eye(k), cross @ w + d * w)
 
 
 def weight_rel_error(weight: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
