@@ -145,7 +145,7 @@ def _scale_sources() -> dict[str, tuple[pathlib.Path, pathlib.Path, pathlib.Path
     return out
 
 
-def _screen_setup(model_path: pathlib.Path, calib, evald, plan_feeds: int):
+def _screen_setup(model_path: pathlib.Path, calib, evald, plan_feeds: int, switch: str = "if"):
     """The mixed pass's own set-up: simplified, named float model, quantizer, switch graph, feeds."""
     from onnxopt.passes import mixed
 
@@ -161,8 +161,12 @@ def _screen_setup(model_path: pathlib.Path, calib, evald, plan_feeds: int):
     full = quantize(base.clone(), frozenset())
     candidates = precision_plan.quantized_nodes(full)
     smoothed = quantize(base.clone(), frozenset(candidates))
-    screen = screening.build(full, smoothed, candidates)
     feeds = mixed._screen_feeds(evald, plan_feeds)
+    sizes = None
+    if switch == "if":  # as the mixed pass: large activations switched by an If
+        smallest = min(feeds, key=lambda f: sum(v.size for v in f.values()))
+        sizes = screening.activation_sizes(full, smoothed, smallest)
+    screen = screening.build(full, smoothed, candidates, sizes=sizes)
     return base, quantize, candidates, screen, feeds
 
 
@@ -178,9 +182,10 @@ def run_scale(name: str, paths: tuple, args: argparse.Namespace, tmp: pathlib.Pa
     t0 = time.perf_counter()
     # The trial-rate and worker parts calibrate on --setup-calib-feeds (ranges do not change trial cost).
     base, quantize, candidates, screen, feeds = _screen_setup(model_path, calib.take(args.setup_calib_feeds),
-                                                              evald, args.plan_feeds)  # fmt: skip
+                                                              evald, args.plan_feeds, args.switch)  # fmt: skip
     row.update(setup_seconds=round(time.perf_counter() - t0, 1), candidates=len(candidates), groups=len(screen.groups),
-               switched_inputs=screen.switched_inputs, screen_feeds=len(feeds))  # fmt: skip
+               switched_inputs=screen.switched_inputs, screen_feeds=len(feeds), switch=args.switch,
+               if_switches=sum(n.op_type == "If" for n in screen.model.graph))  # fmt: skip
     budget = sensitivity.Budget(min_cosine=0.0)
     reference = sensitivity.run_outputs(base, feeds)
     groups = list(screen.groups)
@@ -284,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild-trials", type=int, default=3)
     parser.add_argument("--worker-trials", type=int, default=16)
     parser.add_argument("--run-mixed", action="store_true")
+    parser.add_argument("--switch", choices=["if", "where"], default="if",
+                        help="switch graph for the trial-rate/worker parts: If on large activations (as mixed) or Where only")
     parser.add_argument("--calib-shards", type=int, default=0, help="time calibration on this many feeds: one session vs 2 shards")
     parser.add_argument("--time-budget", type=float, default=None)
     parser.add_argument("--workers", default=None)

@@ -195,7 +195,11 @@ class MixedPass(OptPass[MixedConfig]):
             self.config.dynamic_int8 == "true"
             or (self.config.dynamic_int8 == "auto" and static.activations_mode(float_model) == "dynamic"))
         levels = precision_plan.levels_for(ctx.target, offer_dynamic)
-        screen = screening.build(full, smoothed, candidates, [lv for lv in levels if lv != "fp32"])
+        # Large activations get an If switch (no Q/DQ computed in a float trial): sizes from one
+        # float run on the smallest screening feed.
+        smallest = min(calib, key=lambda f: sum(np.asarray(v).size for v in f.values()))
+        sizes = screening.activation_sizes(full, smoothed, smallest)
+        screen = screening.build(full, smoothed, candidates, [lv for lv in levels if lv != "fp32"], sizes=sizes)
         del smoothed
         report.count("precision_groups", len(screen.groups))
         hint = {}

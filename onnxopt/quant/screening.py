@@ -41,9 +41,12 @@ import onnx_ir.passes.common as ir_common
 
 from onnxopt import _ir_utils
 
-__all__ = ["LEVEL_INPUT_PREFIX", "ScreeningModel", "build", "groups_of"]
+__all__ = ["IF_MIN_ELEMENTS", "LEVEL_INPUT_PREFIX", "ScreeningModel", "activation_sizes", "build", "groups_of"]
 
 LEVEL_INPUT_PREFIX = "__onnxopt_switch"
+# Activations of at least this many values are switched by an If (Q/DQ skipped when off): a Where
+# computes both inputs, and an If's ~10-30 us overhead is below the Q/DQ/Where of ~128 KB.
+IF_MIN_ELEMENTS = 1 << 15
 
 
 @dataclasses.dataclass
@@ -72,6 +75,20 @@ class ScreeningModel:
         for (group, level), name in self.switches.items():
             out[name] = np.array(plan.get(group) == level)
         return out
+
+
+def activation_sizes(int8_model: ir.Model, float_model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Elements of every quantized activation of ``int8_model``, run on ``feed`` in ``float_model``
+    (the ``sizes`` of :func:`build`; one capture run)."""
+    from onnxopt.runtime import sessions
+
+    present = {v.name for v in float_model.graph.inputs} | {o.name for n in float_model.graph for o in n.outputs}
+    names = sorted({n.inputs[0].name for n in int8_model.graph
+                    if n.op_type == "QuantizeLinear" and n.inputs[0] is not None and n.inputs[0].name in present})  # fmt: skip
+    if not names:
+        return {}
+    (got,) = list(sessions.capture(float_model, [dict(feed)], names))
+    return {n: int(np.asarray(v).size) for n, v in got.items()}
 
 
 def groups_of(int8_model: ir.Model, candidates: Sequence[str]) -> dict[str, list[str]]:
@@ -132,6 +149,34 @@ def _other_levels(add, levels, switch_values, group, chosen, plain, base):  # no
     return chosen
 
 
+def _branch(q: ir.Node, dq: ir.Node, plain: ir.Value, cond: ir.Value, fresh) -> ir.Value:  # noqa: ANN001
+    """``If(cond)``: then ``DQ(Q(plain))`` (copies of ``q``/``dq`` reading the outer scope), else ``plain``."""
+
+    def copy(node: ir.Node, inputs: list) -> ir.Node:
+        out = ir.node(node.op_type, inputs, attributes={k: a.value for k, a in node.attributes.items()}, domain=node.domain,
+                      name=fresh(f"{node.name}_if"))  # fmt: skip
+        out.outputs[0].name = fresh(f"{node.outputs[0].name}_if")
+        if node.outputs[0].dtype is not None:
+            out.outputs[0].dtype = node.outputs[0].dtype
+        out.outputs[0].shape = node.outputs[0].shape
+        return out
+
+    q2 = copy(q, [plain, *q.inputs[1:]])
+    dq2 = copy(dq, [q2.outputs[0], *dq.inputs[1:]])
+    same = ir.node("Identity", [plain], name=fresh(f"{plain.name}_float"))
+    same.outputs[0].name = fresh(f"{plain.name}_float")
+    same.outputs[0].dtype, same.outputs[0].shape = plain.dtype or ir.DataType.FLOAT, plain.shape
+    then = ir.Graph([], [dq2.outputs[0]], nodes=[q2, dq2], name=fresh(f"{plain.name}_int8"))
+    orelse = ir.Graph([], [same.outputs[0]], nodes=[same], name=fresh(f"{plain.name}_fp32"))
+    node = ir.node("If", [cond], attributes={"then_branch": then, "else_branch": orelse}, name=fresh(f"{plain.name}_if"))
+    out = node.outputs[0]
+    out.name = fresh(f"{plain.name}_sel")
+    out.dtype, out.shape = dq.outputs[0].dtype or ir.DataType.FLOAT, dq.outputs[0].shape
+    if dq2.outputs[0].dtype is None:  # a branch output needs its type
+        dq2.outputs[0].dtype = out.dtype
+    return out
+
+
 def _owner(q: ir.Node | None) -> ir.Node | None:
     """The node whose output a Q quantizes (through an absorbed Relu/Clip), or None."""
     if q is None or q.inputs[0] is None or q.inputs[0].producer() is None:
@@ -147,6 +192,7 @@ def build(
     float_model: ir.Model,
     candidates: Sequence[str],
     levels: Sequence[str] = ("int8",),
+    sizes: Mapping[str, int] | None = None,
 ) -> ScreeningModel:
     """The switch graph of ``int8_model`` (not modified); ``float_model`` gives float weights.
 
@@ -156,6 +202,12 @@ def build(
             constant inputs are what a float node reads.
         candidates: quantized node names.
         levels: non-FP32 levels to simulate, from "int8", "int8-dynamic", "fp16".
+        sizes: elements per float tensor on a typical feed (activation name -> size); an
+            activation of at least IF_MIN_ELEMENTS gets ``If(switch, DQ(Q(x)), x)`` with the Q/DQ
+            inside the then-branch, so a float trial does not compute it (a ``Where`` computes
+            both inputs: on PP-OCR det's page-sized feature maps the Q/DQ of every tensor made a
+            trial slower than a real build); smaller ones keep the ``Where`` (an If costs more
+            than the Q/DQ of a small tensor).
 
     """
     model = int8_model.clone()
@@ -206,6 +258,8 @@ def build(
 
     switched = 0
     ors: dict[tuple[str, ...], ir.Value] = {}
+    large = {n for n, size in (sizes or {}).items() if size >= IF_MIN_ELEMENTS}
+    dead: list[ir.Node] = []
 
     def any_int8(owners: list[str]) -> ir.Value:
         """Or of the owners' int8 switches (one value per owner set)."""
@@ -233,7 +287,13 @@ def build(
             continue
         plain = q.inputs[0]
         uses = [(u.node, u.idx) for u in value.uses()]
-        chosen = add("Where", [any_int8(owners), value, plain], f"{value.name}_sel")[0]
+        if (plain.name in large and not value.is_graph_output()
+                and [u.node for u in q.outputs[0].uses()] == [dq]):  # fmt: skip
+            chosen = _branch(q, dq, plain, any_int8(owners), fresh)
+            new_nodes.append(chosen.producer())
+            dead += [dq, q]
+        else:
+            chosen = add("Where", [any_int8(owners), value, plain], f"{value.name}_sel")[0]
         for user, idx in uses:
             chosen_for = chosen
             group = group_of.get(user.name)
@@ -274,5 +334,7 @@ def build(
             switched += 1
     for node in new_nodes:
         graph.append(node)
+    for node in dead:  # Q/DQ pairs moved into an If's then-branch
+        graph.remove(node, safe=True)
     ir_common.TopologicalSortPass()(model)
     return ScreeningModel(model, groups, tuple(levels), switches, switched)

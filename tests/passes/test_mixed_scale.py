@@ -47,8 +47,10 @@ def _budget(model, calib, evald) -> float:
     return 1 - (1 - cos8) / 2
 
 
-def test_switch_graph_reproduces_full_int8_and_float_exactly():
-    """All switches on: the real full-INT8 model's outputs; all off: the float model's (same session)."""
+@pytest.mark.parametrize("switch", ["where", "if"])
+def test_switch_graph_reproduces_full_int8_and_float_exactly(switch):
+    """All switches on: the real full-INT8 model's outputs; all off: the float model's (same session).
+    ``if``: every activation switched by an If with its Q/DQ in the then-branch (large tensors)."""
     model, calib, _ = _transformer()
     _ir_utils.upgrade_opset(model, 13)
     precision_plan.name_nodes(model)
@@ -57,7 +59,10 @@ def test_switch_graph_reproduces_full_int8_and_float_exactly():
     full = quantize(model.clone(), frozenset())
     candidates = precision_plan.quantized_nodes(full)
     smoothed = quantize(model.clone(), frozenset(candidates))
-    screen = screening.build(full, smoothed, candidates)
+    sizes = {v.name: 1 << 30 for n in full.graph for v in n.inputs if v is not None} if switch == "if" else None
+    screen = screening.build(full, smoothed, candidates, sizes=sizes)
+    ifs = sum(n.op_type == "If" for n in screen.model.graph)
+    assert (ifs > 10) if switch == "if" else (ifs == 0)
     assert 1 < len(screen.groups) <= len(candidates)
     assert sorted(n for names in screen.groups.values() for n in names) == sorted(candidates)
     feeds = list(calib.take(4))
