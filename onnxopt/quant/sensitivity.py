@@ -129,9 +129,11 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}") if math.isfinite(x) else x
 
 
-def run_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> Outputs:
-    """Outputs of ``model`` on every feed (onnxruntime CPU, graph as written)."""
-    with runtime.session(model) as handle:
+def run_outputs(
+    model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_level: runtime.OptLevel = "disable"
+) -> Outputs:
+    """Outputs of ``model`` on every feed (onnxruntime CPU; graph as written, or at ``opt_level``)."""
+    with runtime.session(model, opt_level=opt_level) as handle:
         return runtime.run_all(handle, [dict(f) for f in feeds])
 
 
