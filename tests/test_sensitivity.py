@@ -125,3 +125,25 @@ def test_rank_agreement():
     assert sensitivity.rank_agreement(a, a) == pytest.approx(1.0)
     assert sensitivity.rank_agreement(a, {k: -v for k, v in a.items()}) == pytest.approx(-1.0)
     assert math.isnan(sensitivity.rank_agreement({"p": 1.0}, {"p": 2.0}))
+
+
+def test_lean_trial_metrics_equal_the_full_ones(rng):
+    """A trial worker's measure (cached float64 reference, cosine and max abs only) gives the same
+    numbers as output_metrics: the same float64 formulas on the same arrays."""
+    from onnxopt.quant import sensitivity
+
+    ref = [{"y": rng.standard_normal((3, 7, 11)).astype(np.float32), "z": rng.standard_normal((2, 5)).astype(np.float32)}
+           for _ in range(3)]
+    cand = [{k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in r.items()} for r in ref]
+    cand[1]["y"][0, 0, 0] = np.inf  # a non-finite value where the reference is finite
+    ref[2]["z"][0, 0] = cand[2]["z"][0, 0] = np.nan  # NaN in both: agree
+    budget = sensitivity.Budget(min_cosine=0.5)
+    cache: dict = {}
+    for _ in range(2):  # the second call reads the cached reference
+        lean = sensitivity.measure(ref, cand, budget, cache)
+        full = sensitivity.measure(ref, cand, budget)
+        np.testing.assert_equal((lean.cosine, lean.max_abs, lean.nonfinite, lean.ok),
+                                (full.cosine, full.max_abs, full.nonfinite, full.ok))  # NaN cosine equal too
+    clean = [{k: np.nan_to_num(v) for k, v in c.items()} for c in cand]
+    cache = {}
+    assert sensitivity.measure(ref, clean, budget, cache) == sensitivity.measure(ref, clean, budget)
