@@ -188,7 +188,7 @@ def _lean_metrics(
         return None
     if name not in cache:
         a = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in ref]) if ref else np.zeros(0)
-        cache[name] = (a, np.isfinite(a), float(np.linalg.norm(a)), bool(np.isnan(a).any()))
+        cache[name] = (a, np.isfinite(a), validation.norm(a), bool(np.isnan(a).any()))
     a, finite_a, norm_a, nan_a = cache[name]
     b = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in cand]) if cand else np.zeros(0)
     nonfinite = int(np.count_nonzero(~np.isfinite(b) & finite_a))
@@ -199,13 +199,13 @@ def _lean_metrics(
         if nan_a:
             diff[np.isnan(diff) & (np.isnan(a) & np.isnan(b))] = 0.0  # NaN in both: agree
         max_abs = float(np.max(diff))
-        norm_b = float(np.linalg.norm(b))
+        norm_b = validation.norm(b)
         if norm_a == 0 and norm_b == 0:
             cosine = 1.0
         elif norm_a == 0 or norm_b == 0:
             cosine = 0.0
         else:
-            cosine = float(np.dot(a, b) / (norm_a * norm_b))
+            cosine = float(validation.dot(a, b) / (norm_a * norm_b))
     return cosine, max_abs, nonfinite
 
 

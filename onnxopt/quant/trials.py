@@ -12,6 +12,7 @@ runs many small independent jobs, which split across cores with no synchronisati
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -114,6 +115,23 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None  # the pool process's worker (set by its initializer)
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _one_thread_env() -> Any:
+    """Spawned workers inherit one BLAS/OpenMP thread each: a worker is one core's job (numpy's
+    dot in a trial's comparison otherwise starts threads on the cores the other workers use)."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _init(model: bytes, feeds: Mapping[str, Feeds], refs: Mapping[str, Outputs], budget: Budget) -> None:
@@ -155,7 +173,10 @@ class Runner:
         elif self.spec.count > 1:
             # spawn, not fork: onnxruntime's thread pools in this process do not survive a fork.
             ctx = multiprocessing.get_context("spawn")
-            self._pool = concurrent.futures.ProcessPoolExecutor(self.spec.count, ctx, initializer=_init, initargs=args)
+            with _one_thread_env():
+                self._pool = concurrent.futures.ProcessPoolExecutor(self.spec.count, ctx, initializer=_init,
+                                                                    initargs=args)  # fmt: skip
+                self._pool.submit(int).result()  # the workers start now, with this environment
         else:
             self._local = _Worker(*args)
 

@@ -78,6 +78,17 @@ class OutputMetrics:
     ref_rms: float = 0.0  # root mean square of the reference (the scale rtol applies to)
 
 
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``a . b`` of 1-D arrays, the same bits whatever the BLAS thread count (einsum's own loop,
+    not BLAS): a trial measured in a one-thread worker must equal the one measured here."""
+    return float(np.einsum("i,i->", a, b))
+
+
+def norm(a: np.ndarray) -> float:
+    """Euclidean norm of a 1-D array, thread-count independent as :func:`dot`."""
+    return math.sqrt(dot(a, a))
+
+
 def output_metrics(
     ref: Sequence[np.ndarray],
     cand: Sequence[np.ndarray],
@@ -115,15 +126,15 @@ def output_metrics(
         max_abs = float(np.max(diff))
         mean_abs = float(np.mean(diff))
         max_rel = float(np.max(diff / np.maximum(np.abs(a), 1e-12)))
-        norm_a = float(np.linalg.norm(a))
-        norm_b = float(np.linalg.norm(b))
-        rel_l2 = float(np.linalg.norm(a - b) / norm_a) if norm_a > 0 else (0.0 if norm_b == 0 else math.inf)
+        norm_a = norm(a)
+        norm_b = norm(b)
+        rel_l2 = float(norm(a - b) / norm_a) if norm_a > 0 else (0.0 if norm_b == 0 else math.inf)
         if norm_a == 0 and norm_b == 0:
             cosine = 1.0
         elif norm_a == 0 or norm_b == 0:
             cosine = 0.0
         else:
-            cosine = float(np.dot(a, b) / (norm_a * norm_b))
+            cosine = float(dot(a, b) / (norm_a * norm_b))
         mismatch = float(np.mean(~(diff <= atol + rtol * np.abs(a))))
         rms_abs = float(np.sqrt(np.mean(np.square(diff))))
         ref_rms = float(np.sqrt(np.mean(np.square(a))))
