@@ -254,6 +254,16 @@ def ocr(rounds: int, threads: int, max_feeds: int) -> list[dict]:
     return rows
 
 
+def _pooled_cosines(held, ref, got) -> list[float]:
+    """Cosine of FP32's and the candidate's mean-pooled sentence embeddings, per held-out feed."""
+    cos = []
+    for feed, r, c in zip(held, ref, got, strict=True):
+        a = _pooled(next(iter(r.values())), feed["attention_mask"]).ravel()
+        b = _pooled(next(iter(c.values())), feed["attention_mask"]).ravel()
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return cos
+
+
 def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean of the token vectors over the attention mask (sentence-transformers' pooling)."""
     m = mask[..., None].astype(np.float64)
@@ -301,11 +311,7 @@ def minilm(workdir: pathlib.Path, budgets: list[float], rounds: int, threads: in
         cand = io.load_model(out)
         with runtime.session(cand) as handle:
             got = runtime.run_all(handle, held)
-        cos = []
-        for feed, r, c in zip(held, ref, got, strict=True):
-            a = _pooled(next(iter(r.values())), feed["attention_mask"]).ravel()
-            b = _pooled(next(iter(c.values())), feed["attention_mask"]).ravel()
-            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        cos = _pooled_cosines(held, ref, got)
         token_cos = validation.output_metrics([next(iter(r.values())) for r in ref],
                                               [next(iter(c.values())) for c in got]).cosine
         rep = next(r for r in result.reports if r.pass_name == "lowrank")
@@ -362,11 +368,7 @@ def frontier(workdir: pathlib.Path, calib: str, specs: list[str], model_file: st
         io.save_model(model, out)
         with runtime.session(io.load_model(out)) as handle:
             got = runtime.run_all(handle, held)
-        cos = []
-        for feed, r, c in zip(held, ref, got, strict=True):
-            a = _pooled(next(iter(r.values())), feed["attention_mask"]).ravel()
-            b = _pooled(next(iter(c.values())), feed["attention_mask"]).ravel()
-            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        cos = _pooled_cosines(held, ref, got)
         word = [r["rank"] for r in report.records if "word_embeddings" in r["item"]]
         row = {"spec": spec, "layers_split": report.counts.get("split", 0), "emb_cos_mean": float(np.mean(cos)),
                "emb_cos_min": float(np.min(cos)), "size_ratio": out.stat().st_size / src.stat().st_size,

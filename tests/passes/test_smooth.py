@@ -59,10 +59,9 @@ def ln_model(k: float, *, residual: bool = False, gemm: bool = False, seed: int 
     return ir.from_proto(proto)
 
 
-def conv_model(k: float, *, relu: bool = True, seed: int = 0) -> ir.Model:
-    """x -> Conv 3x3 (8 -> 16) [-> Relu] -> depthwise 3x3 -> pointwise 1x1 (16 -> 12); output
-    channels CONV_OUTLIERS of the first Conv are k times larger, the depthwise weights reading them
-    k times smaller: conv -> conv pairs whose activations have outlier channels."""
+def _conv_weights(k: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Conv 3x3 (8 -> 16) weights and bias whose CONV_OUTLIERS output channels are k times larger,
+    depthwise 3x3 weights k times smaller on those channels, pointwise 1x1 (16 -> 12)."""
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
     b1 = (rng.standard_normal(16) * 0.1).astype(np.float32)
@@ -71,6 +70,14 @@ def conv_model(k: float, *, relu: bool = True, seed: int = 0) -> ir.Model:
     dw = (rng.standard_normal((16, 1, 3, 3)) * 0.3).astype(np.float32)
     dw[CONV_OUTLIERS] /= k
     pw = (rng.standard_normal((12, 16, 1, 1)) * 0.3).astype(np.float32)
+    return w1, b1, dw, pw
+
+
+def conv_model(k: float, *, relu: bool = True, seed: int = 0) -> ir.Model:
+    """x -> Conv 3x3 (8 -> 16) [-> Relu] -> depthwise 3x3 -> pointwise 1x1 (16 -> 12); output
+    channels CONV_OUTLIERS of the first Conv are k times larger, the depthwise weights reading them
+    k times smaller: conv -> conv pairs whose activations have outlier channels."""
+    w1, b1, dw, pw = _conv_weights(k, seed)
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (dw, "dw"), (pw, "pw"))]
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])]
     if relu:
@@ -290,14 +297,7 @@ def hardswish_model(k: float, *, residual: bool = False, seed: int = 0) -> ir.Mo
     positively homogeneous, so the Conv -> Conv equalisation cannot pass through it. With
     ``residual`` the first Conv's output is also added to the depthwise output (not an activation part).
     """
-    rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
-    b1 = (rng.standard_normal(16) * 0.1).astype(np.float32)
-    w1[CONV_OUTLIERS] *= k
-    b1[CONV_OUTLIERS] *= k
-    dw = (rng.standard_normal((16, 1, 3, 3)) * 0.3).astype(np.float32)
-    dw[CONV_OUTLIERS] /= k
-    pw = (rng.standard_normal((12, 16, 1, 1)) * 0.3).astype(np.float32)
+    w1, b1, dw, pw = _conv_weights(k, seed)
     consts = ((w1, "w1"), (b1, "b1"), (dw, "dw"), (pw, "pw"), (np.float32(3), "three"), (np.float32(0), "zero"),
               (np.float32(6), "six"))
     inits = [numpy_helper.from_array(np.asarray(a), n) for a, n in consts]
