@@ -121,3 +121,25 @@ def test_random_data_is_seeded_and_sets_symbolic_dims(signature):
     b = list(data.random_data(signature, 2, seed=3, dims={"N": 5}))
     assert a[0]["x"].shape == (5, 3, 8, 8)
     np.testing.assert_array_equal(a[1]["x"], b[1]["x"])
+
+
+def test_take_keeps_the_labels_of_the_feeds_it_keeps(tmp_path):
+    """An evaluation set cut to its first feeds (the pipeline checks at most 8) keeps those feeds'
+    labels, so top-1 accuracy against labels is still reported; it used to drop them."""
+    from onnxopt.runtime import validation
+    from tests.conftest import model_path
+
+    model = ir.load(model_path("digits_mlp.onnx"))
+    spec = data.input_signature(model)[0]
+    rng = np.random.default_rng(0)
+    x = rng.random((10, *[d or 1 for d in spec.shape[1:]]), dtype=np.float32)
+    labels = np.arange(10) % 3
+    np.savez(tmp_path / "d.npz", **{spec.name: x, "label": labels})
+    ds = data.load_data(tmp_path / "d.npz", [spec], batch_size=4)  # feeds of 4, 4, 2 samples
+    assert ds.samples_per_feed == [4, 4, 2]
+    two = ds.take(2)
+    np.testing.assert_array_equal(two.labels, labels[:8])
+    assert sum(len(f[spec.name]) for f in two) == len(two.labels)
+    report = validation.compare(model, model, tmp_path / "d.npz", max_feeds=2)
+    metrics = next(iter(report.outputs["CPUExecutionProvider"].values()))
+    assert metrics.ref_accuracy is not None  # labels kept: accuracy measured on the 8 samples

@@ -107,12 +107,15 @@ class Dataset:
         *,
         labels: np.ndarray | None = None,
         expected: list[list[np.ndarray]] | None = None,
+        samples_per_feed: Sequence[int] | None = None,
     ) -> None:
         self._factory = factory
         self._length = length
         self.source = source
         self.labels = labels
         self.expected = expected
+        # How many of ``labels`` each feed holds (take() keeps the labels of the feeds it keeps).
+        self.samples_per_feed = list(samples_per_feed) if samples_per_feed is not None else None
 
     def __iter__(self) -> Iterator[Feed]:
         return self._factory()
@@ -124,7 +127,8 @@ class Dataset:
         return f"Dataset({self.source!r}, {self._length} feeds)"
 
     def take(self, n: int) -> Dataset:
-        """The first ``n`` feeds (labels and expected outputs are dropped)."""
+        """The first ``n`` feeds, with their labels (where the samples per feed are known) and
+        expected outputs."""
         n = min(n, self._length)
 
         def factory() -> Iterator[Feed]:
@@ -133,7 +137,12 @@ class Dataset:
                     return
                 yield feed
 
-        return Dataset(factory, n, f"{self.source}[:{n}]")
+        labels, spf = None, None
+        if self.labels is not None and self.samples_per_feed is not None:
+            spf = self.samples_per_feed[:n]
+            labels = self.labels[: sum(spf)]
+        expected = self.expected[:n] if self.expected is not None else None
+        return Dataset(factory, n, f"{self.source}[:{n}]", labels=labels, expected=expected, samples_per_feed=spf)
 
     @classmethod
     def from_feeds(cls, feeds: Sequence[Feed], source: str = "<feeds>", **kw: Any) -> Dataset:
@@ -159,7 +168,8 @@ def load_data(
         for feed in feeds:
             if signature is not None:
                 check_feed(feed, signature, source.source)
-        return Dataset.from_feeds(feeds, source.source, labels=source.labels, expected=source.expected)
+        return Dataset.from_feeds(feeds, source.source, labels=source.labels, expected=source.expected,
+                                  samples_per_feed=source.samples_per_feed)  # fmt: skip
     if isinstance(source, (str, os.PathLike)):
         return _load_path(pathlib.Path(source), signature, batch_size)
     if hasattr(source, "get_next"):
@@ -281,7 +291,8 @@ def _from_sample_arrays(
             check_array(key, arr[0] if per_sample else arr, spec_by_name[key], where, batch_axis_free=True)
         if not per_sample and static_batch is not None and n % batch:
             raise DataError(f"{where}: {n} samples do not fill batches of the model's static batch {batch}")
-    return Dataset(lambda: (cut(i) for i in starts), len(starts), where, labels=labels)
+    spf = [1] * n if per_sample else [min(batch, n - i) for i in starts]
+    return Dataset(lambda: (cut(i) for i in starts), len(starts), where, labels=labels, samples_per_feed=spf)
 
 
 def _feed_files(files: list[pathlib.Path], signature: Sequence[InputSpec] | None, where: str) -> Dataset:

@@ -369,10 +369,9 @@ def compare(
         dataset = _data.random_data(signature, 4, seed=seed)
     else:
         dataset = _data.load_data(data, signature)
-    labels = dataset.labels
     if max_feeds is not None and len(dataset) > max_feeds:
-        dataset = dataset.take(max_feeds)
-        labels = None
+        dataset = dataset.take(max_feeds)  # keeps the labels of the feeds it keeps
+    labels = dataset.labels
     feeds = list(dataset)
     available, skipped = runtime.resolve_providers(providers, require=require_providers)
     outputs: dict[str, dict[str, OutputMetrics]] = {}
