@@ -164,8 +164,7 @@ def _screen_setup(model_path: pathlib.Path, calib, evald, plan_feeds: int, switc
     feeds = mixed._screen_feeds(evald, plan_feeds)
     sizes = None
     if switch == "if":  # as the mixed pass: large activations switched by an If
-        smallest = min(feeds, key=lambda f: sum(v.size for v in f.values()))
-        sizes = screening.activation_sizes(full, smoothed, smallest)
+        sizes = screening.activation_sizes(full, smoothed, feeds[mixed._smallest(feeds)])
     screen = screening.build(full, smoothed, candidates, sizes=sizes)
     return base, quantize, candidates, screen, feeds
 

@@ -197,8 +197,8 @@ class MixedPass(OptPass[MixedConfig]):
         levels = precision_plan.levels_for(ctx.target, offer_dynamic)
         # Large activations get an If switch (no Q/DQ computed in a float trial): sizes from one
         # float run on the smallest screening feed.
-        smallest = min(calib, key=lambda f: sum(np.asarray(v).size for v in f.values()))
-        sizes = screening.activation_sizes(full, smoothed, smallest)
+        small = _smallest(calib)
+        sizes = screening.activation_sizes(full, smoothed, calib[small])
         screen = screening.build(full, smoothed, candidates, [lv for lv in levels if lv != "fp32"], sizes=sizes)
         del smoothed
         report.count("precision_groups", len(screen.groups))
@@ -217,7 +217,8 @@ class MixedPass(OptPass[MixedConfig]):
         # One verification: a build (calibration is cached: no data pass) and one (slower,
         # quantized) run on every evaluation feed; the search keeps 1 + _REPAIR_STEPS of them.
         reserve = build_s + 1.5 * eval_s
-        with _runner(ir.to_proto(screen.model).SerializeToString(), calib, reference, budget, spec, screen, report) as runner:
+        with _runner(ir.to_proto(screen.model).SerializeToString(), calib, small, reference, budget, spec, screen,
+                     report) as runner:  # fmt: skip
             result = precision_plan.bounded_search(
                 planner, screen, runner, levels, deadline, hint=hint, reserve=reserve, quiet=ctx.quiet,
                 rank_data="rank", repair_steps=_REPAIR_STEPS, dynamic_groups=_dynamic_groups(float_model, screen.groups),
@@ -328,8 +329,13 @@ def _screen_feeds(data, n: int) -> list[dict]:
     return [pool[i] for i in sorted(order[:n])]
 
 
+def _smallest(feeds: list[dict]) -> int:
+    """Index of the feed with the fewest elements (the first of equals)."""
+    return min(range(len(feeds)), key=lambda i: (sum(np.asarray(v).size for v in feeds[i].values()), i))
+
+
 @contextlib.contextmanager
-def _runner(model_bytes, feeds, reference, budget, spec, screen, report):
+def _runner(model_bytes, feeds, small, reference, budget, spec, screen, report):
     """Trials in this process when the whole screening would take a few seconds, else on ``spec``.
 
     One trial is timed in this process; a pool (spawn start, ~1-2 s per worker) pays off only
@@ -338,7 +344,6 @@ def _runner(model_bytes, feeds, reference, budget, spec, screen, report):
     """
     # "rank": the smallest screening feed alone, for the per-group sensitivity trials (a ranking:
     # one feed, a quarter of a screening trial's cost on det's page-sized images).
-    small = min(range(len(feeds)), key=lambda i: (sum(np.asarray(v).size for v in feeds[i].values()), i))
     data = {"screen": feeds, "rank": [feeds[small]]}
     refs = {"screen": reference, "rank": [reference[small]]}
     local = trials.Runner(model_bytes, data, refs, budget, trials.WorkerSpec())

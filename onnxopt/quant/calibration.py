@@ -340,8 +340,14 @@ def _progress(items: Iterable[Any], total: int | None, desc: str, quiet: bool) -
 
 def _minmax_phase(
     model: ir.Model, data: Iterable[Mapping[str, np.ndarray]], names: Sequence[str], quiet: bool,
-    sketch: bool = False, threads: int | None = None,
+    sketch: bool = False, threads: int | None = None, stop_after_first: Any = None,
 ) -> tuple[dict[str, list[float]], dict[str, int], int, dict[str, _Histogram]]:
+    """Min/max, sizes and (``sketch``) |x| histograms over ``data`` in one session.
+
+    ``stop_after_first(seconds)``: called with the first feed's time; if it returns True the
+    pass stops there (the count says how many feeds were read), so the caller can hand the rest
+    to workers without a second session.
+    """
     instrumented, outs = _reduce_model(model, names, sketch)
     fetch = [x for exposed in outs.values() for x in exposed]
     lows = {n: math.inf for n in names}
@@ -353,6 +359,7 @@ def _minmax_phase(
     stream = runtime.capture(instrumented, (dict(f) for f in data), fetch, priority_order=True, opt_level=_OPT,
                              threads=threads)  # fmt: skip
     desc = "calibration min/max + histograms" if sketch else "calibration min/max"
+    t0 = time.perf_counter()
     for got in _progress(stream, total, desc, quiet):
         count += 1
         for name, exposed in outs.items():
@@ -366,6 +373,8 @@ def _minmax_phase(
                 peak = max(abs(float(got[exposed[0]])), abs(float(got[exposed[1]])))
                 hists[name].add(peak, got[exposed[3]], size)
         del got
+        if count == 1 and stop_after_first is not None and stop_after_first(time.perf_counter() - t0):
+            break
     if count == 0:
         raise DataError("calibration: no feeds")
     ranges = {n: [lows[n], highs[n]] for n in names}
@@ -431,17 +440,18 @@ def _minmax_parallel(
     model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str], quiet: bool, sketch: bool,
     workers: Any,
 ) -> tuple:
-    """The first feed here, timed; the rest on ``workers`` only if that is estimated to take more
-    than _SHARD_MIN_SECONDS in one process (spawning workers costs ~2-5 s: the digits models
-    calibrate in 1 s in one session and in 5 s on two fresh workers)."""
-    t0 = time.perf_counter()
-    first = _minmax_phase(model, feeds[:1], names, True, sketch)
-    estimate = (time.perf_counter() - t0) * (len(feeds) - 1)
-    if len(feeds) < 3 or estimate < _SHARD_MIN_SECONDS:
-        rest = _minmax_phase(model, feeds[1:], names, quiet, sketch) if len(feeds) > 1 else None
-    else:
-        rest = _minmax_sharded(model, feeds[1:], names, quiet, sketch, workers)
-    return _merge_stats([first] + ([rest] if rest is not None else []), names, sketch)
+    """The first feed here, timed; the rest on ``workers`` only if one process is estimated to take
+    more than _SHARD_MIN_SECONDS (spawning workers costs ~2-5 s: the digits models calibrate in 1 s
+    in one session and in 5 s on two fresh workers), else in the same session."""
+
+    def shard(seconds: float) -> bool:
+        return len(feeds) >= 3 and seconds * (len(feeds) - 1) >= _SHARD_MIN_SECONDS
+
+    here = _minmax_phase(model, feeds, names, quiet, sketch, stop_after_first=shard)
+    if here[2] == len(feeds):  # one session did it all
+        return here
+    rest = _minmax_sharded(model, feeds[here[2]:], names, quiet, sketch, workers)
+    return _merge_stats([here, rest], names, sketch)
 
 
 def _chunks(names: Sequence[str], sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:

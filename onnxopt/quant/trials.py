@@ -172,11 +172,7 @@ class Runner:
             self._start_ray(args)
         elif self.spec.count > 1:
             # spawn, not fork: onnxruntime's thread pools in this process do not survive a fork.
-            ctx = multiprocessing.get_context("spawn")
-            with _one_thread_env():
-                self._pool = concurrent.futures.ProcessPoolExecutor(self.spec.count, ctx, initializer=_init,
-                                                                    initargs=args)  # fmt: skip
-                self._pool.submit(int).result()  # the workers start now, with this environment
+            self._pool = _spawn_pool(self.spec.count, _init, args)
         else:
             self._local = _Worker(*args)
 
@@ -188,17 +184,7 @@ class Runner:
         return self.spec.count if self._pool is not None else 1
 
     def _start_ray(self, args: tuple) -> None:
-        try:
-            import ray
-        except ImportError as err:
-            raise OnnxOptError(f"--workers ray needs Ray: {_RAY_HINT}") from err
-        if not ray.is_initialized():
-            if self.spec.address:
-                ray.init(address=self.spec.address, ignore_reinit_error=True, logging_level="ERROR")
-            else:
-                ray.init(num_cpus=cpu_count(), include_dashboard=False, ignore_reinit_error=True,
-                         logging_level="ERROR", log_to_driver=False)  # fmt: skip
-            self._ray_started = True
+        ray, self._ray_started = _ray_start(self.spec)
         n = max(1, int(ray.cluster_resources().get("CPU", 1)))
         refs = [ray.put(a) for a in args]  # one object-store copy, read by every actor
         actor = ray.remote(num_cpus=1)(_Worker)
@@ -256,17 +242,7 @@ def map_tasks(fn: Any, tasks: Sequence[tuple], spec: WorkerSpec, shared: Any = N
     if spec.kind == "local" and (spec.count <= 1 or len(tasks) == 1):
         return [fn(shared, *t) for t in tasks]
     if spec.kind == "ray":
-        try:
-            import ray
-        except ImportError as err:
-            raise OnnxOptError(f"--workers ray needs Ray: {_RAY_HINT}") from err
-        started = not ray.is_initialized()
-        if started:
-            if spec.address:
-                ray.init(address=spec.address, ignore_reinit_error=True, logging_level="ERROR")
-            else:
-                ray.init(num_cpus=cpu_count(), include_dashboard=False, ignore_reinit_error=True,
-                         logging_level="ERROR", log_to_driver=False)  # fmt: skip
+        ray, started = _ray_start(spec)
         try:
             ref = ray.put(shared)
             remote = ray.remote(num_cpus=1)(fn)
@@ -274,10 +250,38 @@ def map_tasks(fn: Any, tasks: Sequence[tuple], spec: WorkerSpec, shared: Any = N
         finally:
             if started:
                 ray.shutdown()
-    ctx = multiprocessing.get_context("spawn")  # as Runner: onnxruntime's threads do not survive a fork
-    with concurrent.futures.ProcessPoolExecutor(min(spec.count, len(tasks)), ctx, initializer=_init_shared,
-                                                initargs=(shared,)) as pool:  # fmt: skip
+    with _spawn_pool(min(spec.count, len(tasks)), _init_shared, (shared,)) as pool:
         return list(pool.map(_call_shared, [(fn, t) for t in tasks]))
+
+
+def _ray_start(spec: WorkerSpec) -> tuple[Any, bool]:
+    """The ray module, initialised for ``spec`` (local or ``ray://``); whether this call started it."""
+    try:
+        import ray
+    except ImportError as err:
+        raise OnnxOptError(f"--workers ray needs Ray: {_RAY_HINT}") from err
+    if ray.is_initialized():
+        return ray, False
+    if spec.address:
+        ray.init(address=spec.address, ignore_reinit_error=True, logging_level="ERROR")
+    else:
+        ray.init(num_cpus=cpu_count(), include_dashboard=False, ignore_reinit_error=True,
+                 logging_level="ERROR", log_to_driver=False)  # fmt: skip
+    return ray, True
+
+
+def _spawn_pool(count: int, initializer: Any, initargs: tuple) -> concurrent.futures.ProcessPoolExecutor:
+    """``count`` spawned processes, all started now with one BLAS/OpenMP thread each.
+
+    spawn, not fork: onnxruntime's thread pools in this process do not survive a fork. A spawn
+    pool starts its processes on demand, so ``count`` tasks are submitted while the environment
+    holds, one process each.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(count, ctx, initializer=initializer, initargs=initargs)
+    with _one_thread_env():
+        list(pool.map(int, range(count)))
+    return pool
 
 
 _SHARED: Any = None  # map_tasks' shared argument in a pool process (set by its initializer)

@@ -73,6 +73,16 @@ def _conv_weights(k: float, seed: int) -> tuple[np.ndarray, ...]:
     return w1, b1, dw, pw
 
 
+def _conv_model(nodes: list, inits: list, name: str) -> ir.Model:
+    """x [N, 8, 12, 12] -> ``nodes`` -> y [N, 12, 12, 12], opset 17, checked."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12, 12, 12])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.from_proto(proto)
+
+
 def conv_model(k: float, *, relu: bool = True, seed: int = 0) -> ir.Model:
     """x -> Conv 3x3 (8 -> 16) [-> Relu] -> depthwise 3x3 -> pointwise 1x1 (16 -> 12); output
     channels CONV_OUTLIERS of the first Conv are k times larger, the depthwise weights reading them
@@ -84,12 +94,7 @@ def conv_model(k: float, *, relu: bool = True, seed: int = 0) -> ir.Model:
         nodes.append(helper.make_node("Relu", ["c1"], ["r1"], name="relu1"))
     nodes += [helper.make_node("Conv", ["r1" if relu else "c1", "dw"], ["d"], name="dw", group=16, pads=[1, 1, 1, 1]),
               helper.make_node("Conv", ["d", "pw"], ["y"], name="pw")]
-    graph = helper.make_graph(nodes, "conv_pairs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12, 12, 12])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    onnx.checker.check_model(proto, full_check=True)
-    return ir.from_proto(proto)
+    return _conv_model(nodes, inits, "conv_pairs")
 
 
 def conv_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
@@ -308,12 +313,7 @@ def hardswish_model(k: float, *, residual: bool = False, seed: int = 0) -> ir.Mo
         nodes.append(helper.make_node("Add", ["d", "c1"], ["d_res"], name="residual"))
     h2 = _hardswish(nodes, "d_res" if residual else "d", "hs2")
     nodes.append(helper.make_node("Conv", [h2, "pw"], ["y"], name="pw"))
-    graph = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12, 12, 12])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    onnx.checker.check_model(proto, full_check=True)
-    return ir.from_proto(proto)
+    return _conv_model(nodes, inits, "hardswish")
 
 
 def test_hardswish_conv_outputs_are_rescaled_and_the_depthwise_input_evened_out_exactly():
