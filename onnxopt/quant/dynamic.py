@@ -40,13 +40,21 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils
 from onnxopt.quant import scales as qm
+from onnxopt.runtime import sessions as runtime
 
-__all__ = ["DynamicResult", "can_quantize", "quantize_dynamic_nodes", "unpack_attention"]
+__all__ = ["DynamicResult", "can_quantize", "quantize_dynamic_nodes", "token_spreads", "unpack_attention", "SPREAD_LIMIT"]
 
 _QMAX = 127.0
 _TINY = np.float32(1e-12)  # a row of zeros gets this scale (its q is 0 either way)
 _SHIFT = 128  # int8 value + 128 = uint8 value; MatMulInteger subtracts the zero point back
 _MS = "com.microsoft"
+# One scale per tensor leaves a token whose max |x| is 1/k of the largest token's log2(k) bits fewer
+# than its own scale would; at k = 16 the median token still has 4 of the 8 bits (16 levels) per
+# half-range, at k = 32 three. Up to 16 the DynamicQuantizeLinear path (fewer ops, MiniLM 0.41x
+# against 0.46x FP32 latency) is kept; above it the row gets its own scale. (MiniLM's inputs reach 11x
+# and per tensor holds it at 0.997; MPNet's GELU outputs in layers 6-10 reach 20-47x and per tensor
+# there takes it to 0.93: docs/benchmarks.md.)
+SPREAD_LIMIT = 16.0
 
 
 @dataclasses.dataclass
@@ -276,6 +284,27 @@ def quantize_dynamic_nodes(
         if not value.uses() and not value.is_graph_output() and value.name in model.graph.initializers:
             model.graph.initializers.pop(value.name)
     return builder.result
+
+
+def token_spreads(
+    model: ir.Model, nodes: Sequence[ir.Node], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, float]:
+    """Per node name: the largest token's max |x| over the median token's, worst over ``feeds``.
+
+    ``x`` is the node's first input viewed as rows of its last axis (one row per token); the
+    ratio says how many bits one scale per tensor costs the typical token (:data:`SPREAD_LIMIT`).
+    """
+    inputs = {n.name: n.inputs[0].name for n in nodes if n.inputs[0] is not None and n.inputs[0].name}
+    worst = dict.fromkeys(inputs.values(), 0.0)
+    for got in runtime.capture(model, (dict(f) for f in feeds), list(worst), priority_order=True):
+        for name, x in got.items():
+            if name not in worst or x.size == 0:
+                continue
+            rows = np.abs(x.reshape(-1, x.shape[-1])).max(axis=1)
+            median = float(np.median(rows))
+            ratio = float(rows.max()) / median if median > 0 else (1.0 if rows.max() == 0 else np.inf)
+            worst[name] = max(worst[name], ratio)
+    return {node: worst[value] for node, value in inputs.items()}
 
 
 def unpack_attention(model: ir.Model, pass_name: str = "quantize") -> list[str]:

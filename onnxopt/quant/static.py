@@ -70,6 +70,7 @@ _SMOOTH_MIN_RATIO = 4.0  # smoothing: max / median per-channel range that counts
 _SMOOTH_FEEDS = 4  # calibration feeds whose per-channel ranges decide smoothing
 _EMBEDDING_MIN_ROWS = 1024  # smaller Gather tables (position, token type) cost little and stay float
 _AUTO_FEEDS = 4  # calibration feeds each candidate model is measured on (calibration_method=auto)
+_SPREAD_FEEDS = 8  # calibration feeds whose token spreads decide dynamic_scales=auto (the worst one counts)
 
 
 def _check_ops(field: str, ops: frozenset[str]) -> None:
@@ -124,7 +125,8 @@ class QuantizeConfig:
     dynamic_scales: Literal["auto", "token", "tensor"] = option(
         "auto", "dynamic INT8 activation scales: token: one per token (row), robust to outlier tokens; tensor: one "
         "per tensor (onnxruntime's DynamicQuantizeLinear, fewer ops); auto: per tensor on LayerNorm outputs "
-        "(every row normalized), per token elsewhere (attention context, GELU output)"
+        "(every row normalized); elsewhere (attention context, GELU output) per tensor where no calibration token "
+        "exceeds 16x the median token's max |x|, else per token (per token everywhere there without data)"
     )
     embeddings: Literal["int8", "float"] = option(
         "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
@@ -206,6 +208,7 @@ def quantize(
         table.save(config.save_calib_table)
     dtypes, ranks = _tensor_types(model)
     dynamic_names = _dynamic_names(model, config, mode, out)
+    granularity = _scale_granularity(model, config, dynamic_names, calibration, cache, out)
     rules = RuleContext(table.ranges, config.per_tensor, config.mask_threshold, dtypes=dtypes, ranks=ranks)
     plans = [] if mode == "dynamic" else _plans(model, config, rules, float_readers, out, dynamic_names)
     if plans:
@@ -218,7 +221,7 @@ def quantize(
                          target, pass_name, out)
     else:
         result = qdq_insert.InsertResult()
-    _dynamic_and_embeddings(model, config, dynamic_names, target, pass_name, out)
+    _dynamic_and_embeddings(model, config, dynamic_names, granularity, target, pass_name, out)
     if not plans and not out.counts:
         return out
     ir_common.RemoveUnusedNodesPass()(model)
@@ -322,8 +325,58 @@ def _dynamic_names(model: ir.Model, config: QuantizeConfig, mode: str, out: Outc
     return frozenset(names)
 
 
+def _scale_granularity(
+    model: ir.Model,
+    config: QuantizeConfig,
+    names: frozenset[str],
+    data: Dataset | None,
+    cache: MutableMapping[Any, Any] | None,
+    out: Outcome,
+) -> Mapping[str, str] | str:
+    """``dynamic_scales`` per dynamic node; ``auto`` with data is decided per node by measurement.
+
+    LayerNorm outputs get one scale per tensor (every row normalized). Any other input gets one
+    scale per tensor where its token spread on the calibration feeds (largest token's max |x|
+    over the median token's) is at most :data:`dynamic.SPREAD_LIMIT`, else one per token. Without
+    data the other inputs are per token (the safe choice).
+    """
+    if config.dynamic_scales != "auto" or not names:
+        return config.dynamic_scales
+    nodes = [n for n in model.graph if n.name in names]
+    open_nodes = [n for n in nodes if not dynamic.normalized_input(n)]
+    if not open_nodes:
+        return "auto"
+    if data is None:
+        out.note(f"dynamic_scales=auto without calibration data: {len(open_nodes)} input(s) that are not LayerNorm "
+                 "outputs get per-token scales (with --calib, per tensor where the tokens' ranges allow it)")
+        return "auto"
+    key = ("token_spread", calibration.fingerprint(model), tuple(sorted(n.name for n in open_nodes)))
+    spreads = cache.get(key) if cache is not None else None
+    if spreads is None:
+        spreads = dynamic.token_spreads(model, open_nodes, list(data.take(_SPREAD_FEEDS)))
+        if cache is not None:
+            cache[key] = spreads
+    choice = {n.name: "tensor" for n in nodes}
+    for name, spread in spreads.items():
+        choice[name] = "tensor" if spread <= dynamic.SPREAD_LIMIT else "token"
+        out.record(f"token_spread:{name}", spread=round(spread, 2), scales=choice[name])
+    tokens = sorted(n for n, how in choice.items() if how == "token")
+    out.count("dynamic_per_token", len(tokens))
+    out.note(f"dynamic_scales=auto: {len(tokens)} of {len(open_nodes)} MatMul input(s) outside LayerNorm outputs have "
+             f"tokens over {dynamic.SPREAD_LIMIT:g}x the median token's range and get per-token scales"
+             + (f" ({', '.join(tokens[:4])}{', ...' if len(tokens) > 4 else ''})" if tokens else "")
+             + "; the rest one scale per tensor")
+    return choice
+
+
 def _dynamic_and_embeddings(
-    model: ir.Model, config: QuantizeConfig, names: frozenset[str], target: str, pass_name: str, out: Outcome
+    model: ir.Model,
+    config: QuantizeConfig,
+    names: frozenset[str],
+    granularity: Mapping[str, str] | str,
+    target: str,
+    pass_name: str,
+    out: Outcome,
 ) -> None:
     """Rewrite the dynamic nodes (:mod:`onnxopt.quant.dynamic`) and the embedding tables."""
     nodes = [n for n in model.graph if n.name in names and n.op_type in ("MatMul", "Gemm")]
@@ -335,7 +388,7 @@ def _dynamic_and_embeddings(
         how = "set in the config" if config.reduce_range != "auto" else (
             "auto, dynamic INT8: 7-bit weights where the u8 x s8 kernels saturate (no data needed to decide)")
         out.record("reduce_range", reduce_range=seven_bit, how=how, cpu=cpu.describe(), int8_dot=cpu.int8_dot)
-        done = dynamic.quantize_dynamic_nodes(model, nodes, granularity=config.dynamic_scales, reduce_range=seven_bit,
+        done = dynamic.quantize_dynamic_nodes(model, nodes, granularity=granularity, reduce_range=seven_bit,
                                               pass_name=pass_name)
         out.count("dynamic_int8_nodes", len(done.nodes))
         out.count("dynamic_int8_inputs", done.inputs_quantized)

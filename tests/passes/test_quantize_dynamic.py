@@ -108,6 +108,34 @@ def test_per_token_scales_keep_ordinary_tokens_fine(rng):
     assert errors["token"] * 10 < errors["tensor"]
 
 
+def test_auto_scales_per_tensor_unless_tokens_spread(rng):
+    """dynamic_scales=auto with data: per token only where one token's range is > SPREAD_LIMIT x the median's."""
+    w = rng.standard_normal((16, 8)).astype(np.float32) * 0.3
+
+    def two_inputs() -> ir.Model:
+        return _model(
+            [helper.make_node("MatMul", ["x", "W"], ["y"], name="spread"), helper.make_node("MatMul", ["z", "W"], ["v"], name="even")],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 16]) for n in ("x", "z")],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 8]) for n in ("y", "v")],
+            {"W": w},
+        )
+
+    feeds = []
+    for _ in range(3):
+        x = rng.uniform(-1, 1, (1, 8, 16)).astype(np.float32)
+        x[0, 2] *= 4 * dynamic.SPREAD_LIMIT  # one token far beyond the limit (row maxima of U(-1, 1) are ~1)
+        feeds.append({"x": x, "z": rng.uniform(-1, 1, (1, 8, 16)).astype(np.float32)})
+    model = two_inputs()
+    report = _quantize(model, feeds, activations="dynamic")
+    spreads = {r["item"]: r for r in report.records if r["item"].startswith("token_spread:")}
+    assert spreads["token_spread:spread"]["scales"] == "token" and spreads["token_spread:even"]["scales"] == "tensor"
+    assert spreads["token_spread:spread"]["spread"] > dynamic.SPREAD_LIMIT >= spreads["token_spread:even"]["spread"]
+    assert _ops(model)["ReduceMax"] == 1 and _ops(model)["DynamicQuantizeLinear"] == 1
+    without = two_inputs()  # no data: nothing measured, per token on both (neither is a LayerNorm output)
+    _quantize(without, activations="dynamic")
+    assert _ops(without)["ReduceMax"] == 2 and _ops(without)["DynamicQuantizeLinear"] == 0
+
+
 def test_dynamic_gemm_trans_b(rng):
     w = rng.standard_normal((8, 16)).astype(np.float32) * 0.3  # [N, K], transB
     c = rng.standard_normal(8).astype(np.float32)
