@@ -38,7 +38,7 @@ on the same calibration feeds. ``--onnxopt-recipe`` adds an onnxopt row made by 
     python benchmarks/bench_int8.py --quick      # 4 samples, 5 runs: proves the script works
 
 Extra quantize options for onnxopt's rows come from the environment as JSON, e.g.
-``BENCH_INT8_QUANTIZE_OPTIONS='{"rescale_conv_outputs": true}'`` (the layout rows in docs/benchmarks.md).
+``BENCH_INT8_QUANTIZE_OPTIONS='{"rescale_conv_outputs": "true"}'`` (the layout rows in docs/benchmarks.md; the default is now ``auto``).
 """
 
 from __future__ import annotations

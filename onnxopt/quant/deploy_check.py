@@ -15,12 +15,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.outcome import Outcome
+from onnxopt.quant import scales
 from onnxopt.quant.insert import InsertResult
 from onnxopt.runtime import environment
 from onnxopt.runtime import sessions as runtime
 from onnxopt.runtime.latency import medians
 
-__all__ = ["layer_sqnr", "local_sqnr", "record_latency", "record_sqnr", "run_flat"]
+__all__ = ["layer_sqnr", "local_sqnr", "record_latency", "record_sqnr", "run_flat", "run_outputs", "worst_relative_l2"]
 
 _MAX_ACCUMULATED = 400  # tensors compared between float and INT8 runs (accumulated SQNR)
 
@@ -182,6 +183,20 @@ def record_latency(
 
 def _small_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> bool:
     return all(sum(a.nbytes for a in f.values()) <= (1 << 20) for f in feeds)
+
+
+def run_outputs(
+    model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_level: runtime.OptLevel
+) -> dict[str, np.ndarray]:
+    """Each output of ``model`` over ``feeds`` (one session), flattened into one float64 vector per output."""
+    with runtime.session(model, opt_level=opt_level) as handle:
+        runs = [handle.run(dict(feed)) for feed in feeds]
+    return {name: np.concatenate([np.asarray(outs[name], np.float64).ravel() for outs in runs]) for name in runs[0]}
+
+
+def worst_relative_l2(reference: Mapping[str, np.ndarray], approx: Mapping[str, np.ndarray]) -> float:
+    """The largest per-output relative L2 error (one small output badly off is not hidden by a large one)."""
+    return max(scales.relative_l2(reference[name], approx[name]) for name in reference)
 
 
 def run_flat(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], opt_level: runtime.OptLevel) -> np.ndarray:

@@ -52,7 +52,7 @@ from onnxopt.errors import DataError
 from onnxopt.quant.channel_stats import channel_stats
 from onnxopt.runtime import sessions as runtime
 
-__all__ = ["ALPHA_GRID", "RESCALED_KEY", "Reader", "SmoothGroup", "SmoothResult", "find_groups", "smooth"]
+__all__ = ["ALPHA_GRID", "RESCALED_KEY", "Reader", "SmoothGroup", "SmoothResult", "find_groups", "has_rescalable_convs", "smooth"]
 
 # metadata_props key on the float Mul that gives a Conv's evened-out output its channel scales back
 # (``rules`` keep it and whatever reads its output float).
@@ -310,6 +310,12 @@ def find_groups(model: ir.Model, *, rescale_conv_outputs: bool = False) -> tuple
                                           restore=True))
     folded = {id(n) for g in groups if not g.restore for n, _, _ in g.fold}
     return [g for g in groups if not (g.restore and id(g.fold[0][0]) in folded)], reasons
+
+
+def has_rescalable_convs(model: ir.Model) -> bool:
+    """Whether ``rescale_conv_outputs=true`` would add groups (Convs read by a written-out activation)."""
+    groups, _ = find_groups(model, rescale_conv_outputs=True)
+    return any(g.restore for g in groups)
 
 
 def _outlier_ratio(x_max: np.ndarray) -> float:

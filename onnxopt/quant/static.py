@@ -131,10 +131,12 @@ class QuantizeConfig:
     embeddings: Literal["int8", "float"] = option(
         "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
     )
-    rescale_conv_outputs: bool = option(
-        False, "even out the channels of Conv outputs read by a written-out activation (HardSwish): folded into "
+    rescale_conv_outputs: Literal["auto", "true", "false"] = option(
+        "auto", "even out the channels of Conv outputs read by a written-out activation (HardSwish): folded into "
         "the Conv, a float Mul restores them and the activation runs in float (PicoDet layout: worst cosine "
-        "0.73 -> 0.97; PP-OCR det/rec: worse, see docs/benchmarks.md)"
+        "0.68 -> 0.97; PP-OCR det/rec: worse, see docs/benchmarks.md); auto, with calibration data on a model "
+        "that has such Convs: both built, the one whose worst output is closer to FP32 on calibration feeds "
+        "(as deployed) is kept"
     )
     smooth_alpha: Literal["per-layer", "fixed"] = option(
         "per-layer", "SmoothQuant alpha: per-layer: for each LayerNorm output, the alpha (0.3-0.9, or no smoothing) "
@@ -187,6 +189,64 @@ def quantize(
         reduce_range, bias correction, SQNR per tensor, latency) and notes.
 
     """
+    kw = {"calibration": calibration, "target": target, "cache": cache, "quiet": quiet, "pass_name": pass_name,
+          "workers": workers}
+    if config.rescale_conv_outputs == "auto":
+        return _rescale_auto(model, config, kw)
+    return _quantize(model, config, **kw)
+
+
+def _rescale_auto(model: ir.Model, config: QuantizeConfig, kw: dict[str, Any]) -> Outcome:
+    """``rescale_conv_outputs=auto``: build with and without, keep the one closer to FP32 as deployed.
+
+    Only where it can matter (calibration data, smoothing on, Convs read by a written-out
+    activation); the choice is cached per model, so ``mixed``'s many builds decide once. The error
+    is the worst output's relative L2 on :data:`_AUTO_FEEDS` calibration feeds, onnxruntime's
+    optimisations on (the fused integer kernels).
+    """
+    off = dataclasses.replace(config, rescale_conv_outputs="false")
+    on = dataclasses.replace(config, rescale_conv_outputs="true")
+    data, cache = kw["calibration"], kw["cache"]
+    if data is None or config.calib_table or not config.smooth_quant or not smooth.has_rescalable_convs(model):
+        return _quantize(model, off, **kw)
+    key = ("rescale_conv_outputs", calibration.fingerprint(model))
+    decided = cache.get(key) if cache is not None else None
+    if decided is not None:
+        out = _quantize(model, on if decided else off, **kw)
+        out.note(f"rescale_conv_outputs=auto: {'on' if decided else 'off'}, as measured on the first build of this model")
+        return out
+    float_model, rescaled = model.clone(), model.clone()
+    out_on = _quantize(rescaled, on, **kw)
+    out_off = _quantize(model, off, **kw)
+    feeds = list(data.take(_AUTO_FEEDS))
+    ref = deploy_check.run_outputs(float_model, feeds, "all")
+    err_on = deploy_check.worst_relative_l2(ref, deploy_check.run_outputs(rescaled, feeds, "all"))
+    err_off = deploy_check.worst_relative_l2(ref, deploy_check.run_outputs(model, feeds, "all"))
+    chosen = err_on < err_off
+    if chosen:
+        model.graph = rescaled.graph  # the opset imports live on the graph
+    out = out_on if chosen else out_off
+    out.record("rescale_conv_outputs", rescaled=chosen, worst_rel_l2_off=round(err_off, 6),
+               worst_rel_l2_on=round(err_on, 6), feeds=len(feeds))
+    out.note(f"rescale_conv_outputs=auto: {'on' if chosen else 'off'}; worst output relative L2 to FP32 on "
+             f"{len(feeds)} calibration feed(s), as deployed: {err_off:.3g} without, {err_on:.3g} with")
+    if cache is not None:
+        cache[key] = chosen
+    return out
+
+
+def _quantize(
+    model: ir.Model,
+    config: QuantizeConfig,
+    *,
+    calibration: Dataset | None,
+    target: str,
+    cache: MutableMapping[Any, Any] | None,
+    quiet: bool,
+    pass_name: str,
+    workers: Any,
+) -> Outcome:
+    """:func:`quantize` with ``rescale_conv_outputs`` decided (true or false)."""
     out = Outcome()
     opset = model.opset_imports.get("", 0)
     if _ir_utils.upgrade_opset(model, MIN_OPSET):
@@ -455,7 +515,7 @@ def _calibrate(
     if config.calib_table:
         table = CalibrationTable.load(config.calib_table)
         if table.smoothing:
-            done = smooth.smooth(model, None, scales=table.smoothing, rescale_conv_outputs=config.rescale_conv_outputs)
+            done = smooth.smooth(model, None, scales=table.smoothing, rescale_conv_outputs=config.rescale_conv_outputs == "true")
             out.note(f"SmoothQuant scales of {len(table.smoothing)} tensors applied from the calibration table")
     else:
         if config.smooth_quant:
@@ -491,12 +551,12 @@ def _cached_smooth(
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         scales, records, skipped = hit
-        done = smooth.smooth(model, None, scales=scales, rescale_conv_outputs=config.rescale_conv_outputs)
+        done = smooth.smooth(model, None, scales=scales, rescale_conv_outputs=config.rescale_conv_outputs == "true")
         done.records, done.skipped = copy.deepcopy(records), list(skipped)
         return done
     feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
     done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO,
-                         rescale_conv_outputs=config.rescale_conv_outputs, **_alphas(config, per_token))
+                         rescale_conv_outputs=config.rescale_conv_outputs == "true", **_alphas(config, per_token))
     if cache is not None:
         cache[key] = (dict(done.scales), copy.deepcopy(done.records), list(done.skipped))
     return done

@@ -344,7 +344,7 @@ def test_hardswish_rescaling_shrinks_int8_error_and_keeps_integer_convs():
     ref = outputs(hardswish_model(30.0), evals)
     off, on = hardswish_model(30.0), hardswish_model(30.0)
     quantize(off, data, smooth_quant=0.0)
-    report = quantize(on, data, rescale_conv_outputs=True)
+    report = quantize(on, data, rescale_conv_outputs="true")
     assert report.counts["quantized_Conv"] == 3
     # The Conv outputs stay quantized (so onnxruntime runs QLinearConv); the restoring Mul and
     # the HardSwish parts after it read the dequantized tensor and stay float.
@@ -361,6 +361,24 @@ def test_hardswish_rescaling_shrinks_int8_error_and_keeps_integer_convs():
     # channel's range is ~1 under its own factor; the error should drop by an order of magnitude.
     # A 3x drop is claimed (the same margin as the Conv -> Conv equalisation test above).
     assert err_on < err_off / 3, (err_on, err_off)
+
+
+def test_rescale_auto_keeps_the_build_closer_to_float():
+    """rescale_conv_outputs=auto (default) builds both and keeps the one measured closer to FP32."""
+    data, evals = conv_feeds(8), conv_feeds(2, seed=3)
+    for k in (30.0, 1.0):
+        auto, on, off = hardswish_model(k), hardswish_model(k), hardswish_model(k)
+        report = quantize(auto, data)
+        (rec,) = [r for r in report.records if r["item"] == "rescale_conv_outputs"]
+        assert rec["rescaled"] == (rec["worst_rel_l2_on"] < rec["worst_rel_l2_off"])
+        quantize(on, data, rescale_conv_outputs="true")
+        quantize(off, data, rescale_conv_outputs="false")
+        np.testing.assert_array_equal(outputs(auto, evals), outputs(on if rec["rescaled"] else off, evals))
+        if k == 30.0:  # 30x outlier channels: rescaling cuts the INT8 error >= 3x (test above)
+            assert rec["rescaled"]
+    plain = ln_model(30.0)  # no Conv read by a written-out activation: one build, nothing recorded
+    report = quantize(plain, feeds(4))
+    assert not [r for r in report.records if r["item"] == "rescale_conv_outputs"]
 
 
 def test_conv_outputs_are_not_rescaled_unless_asked():
