@@ -44,6 +44,7 @@ import onnx_ir.passes.common as ir_common
 
 from onnxopt import _ir_utils
 from onnxopt.config import option
+from onnxopt.fusion import activations
 from onnxopt.outcome import Outcome
 from onnxopt.quant import (
     bias_correction,
@@ -284,6 +285,10 @@ def _quantize(
     _dynamic_and_embeddings(model, config, dynamic_names, granularity, target, pass_name, out)
     if not plans and not out.counts:
         return out
+    if plans:  # what stayed float between the integer kernels (rescaled Conv outputs' activations)
+        fused = activations.fuse_hardswish(model, pass_name=pass_name)
+        if fused:
+            out.count("float_hardswish_fused", fused)
     ir_common.RemoveUnusedNodesPass()(model)
     _drop_inner_value_info(model)
     if config.bias_correction and float_model is not None and calibration is not None and plans:
