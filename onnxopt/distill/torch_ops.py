@@ -250,7 +250,8 @@ def _reshape(a: dict[str, Any], o: int) -> OpFn:
 
 def _flatten(a: dict[str, Any], o: int) -> OpFn:
     axis = a.get("axis", 1)
-    return lambda x: [x[0].reshape(int(np.prod(x[0].shape[: axis % max(x[0].dim(), 1)])), -1)]
+    # axis may equal the rank (ONNX allows [-r, r]): everything goes to the outer dimension
+    return lambda x: [x[0].reshape(int(np.prod(x[0].shape[: axis if axis >= 0 else axis + x[0].dim()])), -1)]
 
 
 def _squeeze(a: dict[str, Any], o: int) -> OpFn:
@@ -412,12 +413,14 @@ OPS: dict[str, Builder] = {
     "Shape": lambda a, o: lambda x: [torch.tensor(x[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64)],
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
+    "Range": lambda a, o: lambda x: [torch.arange(x[0].item(), x[1].item(), x[2].item(), dtype=x[0].dtype)],
     "Equal": _binary(torch.eq),
     "Less": _binary(torch.lt),
     "LessOrEqual": _binary(torch.le),
     "Greater": _binary(torch.gt),
     "GreaterOrEqual": _binary(torch.ge),
     "Not": _unary(torch.logical_not),
+    "IsNaN": _unary(torch.isnan),
     "And": _binary(torch.logical_and),
     "Or": _binary(torch.logical_or),
     "Expand": lambda a, o: lambda x: [x[0] * torch.ones(_ints(x[1]), dtype=x[0].dtype)],

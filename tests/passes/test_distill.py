@@ -178,6 +178,25 @@ def test_torch_graph_comparisons_and_constant_of_shape_match_onnxruntime():
         np.testing.assert_array_equal(got, want)
 
 
+def test_torch_graph_index_ops_of_bert_exports_match_onnxruntime():
+    """Flatten with axis == rank, Range and IsNaN, as Hugging Face BERT exports use them (batch > 1)."""
+    mk = onnx.helper.make_node
+    consts = {"zero": np.array(0, np.int64), "one": np.array(1, np.int64)}
+    nodes = [
+        mk("Flatten", ["m"], ["f"], axis=2),  # [2, 3] -> [6, 1]: axis may equal the rank
+        mk("Shape", ["m"], ["s"]), mk("Gather", ["s", "one"], ["n"], axis=0), mk("Range", ["zero", "n", "one"], ["r"]),
+        mk("IsNaN", ["x"], ["nan"]),
+    ]
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, consts, [info("m", onnx.TensorProto.INT64, [2, 3]), info("x", onnx.TensorProto.FLOAT, [4])],
+                         [info("f", onnx.TensorProto.INT64, None), info("r", onnx.TensorProto.INT64, None),
+                          info("nan", onnx.TensorProto.BOOL, None)])
+    feeds = {"m": np.arange(6, dtype=np.int64).reshape(2, 3), "x": np.array([1, np.nan, -np.inf, 0], np.float32)}
+    for got, want in zip(_torch(model, feeds), _ort(model, feeds), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_codebook_gradient_is_sum_of_member_gradients(rng):
     w = rng.choice(np.array([-0.5, 0.0, 0.25, 1.0], np.float32), size=(8, 16))
     p = distill_torch.make_param("w", w)
