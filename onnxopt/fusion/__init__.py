@@ -1,1 +1,2 @@
-"""Graph rewrites that prepare a model for onnxruntime's transformer fusions (the fuse pass): attention geometry and form."""
+"""Graph fusions: attention geometry and form for onnxruntime's transformer fusions (the fuse pass), and
+written-out activations as single ONNX ops (activations: HardSwish, used by the quantizer)."""
