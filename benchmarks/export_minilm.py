@@ -23,16 +23,10 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "ONNX models run on many execution providers.",
-    "A sentence encoder maps text to a dense vector.",
-    "Quantization trades a little accuracy for speed.",
-    "It rained all day, so the match was postponed.",
-    "Graph optimizers fold constants and fuse attention.",
-    "She bought three apples and a loaf of bread.",
-    "Calibration data should look like real inputs.",
-)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from minilm_sentences import CALIB  # noqa: E402  (a sibling script, not a package)
+
+SENTENCES = CALIB[:8]  # the sentences this export was first measured with: minilm_sentences' first eight
 
 
 def main() -> int:
