@@ -133,11 +133,12 @@ class QuantizeConfig:
         "int8", f"Gather tables of >= {_EMBEDDING_MIN_ROWS} rows (word embeddings): int8 with one scale per row, or float"
     )
     rescale_conv_outputs: Literal["auto", "true", "false"] = option(
-        "auto", "even out the channels of Conv outputs read by a written-out activation (HardSwish): folded into "
-        "the Conv, a float Mul restores them and the activation runs in float (PicoDet layout: worst cosine "
-        "0.68 -> 0.97; PP-OCR det/rec: worse, see docs/benchmarks.md); auto, with calibration data on a model "
-        "that has such Convs: both built, the one whose worst output is closer to FP32 on calibration feeds "
-        "(as deployed) is kept"
+        "auto", "even out the channels around written-out activations (HardSwish): Conv outputs read by one get "
+        "1/s folded into the Conv and a float Mul restoring them (the activation runs in float), and activation "
+        "outputs made by a Mul/Div by a constant and read by Convs get 1/s folded into that constant (PicoDet "
+        "layout: worst cosine 0.68 -> 0.97; PP-OCR det/rec: worse, see docs/benchmarks.md); auto, with "
+        "calibration data on a model that has such activations: both built, the one whose worst output is "
+        "closer to FP32 on calibration feeds (as deployed) is kept"
     )
     smooth_alpha: Literal["per-layer", "fixed"] = option(
         "per-layer", "SmoothQuant alpha: per-layer: for each LayerNorm output, the alpha (0.3-0.9, or no smoothing) "
