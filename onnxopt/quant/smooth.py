@@ -30,9 +30,10 @@ Activations that are not positively homogeneous (HardSwish written out as ``x * 
 - an activation output read only by Convs, made by a ``Mul``/``Div`` by a constant (the ``/ 6``),
   gets ``1 / s`` folded into that constant, which becomes one value per channel.
 
-Both come with ``rescale_conv_outputs`` (the quantizer's ``auto`` measures whether they pay): the
-first makes the activation float; together they won on PicoDet (worst cosine 0.68 -> 0.97) and
-lost on PP-OCR rec (the fold alone: lines decoded as FP32 65.6 % -> 46.9 %) and det. Both are free for the weights where each weight's rounding is unchanged: a Conv's own output
+Both come with ``rescale_conv_outputs`` (the quantizer's ``auto`` measures whether they pay), and
+so does evening out every depthwise Conv input whatever its spread: the first makes the activation
+float; together they won on PicoDet (worst cosine 0.68 -> 0.97) and lost on PP-OCR det and rec
+(the fold and the depthwise evening alone: rec lines decoded as FP32 65.6 % -> 46.9 %). Both are free for the weights where each weight's rounding is unchanged: a Conv's own output
 channels (weights quantized per output channel) and depthwise readers (one input channel per
 output channel). Such groups take ``s = max |X|`` per channel (alpha 1) whatever their spread;
 the rest keep ``alpha`` and ``min_ratio``. On the PicoDet CDLA layout detector the per-tensor

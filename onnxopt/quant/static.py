@@ -135,7 +135,8 @@ class QuantizeConfig:
     rescale_conv_outputs: Literal["auto", "true", "false"] = option(
         "auto", "even out the channels around written-out activations (HardSwish): Conv outputs read by one get "
         "1/s folded into the Conv and a float Mul restoring them (the activation runs in float), and activation "
-        "outputs made by a Mul/Div by a constant and read by Convs get 1/s folded into that constant (PicoDet "
+        "outputs made by a Mul/Div by a constant and read by Convs get 1/s folded into that constant, and every "
+        "depthwise Conv input is evened out whatever its spread (PicoDet "
         "layout: worst cosine 0.68 -> 0.97; PP-OCR det/rec: worse, see docs/benchmarks.md); auto, with "
         "calibration data on a model that has such activations: both built, the one whose worst output is "
         "closer to FP32 on calibration feeds (as deployed) is kept"
