@@ -30,9 +30,9 @@ Parts (``--part``; all by default), every number measured in this run:
                pruned, not trained; their outputs on the crops are cached once with onnxruntime),
                the layers after it are pruned gradually (``--schedule``: overall sparsity of all
                Conv/MatMul weights after each step; per-layer fractions by ``--allocation``:
-               ``sensitivity`` (default: each layer pruned alone to a few fractions, KL to FP32
-               on held-back crops, one shared loss level, ``sparsity.allocate_by_sensitivity``),
-               ``uniform`` or ``std``, with caps; KL distillation (tau ``--tau``) plus FitNets
+               ``uniform`` (default: one fraction for every layer), ``sensitivity`` (each layer
+               pruned alone to a few fractions, KL to FP32 on held-back crops, one shared loss
+               level, ``sparsity.allocate_by_sensitivity``) or ``std``, with caps; KL distillation (tau ``--tau``) plus FitNets
                hints at the block outputs (``--hints``), one-cycle LR per step, the epoch with the
                best held-back agreement kept), clustered to 16 per tensor (zero kept) and their
                centroids fine-tuned (shared-weight gradient), then packed 4-bit. Agreement with
@@ -49,7 +49,7 @@ Usage::
     python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks|ocr]
         [--rounds 200] [--threads 1] [--batch 64] [--ocr-stages cls,det] [--json OUT.json]
     python benchmarks/bench_compress.py --part gradual --feeds DIR [--crops 6000]
-        [--schedule 0.3,0.5,...,0.8] [--epochs-per-step 3] [--allocation sensitivity|uniform|std] [--hints auto|none] ...
+        [--schedule 0.3,0.5,...,0.8] [--epochs-per-step 3] [--allocation uniform|sensitivity|std] [--hints auto|none] ...
 """
 
 from __future__ import annotations
@@ -745,7 +745,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=0, help="--part gradual: stop a step after this many epochs without a better held-back score (0: never)")
     parser.add_argument("--sensitivity-crops", type=int, default=256, help="--part gradual: held-back crops for --allocation sensitivity")
     parser.add_argument("--sensitivity-fractions", default="0.5,0.7,0.8,0.9,0.95,0.98", help="--part gradual: fractions each layer is probed at")
-    parser.add_argument("--allocation", choices=["std", "uniform", "sensitivity"], default="sensitivity",
+    parser.add_argument("--allocation", choices=["std", "uniform", "sensitivity"], default="uniform",
                         help="--part gradual: per-layer fractions from measured sensitivity, one |w|/std threshold, or one fraction for all")
     parser.add_argument("--prefix-codebooks", choices=["tensor", "channel"], default="tensor",
                         help="--part gradual: codebooks of the untrained layers before --cut")
