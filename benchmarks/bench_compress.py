@@ -28,9 +28,13 @@ Parts (``--part``; all by default), every number measured in this run:
                crops (``ocr_data.render_cls_crops``, teacher = FP32's outputs; disjoint from the
                held-out feeds): the layers before ``--cut`` get 16 clusters per tensor (not
                pruned, not trained; their outputs on the crops are cached once with onnxruntime),
-               the layers after it are pruned gradually (``--schedule``: per-layer fractions from
-               one std-relative threshold with caps, ``onnxopt.compress.sparsity``; distillation
-               epochs after every step), clustered to 16 per tensor (zero kept) and their
+               the layers after it are pruned gradually (``--schedule``: overall sparsity of all
+               Conv/MatMul weights after each step; per-layer fractions by ``--allocation``:
+               ``uniform`` (default: one fraction for every layer), ``sensitivity`` (each layer
+               pruned alone to a few fractions, KL to FP32 on held-back crops, one shared loss
+               level, ``sparsity.allocate_by_sensitivity``) or ``std``, with caps; KL distillation (tau ``--tau``) plus FitNets
+               hints at the block outputs (``--hints``), one-cycle LR per step, the epoch with the
+               best held-back agreement kept), clustered to 16 per tensor (zero kept) and their
                centroids fine-tuned (shared-weight gradient), then packed 4-bit. Agreement with
                FP32 on the held-out rendered and shared-image crops after every step; zip bytes
                split into indices, codebooks, biases and the rest. Needs torch.
@@ -44,8 +48,8 @@ Usage::
 
     python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks|ocr]
         [--rounds 200] [--threads 1] [--batch 64] [--ocr-stages cls,det] [--json OUT.json]
-    python benchmarks/bench_compress.py --part gradual --feeds DIR [--crops 3000]
-        [--schedule 0.3,0.5,0.65,0.8] [--epochs-per-step 3] [--allocation uniform|std] ...
+    python benchmarks/bench_compress.py --part gradual --feeds DIR [--crops 6000]
+        [--schedule 0.3,0.5,...,0.8] [--epochs-per-step 3] [--allocation uniform|sensitivity|std] [--hints auto|none] ...
 """
 
 from __future__ import annotations
@@ -476,6 +480,25 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
     biases = [n.inputs[2].name for n in layers[cut:] if len(n.inputs) > 2 and n.inputs[2] is not None]
     init = model.graph.initializers
     w0 = {k: init[k].const_value.numpy().copy() for k in prefix + suffix}
+    if args.hints == "auto":  # block outputs: what each expand conv, conv_last and the fc read
+        hint_names = [n.inputs[0].name for n in layers[cut + 1 :]
+                      if "expand" in n.inputs[1].name or n is layers[-2] or n is layers[-1]]
+    else:
+        hint_names = [h for h in args.hints.split(",") if h and h != "none"]
+    if hint_names:  # the teacher's values there: FP32 weights (before the prefix is clustered)
+        with_hints = ir.from_proto(ir.to_proto(model))
+        produced = {v.name: v for n in with_hints.graph for v in n.outputs}
+        unknown = [h for h in hint_names if h not in produced]
+        if unknown:
+            raise SystemExit(f"--hints: no node computes {unknown[0]!r}")
+        with_hints.graph.outputs.extend(produced[h] for h in hint_names)
+        with runtime.session(with_hints) as handle:
+            parts = [handle.run({"x": x_train[i : i + 256]}) for i in range(0, len(x_train), 256)]
+        hint_t = [torch.from_numpy(np.concatenate([p[h] for p in parts])) for h in hint_names]
+        print(f"  hints {hint_names}: {sum(h.numel() for h in hint_t) * 4 / 2**20:.0f} MiB of teacher features",
+              file=sys.stderr, flush=True)
+    else:
+        hint_t = []
     total = sum(w.size for w in w0.values())
     prefix_axis = 0 if args.prefix_codebooks == "channel" else None
     for k in prefix:  # 16 clusters per tensor (or channel), not pruned: the early layers hold 3 % of the weights
@@ -507,30 +530,40 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
             ws = {p.name: p.weight() for p in params}
             return torch.cat([graph({cut_value: torch.from_numpy(f[i : i + 512])}, ws)[0] for i in range(0, len(f), 512)])
 
+    val_ref = teacher[val_idx].argmax(1)
+
+    def val_score(params: list) -> tuple[float, float]:
+        """(agreement with FP32, -KL to FP32) on the held-back training crops: higher is better."""
+        out = outputs(params, feats[val_idx])
+        kl = distill_train.distill_loss([out], [p_t[val_idx]], None, ["kl_prob"], 1.0, 1.0)
+        return float((out.argmax(1).numpy() == val_ref).mean()), -float(kl)
+
     def fit(params: list, epochs: int, lr: float) -> int:
         """Train ``params`` up to ``epochs`` epochs; keep the best epoch; return epochs run."""
         if epochs <= 0:
             return 0
-        ran = 0
+        ran = since_best = 0
         opt = torch.optim.Adam([p.theta for p in params], lr=lr)
         steps = epochs * -(-len(train_idx) // args.batch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=args.warmup)
         rng = np.random.default_rng(0)
-        val_ref = teacher[val_idx].argmax(1)
-        best = (float((outputs(params, feats[val_idx]).argmax(1).numpy() == val_ref).mean()),
-                [p.theta.detach().clone() for p in params])
+        best = (val_score(params), [p.theta.detach().clone() for p in params])
         for _ in range(epochs):
             if time.perf_counter() - t_start > args.train_budget_s:  # shared machine: finish the table
                 print(f"  training budget {args.train_budget_s:.0f} s spent: no more epochs", file=sys.stderr, flush=True)
                 break
+            if args.patience and since_best >= args.patience:  # early stopping on held-back agreement
+                break
             ran += 1
+            t_epoch = time.perf_counter()
             order = train_idx[rng.permutation(len(train_idx))]
             for i in range(0, len(order), args.batch):
                 idx = torch.from_numpy(order[i : i + args.batch])
                 opt.zero_grad()
                 ws = {p.name: p.weight() for p in params}
-                out = graph({cut_value: f_t[idx]}, ws)[0]
-                loss = distill_train.distill_loss([out], [p_t[idx]], None, ["kl_prob"], args.tau, 1.0)
+                out, *extra = graph({cut_value: f_t[idx]}, ws, hint_names)
+                loss = distill_train.distill_loss([out], [p_t[idx]], None, ["kl_prob"], args.tau, 1.0,
+                                                  list(zip(extra, [h[idx] for h in hint_t], strict=True)), args.hint_weight)
                 loss.backward()
                 for p in params:
                     p.mask_grad()
@@ -538,9 +571,12 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
                 sched.step()
                 for p in params:
                     p.project()
-            agree = float((outputs(params, feats[val_idx]).argmax(1).numpy() == val_ref).mean())
-            if agree >= best[0]:
-                best = (agree, [p.theta.detach().clone() for p in params])
+            score = val_score(params)
+            print(f"    epoch {ran}: held-back agreement {score[0]:.4f}, KL {-score[1]:.4g} "
+                  f"({time.perf_counter() - t_epoch:.0f} s)", file=sys.stderr, flush=True)
+            since_best += 1
+            if score >= best[0]:  # agreement first, KL breaks ties
+                best, since_best = (score, [p.theta.detach().clone() for p in params]), 0
         with torch.no_grad():
             for p, state in zip(params, best[1], strict=True):
                 p.theta.copy_(state)
@@ -564,6 +600,30 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
     record(f"prefix ({len(prefix)} layers, {sum(w0[k].size for k in prefix)} weights) 16 clusters/{args.prefix_codebooks}", params, t0)
     caps = {k: (0.0 if k == suffix[-1] else args.depthwise_cap if k in depthwise else args.layer_cap) for k in suffix}
     suffix_size = sum(w0[k].size for k in suffix)
+    if args.allocation == "sensitivity":  # each layer alone at a few fractions: KL to FP32 on held-back crops
+        t0 = time.perf_counter()
+        probe = x_train[val_idx[: args.sensitivity_crops]]
+        probe_t = torch.from_numpy(teacher[val_idx[: args.sensitivity_crops]])
+        fractions = [float(v) for v in args.sensitivity_fractions.split(",")]
+
+        def probe_kl() -> float:
+            out = torch.from_numpy(run_ort(model, probe))
+            return float(distill_train.distill_loss([out], [probe_t], None, ["kl_prob"], 1.0, 1.0))
+
+        base_kl = probe_kl()  # the clustered prefix's own share: each curve is the increase over it
+        curves = {}
+        for k in suffix:
+            if caps[k] == 0:
+                continue
+            losses = []
+            for frac in fractions:
+                init[k].const_value = ir.tensor(sparsity_plan.prune_smallest(w0[k], frac), name=k)
+                losses.append(max(0.0, probe_kl() - base_kl))
+            init[k].const_value = ir.tensor(w0[k], name=k)
+            curves[k] = (fractions, losses)
+        print(f"  sensitivity of {len(curves)} layers ({time.perf_counter() - t0:.0f} s): "
+              + ", ".join(f"{k.split('_weights')[0]} {[round(v, 3) for v in c[1]]}" for k, c in curves.items()),
+              file=sys.stderr, flush=True)
     for step_sparsity in [float(v) for v in args.schedule.split(",")]:
         t0 = time.perf_counter()
         current = {p.name: p.numpy() for p in params}
@@ -574,8 +634,12 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if sum(min(caps[k], mid) * w0[k].size for k in suffix) < goal * suffix_size else (lo, mid)
             plan = {k: min(caps[k], hi) for k in suffix}
+        elif args.allocation == "sensitivity":
+            plan = {k: 0.0 for k in suffix} | sparsity_plan.allocate_by_sensitivity(
+                curves, {k: w0[k].size for k in curves}, goal * suffix_size / sum(w0[k].size for k in curves), caps)
         else:
             plan = sparsity_plan.allocate({k: w0[k] for k in suffix}, goal, caps)
+        print("  plan: " + ", ".join(f"{k.split('_weights')[0]} {v:.2f}" for k, v in plan.items()), file=sys.stderr, flush=True)
         for k in suffix:  # the masks only grow: earlier zeros are the smallest values
             current[k] = sparsity_plan.prune_smallest(current[k], max(plan[k], float((current[k] == 0).mean())))
         params = params_for(current)
@@ -663,20 +727,26 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.8", help="--part deep: comma-separated pruning fractions")
     parser.add_argument("--max-layer-sparsity", type=float, default=1.0, help="--part deep: prune's per-tensor cap")
     parser.add_argument("--distill", default="", help="--part deep: distill options k=v,... (defaults otherwise)")
-    parser.add_argument("--crops", type=int, default=2400, help="--part gradual: rendered training crops")
+    parser.add_argument("--crops", type=int, default=6000, help="--part gradual: rendered training crops")
     parser.add_argument("--crop-seed", type=int, default=1000, help="--part gradual: render seed (held-out set: 11)")
     parser.add_argument("--cut", default="conv6_expand", help="--part gradual: first trained layer (weight name prefix)")
-    parser.add_argument("--schedule", default="0.5,0.7,0.8,0.8", help="--part gradual: overall sparsity after each step")
-    parser.add_argument("--epochs-per-step", type=int, default=1)
-    parser.add_argument("--cluster-epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--schedule", default="0.3,0.5,0.6,0.65,0.7,0.74,0.77,0.8", help="--part gradual: overall sparsity after each step")
+    parser.add_argument("--epochs-per-step", type=int, default=3)
+    parser.add_argument("--cluster-epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--tau", type=float, default=2.0)
     parser.add_argument("--layer-cap", type=float, default=0.95, help="--part gradual: most any layer loses")
     parser.add_argument("--depthwise-cap", type=float, default=0.7, help="--part gradual: most a depthwise layer loses")
-    parser.add_argument("--train-budget-s", type=float, default=780.0,
+    parser.add_argument("--train-budget-s", type=float, default=1500.0,
                         help="--part gradual: no new epoch after this many seconds (the steps still run)")
-    parser.add_argument("--allocation", choices=["std", "uniform"], default="uniform",
-                        help="--part gradual: per-layer fractions from one |w|/std threshold, or one fraction for all")
+    parser.add_argument("--hints", default="auto", help="--part gradual: FitNets hint values (auto: block outputs; none; or names)")
+    parser.add_argument("--hint-weight", type=float, default=1.0, help="--part gradual: weight of the hint losses")
+    parser.add_argument("--warmup", type=float, default=0.15, help="--part gradual: share of each step's one-cycle LR spent warming up")
+    parser.add_argument("--patience", type=int, default=0, help="--part gradual: stop a step after this many epochs without a better held-back score (0: never)")
+    parser.add_argument("--sensitivity-crops", type=int, default=256, help="--part gradual: held-back crops for --allocation sensitivity")
+    parser.add_argument("--sensitivity-fractions", default="0.5,0.7,0.8,0.9,0.95,0.98", help="--part gradual: fractions each layer is probed at")
+    parser.add_argument("--allocation", choices=["std", "uniform", "sensitivity"], default="uniform",
+                        help="--part gradual: per-layer fractions from measured sensitivity, one |w|/std threshold, or one fraction for all")
     parser.add_argument("--prefix-codebooks", choices=["tensor", "channel"], default="tensor",
                         help="--part gradual: codebooks of the untrained layers before --cut")
     parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")

@@ -65,3 +65,56 @@ def test_prune_smallest_keeps_earlier_zeros_and_exact_count(rng):
 def test_bad_arguments(rng, target, caps, message):
     with pytest.raises(ValueError, match=message):
         sparsity.allocate(_weights(rng), target, caps)
+
+
+def _curves():
+    f = [0.25, 0.5, 0.75, 0.95]
+    return {
+        "insensitive": (f, [0.001 * x for x in f]),  # e.g. squeeze-excitation layers
+        "sensitive": (f, [x * x for x in f]),
+        "bumpy": (f, [0.02, 0.01, 0.3, 0.4]),  # measured noise: treated as its running maximum
+    }, {"insensitive": 4000, "sensitive": 1000, "bumpy": 500}
+
+
+def _interp_loss(curve, frac):
+    f, loss = curve
+    return float(np.interp(frac, [0.0, *f], np.maximum.accumulate([0.0, *loss])))
+
+
+def test_sensitivity_shares_one_loss_level_and_reaches_the_target():
+    curves, sizes = _curves()
+    plan = sparsity.allocate_by_sensitivity(curves, sizes, 0.7)
+    removed = sum(plan[n] * sizes[n] for n in plan) / sum(sizes.values())
+    assert removed == pytest.approx(0.7, abs=1e-6)  # bisection to 2^-100 of the loss range
+    assert plan["insensitive"] == pytest.approx(0.95)  # runs out of curve before the others move
+    assert plan["sensitive"] < plan["bumpy"] < 0.75
+    # The tensors inside their curves sit at the same interpolated loss (the shared level).
+    assert _interp_loss(curves["sensitive"], plan["sensitive"]) == pytest.approx(
+        _interp_loss(curves["bumpy"], plan["bumpy"]), rel=1e-6)
+    # The bumpy curve's dip (0.02 then 0.01) is flattened: 0.015 loss allows up to 0.5.
+    low = sparsity.allocate_by_sensitivity({"bumpy": curves["bumpy"]}, {"bumpy": 500}, 0.5)
+    assert low["bumpy"] == pytest.approx(0.5)
+    assert _interp_loss(curves["bumpy"], 0.4) == pytest.approx(0.02)
+
+
+def test_sensitivity_caps_and_an_unreachable_target():
+    curves, sizes = _curves()
+    plan = sparsity.allocate_by_sensitivity(curves, sizes, 0.5, {"insensitive": 0.5, "bumpy": 0.0})
+    assert plan["insensitive"] == 0.5 and plan["bumpy"] == 0.0
+    assert plan["sensitive"] == pytest.approx(0.75, abs=1e-6)  # (0.5 * 5500 - 0.5 * 4000) / 1000
+    full = sparsity.allocate_by_sensitivity(curves, sizes, 0.99, {"sensitive": 0.3})
+    assert full == {"insensitive": pytest.approx(0.95), "sensitive": 0.3, "bumpy": pytest.approx(0.95)}
+    assert sparsity.allocate_by_sensitivity(curves, sizes, 0.0) == dict.fromkeys(curves, 0.0)
+
+
+@pytest.mark.parametrize(("curves", "target", "message"), [
+    ({"a": ([0.5], [0.1])}, 1.0, r"target sparsity must be in \[0, 1\)"),
+    ({}, 0.5, r"at least one curve"),
+    ({"a": ([0.5, 0.4], [0.1, 0.2])}, 0.5, r"curve of 'a': fractions must ascend"),
+    ({"a": ([0.0, 0.4], [0.1, 0.2])}, 0.5, r"curve of 'a': fractions must ascend"),
+    ({"a": ([0.5], [float("nan")])}, 0.5, r"curve of 'a': losses must be >= 0"),
+    ({"a": ([0.5, 0.6], [0.1])}, 0.5, r"curve of 'a': fractions and losses must be equal-length"),
+])
+def test_sensitivity_bad_arguments(curves, target, message):
+    with pytest.raises(ValueError, match=message):
+        sparsity.allocate_by_sensitivity(curves, dict.fromkeys(curves, 10), target)
