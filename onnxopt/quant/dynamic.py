@@ -64,6 +64,7 @@ class DynamicResult:
     nodes: list[str] = dataclasses.field(default_factory=list)
     inputs_quantized: int = 0
     weights: int = 0
+    merged: int = 0  # per-tensor kernels folded into a sibling reading the same input (Q/K/V)
 
 
 def _weight_matrix(node: ir.Node) -> np.ndarray | None:
@@ -132,6 +133,7 @@ class _Builder:
         self.token_quant: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
         self.tensor_quant: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.consts: dict[str, ir.Value] = {}
+        self.tensor_kernels: list[ir.Node] = []
         self.result = DynamicResult()
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
@@ -210,6 +212,7 @@ class _Builder:
             q, xs, xz = self.quantize_tensor(node.inputs[0], node)
             # One kernel: int32 accumulation, float cast, s_x * s_W per column and the bias.
             final = ir.node("MatMulIntegerToFloat", [q, qw_v, xs, ws_v, xz, None, bias], name=label, domain=_MS)
+            self.tensor_kernels.append(final)
         else:
             q, scale = self.quantize_tokens(node.inputs[0], node)
             zero = self.shared_const("zero_point", np.array(_SHIFT, np.uint8))
@@ -235,6 +238,55 @@ class _Builder:
         final.outputs[0].type, final.outputs[0].shape = out.type, out.shape
         self.result.nodes.append(label)
         self.result.weights += 1
+
+
+def _merge_shared_input(builder: _Builder) -> int:
+    """One MatMulIntegerToFloat + Split for the per-tensor kernels that read one quantized input.
+
+    The Q, K and V projections of a block read one LayerNorm output: three [K, N] products
+    become one [K, 3N] product (weights, scales and biases concatenated along N), which
+    onnxruntime then fuses with the DynamicQuantizeLinear into one DynamicQuantizeMatMul (it
+    fuses only a quantizer with one reader). Exact: each output column is the same sum as
+    before. Returns the number of kernels removed.
+    """
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in builder.tensor_kernels:
+        # a graph output stays with its own kernel (the Split's outputs would have to take its place)
+        if node.graph is builder.graph and not node.outputs[0].is_graph_output():
+            groups.setdefault(node.inputs[0], []).append(node)
+    removed = 0
+    for nodes in groups.values():
+        if len(nodes) < 2 or len({(n.inputs[2], n.inputs[4]) for n in nodes}) != 1:
+            continue
+        weights = [n.inputs[1].const_value.numpy() for n in nodes]
+        scales = [n.inputs[3].const_value.numpy().reshape(-1) for n in nodes]
+        widths = [w.shape[1] for w in weights]
+        biases = [n.inputs[6].const_value.numpy().reshape(-1) if len(n.inputs) > 6 and n.inputs[6] is not None
+                  else np.zeros(w.shape[1], np.float32) for n, w in zip(nodes, weights, strict=True)]
+        first = min(nodes, key=lambda n: list(builder.graph).index(n))
+        base = f"{nodes[0].name or 'qkv'}_merged"
+        qw = builder.initializer(f"{base}_q", np.ascontiguousarray(np.concatenate(weights, axis=1)))
+        ws = builder.initializer(f"{base}_s", np.concatenate(scales).astype(np.float32))
+        bias = builder.initializer(f"{base}_b", np.concatenate(biases).astype(np.float32))
+        x, xs, xz = nodes[0].inputs[0], nodes[0].inputs[2], nodes[0].inputs[4]
+        y = builder.op("MatMulIntegerToFloat", [x, qw, xs, ws, xz, None, bias], base, first, _domain=_MS)
+        sizes = builder.initializer(f"{base}_split", np.array(widths, np.int64))
+        split = _ir_utils.tag(ir.node("Split", [y, sizes], attributes={"axis": -1}, num_outputs=len(nodes),
+                                      name=_ir_utils.unique_name(builder.graph, f"{base}_split", builder.taken)),
+                              builder.pass_name)
+        builder.graph.insert_before(first, split)
+        for node, out in zip(nodes, split.outputs, strict=True):
+            old = node.outputs[0]
+            out.type, out.shape = old.type, old.shape
+            name = old.name
+            ir.convenience.replace_all_uses_with(old, out)
+            builder.graph.remove(node, safe=True)
+            out.name = name
+            for value in node.inputs[1:]:
+                if value is not None and not value.uses() and value.name in builder.graph.initializers:
+                    builder.graph.initializers.pop(value.name)
+        removed += len(nodes) - 1
+    return removed
 
 
 def _bias_add(node: ir.Node, columns: int) -> tuple[ir.Node, ir.Value] | None:
@@ -280,6 +332,7 @@ def quantize_dynamic_nodes(
         if how == "auto":
             how = "tensor" if normalized_input(node) else "token"
         builder.rewrite(node, how)
+    builder.result.merged = _merge_shared_input(builder)
     for value in weights:
         if not value.uses() and not value.is_graph_output() and value.name in model.graph.initializers:
             model.graph.initializers.pop(value.name)

@@ -459,6 +459,7 @@ def _dynamic_and_embeddings(
                                               pass_name=pass_name)
         out.count("dynamic_int8_nodes", len(done.nodes))
         out.count("dynamic_int8_inputs", done.inputs_quantized)
+        out.count("dynamic_int8_merged", done.merged)
         out.count("int8_weights", done.weights)
         if seven_bit:
             out.note("dynamic INT8: 7-bit weights (reduce_range), the u8 x s8 kernels of this CPU saturate")

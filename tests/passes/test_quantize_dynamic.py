@@ -136,6 +136,38 @@ def test_auto_scales_per_tensor_unless_tokens_spread(rng):
     assert _ops(without)["ReduceMax"] == 2 and _ops(without)["DynamicQuantizeLinear"] == 0
 
 
+def test_per_tensor_siblings_share_one_kernel(rng):
+    """Q/K/V-like MatMuls on one input: one MatMulIntegerToFloat + Split, each output within its bound."""
+    ws = [rng.standard_normal((16, n)).astype(np.float32) * 0.3 for n in (8, 8, 4)]
+    b = rng.standard_normal(8).astype(np.float32)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "W0"], ["h0"], name="q"), helper.make_node("Add", ["h0", "b"], ["qa"], name="qb"),
+         helper.make_node("Neg", ["qa"], ["q_out"], name="neg"),
+         helper.make_node("MatMul", ["x", "W1"], ["k_out"], name="k"), helper.make_node("MatMul", ["x", "W2"], ["v"], name="v"),
+         helper.make_node("Relu", ["v"], ["v_out"], name="relu")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", k]) for n, k in
+         (("q_out", 8), ("k_out", 8), ("v_out", 4))],
+        {"W0": ws[0], "W1": ws[1], "W2": ws[2], "b": b},
+    )
+    ref = model.clone()
+    report = _quantize(model, activations="dynamic", dynamic_scales="tensor")
+    ops = _ops(model)
+    assert report.counts["dynamic_int8_nodes"] == 3
+    # k_out is a graph output: it keeps its own kernel; q (bias folded in) and v share one
+    assert ops["MatMulIntegerToFloat"] == 2 and ops["Split"] == 1 and ops["DynamicQuantizeLinear"] == 1
+    assert report.counts["dynamic_int8_merged"] == 1
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    got, want = _run(model, {"x": x}), _run(ref, {"x": x})
+    assert [o.name for o in model.graph.outputs] == ["q_out", "k_out", "v_out"]
+    for name, w in (("q_out", ws[0]), ("k_out", ws[1])):  # q_out = -(x W0 + b): the same error
+        bound = _bound(x, w, False)
+        assert np.all(np.abs(got[name] - want[name]) <= bound * (1 + _FLOAT_SLACK) + _FLOAT_SLACK * np.abs(want[name]))
+    # Relu is 1-Lipschitz (Neg exact): q_out's and v_out's errors are within their MatMul's bound
+    assert np.all(np.abs(got["v_out"] - want["v_out"]) <= _bound(x, ws[2], False) * (1 + _FLOAT_SLACK) + _FLOAT_SLACK)
+
+
 def test_dynamic_gemm_trans_b(rng):
     w = rng.standard_normal((8, 16)).astype(np.float32) * 0.3  # [N, K], transB
     c = rng.standard_normal(8).astype(np.float32)
