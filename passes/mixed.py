@@ -88,7 +88,7 @@ class MixedConfig:
 
     # auto: offered on transformers. The screen quantizes what a dynamic reader really reads (a
     # static DQ's output where the producer is INT8), and only MatMul/Gemm groups may be dynamic.
-    dynamic_int8: str = option("auto", "offer per-token dynamic INT8 per MatMul: true, false, or auto (where the "
+    dynamic_int8: str = option("auto", "offer dynamic INT8 (run-time activation scales) per MatMul: true, false, or auto (where the "
                                "quantize engine's activations=auto picks dynamic: transformers)")
     default_min_cosine: float = option(0.99, "budget when the context gives no min_cosine/max_error/metric")
     plan_feeds: int = option(4, "feeds plans are screened on: the smallest of the first 4x as many evaluation (else calibration) feeds")

@@ -16,8 +16,6 @@ activations it leaves float between integer kernels, where the INT8 rounding dwa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import onnx_ir as ir
 
@@ -75,12 +73,11 @@ def _match(add: ir.Node) -> tuple[ir.Value, list[ir.Node], np.ndarray] | None:
     return x, [add, clip, mul, last], factor.astype(np.float32)
 
 
-def fuse_hardswish(model: ir.Model, *, allow: Callable[[list[ir.Node]], bool] | None = None,
-                   pass_name: str = "fuse") -> int:
+def fuse_hardswish(model: ir.Model, *, pass_name: str = "fuse") -> int:
     """Replace each written-out HardSwish in the main graph (opset >= 14); the count replaced.
 
-    ``allow`` sees the four matched nodes and may refuse a match (the quantizer keeps chains
-    whose inner tensors it quantized). The output value keeps its name.
+    A chain whose inner tensors have other readers (a QuantizeLinear, say) is left alone. The
+    output value keeps its name.
     """
     if model.opset_imports.get("", 0) < 14:
         return 0
@@ -90,7 +87,7 @@ def fuse_hardswish(model: ir.Model, *, allow: Callable[[list[ir.Node]], bool] | 
         if add.graph is not graph:
             continue
         found = _match(add)
-        if found is None or (allow is not None and not allow(found[1])):
+        if found is None:
             continue
         x, nodes, factor = found
         last = nodes[-1]

@@ -255,15 +255,16 @@ def _merge_shared_input(builder: _Builder) -> int:
         if node.graph is builder.graph and not node.outputs[0].is_graph_output():
             groups.setdefault(node.inputs[0], []).append(node)
     removed = 0
+    position = {id(n): i for i, n in enumerate(builder.graph)}
     for nodes in groups.values():
-        if len(nodes) < 2 or len({(n.inputs[2], n.inputs[4]) for n in nodes}) != 1:
+        if len(nodes) < 2:  # one quantized input: one DynamicQuantizeLinear, so one scale and zero point
             continue
         weights = [n.inputs[1].const_value.numpy() for n in nodes]
         scales = [n.inputs[3].const_value.numpy().reshape(-1) for n in nodes]
         widths = [w.shape[1] for w in weights]
         biases = [n.inputs[6].const_value.numpy().reshape(-1) if len(n.inputs) > 6 and n.inputs[6] is not None
                   else np.zeros(w.shape[1], np.float32) for n, w in zip(nodes, weights, strict=True)]
-        first = min(nodes, key=lambda n: list(builder.graph).index(n))
+        first = min(nodes, key=lambda n: position[id(n)])
         base = f"{nodes[0].name or 'qkv'}_merged"
         qw = builder.initializer(f"{base}_q", np.ascontiguousarray(np.concatenate(weights, axis=1)))
         ws = builder.initializer(f"{base}_s", np.concatenate(scales).astype(np.float32))

@@ -423,9 +423,10 @@ def smooth(
             smoothing, if that is measured best); Conv groups keep ``alpha``.
         per_token: for ``per_layer``: simulate per-token activation scales (dynamic INT8)
             instead of one per tensor.
-        rescale_conv_outputs: also even out Conv outputs read by a written-out activation
-            (``_restore``); off by default: it won on the PicoDet layout detector and lost on
-            PP-OCR det/rec (docs/benchmarks.md).
+        rescale_conv_outputs: also the rewrites around written-out activations (Conv outputs
+            read by one, ``_restore``; Mul/Div-by-constant outputs read by Convs) and every
+            depthwise input evened out at alpha 1; off by default: they won on the PicoDet layout
+            detector and lost on PP-OCR det/rec (docs/benchmarks.md).
 
     Raises:
         ValueError: alpha outside (0, 1].

@@ -148,6 +148,11 @@ class QuantizeConfig:
     sqnr_samples: int = option(4, "calibration feeds used for the layer-wise SQNR report (0: off)")
     latency_runs: int = option(10, "runs for the FP32 vs INT8 CPU latency check (0: off)")
 
+    @property
+    def rescaling(self) -> bool:
+        """``rescale_conv_outputs`` once decided (``auto`` is decided by :func:`quantize` before it applies)."""
+        return self.rescale_conv_outputs == "true"
+
     def __post_init__(self) -> None:
         """Check the option values (ValueError naming the option)."""
         _check_ops("include_ops", self.include_ops)
@@ -218,11 +223,11 @@ def _rescale_auto(model: ir.Model, config: QuantizeConfig, kw: dict[str, Any]) -
         out = _quantize(model, on if decided else off, **kw)
         out.note(f"rescale_conv_outputs=auto: {'on' if decided else 'off'}, as measured on the first build of this model")
         return out
-    float_model, rescaled = model.clone(), model.clone()
+    feeds = list(data.take(_AUTO_FEEDS))
+    ref = deploy_check.run_outputs(model, feeds, "all")  # before either build edits it
+    rescaled = model.clone()
     out_on = _quantize(rescaled, on, **kw)
     out_off = _quantize(model, off, **kw)
-    feeds = list(data.take(_AUTO_FEEDS))
-    ref = deploy_check.run_outputs(float_model, feeds, "all")
     err_on = deploy_check.worst_relative_l2(ref, deploy_check.run_outputs(rescaled, feeds, "all"))
     err_off = deploy_check.worst_relative_l2(ref, deploy_check.run_outputs(model, feeds, "all"))
     chosen = err_on < err_off
@@ -523,7 +528,7 @@ def _calibrate(
     if config.calib_table:
         table = CalibrationTable.load(config.calib_table)
         if table.smoothing:
-            done = smooth.smooth(model, None, scales=table.smoothing, rescale_conv_outputs=config.rescale_conv_outputs == "true")
+            done = smooth.smooth(model, None, scales=table.smoothing, rescale_conv_outputs=config.rescaling)
             out.note(f"SmoothQuant scales of {len(table.smoothing)} tensors applied from the calibration table")
     else:
         if config.smooth_quant:
@@ -559,12 +564,12 @@ def _cached_smooth(
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         scales, records, skipped = hit
-        done = smooth.smooth(model, None, scales=scales, rescale_conv_outputs=config.rescale_conv_outputs == "true")
+        done = smooth.smooth(model, None, scales=scales, rescale_conv_outputs=config.rescaling)
         done.records, done.skipped = copy.deepcopy(records), list(skipped)
         return done
     feeds = data.take(_SMOOTH_FEEDS)  # type: ignore[union-attr]
     done = smooth.smooth(model, feeds, config.smooth_quant, min_ratio=_SMOOTH_MIN_RATIO,
-                         rescale_conv_outputs=config.rescale_conv_outputs == "true", **_alphas(config, per_token))
+                         rescale_conv_outputs=config.rescaling, **_alphas(config, per_token))
     if cache is not None:
         cache[key] = (dict(done.scales), copy.deepcopy(done.records), list(done.skipped))
     return done
