@@ -5,11 +5,14 @@ e.g. to time the models ``bench_int8.py --keep DIR`` wrote on a quiet machine. P
 from outside (``taskset -c 0,1``) to mimic a smaller machine.
 
     python benchmarks/latency.py --feed feed.npz fp32.onnx int8_a.onnx int8_b.onnx [--runs 30]
+    python benchmarks/latency.py --feed feed.npz int8.onnx --threads 1 --profile   # time per op type
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import pathlib
 import random
 import statistics
@@ -48,15 +51,44 @@ def medians(paths: list[pathlib.Path], feed: dict[str, np.ndarray], threads: int
     return [statistics.median(t) for t in times]
 
 
+def profile(path: pathlib.Path, feed: dict[str, np.ndarray], threads: int, runs: int) -> list[tuple[str, float, float]]:
+    """(op type, share of kernel time, kernels per run) from onnxruntime's own profiler, largest first."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(None, feed)
+    trace = pathlib.Path(s.end_profiling())
+    time_by_op: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            time_by_op[event["args"]["op_name"]] += event["dur"]
+            count[event["args"]["op_name"]] += 1
+    trace.unlink()
+    total = sum(time_by_op.values()) or 1
+    return [(op, t / total, count[op] / runs) for op, t in time_by_op.most_common()]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", type=pathlib.Path, help="the first is the baseline")
     ap.add_argument("--feed", required=True, type=pathlib.Path, help=".npz keyed by input name")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--profile", action="store_true", help="also print each model's kernel time per op type")
     args = ap.parse_args(argv)
     feed = dict(np.load(args.feed))
     print(f"onnxruntime {ort.__version__}, {args.runs} runs, feed {[a.shape for a in feed.values()]}")
+    if args.profile:
+        threads = int(args.threads.split(",")[0])
+        for path in args.models:
+            print(f"{path.name}, {threads} thread(s):")
+            for op, share, per_run in profile(path, feed, threads, args.runs)[:12]:
+                print(f"  {op:<28} {share * 100:5.1f} %  {per_run:5.0f} per run")
     for threads in (int(t) for t in args.threads.split(",")):
         ms = medians(args.models, feed, threads, args.runs)
         for path, m in zip(args.models, ms, strict=True):

@@ -8,10 +8,11 @@ elementwise nodes::
 ``y = HardSwish(x) * (6 / c)`` (ONNX ``HardSwish`` is ``x * max(0, min(1, x / 6 + 0.5))``), and
 the Mul is dropped when ``6 / c`` is 1. ``c`` may hold one value per channel (the quantizer's
 SmoothQuant folds channel scales into it). Four passes over the feature map become one or two:
-onnxruntime 1.32, 1 thread, a [1, 64, 200, 152] map on [EPYC-ZEN4]: 1.80 ms written out,
-1.03 ms as HardSwish. Not bit-exact: ``x / 6 + 0.5`` rounds differently from ``(x + 3) / 6``
-(about one float32 ulp of the output), which is why the quantizer applies it only to the
-activations it leaves float between integer kernels, where the INT8 rounding dwarfs it.
+onnxruntime 1.32, 1 thread, a [1, 64, 200, 152] map on [EPYC-ZEN4]: 1.14 ms written out,
+0.71 ms as HardSwish (benchmarks/hardswish_micro.py). Not bit-exact: ``x / 6 + 0.5`` rounds
+differently from ``(x + 3) / 6`` (about one float32 ulp of the output), which is why the quantizer
+applies it only to the activations it leaves float between integer kernels, where the INT8
+rounding dwarfs it.
 """
 
 from __future__ import annotations

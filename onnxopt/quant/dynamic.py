@@ -52,7 +52,7 @@ _MS = "com.microsoft"
 # than its own scale would; at k = 16 the median token still has 4 of the 8 bits (16 levels) per
 # half-range, at k = 32 three. Up to 16 the DynamicQuantizeLinear path (fewer ops, MiniLM 0.41x
 # against 0.46x FP32 latency) is kept; above it the row gets its own scale. (MiniLM's inputs reach 11x
-# and per tensor holds it at 0.997; MPNet's GELU outputs in layers 6-10 reach 20-47x and per tensor
+# and per tensor holds it at 0.997; MPNet's GELU outputs in layers 6-10 reach 24-44x and per tensor
 # there takes it to 0.93: docs/benchmarks.md.)
 SPREAD_LIMIT = 16.0
 
