@@ -238,6 +238,17 @@ def test_conv_pairs_are_equalised_exactly_through_relu_and_depthwise(relu):
     np.testing.assert_allclose(outputs(model, evals), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_depthwise_inputs_are_evened_whatever_their_spread_only_with_rescaling():
+    """The alpha-1 evening of every depthwise input comes with rescale_conv_outputs (it cost PP-OCR rec
+    lines decoded as FP32 when on by default); without it a depthwise input below min_ratio is left."""
+    how = {}
+    for flag in (False, True):
+        done = smooth.smooth(conv_model(1.0), conv_feeds(4), 0.5, min_ratio=4.0, rescale_conv_outputs=flag)
+        how[flag] = {r["tensor"]: r for r in done.records}
+    assert how[False]["r1"]["outlier_ratio_before"] < 4.0 and how[False]["r1"]["how"].startswith("left")
+    assert how[True]["r1"]["how"] == "folded into conv1" and how[True]["r1"]["outlier_ratio_after"] < 1.1
+
+
 def test_conv_equalisation_shrinks_int8_error_on_outlier_channels():
     data, evals = conv_feeds(8), conv_feeds(4, seed=7)
     ref = outputs(conv_model(30.0), evals)
