@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import pathlib
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ from onnxopt.runtime import sessions as runtime
 __all__ = ["OptimizeResult", "optimize", "parse_pass_spec", "validate"]
 
 logger = logging.getLogger(__name__)
+# Without a budget, a result whose worst output cosine to the input model is below this is called
+# out: every lossy recipe aims at >= 0.98, so 0.9 is far outside any result it is built to give.
+BROKEN_COSINE = 0.9
 
 PassSpec = str | tuple[str, dict[str, Any]] | recipes.Step
 
@@ -182,6 +186,13 @@ def optimize(
     failures = final.failures(min_cosine=min_cosine, max_abs=max_error) if final is not None else []
     if min_cosine is None and max_error is None:
         failures = [f for f in failures if "non-finite" in f]
+        worst = final.worst("cosine") if final is not None else math.nan
+        if worst < BROKEN_COSINE:
+            notes.append(
+                f"WARNING: output cosine {worst:.4f} to the input model on {final.num_feeds} feeds: the "
+                "result no longer computes what the input did; --min-cosine makes this an error (exit 1)"
+            )
+            logger.warning("output cosine %.4f to the input model", worst)
     elif final is None:
         failures.append("the accuracy budget was not checked (no data the input model runs on); pass --eval DATA")
     if metric is not None and min_metric is not None and check_data is not None:

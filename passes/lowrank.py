@@ -65,6 +65,10 @@ class LowRankConfig:
         "original layer output X W (upstream splits' error included); one extra pair of model runs"
     )
     spatial: bool = option(False, "also split k x k Conv into k x 1 then 1 x k (weight SVD)")
+    exact_rows: bool = option(
+        True, "Gather with calibration data: the table rows the calibration data reads (its frequent "
+        "tokens) stay exact and only the other rows are factored (two int32 [V] index maps)"
+    )
     op_types: frozenset[str] = option(
         _DEFAULT_OPS, "ops to split: MatMul, Gemm, Conv, and Gather (a [V, D] embedding table; not by default)"
     )
@@ -139,9 +143,13 @@ class LowRankPass(OptPass[LowRankConfig]):
         if not cands:
             return report
         stats = self._statistics(model, cands)
+        cands = self._hot_rows(cands, stats, report)
+        stats = {key: st for key, st in stats.items() if key[1][0] != "ids"}
         aware = cfg.method == "aware" or (cfg.method == "auto" and bool(stats))
-        if cfg.method == "auto" and not stats:
+        if cfg.method == "auto" and self.context.calibration is None:
             report.note("no calibration data: plain SVD of the weights")
+        if not cands:
+            return report
         plans = []
         quiet = self.context.quiet or len(cands) < 2
         bar = tqdm.tqdm(cands, desc="lowrank svd", unit="layer", disable=quiet, leave=False)
@@ -175,6 +183,26 @@ class LowRankPass(OptPass[LowRankConfig]):
                         "(target: the original layer outputs on the calibration data)")
         return report
 
+    def _hot_rows(self, cands: list[lg.Candidate], stats: dict, report: PassReport) -> list[lg.Candidate]:
+        """Mark the embedding rows the calibration data reads as exact (``exact_rows``); a table
+        whose every row is read, or whose remaining rows are too few, is not split."""
+        out = []
+        for cand in cands:
+            counts = stats.get(cand.stats_key, (None,))[0] if cand.kind == "gather" else None
+            if counts is None:
+                out.append(cand)
+                continue
+            hot = counts > 0
+            cold = cand.matrix[~hot]
+            if cold.size < max(self.config.min_elements, 1) or min(cold.shape) < 2:
+                report.skip("embedding: the calibration data reads (nearly) every row, nothing left to factor")
+                continue
+            cand.hot, cand.matrix = hot, cold
+            report.note(f"{cand.label}: {int(hot.sum())} of {hot.size} rows read by the calibration data "
+                        "stay exact; the other rows are factored")
+            out.append(cand)
+        return out
+
     def _candidates(self, model: ir.Model, report: PassReport | None) -> list[lg.Candidate]:
         """The splittable nodes of the main graph in graph order (skip reasons go to ``report``)."""
         cfg = self.config
@@ -199,7 +227,8 @@ class LowRankPass(OptPass[LowRankConfig]):
         same model and data (another rank rule, say) does not run onnxruntime again.
         """
         data = self.context.calibration
-        keys = {c.stats_key for c in cands if c.activation is not None and c.activation.name}
+        keys = {c.stats_key for c in cands if c.activation is not None and c.activation.name
+                and (c.kind != "gather" or self.config.exact_rows)}
         if data is None or not keys:
             return {}
         if len(data) > self.config.max_feeds:
@@ -222,6 +251,10 @@ class LowRankPass(OptPass[LowRankConfig]):
         for captured in runtime.capture(model, feeds, names):
             count += 1
             for key in keys:
+                if key[1][0] == "ids":  # an embedding's indices: how often each row is read
+                    counts = lg.index_counts(captured[key[0]], key[1][1])
+                    grams[key] = grams[key] + counts if key in grams else counts
+                    continue
                 x = lg.rows_of(np.asarray(captured[key[0]]), key[1]).astype(np.float64)
                 grams[key] = grams[key] + x.T @ x if key in grams else x.T @ x
                 rows[key] += x.shape[0]
@@ -408,9 +441,11 @@ class LowRankPass(OptPass[LowRankConfig]):
         clone = model.clone()
         cands = self._candidates(clone, None)
         taken = _names(clone.graph)
+        cands = [c for c in cands if any(c.label == p[0].label for p in plans)]  # a skipped table
         for (cand, *_rest), twin, fac in zip(plans, cands, factors, strict=True):
             if twin.label != cand.label:
                 raise RuntimeError(f"lowrank: clone candidate {twin.label} != {cand.label}")
+            twin.hot, twin.matrix = cand.hot, cand.matrix
             if fac is not None:
                 lg.apply_split(clone.graph, twin, fac[0], fac[1], self.name, taken)
         return clone
@@ -436,7 +471,8 @@ class LowRankPass(OptPass[LowRankConfig]):
         if not self.config.compensate or data is None:
             return factors
         wanted = {plans[i][0].stats_key for i, f in enumerate(factors)
-                  if f is not None and plans[i][0].activation is not None and plans[i][0].activation.name}
+                  if f is not None and plans[i][0].kind != "gather"
+                  and plans[i][0].activation is not None and plans[i][0].activation.name}
         if not wanted:
             return factors
         if len(data) > self.config.max_feeds:
@@ -506,6 +542,7 @@ class LowRankPass(OptPass[LowRankConfig]):
             weight_rel_error=lm.weight_rel_error(cand.matrix, u, v),
             output_rel_error=out_err,
             alone_rank_cosine=cand.alone,
+            exact_rows=int(cand.hot.sum()) if cand.hot is not None else None,
         )
         logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
 

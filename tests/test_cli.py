@@ -115,3 +115,17 @@ def test_quiet_before_or_after_the_command_silences_summaries_and_bars(tmp_path,
     assert main(argv) == 0
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)
+
+
+def test_a_broken_result_without_a_budget_is_called_out(workdir, capsys, monkeypatch):
+    """99 % of the conv weights zeroed: the output no longer resembles the input model's. Without a
+    budget the file is still written (exit 0) but the summary says so; with one it is exit 1."""
+    monkeypatch.chdir(workdir)
+    args = ["optimize", "m.onnx", "-o", "out.onnx", "--eval", "d.npz", "--pass", "prune:sparsity=0.99,min_elements=0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "note: WARNING: output cosine" in out and (workdir / "out.onnx").exists()
+    assert main(["optimize", "m.onnx", "-o", "out.onnx", "--eval", "d.npz", "--pass", "simplify"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    assert main([*args, "--min-cosine", "0.9"]) == 1
+    assert "budget missed" in capsys.readouterr().err

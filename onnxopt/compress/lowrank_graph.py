@@ -19,6 +19,10 @@ output name and its users) as the second, ``V`` half, and inserts the ``U`` half
   split is exact up to the truncation. The rows are one-hot selections, so the SVD is of the
   table itself (every token weighs alike; a few calibration sentences would bias a
   frequency weighting). The original node becomes the MatMul and keeps its output name.
+  With ``hot`` rows (those the calibration data indexes: the frequent tokens, which carry the
+  table's high-rank part), only the other rows are factored and the hot ones stay exact:
+  ``Add(MatMul(Gather(U', Gather(cold_map, ids)), V), Gather(H', Gather(hot_map, ids)))``, where
+  ``U'`` and ``H'`` end in a zero row that the other half's tokens map to (int32 maps of [V]).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils
 
-__all__ = ["Candidate", "apply_split", "find_candidate", "rows_of"]
+__all__ = ["Candidate", "apply_split", "find_candidate", "index_counts", "rows_of"]
 
 
 @dataclasses.dataclass
@@ -47,6 +51,8 @@ class Candidate:
         layout: how :func:`rows_of` turns a captured activation into [rows, K].
         alone: budget mode: (probe rank, model output cosine) measured with this layer the only
             one split, or None.
+        hot: Gather: bool [V] mask of the table rows kept exact (``matrix`` then holds only the
+            other rows), or None.
 
     """
 
@@ -57,6 +63,7 @@ class Candidate:
     activation: ir.Value | None
     layout: tuple
     alone: tuple[int, float] | None = None
+    hot: np.ndarray | None = None
 
     @property
     def label(self) -> str:
@@ -153,7 +160,15 @@ def _gather(node: ir.Node, min_elements: int) -> Candidate | str:
         return f"Gather data is {w.ndim}-D, not a 2-D embedding table"
     if w.size < min_elements:
         return f"weight has fewer than min_elements={min_elements} elements"
-    return Candidate(node, "gather", table, w.astype(np.float64), None, ("none",))
+    # The indices are the "activation": calibration gives how often each row is read.
+    return Candidate(node, "gather", table, w.astype(np.float64), ids, ("ids", w.shape[0]))
+
+
+def index_counts(array: np.ndarray, rows: int) -> np.ndarray:
+    """How often each of ``rows`` table rows is read by the (possibly negative) indices ``array``."""
+    flat = np.asarray(array).reshape(-1).astype(np.int64)
+    flat = flat[(flat >= -rows) & (flat < rows)] % rows
+    return np.bincount(flat, minlength=rows)
 
 
 def rows_of(array: np.ndarray, layout: tuple) -> np.ndarray:
@@ -196,6 +211,9 @@ def apply_split(
     v_val = _initializer(graph, f"{base}.lr_v", v_arr.astype(dtype), taken)
     mid = ir.Value(name=_ir_utils.unique_name(graph, f"{base}.lr_mid", taken))
     mid.dtype = cand.weight.dtype  # MatMul/Gemm/Conv: activation dtype = weight dtype
+    if cand.kind == "gather" and cand.hot is not None:
+        _split_gather_hot(graph, cand, u_val, v_val, mid, pass_name, taken)
+        return
     if cand.kind == "gather":  # Gather(U, ids) -> mid; the node itself becomes MatMul(mid, V)
         name = _ir_utils.unique_name(graph, f"{node.name}.lr_u", taken) if node.name else None
         first = ir.node("Gather", [u_val, node.inputs[1]], {"axis": 0}, outputs=[mid], name=name)
@@ -229,6 +247,56 @@ def apply_split(
     weight = cand.weight
     if not weight.uses() and weight.name in graph.initializers and not weight.is_graph_output():
         graph.initializers.pop(weight.name)
+
+
+def _split_gather_hot(
+    graph: ir.Graph, cand: Candidate, u_val: ir.Value, v_val: ir.Value, mid: ir.Value, pass_name: str, taken: set[str]
+) -> None:
+    """The hot-row form of the embedding split (module docstring); the node becomes the Add."""
+    node = cand.node
+    table = cand.weight.const_value.numpy()
+    hot = cand.hot
+    hot_rows, cold_rows = np.flatnonzero(hot), np.flatnonzero(~hot)
+    base = str(cand.weight.name)
+    u = u_val.const_value.numpy()
+    u_val.const_value = ir.tensor(np.vstack([u, np.zeros((1, u.shape[1]), u.dtype)]), name=u_val.name)
+    u_val.shape = ir.Shape(u_val.const_value.shape)
+    cold_map = np.full(hot.size, cold_rows.size, np.int32)
+    cold_map[cold_rows] = np.arange(cold_rows.size, dtype=np.int32)
+    hot_map = np.full(hot.size, hot_rows.size, np.int32)
+    hot_map[hot_rows] = np.arange(hot_rows.size, dtype=np.int32)
+    exact = np.vstack([table[hot_rows], np.zeros((1, table.shape[1]), table.dtype)])
+    cold_map_val = _initializer(graph, f"{base}.lr_cold_map", cold_map, taken)
+    hot_map_val = _initializer(graph, f"{base}.lr_hot_map", hot_map, taken)
+    exact_val = _initializer(graph, f"{base}.lr_hot_rows", exact, taken)
+    ids = node.inputs[1]
+
+    def value(suffix: str, dtype: ir.DataType) -> ir.Value:
+        out = ir.Value(name=_ir_utils.unique_name(graph, f"{base}.{suffix}", taken))
+        out.dtype = dtype
+        return out
+
+    def make(op: str, inputs: list[ir.Value], out: ir.Value, suffix: str, attrs: dict | None = None) -> ir.Node:
+        name = _ir_utils.unique_name(graph, f"{node.name}.{suffix}", taken) if node.name else None
+        new = ir.node(op, inputs, attrs or {}, outputs=[out], name=name)
+        _ir_utils.tag(new, pass_name)
+        graph.insert_before(node, new)
+        return new
+
+    cold_pos, hot_pos = value("lr_cold_pos", ir.DataType.INT32), value("lr_hot_pos", ir.DataType.INT32)
+    low, exact_out = value("lr_low", cand.weight.dtype), value("lr_exact", cand.weight.dtype)
+    make("Gather", [cold_map_val, ids], cold_pos, "lr_cold_pos", {"axis": 0})
+    make("Gather", [u_val, cold_pos], mid, "lr_u", {"axis": 0})
+    make("MatMul", [mid, v_val], low, "lr_v")
+    make("Gather", [hot_map_val, ids], hot_pos, "lr_hot_pos", {"axis": 0})
+    make("Gather", [exact_val, hot_pos], exact_out, "lr_hot_rows", {"axis": 0})
+    node.op_type = "Add"
+    node.attributes.pop("axis", None)
+    node.replace_input_with(0, low)
+    node.replace_input_with(1, exact_out)
+    _ir_utils.tag(node, pass_name)
+    if not cand.weight.uses() and cand.weight.name in graph.initializers and not cand.weight.is_graph_output():
+        graph.initializers.pop(cand.weight.name)
 
 
 def _first_node(

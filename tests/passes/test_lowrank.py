@@ -16,6 +16,7 @@ from onnxopt.compress import lowrank_math
 from onnxopt.config import from_dict
 from onnxopt.context import PassContext
 from onnxopt.runtime import data, validation
+from onnxopt.runtime import sessions as runtime
 from tests.conftest import load_model, model_path, op_counts
 from tests.tolerances import TOL
 
@@ -681,7 +682,8 @@ def test_budget_search_also_tries_a_chunky_embedding_left_whole(rng):
     held = [{"ids": rng.integers(0, 512, (4, 16)).astype(np.int64)} for _ in range(4)]
     context = PassContext(calibration=data.Dataset.from_feeds(calib), evaluation=data.Dataset.from_feeds(held),
                           min_cosine=0.999, quiet=True)
-    cfg = LowRankConfig(rank_mode="budget", min_elements=0, op_types=frozenset({"MatMul", "Gather"}))
+    # exact_rows off: the whole table is the chunky layer (exact rows: test_embedding_rows_read_by_calibration_stay_exact).
+    cfg = LowRankConfig(rank_mode="budget", min_elements=0, op_types=frozenset({"MatMul", "Gather"}), exact_rows=False)
     report = LowRankPass(cfg, context)(model)
     ranks = {r["item"]: r["rank"] for r in report.records}
     assert "emb" not in ranks and ranks["a"] <= 4 and ranks["b"] <= 4
@@ -689,3 +691,39 @@ def test_budget_search_also_tries_a_chunky_embedding_left_whole(rng):
     assert any(note.startswith("budget search: kept emb") for note in report.notes)
     # Measured by the search on these feeds; a re-run may reorder float32 sums (~1e-7 on a cosine).
     assert validation.compare(ref, model, held).worst("cosine") >= 0.999 - 1e-6
+
+
+def test_embedding_rows_read_by_calibration_stay_exact(rng):
+    """Calibration reads rows 0..63 of a full-rank [512, 32] table: those come out exact (float32
+    rounding of x + 0 and 0 @ V only), the other rows as the rank-8 truncation of the rest, and
+    negative indices read the same rows as their positive twins."""
+    v, d = 512, 32
+    table = rng.standard_normal((v, d)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["y"], name="emb")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", d])],
+        [numpy_helper.from_array(table, "E")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.from_proto(proto)
+    calib = [{"ids": np.arange(64, dtype=np.int64).reshape(4, 16)}]
+    context = PassContext(calibration=data.Dataset.from_feeds(calib), quiet=True)
+    cfg = LowRankConfig(rank_mode="ratio", rank_ratio=0.25, min_elements=0, op_types=frozenset({"Gather"}))
+    report = LowRankPass(cfg, context)(model)
+    (record,) = report.records
+    assert record["exact_rows"] == 64 and record["K"] == v - 64 and record["rank"] == 8
+    assert sorted(n.op_type for n in model.graph) == ["Add", "Gather", "Gather", "Gather", "Gather", "MatMul"]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    ids = np.array([[0, 5, 63, 64, 300, 511, -1, -512]], dtype=np.int64)
+    with runtime.session(model) as h:
+        (got,) = h.run({"ids": ids}).values()
+    want = table[ids % v]
+    np.testing.assert_array_equal(got[0, :3], want[0, :3])  # hot rows: exact
+    np.testing.assert_array_equal(got[0, 7], want[0, 7])  # -512 is row 0
+    u, s, vt = np.linalg.svd(table[64:].astype(np.float64), full_matrices=False)
+    truncated = (u[:, :8] * s[:8]) @ vt[:8]
+    # Cold rows: the rank-8 truncation, up to float32 rounding of the factors and the MatMul.
+    np.testing.assert_allclose(got[0, 3:7], truncated[np.array([0, 236, 447, 447])], rtol=0, atol=1e-4)
+    assert np.abs(got[0, 3] - want[0, 3]).max() > 0.1  # and the truncation does change them
