@@ -62,7 +62,7 @@ add_recipe(Recipe("simplify", "exact clean-ups: constant folding, dead code, CSE
                   (Step("simplify"),)))
 add_recipe(Recipe("lowrank", "simplify, then split MatMul/Gemm/1x1 Conv weights and embedding tables by SVD (activation-aware "
                   "with --calib, whitened by X^T X + 0.1*mean(diag)*I so that a few calibration sentences do not "
-                  "overfit) at the per-layer ranks that remove the most parameters while the outputs "
+                  "overfit; the embedding rows --calib reads stay exact, the others are factored) at the per-layer ranks that remove the most parameters while the outputs "
                   "keep cosine >= 0.99 to the input model (default budget; --min-cosine / --max-error set "
                   "it), measured in onnxruntime on --eval data (else --calib, else generated feeds); a "
                   "[K,N] weight is split only where r*(K+N) < 0.9*K*N (smaller r pays, larger costs)",
