@@ -199,6 +199,8 @@ def apply_split(
     r = u.shape[1]
     if cand.kind in ("matmul", "gemm", "gather"):
         u_arr, v_arr = u, v
+        if cand.hot is not None:  # the tokens whose rows stay exact read a zero row of U
+            u_arr = np.vstack([u, np.zeros((1, r), u.dtype)])
     elif cand.kind == "conv1x1":
         spatial_ones = (1,) * (cand.weight.const_value.numpy().ndim - 2)
         u_arr = u.T.reshape((r, k, *spatial_ones))
@@ -258,9 +260,6 @@ def _split_gather_hot(
     hot = cand.hot
     hot_rows, cold_rows = np.flatnonzero(hot), np.flatnonzero(~hot)
     base = str(cand.weight.name)
-    u = u_val.const_value.numpy()
-    u_val.const_value = ir.tensor(np.vstack([u, np.zeros((1, u.shape[1]), u.dtype)]), name=u_val.name)
-    u_val.shape = ir.Shape(u_val.const_value.shape)
     cold_map = np.full(hot.size, cold_rows.size, np.int32)
     cold_map[cold_rows] = np.arange(cold_rows.size, dtype=np.int32)
     hot_map = np.full(hot.size, hot_rows.size, np.int32)
