@@ -221,13 +221,7 @@ def apply_split(
         first = ir.node("Gather", [u_val, node.inputs[1]], {"axis": 0}, outputs=[mid], name=name)
         _ir_utils.tag(first, pass_name)
         graph.insert_before(node, first)
-        node.op_type = "MatMul"
-        node.attributes.pop("axis", None)
-        node.replace_input_with(0, mid)
-        node.replace_input_with(1, v_val)
-        _ir_utils.tag(node, pass_name)
-        if not cand.weight.uses() and cand.weight.name in graph.initializers and not cand.weight.is_graph_output():
-            graph.initializers.pop(cand.weight.name)
+        _retarget_gather(graph, cand, "MatMul", mid, v_val, pass_name)
         return
     x = node.inputs[0]
     first = _first_node(cand, x, u_val, mid, graph, taken)
@@ -289,10 +283,16 @@ def _split_gather_hot(
     make("MatMul", [mid, v_val], low, "lr_v")
     make("Gather", [hot_map_val, ids], hot_pos, "lr_hot_pos", {"axis": 0})
     make("Gather", [exact_val, hot_pos], exact_out, "lr_hot_rows", {"axis": 0})
-    node.op_type = "Add"
+    _retarget_gather(graph, cand, "Add", low, exact_out, pass_name)
+
+
+def _retarget_gather(graph: ir.Graph, cand: Candidate, op: str, a: ir.Value, b: ir.Value, pass_name: str) -> None:
+    """The embedding's Gather becomes ``op(a, b)`` (keeping its output); the table goes once unused."""
+    node = cand.node
+    node.op_type = op
     node.attributes.pop("axis", None)
-    node.replace_input_with(0, low)
-    node.replace_input_with(1, exact_out)
+    node.replace_input_with(0, a)
+    node.replace_input_with(1, b)
     _ir_utils.tag(node, pass_name)
     if not cand.weight.uses() and cand.weight.name in graph.initializers and not cand.weight.is_graph_output():
         graph.initializers.pop(cand.weight.name)
