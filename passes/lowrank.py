@@ -193,11 +193,9 @@ class LowRankPass(OptPass[LowRankConfig]):
         out = []
         for cand in cands:
             counts = stats.get(cand.stats_key, (None,))[0] if cand.kind == "gather" else None
-            if counts is not None and not cand.activation.is_graph_input():
-                # Computed indices (positions): the check data cannot read the other rows, so
-                # the budget could not see them; every row is factored as without data.
+            if cand.kind == "gather" and self.context.calibration is not None and self.config.exact_rows \
+                    and not _reads_input_rows(cand, True):
                 report.note(f"{cand.label}: indices are computed, not a graph input: every row factored")
-                counts = None
             if counts is None:
                 out.append(cand)
                 continue
@@ -237,7 +235,7 @@ class LowRankPass(OptPass[LowRankConfig]):
         """
         data = self.context.calibration
         keys = {c.stats_key for c in cands if c.activation is not None and c.activation.name
-                and (c.kind != "gather" or self.config.exact_rows)}
+                and (c.kind != "gather" or _reads_input_rows(c, self.config.exact_rows))}
         if data is None or not keys:
             return {}
         if len(data) > self.config.max_feeds:
@@ -584,6 +582,13 @@ class LowRankPass(OptPass[LowRankConfig]):
             exact_rows=int(cand.hot.sum()) if cand.hot is not None else None,
         )
         logger.debug("lowrank: %s K=%d N=%d r=%d output error %s", cand.label, k, n, rank, out_err)
+
+
+def _reads_input_rows(cand: lg.Candidate, exact_rows: bool) -> bool:
+    """Whether an embedding's read rows are kept exact: ``exact_rows`` and indices that are a graph
+    input. Computed indices (positions) cannot be steered to the other rows by the check data, so
+    the budget would not see them; such a table is factored whole, as without data."""
+    return exact_rows and cand.activation is not None and cand.activation.is_graph_input()
 
 
 # Share of token ids replaced by unread embedding rows in the budget's extra check feeds: 30 % of

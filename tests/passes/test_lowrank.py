@@ -757,3 +757,24 @@ def test_budget_sees_the_rows_the_calibration_data_did_not_read(rng):
     pass_._unread_row_feeds = lambda plans, feeds, report: []
     (record,) = pass_(blind).records
     assert record["rank"] <= 2
+
+
+def test_computed_embedding_indices_factor_every_row(rng):
+    """Indices computed in the graph (positions): the check data cannot read the other rows, so
+    no row is kept exact and the whole table is factored, with a note saying why."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["ids", "one"], ["pos"]), helper.make_node("Gather", ["E", "pos"], ["y"], name="emb")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 32])],
+        [numpy_helper.from_array(rng.standard_normal((512, 32)).astype(np.float32), "E"),
+         numpy_helper.from_array(np.array(1, np.int64), "one")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    calib = [{"ids": np.arange(64, dtype=np.int64).reshape(4, 16)}]
+    context = PassContext(calibration=data.Dataset.from_feeds(calib), quiet=True)
+    cfg = LowRankConfig(rank_mode="ratio", rank_ratio=0.25, min_elements=0, op_types=frozenset({"Gather"}))
+    report = LowRankPass(cfg, context)(ir.from_proto(proto))
+    (record,) = report.records
+    assert record["exact_rows"] is None and record["K"] == 512
+    assert "emb: indices are computed, not a graph input: every row factored" in report.notes
