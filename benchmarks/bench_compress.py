@@ -679,6 +679,28 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
     return rows
 
 
+def part_score(files: list[str], feeds_dir: pathlib.Path) -> list[dict]:
+    """A recipe's output for PP-OCR cls, scored as ``--part gradual`` scores its own: top-1 agreement
+    with FP32 on the held-out rendered crops and on the shared images' crops, weight sparsity, zip ratio."""
+    from onnxopt.testing import ocr_data
+
+    orig = io.load_model(ocr_data.model_paths()["cls"])
+    zip0 = _zip(ir.to_proto(orig).SerializeToString())
+    signature = data.input_signature(orig)
+    held = {name: data.load_data(feeds_dir / folder, signature) for name, folder in (("rendered", "eval_cls"), ("shared", "cls"))}
+    ref = {k: _decisions(orig, v).argmax(1) for k, v in held.items()}
+    rows = []
+    for path in files:
+        raw = pathlib.Path(path).read_bytes()
+        model = io.load_model(pathlib.Path(path))
+        row = {"file": path, "file_bytes": len(raw), "zip_bytes": _zip(raw), "zip_ratio": zip0 / _zip(raw)}
+        for name, feeds in held.items():
+            row[f"agree_{name}"] = float((_decisions(model, feeds).argmax(1) == ref[name]).mean())
+            row[f"samples_{name}"] = len(ref[name])
+        rows.append(row)
+    return rows
+
+
 def part_sweep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float]) -> list[dict]:
     """Magnitude pruning alone (no training) on a PP-OCR model: agreement with FP32 vs sparsity."""
     from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
@@ -716,7 +738,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep", "gradual"])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep", "gradual", "score"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
@@ -751,6 +773,7 @@ def main() -> None:
                         help="--part gradual: codebooks of the untrained layers before --cut")
     parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")
     parser.add_argument("--save", default=None, help="--part gradual: write the packed model(s) here")
+    parser.add_argument("--score", nargs="+", default=[], help="--part score: PP-OCR cls .onnx files (recipe outputs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     names = ["digits_cnn", "digits_mlp"]
@@ -808,6 +831,12 @@ def main() -> None:
             if "bytes" in row:
                 print(f"\n{row['step']}: zipped parts {row['bytes']}")
         print(f"\n{rows[-1]}")
+    if args.part == "score":
+        rows = part_score(args.score, pathlib.Path(args.feeds))
+        result["score"] = rows
+        print("\n## PP-OCR cls outputs (agreement: top-1 vs FP32 on held-out crops; zip: deflate level 9)\n")
+        print(_table(rows, ["file", "file_bytes", "zip_bytes", "zip_ratio", "agree_rendered", "samples_rendered",
+                            "agree_shared", "samples_shared"]))
     if args.part == "sweep":
         rows = part_sweep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")])
         result["sweep"] = rows

@@ -62,11 +62,16 @@ class DistillConfig:
         8, "augmented copies of each training sample (random shift, zoom in/out, noise); only for "
         "image inputs (float [N, C<=4, H>=8, W>=8]), off otherwise; 0: off"
     )
+    augment_to: int = option(
+        0, "augment only up to this many training samples: fewer copies (down to none) when the data "
+        "already holds more (0: always `augment` copies)"
+    )
     augment_shift: float = option(0.05, "augmentation: largest shift, as a fraction of height / width")
     augment_scale: float = option(0.1, "augmentation: largest relative zoom in (a crop) or out")
     augment_noise: float = option(0.02, "augmentation: Gaussian noise, as a fraction of each sample's std")
     hints: str = option(
-        "auto", "FitNets hint layers: auto (the inputs of the layers at 1/3, 2/3 and the last), none, "
+        "auto", "FitNets hint layers: auto (the inputs of the layers at 1/3, 2/3 and the last), auto:K (K "
+        "layer inputs spread evenly, the last included), none, "
         "or comma-separated value names present in student and teacher"
     )
     hint_weight: float = option(1.0, "weight of the hint (intermediate feature) loss, >= 0")
@@ -85,6 +90,7 @@ class DistillConfig:
             ("threads", self.threads >= 0, ">= 0"),
             ("check_atol", self.check_atol > 0, "> 0"),
             ("augment", self.augment >= 0, ">= 0"),
+            ("augment_to", self.augment_to >= 0, ">= 0"),
             ("augment_shift", 0.0 <= self.augment_shift < 0.5, "in [0, 0.5)"),
             ("augment_scale", 0.0 <= self.augment_scale < 1.0, "in [0, 1)"),
             ("augment_noise", self.augment_noise >= 0, ">= 0"),
@@ -169,18 +175,24 @@ class DistillPass(OptPass[DistillConfig]):
         n_val -= n_val % (static or 1)
         val_index = np.sort(rng.permutation(n)[:n_val])
         train_only = np.setdiff1d(np.arange(n), val_index)
-        images = distill_data.image_inputs(inputs) if cfg.augment else []
-        if cfg.augment and not images:
+        copies = cfg.augment
+        if cfg.augment_to and copies:
+            copies = min(copies, max(0, -(-cfg.augment_to // max(len(train_only), 1)) - 1))
+            if copies < cfg.augment:
+                report.note(f"augmentation: {copies} copies per sample, not {cfg.augment}: "
+                            f"{len(train_only)} training samples, augment_to={cfg.augment_to}")
+        images = distill_data.image_inputs(inputs) if copies else []
+        if copies and not images:
             report.note("augmentation off: no input is an image batch (float [N, C<=4, H>=8, W>=8])")
         elif images:
             # Copies of the training samples only, so the held-out samples stay unseen.
             extra = distill_data.augment_images(
-                {k: v[train_only] for k, v in inputs.items()}, cfg.augment, rng,
+                {k: v[train_only] for k, v in inputs.items()}, copies, rng,
                 shift=cfg.augment_shift, scale=cfg.augment_scale, noise=cfg.augment_noise,
             )
             inputs = {k: np.concatenate([v, extra[k]]) for k, v in inputs.items()}
             if labels is not None:
-                labels = np.concatenate([labels, np.tile(labels[train_only], cfg.augment)])
+                labels = np.concatenate([labels, np.tile(labels[train_only], copies)])
             total = next(iter(inputs.values())).shape[0]
             if static and total % static:
                 inputs = {k: v[: total - total % static] for k, v in inputs.items()}

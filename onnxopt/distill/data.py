@@ -266,6 +266,7 @@ def choose_hints(student: ir.Model, teacher: ir.Model | bytes, spec: str) -> lis
     ``spec``: ``"auto"`` picks the activation entering the Conv/Gemm/MatMul layers at one third
     and two thirds of the graph and the one entering the last such layer (the penultimate
     features): early enough to guide the lower layers, late enough to carry the decision;
+    ``"auto:K"`` the inputs of K layers spread evenly (the i-th ends the i-th K-th of them);
     ``"none"`` or ``""`` none; otherwise comma-separated value names. Only values that exist by
     name in both graphs, are computed by a node (not graph inputs or weights) and are float
     are kept; named ones that fail that raise.
@@ -276,6 +277,15 @@ def choose_hints(student: ir.Model, teacher: ir.Model | bytes, spec: str) -> lis
     """
     if spec in ("", "none"):
         return []
+    count = 0  # "auto:K": K layer inputs spread evenly over the graph, the last one included
+    if spec.startswith("auto:"):
+        try:
+            count = int(spec[5:])
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise DataError(f"distill: hints {spec!r}: 'auto:K' needs a whole number K >= 1")
+        spec = "auto"
     tmodel = ir.from_proto(onnx.load_from_string(teacher)) if isinstance(teacher, bytes) else teacher
     in_teacher = {v.name for node in tmodel.graph for v in node.outputs if v.name}
     produced = {v.name: v for node in student.graph for v in node.outputs if v.name}
@@ -291,5 +301,8 @@ def choose_hints(student: ir.Model, teacher: ir.Model | bytes, spec: str) -> lis
     feeds = [f for f in feeds if f in in_teacher and _ir_utils.is_float_dtype(produced[f].dtype or ir.DataType.FLOAT)]
     if not feeds:
         return []
-    picks = [feeds[len(feeds) // 3], feeds[(2 * len(feeds)) // 3], feeds[-1]]
+    if count:
+        picks = [feeds[max(0, (i * len(feeds)) // count - 1)] for i in range(1, count + 1)]
+    else:
+        picks = [feeds[len(feeds) // 3], feeds[(2 * len(feeds)) // 3], feeds[-1]]
     return list(dict.fromkeys(picks))

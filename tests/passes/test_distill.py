@@ -353,6 +353,23 @@ def test_softmax_outputs_are_trained_as_log_probabilities(rng):
     assert on_probs.item() == pytest.approx(on_logits.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize(("share", "copies"), [(3, 2), (1, 0)])
+def test_augment_to_caps_the_copies_at_a_training_set_size(share, copies):
+    """``augment_to`` = ``share`` x the training samples: ``share - 1`` copies (8 asked), so a large
+    data set is not multiplied; the report says how many were made and why."""
+    calib = data.load_data(model_path("digits_cnn_calib.npz"))
+    n = sum(next(iter(f.values())).shape[0] for f in calib)
+    train = n - round(0.2 * n)  # val_fraction 0.2, the default
+    ctx = PassContext(calibration=calib, quiet=True)
+    steps = [recipes.Step("teacher"), recipes.Step("prune", {"sparsity": 0.8, "skip_last": True}),
+             recipes.Step("distill", {"epochs": 1, "threads": 1, "augment": 8, "augment_to": share * train, "hints": "none"})]
+    report = pipeline.run(load_model("digits_cnn.onnx"), recipes.build(steps, ctx)).reports[2]
+    training = next(r for r in report.records if r["item"] == "training")
+    assert training["samples"] - training["held_out"] == train
+    assert training["augmented"] == copies * train
+    assert any(f"augmentation: {copies} copies per sample, not 8" in note for note in report.notes)
+
+
 def test_augmented_hinted_distillation_reports_agreement_and_keeps_constraints():
     """digits CNN (input [N, 1, 8, 8]: an image): pruned and clustered, then distilled with two
     augmented copies per training sample and the automatic hint layers."""

@@ -70,6 +70,17 @@ def test_recipe_chains_compression_distillation_and_packing():
     recipes.build(recipe.steps, PassContext())  # every option valid
 
 
+def test_gradual_recipe_prunes_in_growing_steps_with_distillation_between():
+    steps = recipes.get_recipe("compress-distill-gradual").steps
+    names = [s.name for s in steps]
+    assert names[:2] == ["teacher", "simplify"] and names[-3:] == ["cluster", "distill", "cluster"]
+    cuts = [s.options["sparsity"] for s in steps if s.name == "prune"]
+    assert cuts == sorted(cuts) and cuts[-1] == 0.8 and len(cuts) == 8
+    assert names[2:-3] == ["prune", "distill"] * 8  # each cut is trained before the next one
+    assert steps[-1].options["pack"] is True
+    recipes.build(steps, PassContext())  # every option valid
+
+
 @pytest.mark.skipif(HAS_TORCH, reason="checks the message shown where torch is not installed")
 def test_without_torch_the_error_says_how_to_install_it():
     from onnxopt.passes.distill import DistillDependencyError
@@ -126,3 +137,18 @@ def test_auto_hints_are_intermediate_values_of_both_graphs():
     assert distill_data.choose_hints(student, teacher, "none") == []
     with pytest.raises(DataError, match="hint value 'nope'"):
         distill_data.choose_hints(student, teacher, "nope")
+
+
+def test_auto_k_hints_spread_over_the_layers_and_end_at_the_last():
+    from onnxopt.distill import data as distill_data
+    from onnxopt.errors import DataError
+
+    model = load_model("digits_cnn.onnx")
+    layer_inputs = [n.inputs[0].name for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul")]
+    every = distill_data.choose_hints(model, model, f"auto:{len(layer_inputs)}")
+    assert every == [h for h in layer_inputs if h in every] and every[-1] == layer_inputs[-1]
+    one = distill_data.choose_hints(model, model, "auto:1")
+    assert one == [layer_inputs[-1]]
+    for bad in ("auto:0", "auto:x"):
+        with pytest.raises(DataError, match="'auto:K' needs a whole number K >= 1"):
+            distill_data.choose_hints(model, model, bad)
