@@ -23,19 +23,21 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(path: pathlib.Path, threads: int) -> ort.InferenceSession:
+def session(path: pathlib.Path, threads: int, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled) or None)
 
 
 # Deliberately not onnxopt.runtime.latency (the one timer): this script must run without onnxopt.
-def medians(paths: list[pathlib.Path], feed: dict[str, np.ndarray], threads: int, runs: int) -> list[float]:
-    """Median ms per model: warm-up, then rounds in a shuffled order (noise hits all alike)."""
-    sessions = [session(p, threads) for p in paths]
+def medians(variants: list[tuple[pathlib.Path, tuple[str, ...]]], feed: dict[str, np.ndarray], threads: int,
+            runs: int) -> list[float]:
+    """Median ms per (model, disabled optimizers): warm-up, then rounds in a shuffled order (noise hits all alike)."""
+    sessions = [session(p, threads, d) for p, d in variants]
     for s in sessions:
         for _ in range(3):
             s.run(None, feed)
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--profile", action="store_true", help="also print each model's kernel time per op type")
+    ap.add_argument("--also-disabled", default="", help="comma-separated onnxruntime optimizers (e.g. "
+                    "SkipLayerNormFusion): also time every model in a session with these disabled")
     args = ap.parse_args(argv)
     feed = dict(np.load(args.feed))
     print(f"onnxruntime {ort.__version__}, {args.runs} runs, feed {[a.shape for a in feed.values()]}")
@@ -90,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             for op, share, per_run in profile(path, feed, threads, args.runs)[:12]:
                 print(f"  {op:<28} {share * 100:5.1f} %  {per_run:5.0f} per run")
     for threads in (int(t) for t in args.threads.split(",")):
-        ms = medians(args.models, feed, threads, args.runs)
-        for path, m in zip(args.models, ms, strict=True):
-            print(f"{threads} thread(s)  {path.name:<32} {m:9.2f} ms  {m / ms[0]:6.3f}x")
+        off = tuple(o for o in args.also_disabled.split(",") if o)
+        variants = [(p, d) for p in args.models for d in ((), off) if d == () or off]
+        ms = medians(variants, feed, threads, args.runs)
+        for (path, d), m in zip(variants, ms, strict=True):
+            label = path.name + (f" -{','.join(d)}" if d else "")
+            print(f"{threads} thread(s)  {label:<32} {m:9.2f} ms  {m / ms[0]:6.3f}x")
     return 0
 
 

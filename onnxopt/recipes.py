@@ -124,14 +124,16 @@ add_recipe(Recipe("compress-distill", "teacher, then 80% global pruning and 16 c
 # which bench_compress.py's own trainer kept >= 97 % of its decisions (docs/benchmarks.md).
 _GRADUAL = (0.3, 0.5, 0.6, 0.65, 0.7, 0.74, 0.77, 0.8)
 # 9 training runs, 28 epochs: augment little data (8 copies) but not beyond 4,096 samples per
-# epoch; hints at 8 layer inputs (the block outputs of a small CNN), tau 2 as in the benchmark.
-_GRADUAL_DISTILL = {"patience": 0, "augment_to": 4096, "tau": 2.0, "hints": "auto:8"}
-add_recipe(Recipe("compress-distill-gradual", "teacher, then 80% pruning in 8 growing steps (30%..80% per layer; "
-                  "the last layer and layers under 512 weights dense), each followed by 3 epochs of distillation against the input model on "
+# epoch; hints at 8 layer inputs (the block outputs of a small CNN), tau 2 and a one-cycle LR
+# (15 % warm-up), as in the benchmark's trainer.
+_GRADUAL_DISTILL = {"patience": 0, "augment_to": 4096, "tau": 2.0, "hints": "auto:8", "warmup": 0.15}
+add_recipe(Recipe("compress-distill-gradual", "teacher, then pruning in 8 growing steps to 80% of all weights (one "
+                  "fraction per layer; the last layer and layers under 512 weights dense, depthwise at most 70%), each followed by 3 epochs of distillation against the input model on "
                   "--calib data; 16 clusters per tensor, 4 epochs of centroid fine-tuning, 4-bit packing",
                   (Step("teacher"), Step("simplify"),
                    *(step for s in _GRADUAL for step in (
-                       Step("prune", {"sparsity": s, "scope": "layer", "skip_last": True, "min_elements": 512}),
+                       Step("prune", {"sparsity": s, "scope": "uniform", "skip_last": True, "min_elements": 512,
+                                      "max_layer_sparsity": 0.95, "max_depthwise_sparsity": 0.7}),
                        Step("distill", {**_GRADUAL_DISTILL, "epochs": 3, "lr": 0.003}))),
                    Step("cluster", {"clusters": 16, "min_elements": 0}),
                    Step("distill", {**_GRADUAL_DISTILL, "epochs": 4, "lr": 0.001}),

@@ -54,6 +54,14 @@ class DistillConfig:
     )
     include: str = option("", "regular expression: train only initializers whose name matches")
     exclude: str = option("", "regular expression: never train initializers whose name matches")
+    freeze_first: float = option(
+        0.0, "share of the Conv/Gemm/MatMul layers, first in graph order, whose weights and biases are "
+        "not trained (0: none); early layers hold generic features that little data tends to overfit"
+    )
+    warmup: float = option(
+        0.0, "share of the training steps over which the LR rises linearly from 0, then a per-step cosine "
+        "decay to 0 (0: no warm-up, a per-epoch cosine decay)"
+    )
     max_codebook: int = option(256, "a tensor with at most this many distinct values trains as a codebook")
     max_samples: int = option(0, "use at most this many calibration samples (0: all)")
     threads: int = option(0, "torch intra-op threads while training (0: torch's default)")
@@ -87,6 +95,8 @@ class DistillConfig:
             ("val_fraction", 0.0 <= self.val_fraction <= 0.5, "in [0, 0.5]"),
             ("max_codebook", 2 <= self.max_codebook <= 65536, "in 2..65536"),
             ("max_samples", self.max_samples >= 0, ">= 0"),
+            ("freeze_first", 0.0 <= self.freeze_first < 1.0, "in [0, 1)"),
+            ("warmup", 0.0 <= self.warmup < 1.0, "in [0, 1)"),
             ("threads", self.threads >= 0, ">= 0"),
             ("check_atol", self.check_atol > 0, "> 0"),
             ("augment", self.augment >= 0, ">= 0"),
@@ -152,6 +162,9 @@ class DistillPass(OptPass[DistillConfig]):
         cfg = self.config
         teacher = _io.load_model(cfg.teacher) if cfg.teacher else self.context.teacher
         names, skipped = distill_data.select_trainable(model, cfg.include, cfg.exclude)
+        frozen = distill_data.first_layers_parameters(model, cfg.freeze_first)
+        skipped.update({name: "frozen (freeze_first)" for name in names if name in frozen})
+        names = [name for name in names if name not in frozen]
         for reason in skipped.values():
             report.skip(reason)
         if not names:
@@ -225,6 +238,7 @@ class DistillPass(OptPass[DistillConfig]):
             quiet=self.context.quiet,
             hints=tuple(hints),
             hint_weight=cfg.hint_weight,
+            warmup=cfg.warmup,
         )
         result = distill_torch.train(graph, params, inputs, targets, labels, val_index, settings)
         if result.best_epoch == 0:

@@ -42,10 +42,18 @@ class PruneConfig(weight_sharing.SelectionConfig):
 
     sparsity: float = option(0.5, "fraction of weights (unstructured) or channels (structured) removed")
     structured: bool = option(False, "remove whole output channels/neurons instead of single weights")
-    scope: Literal["layer", "global"] = option("layer", "unstructured: one threshold per tensor or one for all")
+    scope: Literal["layer", "global", "uniform"] = option(
+        "layer", "unstructured: one threshold per tensor (layer), one for all (global), or one fraction for "
+        "every pruned tensor, raised until `sparsity` of all the op types' weights are zero, those left "
+        "dense (small, first/last, capped) counted too (uniform)"
+    )
     max_layer_sparsity: float = option(
-        1.0, "global scope: no tensor loses more than this fraction (1: no cap); below 1, a layer "
-        "whose weights are all small (after BatchNorm folding) keeps some, so the network is not cut"
+        1.0, "global and uniform scope: no tensor loses more than this fraction (1: no cap); below 1, a "
+        "layer whose weights are all small (after BatchNorm folding) keeps some, so the network is not cut"
+    )
+    max_depthwise_sparsity: float = option(
+        1.0, "unstructured: a depthwise Conv weight (one input channel per group) loses at most this "
+        "fraction (1: no cap); each of its filters sees one channel, so its few weights matter more"
     )
     norm: Literal["l1", "l2"] = option("l2", "structured: channel importance norm")
     channel_multiple: int = option(
@@ -67,6 +75,8 @@ class PruneConfig(weight_sharing.SelectionConfig):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if not self.sparsity <= self.max_layer_sparsity <= 1.0:
             raise ValueError(f"max_layer_sparsity must be in [sparsity, 1], got {self.max_layer_sparsity}")
+        if not 0.0 <= self.max_depthwise_sparsity <= 1.0:
+            raise ValueError(f"max_depthwise_sparsity must be in [0, 1], got {self.max_depthwise_sparsity}")
         if self.channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.repair_passes < 0:
@@ -140,7 +150,26 @@ class PrunePass(OptPass[PruneConfig]):
         arrays = [t.weight.const_value.numpy() for t in targets]
         if not arrays:
             return
-        masks = _magnitude_masks(arrays, cfg.sparsity, cfg.scope, cfg.max_layer_sparsity)
+        depthwise = [_is_depthwise(t.weight) for t in targets]
+        caps = [min(cfg.max_layer_sparsity, cfg.max_depthwise_sparsity) if d else cfg.max_layer_sparsity
+                for d in depthwise]
+        if cfg.scope == "uniform":
+            total = _all_weights(model, cfg.op_types)
+            need = round(cfg.sparsity * total)
+            fractions = _uniform_fractions([a.size for a in arrays], caps, need)
+            masks = [_keep_top(np.abs(a).reshape(-1), f).reshape(a.shape) for a, f in zip(arrays, fractions, strict=True)]
+            zeros = sum(int((~m).sum()) for m in masks)
+            report.note(f"uniform: {max(fractions):.3f} of each pruned tensor (caps: {cfg.max_layer_sparsity:g}, "
+                        f"depthwise {min(cfg.max_layer_sparsity, cfg.max_depthwise_sparsity):g}): {zeros} of all "
+                        f"{total} {'/'.join(sorted(cfg.op_types))} weights zero ({zeros / max(total, 1):.1%}; "
+                        f"target {cfg.sparsity:.1%})")
+        elif cfg.scope == "layer":
+            dw = [min(cfg.sparsity, cfg.max_depthwise_sparsity) if d else cfg.sparsity for d in depthwise]
+            masks = [_keep_top(np.abs(a).reshape(-1), f).reshape(a.shape) for a, f in zip(arrays, dw, strict=True)]
+        elif any(c < 1.0 for c in caps):
+            masks = _capped_masks(arrays, cfg.sparsity, caps)
+        else:
+            masks = _magnitude_masks(arrays, cfg.sparsity, cfg.scope)
         layers = [t.layer for t in targets if t.layer is not None]
         calib = self.context.calibration if cfg.repair else None
         sequential = None
@@ -247,9 +276,45 @@ def _magnitude_masks(arrays: list[np.ndarray], sparsity: float, scope: str, cap:
     return out
 
 
-def _capped_masks(arrays: list[np.ndarray], sparsity: float, cap: float) -> list[np.ndarray]:
+def _is_depthwise(weight: ir.Value) -> bool:
+    """A Conv weight [C_out, 1, ...] used with group > 1: one input channel per filter."""
+    shape = weight.const_value.shape if weight.const_value is not None else ()
+    return len(shape) >= 3 and shape[1] == 1 and any(
+        node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1 for node, _ in weight.uses()
+    )
+
+
+def _all_weights(model: ir.Model, op_types: frozenset[str]) -> int:
+    """Elements of every constant weight (input 1) of the main graph's ``op_types`` nodes, each once."""
+    seen: dict[int, int] = {}
+    for node in _ir_utils.iter_nodes(model, op_types, subgraphs=False):
+        weight = _ir_utils.constant_input(node, 1)
+        if weight is not None and weight.const_value is not None:
+            seen[id(weight)] = int(np.prod(weight.const_value.shape))
+    return sum(seen.values())
+
+
+def _uniform_fractions(sizes: list[int], caps: list[float], need: int) -> list[float]:
+    """One fraction ``f`` for every tensor (each at most its cap), the smallest whose zeros reach ``need``.
+
+    When the caps cannot reach ``need`` every tensor is at its cap.
+    """
+    def removed(f: float) -> int:
+        return sum(round(min(f, c) * n) for n, c in zip(sizes, caps, strict=True))
+
+    lo, hi = 0.0, 1.0
+    if removed(hi) < need:
+        return list(caps)
+    for _ in range(60):  # removed() is monotone in f
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < need else (lo, mid)
+    return [min(hi, c) for c in caps]
+
+
+def _capped_masks(arrays: list[np.ndarray], sparsity: float, cap: float | list[float]) -> list[np.ndarray]:
     mags = [np.sort(np.abs(a).reshape(-1)) for a in arrays]
-    caps = [int(np.floor(cap * a.size)) for a in arrays]
+    per_tensor = cap if isinstance(cap, list) else [cap] * len(arrays)
+    caps = [int(np.floor(c * a.size)) for c, a in zip(per_tensor, arrays, strict=True)]
     n_drop = round(sparsity * sum(a.size for a in arrays))
     flat = np.sort(np.concatenate(mags))
 

@@ -129,6 +129,14 @@ def teacher_outputs(
     return [np.concatenate([c[i] for c in chunks], axis=0) for i in range(len(chunks[0]))]
 
 
+def first_layers_parameters(model: ir.Model, share: float) -> set[str]:
+    """Names of the initializers (weight, bias) read by the first ``round(share * n)`` of the main
+    graph's ``n`` Conv/Gemm/MatMul nodes, in graph order."""
+    layers = [n for n in model.graph if n.op_type in _HINT_OPS]
+    return {v.name for node in layers[: round(share * len(layers))] for v in node.inputs[1:]
+            if v is not None and v.is_initializer()}
+
+
 def select_trainable(model: ir.Model, include: str, exclude: str) -> tuple[list[str], dict[str, str]]:
     """Initializers to train and, for the float ones left alone, why.
 

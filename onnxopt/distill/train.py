@@ -67,6 +67,7 @@ class TrainSettings:
     quiet: bool = False
     hints: tuple[str, ...] = ()  # intermediate values matched to the teacher's (FitNets)
     hint_weight: float = 1.0
+    warmup: float = 0.0  # > 0: per-batch schedule, linear warm-up over this share of the steps, then cosine
 
 
 class ConstrainedParam:
@@ -257,9 +258,24 @@ def _train(
     y = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
     kinds = _kinds(teacher[:n_out], settings.loss)
     optimizer = torch.optim.Adam([p.theta for p in params], lr=settings.lr)
-    # Cosine decay over the epoch budget: large steps first, small ones to settle at the end.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     rng = np.random.default_rng(settings.seed)
+    size = settings.static_batch or settings.batch_size
+    per_epoch = max(1, -(-len(train_index) // size))
+    if settings.warmup > 0:
+        # One cycle per run (Smith 2018): the LR rises from 0 so that the first steps after a
+        # pruning cut do not throw the kept weights far, then decays by a cosine to 0.
+        steps = settings.epochs * per_epoch
+        rise = max(1, round(settings.warmup * steps))
+
+        def factor(step: int) -> float:
+            if step < rise:
+                return (step + 1) / rise
+            return 0.5 * (1 + math.cos(math.pi * (step - rise) / max(1, steps - rise)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    else:
+        # Cosine decay over the epoch budget: large steps first, small ones to settle at the end.
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     classes = kinds[0] in ("kl", "kl_prob") and t[0].ndim == 2
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +321,6 @@ def _train(
     for epoch in bar:
         order = train_index[rng.permutation(len(train_index))]
         running = 0.0
-        size = settings.static_batch or settings.batch_size
         for start in range(0, len(order) - len(order) % size if settings.static_batch else len(order), size):
             idx = order[start : start + size]
             optimizer.zero_grad()
@@ -317,7 +332,10 @@ def _train(
             for p in params:
                 p.project()
             running += loss.item() * len(idx)
-        schedule.step()
+            if settings.warmup > 0:
+                schedule.step()
+        if settings.warmup <= 0:
+            schedule.step()
         row = {"epoch": epoch + 1, "train_loss": running / max(len(order), 1), "lr": schedule.get_last_lr()[0]}
         if len(val_index):
             row["val_loss"], row["val_agreement"] = evaluate(val_index)

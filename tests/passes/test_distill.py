@@ -370,6 +370,38 @@ def test_augment_to_caps_the_copies_at_a_training_set_size(share, copies):
     assert any(f"augmentation: {copies} copies per sample, not 8" in note for note in report.notes)
 
 
+def test_freeze_first_leaves_the_first_layers_untrained():
+    calib = data.load_data(model_path("digits_cnn_calib.npz"))
+    ctx = PassContext(calibration=calib, quiet=True)
+    steps = [recipes.Step("teacher"), recipes.Step("prune", {"sparsity": 0.8, "skip_last": True}),
+             recipes.Step("distill", {"epochs": 1, "threads": 1, "augment": 0, "hints": "none", "patience": 0,
+                                      "freeze_first": 0.5})]
+    before = load_model("digits_cnn.onnx")
+    make("prune", {"sparsity": 0.8, "skip_last": True})(before)  # what the distill step starts from
+    result = pipeline.run(load_model("digits_cnn.onnx"), recipes.build(steps, ctx))
+    layers = [n for n in result.model.graph if n.op_type in ("Conv", "Gemm", "MatMul")]
+    frozen = {v.name for n in layers[: round(0.5 * len(layers))] for v in n.inputs[1:] if v is not None}
+    assert frozen and result.reports[2].skipped["frozen (freeze_first)"] == len(frozen)
+    for name, value in result.model.graph.initializers.items():
+        same = np.array_equal(value.const_value.numpy(), before.graph.initializers[name].const_value.numpy())
+        if name in frozen:
+            assert same, name
+    trained = [r["item"] for r in result.reports[2].records if "constraint" in r]
+    assert trained and not frozen & set(trained)
+
+
+def test_warmup_rises_to_the_peak_then_decays_to_zero():
+    """warmup=0.5 over 2 epochs: the LR peaks as the first epoch ends and is 0 after the last step."""
+    calib = data.load_data(model_path("digits_cnn_calib.npz"))
+    ctx = PassContext(calibration=calib, quiet=True)
+    steps = [recipes.Step("teacher"), recipes.Step("prune", {"sparsity": 0.8, "skip_last": True}),
+             recipes.Step("distill", {"epochs": 2, "threads": 1, "augment": 0, "hints": "none", "patience": 0,
+                                      "lr": 0.002, "warmup": 0.5})]
+    report = pipeline.run(load_model("digits_cnn.onnx"), recipes.build(steps, ctx)).reports[2]
+    history = next(r for r in report.records if r["item"] == "training")["history"]
+    assert history[0]["lr"] == pytest.approx(0.002) and history[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_augmented_hinted_distillation_reports_agreement_and_keeps_constraints():
     """digits CNN (input [N, 1, 8, 8]: an image): pruned and clustered, then distilled with two
     augmented copies per training sample and the automatic hint layers."""

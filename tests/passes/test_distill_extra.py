@@ -36,6 +36,9 @@ def test_importing_the_passes_does_not_import_torch():
     ({"loss": "huber"}, "expected one of"),
     ({"include": "("}, "include: invalid regular expression"),
     ({"epoch": 3}, "unknown option 'epoch' for distill"),
+    ({"freeze_first": 1.0}, r"freeze_first must be in \[0, 1\)"),
+    ({"augment_to": -1}, "augment_to must be >= 0"),
+    ({"warmup": 1.0}, r"warmup must be in \[0, 1\)"),
 ])
 def test_bad_options_are_rejected(options, message):
     with pytest.raises(ValueError, match=message):

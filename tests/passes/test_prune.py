@@ -212,6 +212,7 @@ def test_repair_without_data_notes():
     ({"op_types": "Add"}, "op_types: unsupported 'Add'"),
     ({"channel_multiple": 0}, "channel_multiple must be >= 1"),
     ({"sparsity": 0.8, "max_layer_sparsity": 0.5}, r"max_layer_sparsity must be in \[sparsity, 1\]"),
+    ({"max_depthwise_sparsity": 1.5}, r"max_depthwise_sparsity must be in \[0, 1\]"),
 ])
 def test_config_rejected(options, message):
     with pytest.raises(ValueError, match=message):
@@ -232,3 +233,38 @@ def test_bundled_cnn_structured_30_percent_with_repair():
     # float noise on this model (3e-6), so no CPU changes a class. 0.03 (17 of 597 samples) is
     # the quality bar; measured drop 4 samples.
     assert top1(model) >= top1(ref) - 0.03
+
+
+def test_uniform_scope_counts_the_dense_layers_and_caps_depthwise():
+    """Uniform scope: one fraction for every pruned tensor, raised until `sparsity` of all the
+    op types' weights are zero, the ones left dense (small: min_elements; last: skip_last)
+    counted; a depthwise Conv weight stops at max_depthwise_sparsity."""
+    rng = np.random.default_rng(0)
+    init = {"w_small": rng.standard_normal((8, 3, 1, 1)), "w_dw": rng.standard_normal((8, 1, 3, 3)) * 0.01,
+            "w_pw": rng.standard_normal((64, 8, 1, 1)), "w_last": rng.standard_normal((4, 64, 1, 1))}
+    sizes = {k: v.size for k, v in init.items()}
+    nodes = [onnx.helper.make_node("Conv", ["x", "w_small"], ["a"]),
+             onnx.helper.make_node("Conv", ["a", "w_dw"], ["b"], group=8, pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Conv", ["b", "w_pw"], ["c"]),
+             onnx.helper.make_node("Conv", ["c", "w_last"], ["y"])]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()])
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    # w_small (24) is under min_elements, w_last is skipped: both dense, both in the denominator.
+    report = make("prune", {"sparsity": 0.5, "scope": "uniform", "min_elements": 64, "skip_last": True,
+                            "max_depthwise_sparsity": 0.25})(model)
+    zeros = {k: int((_w(model, k) == 0).sum()) for k in init}
+    assert zeros["w_small"] == zeros["w_last"] == 0
+    assert zeros["w_dw"] == round(0.25 * sizes["w_dw"])  # capped, though its weights are the smallest
+    total = sum(sizes.values())
+    assert sum(zeros.values()) >= round(0.5 * total) and zeros["w_pw"] <= sizes["w_pw"]
+    # the same one fraction would have been too little: the pointwise layer makes up the rest
+    assert zeros["w_pw"] / sizes["w_pw"] > 0.5
+    assert any("uniform:" in n and f"of all {total} Conv/Gemm/MatMul weights zero" in n for n in report.notes), report.notes
+    # layer scope: the depthwise cap applies there too
+    model2 = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    make("prune", {"sparsity": 0.5, "min_elements": 64, "max_depthwise_sparsity": 0.25})(model2)
+    assert int((_w(model2, "w_dw") == 0).sum()) == round(0.25 * sizes["w_dw"])
+    assert int((_w(model2, "w_pw") == 0).sum()) == round(0.5 * sizes["w_pw"])
