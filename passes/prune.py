@@ -96,7 +96,10 @@ class PrunePass(OptPass[PruneConfig]):
         kept weights and biases (a bias may be added to a Conv/Gemm).
     Preserves: graph inputs/outputs and their shapes, opset imports, op counts.
     Guarantees: unstructured: each pruned tensor (layer scope; all of them together in global
-        scope) has at least round(sparsity * n) zeros; structured: at least one channel is kept
+        scope) has at least round(sparsity * n) zeros, a depthwise one at most
+        max_depthwise_sparsity of its n; uniform scope: at least round(sparsity * N) zeros among
+        the N weights of all op_types nodes, unless the caps stop it first (then every pruned
+        tensor is at its cap, and the report note gives the share reached); structured: at least one channel is kept
         per layer and layers feeding a graph output are never pruned. Per-layer sparsity and
         FLOPs before/after are in the report records.
     Not exact: outputs change; tests compare against the original in onnxruntime

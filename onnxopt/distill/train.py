@@ -260,7 +260,8 @@ def _train(
     optimizer = torch.optim.Adam([p.theta for p in params], lr=settings.lr)
     rng = np.random.default_rng(settings.seed)
     size = settings.static_batch or settings.batch_size
-    per_epoch = max(1, -(-len(train_index) // size))
+    # Batches per epoch as the loop below takes them (a static batch drops the ragged end).
+    per_epoch = max(1, len(train_index) // size if settings.static_batch else -(-len(train_index) // size))
     if settings.warmup > 0:
         # One cycle per run (Smith 2018): the LR rises from 0 so that the first steps after a
         # pruning cut do not throw the kept weights far, then decays by a cosine to 0.
