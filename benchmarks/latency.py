@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {op:<28} {share * 100:5.1f} %  {per_run:5.0f} per run")
     for threads in (int(t) for t in args.threads.split(",")):
         off = tuple(o for o in args.also_disabled.split(",") if o)
-        variants = [(p, d) for p in args.models for d in ((), off) if d == () or off]
+        variants = [(p, d) for p in args.models for d in ([(), off] if off else [()])]
         ms = medians(variants, feed, threads, args.runs)
         for (path, d), m in zip(variants, ms, strict=True):
             label = path.name + (f" -{','.join(d)}" if d else "")

@@ -56,7 +56,7 @@ class DistillConfig:
     exclude: str = option("", "regular expression: never train initializers whose name matches")
     freeze_first: float = option(
         0.0, "share of the Conv/Gemm/MatMul layers, first in graph order, whose weights and biases are "
-        "not trained (0: none); early layers hold generic features that little data tends to overfit"
+        "not trained (0: none)"
     )
     warmup: float = option(
         0.0, "share of the training steps over which the LR rises linearly from 0, then a per-step cosine "

@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from onnxopt import _ir_utils
 from onnxopt.compress import channel_prune, flops, repair, weight_sharing
+from onnxopt.compress import sparsity as sparsity_plan
 from onnxopt.config import option
 from onnxopt.outcome import Outcome
 from onnxopt.pass_base import OptPass, PassReport, register
@@ -158,21 +159,15 @@ class PrunePass(OptPass[PruneConfig]):
                 for d in depthwise]
         if cfg.scope == "uniform":
             total = _all_weights(model, cfg.op_types)
-            need = round(cfg.sparsity * total)
-            fractions = _uniform_fractions([a.size for a in arrays], caps, need)
-            masks = [_keep_top(np.abs(a).reshape(-1), f).reshape(a.shape) for a, f in zip(arrays, fractions, strict=True)]
+            fractions = sparsity_plan.allocate_uniform([a.size for a in arrays], caps, round(cfg.sparsity * total))
+            masks = _masks_at(arrays, fractions)
             zeros = sum(int((~m).sum()) for m in masks)
             report.note(f"uniform: {max(fractions):.3f} of each pruned tensor (caps: {cfg.max_layer_sparsity:g}, "
                         f"depthwise {min(cfg.max_layer_sparsity, cfg.max_depthwise_sparsity):g}): {zeros} of all "
                         f"{total} {'/'.join(sorted(cfg.op_types))} weights zero ({zeros / max(total, 1):.1%}; "
                         f"target {cfg.sparsity:.1%})")
-        elif cfg.scope == "layer":
-            dw = [min(cfg.sparsity, cfg.max_depthwise_sparsity) if d else cfg.sparsity for d in depthwise]
-            masks = [_keep_top(np.abs(a).reshape(-1), f).reshape(a.shape) for a, f in zip(arrays, dw, strict=True)]
-        elif any(c < 1.0 for c in caps):
-            masks = _capped_masks(arrays, cfg.sparsity, caps)
         else:
-            masks = _magnitude_masks(arrays, cfg.sparsity, cfg.scope)
+            masks = _magnitude_masks(arrays, cfg.sparsity, cfg.scope, caps)
         layers = [t.layer for t in targets if t.layer is not None]
         calib = self.context.calibration if cfg.repair else None
         sequential = None
@@ -258,18 +253,28 @@ def _kept(channels: int, sparsity: float, multiple: int) -> int:
     return max(keep, 1)
 
 
-def _magnitude_masks(arrays: list[np.ndarray], sparsity: float, scope: str, cap: float = 1.0) -> list[np.ndarray]:
+def _masks_at(arrays: list[np.ndarray], fractions: list[float]) -> list[np.ndarray]:
+    """Keep-masks removing each tensor's own ``fraction`` of its smallest |w|."""
+    return [_keep_top(np.abs(a).reshape(-1), f).reshape(a.shape) for a, f in zip(arrays, fractions, strict=True)]
+
+
+def _magnitude_masks(
+    arrays: list[np.ndarray], sparsity: float, scope: str, cap: float | list[float] = 1.0
+) -> list[np.ndarray]:
     """Keep-masks removing the ``sparsity`` fraction of smallest |w| per tensor or over all.
 
-    Global scope with ``cap < 1``: one magnitude threshold for all tensors, but no tensor loses
-    more than ``cap`` of its weights; the threshold rises until the total reaches ``sparsity``
-    (water filling). Measured why: on PP-OCR's direction classifier, 80% global pruning zeroed
-    two whole layers after BatchNorm folding, so its output no longer depended on the input.
+    ``cap`` (one for all tensors, or one per tensor): the most a tensor may lose. Layer scope:
+    each tensor loses ``min(sparsity, cap)``. Global scope with a cap below 1: one magnitude
+    threshold for all tensors, but no tensor loses more than its cap; the threshold rises until
+    the total reaches ``sparsity`` (water filling). Measured why: on PP-OCR's direction
+    classifier, 80% global pruning zeroed two whole layers after BatchNorm folding, so its
+    output no longer depended on the input.
     """
+    caps = cap if isinstance(cap, list) else [cap] * len(arrays)
     if scope == "layer":
-        return [_keep_top(np.abs(a).reshape(-1), sparsity).reshape(a.shape) for a in arrays]
-    if cap < 1.0:
-        return _capped_masks(arrays, sparsity, cap)
+        return _masks_at(arrays, [min(sparsity, c) for c in caps])
+    if any(c < 1.0 for c in caps):
+        return _capped_masks(arrays, sparsity, caps)
     flat = np.concatenate([np.abs(a).reshape(-1) for a in arrays])
     keep = _keep_top(flat, sparsity)
     out, start = [], 0
@@ -297,27 +302,9 @@ def _all_weights(model: ir.Model, op_types: frozenset[str]) -> int:
     return sum(seen.values())
 
 
-def _uniform_fractions(sizes: list[int], caps: list[float], need: int) -> list[float]:
-    """One fraction ``f`` for every tensor (each at most its cap), the smallest whose zeros reach ``need``.
-
-    When the caps cannot reach ``need`` every tensor is at its cap.
-    """
-    def removed(f: float) -> int:
-        return sum(round(min(f, c) * n) for n, c in zip(sizes, caps, strict=True))
-
-    lo, hi = 0.0, 1.0
-    if removed(hi) < need:
-        return list(caps)
-    for _ in range(60):  # removed() is monotone in f
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if removed(mid) < need else (lo, mid)
-    return [min(hi, c) for c in caps]
-
-
-def _capped_masks(arrays: list[np.ndarray], sparsity: float, cap: float | list[float]) -> list[np.ndarray]:
+def _capped_masks(arrays: list[np.ndarray], sparsity: float, cap: list[float]) -> list[np.ndarray]:
     mags = [np.sort(np.abs(a).reshape(-1)) for a in arrays]
-    per_tensor = cap if isinstance(cap, list) else [cap] * len(arrays)
-    caps = [int(np.floor(c * a.size)) for c, a in zip(per_tensor, arrays, strict=True)]
+    caps = [int(np.floor(c * a.size)) for c, a in zip(cap, arrays, strict=True)]
     n_drop = round(sparsity * sum(a.size for a in arrays))
     flat = np.sort(np.concatenate(mags))
 
@@ -332,9 +319,7 @@ def _capped_masks(arrays: list[np.ndarray], sparsity: float, cap: float | list[f
         else:
             lo = mid + 1
     counts = dropped(flat[lo]) if n_drop else [0] * len(arrays)
-    return [
-        _keep_top(np.abs(a).reshape(-1), n / a.size).reshape(a.shape) for a, n in zip(arrays, counts, strict=True)
-    ]
+    return _masks_at(arrays, [n / a.size for a, n in zip(arrays, counts, strict=True)])
 
 
 def _keep_top(mags: np.ndarray, sparsity: float) -> np.ndarray:

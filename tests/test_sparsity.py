@@ -118,3 +118,14 @@ def test_sensitivity_caps_and_an_unreachable_target():
 def test_sensitivity_bad_arguments(curves, target, message):
     with pytest.raises(ValueError, match=message):
         sparsity.allocate_by_sensitivity(curves, dict.fromkeys(curves, 10), target)
+
+
+def test_allocate_uniform_one_fraction_up_to_the_caps():
+    sizes, caps = [100, 100, 50], [1.0, 0.2, 1.0]
+    fractions = sparsity.allocate_uniform(sizes, caps, 125)
+    assert fractions[1] == 0.2 and fractions[0] == fractions[2]
+    assert sum(round(f * n) for f, n in zip(fractions, sizes)) >= 125
+    # the capped tensor gives 20, the other two make up 105 of their 150: f = 0.7, and no less
+    assert fractions[0] == pytest.approx(0.7, abs=0.01)  # counts are rounded per tensor
+    assert sum(round(min(fractions[0] - 0.01, c) * n) for c, n in zip(caps, sizes)) < 125
+    assert sparsity.allocate_uniform(sizes, caps, 250) == caps  # unreachable: everything at its cap

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["allocate", "allocate_by_sensitivity", "prune_smallest"]
+__all__ = ["allocate", "allocate_by_sensitivity", "allocate_uniform", "prune_smallest"]
 
 
 def allocate(
@@ -77,6 +77,24 @@ def allocate(
             lo = mid + 1
     counts = dropped(candidates[lo]) if need else dict.fromkeys(scores, 0)
     return {n: counts[n] / scores[n].size for n in scores}
+
+
+def allocate_uniform(sizes: Sequence[int], caps: Sequence[float], need: int) -> list[float]:
+    """One fraction ``f`` for every tensor (each at most its cap), the smallest whose zeros reach ``need``.
+
+    Zeros per tensor are counted as :func:`prune_smallest` makes them (``round(f * size)``). When
+    the caps cannot reach ``need`` every tensor is at its cap.
+    """
+    def removed(f: float) -> int:
+        return sum(round(min(f, c) * n) for n, c in zip(sizes, caps, strict=True))
+
+    lo, hi = 0.0, 1.0
+    if removed(hi) < need:
+        return list(caps)
+    for _ in range(60):  # removed() is monotone in f
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < need else (lo, mid)
+    return [min(hi, c) for c in caps]
 
 
 def allocate_by_sensitivity(

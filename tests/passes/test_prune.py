@@ -259,7 +259,7 @@ def test_uniform_scope_counts_the_dense_layers_and_caps_depthwise():
     assert zeros["w_small"] == zeros["w_last"] == 0
     assert zeros["w_dw"] == round(0.25 * sizes["w_dw"])  # capped, though its weights are the smallest
     total = sum(sizes.values())
-    assert sum(zeros.values()) >= round(0.5 * total) and zeros["w_pw"] <= sizes["w_pw"]
+    assert sum(zeros.values()) >= round(0.5 * total)
     # the same one fraction would have been too little: the pointwise layer makes up the rest
     assert zeros["w_pw"] / sizes["w_pw"] > 0.5
     assert any("uniform:" in n and f"of all {total} Conv/Gemm/MatMul weights zero" in n for n in report.notes), report.notes
