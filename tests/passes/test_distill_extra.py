@@ -155,3 +155,32 @@ def test_auto_k_hints_spread_over_the_layers_and_end_at_the_last():
     for bad in ("auto:0", "auto:x"):
         with pytest.raises(DataError, match="'auto:K' needs a whole number K >= 1"):
             distill_data.choose_hints(model, model, bad)
+
+
+def test_teacher_outputs_fill_one_row_per_sample_across_uneven_batches(rng):
+    from onnx import TensorProto, helper
+
+    from onnxopt.distill import data as distill_data
+    from onnxopt.errors import DataError
+    from onnxopt.runtime import sessions as runtime
+
+    model = load_model("digits_cnn.onnx")
+    name = model.graph.inputs[0].name
+    x = rng.standard_normal((10, 1, 8, 8)).astype(np.float32)
+    got = distill_data.teacher_outputs(model, {name: x}, 4, quiet=True)  # batches of 4, 4, 2
+    # The same batches run by hand in the same kind of session: the rows must be those arrays,
+    # in order, bit for bit.
+    with runtime.session(model) as handle:
+        want = np.concatenate([next(iter(handle.run({name: x[i : i + 4]}).values())) for i in (0, 4, 8)])
+    assert len(got) == 1 and got[0].shape == (10, *want.shape[1:])
+    np.testing.assert_array_equal(got[0], want)
+
+    # An output without one row per sample cannot be a training target: a clear error.
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
+    )
+    flat = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    with pytest.raises(DataError, match="teacher output 'total': batch at sample 0 has shape"):
+        distill_data.teacher_outputs(flat, {"x": np.ones((5, 3), np.float32)}, 2, quiet=True)
