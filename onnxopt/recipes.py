@@ -120,12 +120,13 @@ add_recipe(Recipe("compress-distill", "teacher, then 80% global pruning and 16 c
                   needs_calibration=True))
 # Gradual magnitude pruning (Zhu & Gupta 2017): the masks only grow (earlier zeros are the smallest
 # values), and distillation between steps lets the kept weights take over before the next cut. On
-# PP-OCR cls one 80 % cut loses what 6-8 epochs cannot recover; these steps are the schedule with
-# which bench_compress.py's own trainer kept >= 97 % of its decisions (docs/benchmarks.md).
+# PP-OCR cls one 80 % cut loses what 6-8 epochs cannot recover; with these steps and crops recorded
+# from the OCR pipeline the recipe kept >= 97 % of its decisions on three seeds (docs/benchmarks.md).
 _GRADUAL = (0.3, 0.5, 0.6, 0.65, 0.7, 0.74, 0.77, 0.8)
 # 9 training runs, 28 epochs: augment little data (8 copies) but not beyond 4,096 samples per
-# epoch; hints at 8 layer inputs (the block outputs of a small CNN), tau 2 and a one-cycle LR
-# (15 % warm-up), as in the benchmark's trainer.
+# epoch; hints at 8 evenly spread layer inputs (on PP-OCR cls some are squeeze-excitation values,
+# not block outputs: block outputs were tried and did no better), tau 2 and a one-cycle LR (15 %
+# warm-up), as in the benchmark's trainer.
 _GRADUAL_DISTILL = {"patience": 0, "augment_to": 4096, "tau": 2.0, "hints": "auto:8", "warmup": 0.15}
 add_recipe(Recipe("compress-distill-gradual", "teacher, then pruning in 8 growing steps to 80% of all weights (one "
                   "fraction per layer; the last layer and layers under 512 weights dense, depthwise at most 70%), each followed by 3 epochs of distillation against the input model on "
