@@ -161,6 +161,57 @@ def test_torch_graph_matches_onnxruntime_on_more_ops(rng):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_fast_paths_match_onnxruntime_and_the_plain_forms_gradients(rng, monkeypatch):
+    """Channels-last 2-D Conv and scalar-bound Clip (torch_ops.FAST_PATHS) change speed, not results."""
+    from onnxopt.distill import torch_ops
+
+    mk = onnx.helper.make_node
+    nodes = [
+        mk("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        mk("Add", ["c1", "three"], ["a"]),
+        mk("Clip", ["a", "zero", "six"], ["k"]),  # written-out HardSwish, as paddle2onnx exports it
+        mk("Mul", ["c1", "k"], ["m"]),
+        mk("Div", ["m", "six"], ["h"]),
+        mk("Conv", ["h", "dw"], ["d"], pads=[0, 1, 0, 1], group=4),
+        mk("Clip", ["d", "", "six"], ["y"]),
+    ]
+    weights = {
+        "w1": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "b1": rng.standard_normal(4).astype(np.float32),
+        "dw": rng.standard_normal((4, 1, 1, 3)).astype(np.float32),
+        "three": np.array(3, np.float32), "zero": np.array(0, np.float32), "six": np.array(6, np.float32),
+    }
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, weights, [info("x", onnx.TensorProto.FLOAT, [2, 3, 6, 7])],
+                         [info("y", onnx.TensorProto.FLOAT, None)])
+    x = (rng.standard_normal((2, 3, 6, 7)) * 2).astype(np.float32)
+    want = _ort(model, {"x": x})[0]
+    graph = TorchGraph(model)
+    results = {}
+    for fast in (False, True):
+        monkeypatch.setattr(torch_ops, "FAST_PATHS", fast)
+        w = {k: v.clone().requires_grad_(True) for k, v in graph.constants.items() if v.numel() > 1}
+        out = graph({"x": torch.from_numpy(x)}, w)[0]
+        (out**2).sum().backward()
+        results[fast] = (out.detach().numpy(), {k: v.grad.numpy() for k, v in w.items()})
+        # float32 sums of at most 27 products per output: agreement to a few ulp of the values
+        np.testing.assert_allclose(results[fast][0], want, rtol=1e-5, atol=1e-5)
+    for name, grad in results[False][1].items():
+        # the same sums in another order: a float32 rounding difference, relative to the gradient
+        tol = 1e-5 * float(np.abs(grad).max())
+        np.testing.assert_allclose(results[True][1][name], grad, rtol=1e-5, atol=tol, err_msg=name)
+    assert np.abs(results[True][1]["w1"]).max() > 0
+
+
+def test_clip_bound_that_needs_a_gradient_keeps_it(monkeypatch):
+    from onnxopt.distill import torch_ops
+
+    monkeypatch.setattr(torch_ops, "FAST_PATHS", True)
+    clip = torch_ops.OPS["Clip"]({}, 13)
+    hi = torch.tensor(0.5, requires_grad=True)
+    clip([torch.tensor([0.2, 0.9, 1.5]), torch.tensor(0.0), hi])[0].sum().backward()
+    assert float(hi.grad) == 2.0  # two elements clamped at the upper bound
+
+
 def test_torch_graph_comparisons_and_constant_of_shape_match_onnxruntime():
     mk = onnx.helper.make_node
     fill = onnx.numpy_helper.from_array(np.array([2.5], np.float32))
