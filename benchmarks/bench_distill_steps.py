@@ -1,4 +1,4 @@
-"""Time of one distillation training step (forward + backward in torch) with and without the fast paths.
+"""Time of one distillation training step with and without the fast paths; memory of an evaluation batch.
 
 The distill pass trains through :class:`onnxopt.distill.torch_graph.TorchGraph`. Its fast paths
 (``onnxopt.distill.torch_ops.FAST_PATHS``: 2-D Conv in channels-last layout, Clip by scalar
@@ -8,9 +8,17 @@ loss and gradients: each one's largest relative error against the same step in f
 forms), so a difference between the two reads against float32's own rounding. Models: rapidocr's packaged PP-OCR direction
 classifier and recogniser, simplified by onnxopt (their weights are Constant nodes until then);
 inputs: rendered text-line crops (``ocr_data.render_cls_crops``), zero-padded on the right to the
-recogniser's 320 columns as rapidocr pads. Needs the distill extra (torch)::
+recogniser's 320 columns as rapidocr pads.
 
-    python benchmarks/bench_distill_steps.py [--models cls rec] [--batch 32] [--steps 9] [--threads 2]
+Memory: the distill pass evaluates held-out samples in chunks of 512 without gradients (each
+epoch) and runs the student over the check samples. The evaluator drops each intermediate value
+after its last reader; the baseline asks for every intermediate value back (``extra=``), which
+keeps them all alive as the evaluator did before. Each variant runs in a fresh subprocess and
+reports how much its peak RSS (VmHWM, reset just before) grew during one no-grad forward of ``--eval-batch`` crops.
+
+Needs the distill extra (torch)::
+
+    python benchmarks/bench_distill_steps.py [--models cls rec] [--batch 32] [--steps 9] [--threads 2] [--eval-batch 512]
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,10 +72,7 @@ def measure(name: str, batch: int, steps: int, workdir: Path) -> dict:
     simple = workdir / f"{name}.onnx"
     onnxopt.optimize(src, simple, recipe="simplify", quiet=True)
     graph = TorchGraph(ir.load(simple))
-    crops, _ = ocr_data.render_cls_crops(batch, seed=5)
-    x = np.zeros((batch, 3, 48, WIDTH[name]), np.float32)
-    x[..., : crops.shape[-1]] = crops
-    xt = torch.from_numpy(x)
+    xt = crops(name, batch)
     weights = {k: v.clone().requires_grad_(True) for k, v in graph.constants.items()
                if v.dtype == torch.float32 and v.numel() > 1}
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -93,12 +100,58 @@ def measure(name: str, batch: int, steps: int, workdir: Path) -> dict:
             "grad_rel": (worst(g0), worst(g1))}
 
 
+def crops(name: str, n: int) -> torch.Tensor:
+    """``n`` rendered crops, zero-padded on the right to the model's input width."""
+    rendered, _ = ocr_data.render_cls_crops(n, seed=5)
+    x = np.zeros((n, 3, 48, WIDTH[name]), np.float32)
+    x[..., : rendered.shape[-1]] = rendered
+    return torch.from_numpy(x)
+
+
+def forward_peak(path: str, name: str, n: int, keep_all: bool) -> int:
+    """Peak-RSS growth (MiB) of one no-grad forward of ``n`` crops (run in its own process)."""
+    graph = TorchGraph(ir.load(path))
+    x = crops(name, n)
+    extra = [o for _, _, outs, _ in graph._steps for o in outs if o] if keep_all else []
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM (peak RSS) restarts from VmRSS
+    with torch.no_grad():
+        graph({graph.input_names[0]: x}, extra=extra)
+    return (_status_kib("VmHWM") - base) // 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (the memory part needs Linux)")
+
+
+def measure_memory(name: str, n: int, workdir: Path) -> dict:
+    simple = workdir / f"{name}.onnx"
+    if not simple.exists():
+        onnxopt.optimize(ocr_data.model_paths()[name], simple, recipe="simplify", quiet=True)
+    grown = {}
+    for keep_all in (True, False):
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_distill_steps as b; "
+                f"print(b.forward_peak({str(simple)!r}, {name!r}, {n}, {keep_all}))")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if run.returncode == -9:  # SIGKILL: the kernel's out-of-memory killer, as a user would meet it
+            grown[keep_all] = None
+            continue
+        if run.returncode:
+            raise RuntimeError(f"memory probe failed: {run.stderr.strip().splitlines()[-1]}")
+        grown[keep_all] = int(run.stdout.strip().splitlines()[-1])
+    return {"model": name, "n": n, "all_mib": grown[True], "live_mib": grown[False]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cls", "rec"], choices=sorted(WIDTH))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=9, help="timed steps per mode (after one warm-up step each)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-batch", type=int, default=512, help="crops in the no-grad forward whose memory is measured")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads")
@@ -110,6 +163,14 @@ def main() -> int:
             r = measure(name, args.batch, args.steps, Path(tmp))
             print(f"| {r['model']} | {r['batch']} | {r['plain_s']:.3f} | {r['fast_s']:.3f} | {r['ratio']:.2f} "
                   f"| {r['loss_rel'][0]:.1e} / {r['loss_rel'][1]:.1e} | {r['grad_rel'][0]:.1e} / {r['grad_rel'][1]:.1e} |")
+        print()
+        print("| model | crops, no-grad forward | peak RSS growth, every value kept (MiB) | only live values (MiB) | ratio |")
+        print("|---|---|---|---|---|")
+        for name in args.models:
+            r = measure_memory(name, args.eval_batch, Path(tmp))
+            ratio = f"{r['live_mib'] / r['all_mib']:.2f}" if r["all_mib"] and r["live_mib"] is not None else "-"
+            print(f"| {r['model']} | {r['n']} | {r['all_mib'] if r['all_mib'] is not None else 'killed (out of memory)'} "
+                  f"| {r['live_mib']} | {ratio} |")
     return 0
 
 

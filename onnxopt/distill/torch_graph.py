@@ -62,6 +62,7 @@ class TorchGraph:
             ins = [v.name if v is not None else None for v in node.inputs]
             outs = [v.name for v in node.outputs]
             self._steps.append((fn, ins, outs, node))
+        self._free_after = _last_uses(self._steps)
 
     def starting_at(self, names: Sequence[str]) -> TorchGraph:
         """An evaluator of the rest of the graph, fed the intermediate values ``names``.
@@ -97,6 +98,7 @@ class TorchGraph:
                 )
         part = copy.copy(self)
         part._steps = [step for i, step in enumerate(self._steps) if i not in dropped]
+        part._free_after = _last_uses(part._steps)
         part.input_names = list(names)
         return part
 
@@ -118,7 +120,8 @@ class TorchGraph:
         if weights:
             env.update(weights)
         env.update(feeds)
-        for fn, ins, outs, node in self._steps:
+        keep = set(self.output_names).union(extra)
+        for (fn, ins, outs, node), done in zip(self._steps, self._free_after, strict=True):
             args = [env[name] if name else None for name in ins]
             try:
                 results = fn(args)
@@ -130,4 +133,22 @@ class TorchGraph:
             for name, value in zip(outs, results, strict=False):  # Dropout: no mask output
                 if name:
                     env[name] = value
+            # Drop each value after its last reader: without grad (evaluation, teacher-sized
+            # batches) only the live values stay in memory, not every intermediate of the batch.
+            for name in done:
+                if name not in keep:
+                    env.pop(name, None)
         return [env[name] for name in self.output_names] + [env[name] for name in extra]
+
+
+def _last_uses(steps: Sequence[tuple[OpFn, list[str | None], list[str], ir.Node]]) -> list[list[str]]:
+    """Per step, the value names no later step reads (read or, if never read, made there)."""
+    last: dict[str, int] = {}
+    for i, (_, ins, outs, _) in enumerate(steps):
+        for name in [*ins, *outs]:
+            if name:
+                last[name] = i
+    free: list[list[str]] = [[] for _ in steps]
+    for name, i in last.items():
+        free[i].append(name)
+    return free

@@ -111,6 +111,22 @@ def test_graph_started_at_an_intermediate_value_gives_the_full_outputs():
         full.starting_at(["nowhere"])
 
 
+def test_graph_drops_each_value_after_its_last_reader_but_returns_outputs_and_extras(rng):
+    from onnxopt.distill import torch_graph
+
+    mk = onnx.helper.make_node
+    nodes = [mk("Relu", ["x"], ["a"]), mk("Neg", ["a"], ["b"]), mk("Add", ["a", "b"], ["c"]), mk("Abs", ["c"], ["y"])]
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, {}, [info("x", onnx.TensorProto.FLOAT, [2, 3])], [info("y", onnx.TensorProto.FLOAT, None)])
+    graph = TorchGraph(model)
+    # "a" is read last by the Add (step 2), "b" too; "x" by the Relu; "c" by the Abs; "y" made last.
+    assert [sorted(names) for names in torch_graph._last_uses(graph._steps)] == [["x"], [], ["a", "b"], ["c", "y"]]
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    y, a = graph({"x": torch.from_numpy(x)}, extra=["a"])
+    np.testing.assert_array_equal(a.numpy(), np.maximum(x, 0))
+    np.testing.assert_array_equal(y.numpy(), np.zeros_like(x))
+
+
 def test_graph_start_that_does_not_separate_the_graph_is_refused(rng):
     mk = onnx.helper.make_node
     nodes = [mk("Relu", ["x"], ["a"]), mk("Neg", ["a"], ["b"]), mk("Add", ["a", "b"], ["y"])]
