@@ -28,6 +28,16 @@ def test_metrics_match_hand_computed_values():
     assert m.top1 == 1.0 and m.ref_accuracy == 0.5 and m.cand_accuracy == 0.5
 
 
+def test_sequence_probabilities_agree_per_sample_where_every_position_does():
+    eye = np.eye(3, dtype=np.float32)
+    # two feeds of different lengths (a recogniser's widths differ per batch): 2 + 1 samples
+    ref = [eye[[[0, 1, 2, 0], [1, 1, 0, 2]]], eye[[[2, 2, 1]]]]
+    cand = [eye[[[0, 1, 2, 0], [1, 2, 0, 2]]], eye[[[2, 2, 1]]]]  # one position of the 2nd sample differs
+    assert validation.output_metrics(ref, cand).top1 == pytest.approx(2 / 3)
+    hidden = [np.full((2, 4, 3), 0.5, np.float32)]  # rows summing to 1.5: not probabilities, no top-1
+    assert validation.output_metrics(hidden, hidden).top1 is None
+
+
 def test_zero_outputs_and_nonfinite_values():
     zero = [np.zeros((2, 3), np.float32)]
     assert validation.output_metrics(zero, zero).cosine == 1.0

@@ -182,8 +182,30 @@ def select_trainable(model: ir.Model, include: str, exclude: str) -> tuple[list[
     return chosen, skipped
 
 
+def is_probability(t: np.ndarray) -> bool:
+    """Whether ``t`` ([N, classes] or [N, positions, classes]) holds probabilities over its last
+    axis (softmax output) rather than logits.
+
+    Tempering probabilities as if they were logits flattens them to near-uniform targets (the
+    PP-OCR direction classifier and recogniser end in Softmax); their logarithms are logits up
+    to a constant. The row-sum tolerance is float32 rounding of a softmax over a few thousand
+    classes (PP-OCR rec: 6,625).
+    """
+    if t.ndim not in (2, 3) or t.shape[-1] < 2 or not np.issubdtype(t.dtype, np.floating) or t.min() < 0:
+        return False
+    return bool(np.allclose(t.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
+
+
 def agreement(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
-    """Top-1 agreement with the teacher (and accuracy against labels) for class-score outputs."""
+    """Top-1 agreement with the teacher (and accuracy against labels) for class-score outputs.
+
+    For [N, positions, classes] probabilities (a CTC recogniser's softmax per step):
+    ``sequence_agreement``, the share of samples whose top class agrees at every position (so
+    their greedy decodings are identical), and ``position_agreement``, per position.
+    """
+    if student.ndim == 3 and is_probability(teacher):
+        same = student.argmax(axis=-1) == teacher.argmax(axis=-1)
+        return {"sequence_agreement": float(same.all(axis=1).mean()), "position_agreement": float(same.mean())}
     if student.ndim != 2 or student.shape[1] < 2:
         err = float(np.linalg.norm(student - teacher) / (np.linalg.norm(teacher) + 1e-12))
         return {"rel_l2": err}

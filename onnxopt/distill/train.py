@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 import tqdm
 
+from onnxopt.distill.data import is_probability
 from onnxopt.distill.torch_graph import TorchGraph
 
 __all__ = [
@@ -145,22 +146,13 @@ class TrainResult:
 def _kinds(teacher: Sequence[np.ndarray], loss: LossKind) -> list[str]:
     """Loss per output; ``kl_prob`` where the model already ends in a softmax."""
     if loss == "auto":
-        kinds = ["kl" if t.ndim == 2 and t.shape[1] >= 2 else "mse" for t in teacher]
+        # [N, classes] scores, or [N, positions, classes] probabilities (a CTC recogniser's
+        # per-step softmax): KL per row / position. Other 3-D outputs (hidden states) stay MSE.
+        kinds = ["kl" if (t.ndim == 2 and t.shape[1] >= 2) or (t.ndim == 3 and is_probability(t)) else "mse"
+                 for t in teacher]
     else:
         kinds = [loss] * len(teacher)
     return ["kl_prob" if k == "kl" and is_probability(t) else k for k, t in zip(kinds, teacher, strict=True)]
-
-
-def is_probability(t: np.ndarray) -> bool:
-    """Whether ``t`` ([N, classes]) holds probabilities (softmax output) rather than logits.
-
-    Tempering probabilities as if they were logits flattens them to near-uniform targets (the
-    PP-OCR direction classifier ends in Softmax); their logarithms are logits up to a constant.
-    The row-sum tolerance is float32 rounding of a softmax over a few thousand classes.
-    """
-    if t.ndim != 2 or not np.issubdtype(t.dtype, np.floating) or (t < 0).any():
-        return False
-    return bool(np.allclose(t.sum(axis=1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def distill_loss(
@@ -192,6 +184,7 @@ def distill_loss(
             s = torch.log(s.clamp_min(1e-12))
             t = torch.log(t.clamp_min(1e-12))
         if kind in ("kl", "kl_prob"):
+            s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])  # one distribution per row / position
             log_p_s = F.log_softmax(s / tau, dim=-1)
             log_p_t = F.log_softmax(t / tau, dim=-1)
             term = tau * tau * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -277,7 +270,7 @@ def _train(
     else:
         # Cosine decay over the epoch budget: large steps first, small ones to settle at the end.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-    classes = kinds[0] in ("kl", "kl_prob") and t[0].ndim == 2
+    classes = kinds[0] in ("kl", "kl_prob") and t[0].ndim in (2, 3)
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ti = torch.from_numpy(idx)
@@ -291,7 +284,8 @@ def _train(
         return loss, out[0]
 
     def evaluate(idx: np.ndarray) -> tuple[float, float]:
-        """Held-out (loss, top-1 agreement with the teacher; 1.0 where outputs are not classes)."""
+        """Held-out (loss, top-1 agreement with the teacher, every position for sequences; 1.0
+        where outputs are not classes)."""
         with torch.no_grad():
             size = settings.static_batch or 512
             stop = len(idx) - len(idx) % size if settings.static_batch else len(idx)
@@ -300,8 +294,9 @@ def _train(
                 chunk = idx[i : i + size]
                 value, first = forward(chunk)
                 loss += value.item() * len(chunk)
-                if classes:
-                    agree += float((first.argmax(1) == t[0][torch.from_numpy(chunk)].argmax(1)).sum())
+                if classes:  # a sequence agrees where every position's top class does
+                    same = first.argmax(-1) == t[0][torch.from_numpy(chunk)].argmax(-1)
+                    agree += float(same.reshape(len(chunk), -1).all(dim=1).sum())
             count = max(stop, 1)
             return loss / count, agree / count if classes else 1.0
 

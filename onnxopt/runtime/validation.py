@@ -99,6 +99,10 @@ def output_metrics(
 ) -> OutputMetrics:
     """Metrics of ``cand`` against ``ref``; each a list of per-feed arrays of the same shapes.
 
+    ``top1``: for class scores [N, classes], the share of samples with the same top class; for
+    probabilities over positions [N, positions, classes] (a softmax per step, as CTC
+    recognisers end), the share whose top class agrees at every position.
+
     A sequence output (a list of arrays per feed) is compared element by element, flattened;
     a string output exactly: ``ref`` is taken as ones and ``cand`` as 1 where it agrees, 0
     where not (cosine 1 and max abs 0 only when every string matches).
@@ -150,7 +154,19 @@ def output_metrics(
         if labels is not None and len(labels) == len(top_ref):
             metrics.ref_accuracy = float(np.mean(top_ref == labels))
             metrics.cand_accuracy = float(np.mean(top_cand == labels))
+    elif all(_is_sequence_probabilities(r) for r in ref):
+        # [N, positions, classes] softmax (a CTC recogniser): a sample agrees where its top class
+        # agrees at every position, i.e. its greedy decoding is the same text.
+        same = [np.all(np.argmax(r, axis=-1) == np.argmax(c, axis=-1), axis=1) for r, c in zip(ref, cand, strict=True)]
+        metrics.top1 = float(np.mean(np.concatenate(same)))
     return metrics
+
+
+def _is_sequence_probabilities(r: object) -> bool:
+    """Float [N, positions, classes] whose last axis sums to 1 (float32 rounding over thousands of classes)."""
+    if not isinstance(r, np.ndarray) or r.ndim != 3 or r.shape[-1] < 2 or not np.issubdtype(r.dtype, np.floating):
+        return False
+    return bool(r.size) and r.min() >= 0 and bool(np.allclose(r.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def _shape(x: Any) -> Any:

@@ -425,22 +425,49 @@ def make_eval_images(out_dir: Path, n: int = 12, seed: int = 0) -> Path:
     return gt_file
 
 
+def _render_line(rng: random.Random, noise_rng: np.random.Generator, fonts: Sequence[Path], scratch: Any,
+                 max_words: int) -> tuple[Any, str]:
+    """One rendered text-line crop (PIL RGB image) and its text, as det's boxes cut lines.
+
+    A random line (``_random_line``), half of the time cut to 1..``max_words`` words (det often
+    cuts a line into words), in a random DejaVu font and size, ink and tinted background, cut to
+    the text box plus a random margin, with Gaussian noise and blur.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    text = _random_line(rng)
+    if rng.random() < 0.5:
+        words = text.split()
+        start = rng.randrange(len(words))
+        text = " ".join(words[start : start + rng.randint(1, max_words)])
+    font = _load_font(fonts, rng, rng.randint(14, 40))
+    x0, y0, x1, y1 = scratch.textbbox((0, 0), text, font=font)
+    mx, my = rng.randint(0, 12), rng.randint(0, 8)
+    background = tuple(rng.randint(170, 255) for _ in range(3))
+    ink = tuple(rng.randint(0, 90) for _ in range(3))
+    image = Image.new("RGB", (x1 - x0 + 2 * mx, y1 - y0 + 2 * my), background)
+    ImageDraw.Draw(image).text((mx - x0, my - y0), text, font=font, fill=ink)
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += noise_rng.normal(0.0, rng.uniform(0.0, 10.0), pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0))), text
+
+
 def render_cls_crops(n: int, seed: int = 0, rotate_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """``n`` unlabeled training inputs for the PP-OCR direction classifier: rendered text lines.
 
-    Each crop is one random line (``_random_line``, the held-out renderer's vocabulary but its
-    own random stream: pass a ``seed`` other than the held-out set's) in a random DejaVu font
-    and size, ink and tinted background, cut to the text box plus a random margin (as det's
-    boxes are), with Gaussian noise and blur; a share ``rotate_share`` is turned 180 degrees
-    (the classifier decides 0 vs 180). Each crop goes through rapidocr's own cls
-    pre-processing (``TextClassifier.resize_norm_img``: BGR, height 48, width <= 192, scaled
-    to [-1, 1], zero padded on the right). Returns ``(inputs [n, 3, 48, 192] float32,
-    rotated [n] bool)``; ``rotated`` is how the crop was rendered, not a label the model must
-    give (distillation uses the teacher's outputs). Deterministic for a seed and font set.
+    Each crop is one random line (:func:`_render_line`; the held-out renderer's vocabulary but
+    its own random stream: pass a ``seed`` other than the held-out set's); a share
+    ``rotate_share`` is turned 180 degrees (the classifier decides 0 vs 180). Each crop goes
+    through rapidocr's own cls pre-processing (``TextClassifier.resize_norm_img``: BGR, height
+    48, width <= 192, scaled to [-1, 1], zero padded on the right). Returns ``(inputs [n, 3, 48,
+    192] float32, rotated [n] bool)``; ``rotated`` is how the crop was rendered, not a label the
+    model must give (distillation uses the teacher's outputs). Deterministic for a seed and font
+    set.
     """
     import types
 
-    from PIL import Image, ImageDraw, ImageFilter
+    from PIL import Image, ImageDraw
     from rapidocr_onnxruntime.ch_ppocr_cls.text_cls import TextClassifier
 
     prep = types.SimpleNamespace(cls_image_shape=[3, 48, 192])
@@ -451,28 +478,46 @@ def render_cls_crops(n: int, seed: int = 0, rotate_share: float = 0.5) -> tuple[
     rotated = np.zeros(n, dtype=bool)
     scratch = ImageDraw.Draw(Image.new("RGB", (8, 8)))
     for i in range(n):
-        text = _random_line(rng)
-        if rng.random() < 0.5:  # shorter pieces too: det often cuts a line into words
-            words = text.split()
-            start = rng.randrange(len(words))
-            text = " ".join(words[start : start + rng.randint(1, 3)])
-        font = _load_font(fonts, rng, rng.randint(14, 40))
-        x0, y0, x1, y1 = scratch.textbbox((0, 0), text, font=font)
-        mx, my = rng.randint(0, 12), rng.randint(0, 8)
-        background = tuple(rng.randint(170, 255) for _ in range(3))
-        ink = tuple(rng.randint(0, 90) for _ in range(3))
-        image = Image.new("RGB", (x1 - x0 + 2 * mx, y1 - y0 + 2 * my), background)
-        ImageDraw.Draw(image).text((mx - x0, my - y0), text, font=font, fill=ink)
-        pixels = np.asarray(image, dtype=np.float32)
-        pixels += noise_rng.normal(0.0, rng.uniform(0.0, 10.0), pixels.shape)
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0)))
+        image, _ = _render_line(rng, noise_rng, fonts, scratch, max_words=3)
         if rng.random() < rotate_share:
             image = image.transpose(Image.Transpose.ROTATE_180)
             rotated[i] = True
         bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])  # rapidocr reads images with cv2
         out[i] = TextClassifier.resize_norm_img(prep, bgr)
     return out, rotated
+
+
+def render_rec_crops(n: int, seed: int = 0, width: int = 320) -> tuple[np.ndarray, list[str]]:
+    """``n`` training inputs for the PP-OCR recogniser: rendered text lines and their texts.
+
+    The lines of :func:`render_cls_crops` (up to 4 words when cut), upright, through rapidocr's
+    own rec pre-processing (``TextRecognizer.resize_norm_img``: BGR, height 48, width <= ``width``
+    keeping the aspect ratio, scaled to [-1, 1], zero padded on the right; rapidocr's batches
+    are at least 320 wide). A line wider than ``width`` at height 48 is replaced by another
+    (rapidocr would widen the batch instead; a fixed width keeps one array). Returns ``(inputs [n, 3, 48, width] float32, texts)``.
+    Deterministic for a seed and font set.
+    """
+    import types
+
+    from PIL import Image, ImageDraw
+    from rapidocr_onnxruntime.ch_ppocr_rec.text_recognize import TextRecognizer
+
+    prep = types.SimpleNamespace(rec_image_shape=[3, 48, width])
+    fonts = _font_files()
+    rng = random.Random(seed)
+    noise_rng = np.random.default_rng(seed)
+    out = np.zeros((n, 3, 48, width), dtype=np.float32)
+    texts: list[str] = []
+    scratch = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    for i in range(n):
+        for _ in range(50):  # a line too long for ``width`` at height 48 is drawn again (another line)
+            image, text = _render_line(rng, noise_rng, fonts, scratch, max_words=4)
+            if image.width * 48 <= width * image.height:
+                break
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        out[i] = TextRecognizer.resize_norm_img(prep, bgr, width / 48)
+        texts.append(text)
+    return out, texts
 
 
 # --------------------------------------------------------------------------------------------

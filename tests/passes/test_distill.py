@@ -420,6 +420,28 @@ def test_softmax_outputs_are_trained_as_log_probabilities(rng):
     assert on_probs.item() == pytest.approx(on_logits.item(), rel=1e-4)
 
 
+def test_sequence_softmax_outputs_get_a_kl_term_per_position_and_a_sequence_agreement(rng):
+    """[N, positions, classes] probabilities (a CTC recogniser's output) are distributions per position."""
+    from onnxopt.distill import data as distill_data
+
+    logits = rng.standard_normal((6, 4, 5)).astype(np.float32) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    hidden = rng.standard_normal((6, 4, 5)).astype(np.float32)  # a 3-D hidden state: not classes
+    assert distill_torch._kinds([probs], "auto") == ["kl_prob"] and distill_torch._kinds([hidden], "auto") == ["mse"]
+    # The sequence loss is the mean of the per-position losses, each computed as a 2-D batch.
+    s_logits = rng.standard_normal((6, 4, 5)).astype(np.float32)
+    s_probs = torch.softmax(torch.from_numpy(s_logits), -1)
+    seq = distill_torch.distill_loss([s_probs], [torch.from_numpy(probs)], None, ["kl_prob"], 2.0, 1.0)
+    flat = distill_torch.distill_loss([s_probs.reshape(24, 5)], [torch.from_numpy(probs.reshape(24, 5))], None,
+                                      ["kl_prob"], 2.0, 1.0)
+    assert seq.item() == pytest.approx(flat.item(), rel=1e-6) and seq.item() > 0
+    student = probs.copy()
+    student[0, 2] = np.eye(5, dtype=np.float32)[(probs[0, 2].argmax() + 1) % 5]  # one position, another top class
+    got = distill_data.agreement(student, probs, None)
+    assert got["sequence_agreement"] == pytest.approx(5 / 6)
+    assert got["position_agreement"] == pytest.approx(23 / 24)
+
+
 @pytest.mark.parametrize(("share", "copies"), [(3, 2), (1, 0)])
 def test_augment_to_caps_the_copies_at_a_training_set_size(share, copies):
     """``augment_to`` = ``share`` x the training samples: ``share - 1`` copies (8 asked), so a large
