@@ -38,6 +38,18 @@ Parts (``--part``; all by default), every number measured in this run:
                centroids fine-tuned (shared-weight gradient), then packed 4-bit. Agreement with
                FP32 on the held-out rendered and shared-image crops after every step; zip bytes
                split into indices, codebooks, biases and the rest. Needs torch.
+``rec``        Deep Compression on PP-OCR rec (the 2.69 M-weight CTC recogniser, 10.9 MB), issue #18's
+               target B: pruning in steps (``--rec-schedule``, one fraction for every layer, the
+               CTC head included; depthwise at most 70 %), each step followed by distillation on
+               rendered text lines (``ocr_data.render_rec_crops``, ``--crops`` of them, KL per
+               position against FP32's softmax), then 16 clusters per tensor, their centroids
+               fine-tuned, 4-bit packing. After every step: zip ratio to FP32's zip, agreement with
+               FP32's decisions (the same text after rapidocr's greedy CTC decoding; ``positions_``:
+               the stricter every-position top-class agreement the distill pass reports) on
+               ``--rec-eval`` held-out rendered lines and on the pipeline's lines in
+               ``--feeds``/eval_rec when present, and task accuracy on the rendered lines against
+               their texts (line accuracy and character accuracy, spaces and full-width forms
+               ignored). ``--score FILE`` scores files instead of training. Needs torch.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
@@ -704,6 +716,110 @@ def part_score(files: list[str], feeds_dir: pathlib.Path) -> list[dict]:
     return rows
 
 
+def rec_steps(schedule: list[float], epochs: int, cluster_epochs: int, lr: float) -> list[tuple[str, Step]]:
+    """The step chain of ``--part rec`` (also what its closing table's rows are named after)."""
+    prune = {"scope": "uniform", "skip_last": False, "min_elements": 512, "max_layer_sparsity": 0.95,
+             "max_depthwise_sparsity": 0.7}
+    train = {"patience": 0, "augment": 0, "tau": 2.0, "hints": "none", "warmup": 0.15, "batch_size": 32}
+    steps = [("teacher", Step("teacher")), ("simplify", Step("simplify"))]
+    for i, sparsity in enumerate(schedule):
+        last = i == len(schedule) - 1
+        steps.append((f"prune {sparsity:.0%}", Step("prune", {"sparsity": sparsity, **prune})))
+        steps.append((f"distill ({sparsity:.0%})", Step("distill", {**train, "epochs": epochs + last, "lr": lr})))
+    steps += [
+        ("cluster 16", Step("cluster", {"clusters": 16, "min_elements": 0})),
+        ("distill (centroids)", Step("distill", {**train, "epochs": cluster_epochs, "lr": lr / 2})),
+        ("pack 4-bit", Step("cluster", {"clusters": 16, "pack": True, "min_elements": 0})),
+    ]
+    return steps
+
+
+class RecScorer:
+    """PP-OCR rec scored against FP32 and against the rendered lines' texts (one set-up for many models)."""
+
+    def __init__(self, n_eval: int, feeds_dir: pathlib.Path) -> None:
+        from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
+
+        from onnxopt.testing import ocr_data
+
+        self.ocr = ocr_data
+        self.fp32 = io.load_model(ocr_data.model_paths()["rec"])
+        self.decode = CTCLabelDecode(character=self.fp32.metadata_props["character"].splitlines())
+        x, self.texts = ocr_data.render_rec_crops(n_eval, seed=4242)
+        self.sets = {"rendered": [{"x": x[i : i + 50]} for i in range(0, n_eval, 50)]}
+        if (feeds_dir / "eval_rec").is_dir():
+            self.sets["pipeline"] = list(data.load_data(feeds_dir / "eval_rec", data.input_signature(self.fp32)))
+        self.ref = self.run(self.fp32)
+        self.ref_texts = {name: [t for out in outs for t, _ in self.decode(out)] for name, outs in self.ref.items()}
+        raw0 = ir.to_proto(self.fp32).SerializeToString()
+        self.zip0 = _zip(raw0)
+
+    def run(self, model: ir.Model) -> dict[str, list[np.ndarray]]:
+        with runtime.session(model) as handle:
+            return {k: [next(iter(handle.run(f).values())) for f in feeds] for k, feeds in self.sets.items()}
+
+    def score(self, model: ir.Model) -> dict:
+        got = self.run(model)
+        raw = ir.to_proto(model).SerializeToString()
+        row: dict = {"zip_bytes": _zip(raw), "zip_ratio": self.zip0 / _zip(raw)}
+        texts = {name: [t for out in outs for t, _ in self.decode(out)] for name, outs in got.items()}
+        for name, outs in got.items():
+            same = [np.all(o.argmax(-1) == r.argmax(-1), axis=1) for o, r in zip(outs, self.ref[name], strict=True)]
+            row[f"positions_{name}"] = float(np.concatenate(same).mean())
+            row[f"agree_{name}"] = float(np.mean([a == b for a, b in zip(texts[name], self.ref_texts[name], strict=True)]))
+            row[f"lines_{name}"] = len(texts[name])
+        read = texts["rendered"]
+
+        def plain(text: str) -> str:
+            return "".join(self.ocr.normalize_text(text).split())
+
+        truth = [plain(t) for t in self.texts]
+        row["line_acc"] = float(np.mean([plain(r) == t for r, t in zip(read, truth, strict=True)]))
+        errors = sum(self.ocr.edit_distance(plain(r), t) for r, t in zip(read, truth, strict=True))
+        row["char_acc"] = 1.0 - errors / sum(len(t) for t in truth)
+        return row
+
+
+def part_rec(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict]:
+    """Prune in steps + distill, cluster + distill, pack on PP-OCR rec; scored after every step."""
+    import tempfile
+
+    from onnxopt.testing import ocr_data
+
+    scorer = RecScorer(args.rec_eval, feeds_dir)
+    rows = [{"step": "fp32", **scorer.score(scorer.fp32)}]
+    if args.score:
+        for path in args.score:
+            rows.append({"step": path, **scorer.score(io.load_model(path))})
+        return rows
+    x, _ = ocr_data.render_rec_crops(args.crops, seed=args.crop_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(pathlib.Path(tmp) / "train.npz", x=x)
+        calib = data.load_data(pathlib.Path(tmp) / "train.npz", data.input_signature(scorer.fp32))
+    steps = rec_steps([float(v) for v in args.rec_schedule.split(",")], args.epochs_per_step,
+                      args.cluster_epochs, args.rec_lr)
+    context = PassContext(calibration=calib, quiet=False)  # minutes per step: show the bars
+    model = io.load_model(ocr_data.model_paths()["rec"])
+    for (label, _), p in zip(steps, recipes.build([s for _, s in steps], context), strict=True):
+        t0 = time.perf_counter()
+        result = pipeline.run(model, [p])
+        rep = result.reports[0]
+        if rep.status == "rolled-back":
+            raise RuntimeError(f"{label}: rolled back: {rep.error}")
+        model = result.model
+        if label in ("teacher", "simplify"):
+            continue
+        row = {"step": label, "seconds": round(time.perf_counter() - t0, 1), **scorer.score(model)}
+        training = next((r for r in rep.records if r.get("item") == "training"), None)
+        if training:
+            row["train_before"], row["train_after"] = training.get("before"), training.get("after")
+        rows.append(row)
+        print(f"  {row}", file=sys.stderr, flush=True)
+    if args.save:
+        io.save_model(model, args.save)
+    return rows
+
+
 def part_sweep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float]) -> list[dict]:
     """Magnitude pruning alone (no training) on a PP-OCR model: agreement with FP32 vs sparsity."""
     from onnxopt.testing import ocr_data  # optional: needs rapidocr-onnxruntime
@@ -741,7 +857,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep", "gradual", "score"])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep", "gradual", "score", "rec"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
@@ -777,6 +893,9 @@ def main() -> None:
     parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")
     parser.add_argument("--save", default=None, help="--part gradual: write the packed model(s) here")
     parser.add_argument("--score", nargs="+", default=[], help="--part score: PP-OCR cls .onnx files (recipe outputs)")
+    parser.add_argument("--rec-schedule", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.87", help="--part rec: sparsity after each pruning step")
+    parser.add_argument("--rec-eval", type=int, default=500, help="--part rec: held-out rendered lines (seed 4242)")
+    parser.add_argument("--rec-lr", type=float, default=5e-4, help="--part rec: peak learning rate of each step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     names = ["digits_cnn", "digits_mlp"]
@@ -840,6 +959,14 @@ def main() -> None:
         print("\n## PP-OCR cls outputs (agreement: top-1 vs FP32 on held-out crops; zip: deflate level 9)\n")
         print(_table(rows, ["file", "file_bytes", "zip_bytes", "zip_ratio", "agree_rendered", "samples_rendered",
                             "agree_shared", "samples_shared"]))
+    if args.part == "rec":
+        rows = part_rec(pathlib.Path(args.feeds), args)
+        result["rec"] = rows
+        print("\n## PP-OCR rec: prune + distill steps, cluster, pack (agreement: every position's top class vs FP32; "
+              "accuracy: rendered lines vs their texts; zip: deflate level 9)\n")
+        print(_table(rows, ["step", "zip_bytes", "zip_ratio", "agree_rendered", "positions_rendered", "lines_rendered",
+                            "agree_pipeline", "positions_pipeline", "lines_pipeline", "line_acc", "char_acc",
+                            "train_before", "train_after", "seconds"]))
     if args.part == "sweep":
         rows = part_sweep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")])
         result["sweep"] = rows

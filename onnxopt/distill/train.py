@@ -284,7 +284,7 @@ def _train(
         return loss, out[0]
 
     def evaluate(idx: np.ndarray) -> tuple[float, float]:
-        """Held-out (loss, top-1 agreement with the teacher, every position for sequences; 1.0
+        """Held-out (loss, top-1 agreement with the teacher, per position for sequences; 1.0
         where outputs are not classes)."""
         with torch.no_grad():
             size = settings.static_batch or 512
@@ -294,9 +294,13 @@ def _train(
                 chunk = idx[i : i + size]
                 value, first = forward(chunk)
                 loss += value.item() * len(chunk)
-                if classes:  # a sequence agrees where every position's top class does
-                    same = first.argmax(-1) == t[0][torch.from_numpy(chunk)].argmax(-1)
-                    agree += float(same.reshape(len(chunk), -1).all(dim=1).sum())
+                if classes:
+                    # Sequences: the share of positions whose top class agrees. "Every position"
+                    # is too coarse to steer by: one changed step of a CTC path, often one that
+                    # decodes the same, drops a whole sample, and training that lowers the loss
+                    # can lower it (PP-OCR rec: no epoch was ever kept).
+                    same = (first.argmax(-1) == t[0][torch.from_numpy(chunk)].argmax(-1)).float()
+                    agree += float(same.reshape(len(chunk), -1).mean(dim=1).sum())
             count = max(stop, 1)
             return loss / count, agree / count if classes else 1.0
 

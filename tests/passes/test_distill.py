@@ -442,6 +442,32 @@ def test_sequence_softmax_outputs_get_a_kl_term_per_position_and_a_sequence_agre
     assert got["position_agreement"] == pytest.approx(23 / 24)
 
 
+def test_sequence_model_is_trained_and_scored_per_position(rng):
+    """A per-step softmax over 12 positions: training is kept (the early stopping steers by the
+    share of agreeing positions) and the report gives position and sequence agreement."""
+    mk = onnx.helper.make_node
+    info = onnx.helper.make_tensor_value_info
+    nodes = [mk("MatMul", ["x", "w"], ["z"]), mk("Softmax", ["z"], ["y"], axis=-1)]
+
+    def model(w: np.ndarray) -> ir.Model:
+        return _graph_model(nodes, {"w": w}, [info("x", onnx.TensorProto.FLOAT, ["N", 12, 8])],
+                            [info("y", onnx.TensorProto.FLOAT, ["N", 12, 6])])
+
+    w = (rng.standard_normal((8, 6)) * 2).astype(np.float32)
+    noisy = (w + rng.standard_normal(w.shape) * 1.5).astype(np.float32)
+    x = rng.standard_normal((300, 12, 8)).astype(np.float32)
+    student = model(noisy)
+    opts = {"epochs": 20, "lr": 5e-2, "threads": 1, "val_fraction": 0.2, "hints": "none", "tau": 1.0}
+    report = make("distill", opts, _context(model(w), x))(student)
+    training = next(r for r in report.records if r["item"] == "training")
+    before, after = training["before"], training["after"]
+    assert set(before) == {"sequence_agreement", "position_agreement"}
+    assert training["best_epoch"] > 0 and report.modified
+    # 720 held-out positions (binomial sd <= 0.02): measured 0.58 -> 0.88 on this seed
+    assert after["position_agreement"] > before["position_agreement"] + 0.2
+    assert after["sequence_agreement"] >= before["sequence_agreement"]
+
+
 @pytest.mark.parametrize(("share", "copies"), [(3, 2), (1, 0)])
 def test_augment_to_caps_the_copies_at_a_training_set_size(share, copies):
     """``augment_to`` = ``share`` x the training samples: ``share - 1`` copies (8 asked), so a large
