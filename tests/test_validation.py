@@ -38,6 +38,28 @@ def test_sequence_probabilities_agree_per_sample_where_every_position_does():
     assert validation.output_metrics(hidden, hidden).top1 is None
 
 
+def test_metrics_in_chunks_equal_the_whole_array_in_float64(rng, monkeypatch):
+    ref = [rng.standard_normal(n).astype(np.float32) for n in (5, 13, 1, 8)]
+    cand = [(r + rng.standard_normal(r.size) * 0.1).astype(np.float32) for r in ref]
+    ref[1][3] = cand[1][3] = np.nan  # NaN in both agrees
+    monkeypatch.setattr(validation, "CHUNK_VALUES", 3)  # pieces cross the feeds' boundaries
+    got = validation.output_metrics(ref, cand, rtol=1e-3, atol=1e-2)
+    a = np.concatenate(ref).astype(np.float64)
+    b = np.concatenate(cand).astype(np.float64)
+    full = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
+    d = full[~np.isnan(a)]
+    assert got.max_abs == pytest.approx(d.max()) and got.mean_abs == pytest.approx(d.sum() / a.size)
+    # (the NaN position counts as a mismatch: its tolerance rtol * |NaN| is NaN, as before)
+    assert got.mismatch_frac == pytest.approx(np.count_nonzero(~(full <= 1e-2 + 1e-3 * np.abs(a))) / a.size)
+    assert got.rms_abs == pytest.approx(np.sqrt(np.sum(d**2) / a.size))
+    assert math.isnan(got.cosine) and got.rel_l2 == math.inf  # the NaN enters the sums, as it did before
+    ref[1][3] = cand[1][3] = 1.0
+    got = validation.output_metrics(ref, cand)
+    a, b = np.concatenate(ref).astype(np.float64), np.concatenate(cand).astype(np.float64)
+    assert got.cosine == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-12)
+    assert got.rel_l2 == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(a), rel=1e-12)
+
+
 def test_zero_outputs_and_nonfinite_values():
     zero = [np.zeros((2, 3), np.float32)]
     assert validation.output_metrics(zero, zero).cosine == 1.0

@@ -271,6 +271,7 @@ def _train(
         # Cosine decay over the epoch budget: large steps first, small ones to settle at the end.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     classes = kinds[0] in ("kl", "kl_prob") and t[0].ndim in (2, 3)
+    out_values = sum(math.prod(v.shape[1:]) for v in t)  # per sample, outputs and hint features
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ti = torch.from_numpy(idx)
@@ -287,7 +288,10 @@ def _train(
         """Held-out (loss, top-1 agreement with the teacher, per position for sequences; 1.0
         where outputs are not classes)."""
         with torch.no_grad():
-            size = settings.static_batch or 512
+            # At most 2**24 output values per chunk (64 MiB in float32), since the loss makes several
+            # temporaries of the outputs' size: PP-OCR rec's [40, 6625] per sample gives chunks of
+            # 63 samples; a classifier still gets 512.
+            size = settings.static_batch or max(1, min(512, 2**24 // max(1, out_values)))
             stop = len(idx) - len(idx) % size if settings.static_batch else len(idx)
             loss, agree = 0.0, 0.0
             for i in range(0, stop, size):

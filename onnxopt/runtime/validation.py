@@ -58,6 +58,7 @@ ModelLike = ir.Model | str | os.PathLike
 # 0.68x the floor (max abs / RMS) on calibration feeds and 1.26x / 1.90x on held-out ones; the
 # bugs tests/test_noise_floor.py plants land at >= 39x.
 NOISE_MULTIPLE = 4.0
+CHUNK_VALUES = 1 << 22  # output_metrics works through outputs in float64 pieces of this many values
 
 
 @dataclasses.dataclass
@@ -80,8 +81,12 @@ class OutputMetrics:
 
 def dot(a: np.ndarray, b: np.ndarray) -> float:
     """``a . b`` of 1-D arrays, the same bits whatever the BLAS thread count (einsum's own loop,
-    not BLAS): a trial measured in a one-thread worker must equal the one measured here."""
-    return float(np.einsum("i,i->", a, b))
+    not BLAS): a trial measured in a one-thread worker must equal the one measured here. Summed
+    over pieces of :data:`CHUNK_VALUES`, as :func:`output_metrics` goes through outputs."""
+    total = 0.0
+    for i in range(0, max(a.size, 1), CHUNK_VALUES):
+        total += float(np.einsum("i,i->", a[i : i + CHUNK_VALUES], b[i : i + CHUNK_VALUES]))
+    return total
 
 
 def norm(a: np.ndarray) -> float:
@@ -116,32 +121,45 @@ def output_metrics(
         same = [np.asarray(x == y, dtype=np.float64).ravel() for x, y in zip(flat_a, flat_b, strict=True)]
         flat_b = same
         flat_a = [np.ones_like(x) for x in same]
-    a = np.concatenate([np.asarray(x, dtype=np.float64) for x in flat_a]) if ref else np.zeros(0)
-    b = np.concatenate([np.asarray(x, dtype=np.float64) for x in flat_b]) if cand else np.zeros(0)
-    # Non-finite where the reference is finite: NaN/inf the input model makes itself is not a fault.
-    nonfinite = int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a))) if a.size == b.size else int(
-        np.count_nonzero(~np.isfinite(b))
-    )
-    if a.size == 0:
-        return OutputMetrics(0.0, 0.0, 0.0, 0.0, 1.0, 0.0, nonfinite)
+    size_a, size_b = sum(x.size for x in flat_a), sum(x.size for x in flat_b)
+    if size_a == 0:  # nothing to compare: only the candidate's non-finite values count
+        return OutputMetrics(0.0, 0.0, 0.0, 0.0, 1.0, 0.0, sum(
+            int(np.count_nonzero(~np.isfinite(np.asarray(x, dtype=np.float64)))) for x in flat_b))
+    if size_a != size_b:
+        raise ValueError(f"output sizes differ: reference {size_a} values, candidate {size_b}")
+    # In float64 chunks of at most 2**22 values, summed: the whole output in float64 at once cost
+    # several copies of it (PP-OCR rec's [N, 40, 6625] on 2,500 samples: a 24 GB peak).
+    acc = dict.fromkeys(("nonfinite", "abs", "aa", "bb", "ab", "dd", "sq", "mismatch"), 0.0)
+    max_abs = max_rel = -math.inf
     with np.errstate(all="ignore"):
-        diff = np.abs(a - b)
-        diff[np.isnan(diff) & (np.isnan(a) & np.isnan(b))] = 0.0  # NaN in both: agree
-        max_abs = float(np.max(diff))
-        mean_abs = float(np.mean(diff))
-        max_rel = float(np.max(diff / np.maximum(np.abs(a), 1e-12)))
-        norm_a = norm(a)
-        norm_b = norm(b)
-        rel_l2 = float(norm(a - b) / norm_a) if norm_a > 0 else (0.0 if norm_b == 0 else math.inf)
+        for a, b in _chunks(flat_a, flat_b, CHUNK_VALUES):
+            # Non-finite where the reference is finite: NaN/inf the input model makes itself is not a fault.
+            acc["nonfinite"] += np.count_nonzero(~np.isfinite(b) & np.isfinite(a))
+            diff = np.abs(a - b)
+            diff[np.isnan(diff) & (np.isnan(a) & np.isnan(b))] = 0.0  # NaN in both: agree
+            max_abs = _max(max_abs, float(np.max(diff)))
+            max_rel = _max(max_rel, float(np.max(diff / np.maximum(np.abs(a), 1e-12))))
+            acc["abs"] += float(np.sum(diff))
+            acc["aa"] += dot(a, a)
+            acc["bb"] += dot(b, b)
+            acc["ab"] += dot(a, b)
+            acc["dd"] += dot(a - b, a - b)
+            acc["sq"] += dot(diff, diff)
+            acc["mismatch"] += np.count_nonzero(~(diff <= atol + rtol * np.abs(a)))
+        n = size_a
+        mean_abs = acc["abs"] / n
+        norm_a, norm_b = math.sqrt(acc["aa"]), math.sqrt(acc["bb"])
+        rel_l2 = float(math.sqrt(acc["dd"]) / norm_a) if norm_a > 0 else (0.0 if norm_b == 0 else math.inf)
         if norm_a == 0 and norm_b == 0:
             cosine = 1.0
         elif norm_a == 0 or norm_b == 0:
             cosine = 0.0
         else:
-            cosine = float(dot(a, b) / (norm_a * norm_b))
-        mismatch = float(np.mean(~(diff <= atol + rtol * np.abs(a))))
-        rms_abs = float(np.sqrt(np.mean(np.square(diff))))
-        ref_rms = float(np.sqrt(np.mean(np.square(a))))
+            cosine = float(acc["ab"] / (norm_a * norm_b))
+        mismatch = float(acc["mismatch"] / n)
+        rms_abs = math.sqrt(acc["sq"] / n)
+        ref_rms = math.sqrt(acc["aa"] / n)
+        nonfinite = int(acc["nonfinite"])
     metrics = OutputMetrics(
         max_abs, mean_abs, max_rel, rel_l2, cosine, mismatch, nonfinite, rms_abs=rms_abs, ref_rms=ref_rms
     )
@@ -160,6 +178,33 @@ def output_metrics(
         same = [np.all(np.argmax(r, axis=-1) == np.argmax(c, axis=-1), axis=1) for r, c in zip(ref, cand, strict=True)]
         metrics.top1 = float(np.mean(np.concatenate(same)))
     return metrics
+
+
+def _chunks(flat_a: Sequence[np.ndarray], flat_b: Sequence[np.ndarray], size: int):
+    """The two concatenations in float64, in aligned pieces ``[k * size, (k + 1) * size)``.
+
+    The pieces follow positions in the whole concatenation, not the feeds, so that a sum over
+    pieces is :func:`dot`'s sum over the concatenated array, bit for bit (a trial worker that
+    holds the whole reference must measure what this measures)."""
+    for start in range(0, sum(x.size for x in flat_a), size):
+        yield _piece(flat_a, start, size), _piece(flat_b, start, size)
+
+
+def _piece(flat: Sequence[np.ndarray], start: int, size: int) -> np.ndarray:
+    parts, offset = [], 0
+    for x in flat:
+        lo, hi = max(start - offset, 0), min(start + size - offset, x.size)
+        if lo < hi:
+            parts.append(np.asarray(x[lo:hi], dtype=np.float64))
+        offset += x.size
+        if offset >= start + size:
+            break
+    return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+def _max(x: float, y: float) -> float:
+    """max that propagates NaN, as np.max over the whole array did."""
+    return x if math.isnan(x) else (y if math.isnan(y) else max(x, y))
 
 
 def _is_sequence_probabilities(r: object) -> bool:
