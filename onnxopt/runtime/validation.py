@@ -129,7 +129,7 @@ def output_metrics(
         raise ValueError(f"output sizes differ: reference {size_a} values, candidate {size_b}")
     # In float64 chunks of at most 2**22 values, summed: the whole output in float64 at once cost
     # several copies of it (PP-OCR rec's [N, 40, 6625] on 2,500 samples: a 24 GB peak).
-    acc = dict.fromkeys(("nonfinite", "abs", "aa", "bb", "ab", "dd", "sq", "mismatch"), 0.0)
+    acc = dict.fromkeys(("nonfinite", "abs", "aa", "bb", "ab", "dd", "sq", "rr", "mismatch"), 0.0)
     max_abs = max_rel = -math.inf
     with np.errstate(all="ignore"):
         for a, b in _chunks(flat_a, flat_b, CHUNK_VALUES):
@@ -144,7 +144,8 @@ def output_metrics(
             acc["bb"] += dot(b, b)
             acc["ab"] += dot(a, b)
             acc["dd"] += dot(a - b, a - b)
-            acc["sq"] += dot(diff, diff)
+            acc["sq"] += float(np.sum(np.square(diff)))
+            acc["rr"] += float(np.sum(np.square(a)))
             acc["mismatch"] += np.count_nonzero(~(diff <= atol + rtol * np.abs(a)))
         n = size_a
         mean_abs = acc["abs"] / n
@@ -158,7 +159,7 @@ def output_metrics(
             cosine = float(acc["ab"] / (norm_a * norm_b))
         mismatch = float(acc["mismatch"] / n)
         rms_abs = math.sqrt(acc["sq"] / n)
-        ref_rms = math.sqrt(acc["aa"] / n)
+        ref_rms = math.sqrt(acc["rr"] / n)
         nonfinite = int(acc["nonfinite"])
     metrics = OutputMetrics(
         max_abs, mean_abs, max_rel, rel_l2, cosine, mismatch, nonfinite, rms_abs=rms_abs, ref_rms=ref_rms
