@@ -22,6 +22,7 @@ from onnxopt.errors import DataError
 from onnxopt.runtime import data
 from onnxopt.runtime import sessions as runtime
 from onnxopt.runtime.data import Dataset
+from onnxopt.runtime.validation import is_probability
 
 __all__ = [
     "agreement",
@@ -180,20 +181,6 @@ def select_trainable(model: ir.Model, include: str, exclude: str) -> tuple[list[
         else:
             chosen.append(name)
     return chosen, skipped
-
-
-def is_probability(t: np.ndarray) -> bool:
-    """Whether ``t`` ([N, classes] or [N, positions, classes]) holds probabilities over its last
-    axis (softmax output) rather than logits.
-
-    Tempering probabilities as if they were logits flattens them to near-uniform targets (the
-    PP-OCR direction classifier and recogniser end in Softmax); their logarithms are logits up
-    to a constant. The row-sum tolerance is float32 rounding of a softmax over a few thousand
-    classes (PP-OCR rec: 6,625).
-    """
-    if t.ndim not in (2, 3) or t.shape[-1] < 2 or not np.issubdtype(t.dtype, np.floating) or t.min() < 0:
-        return False
-    return bool(np.allclose(t.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def agreement(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:

@@ -28,8 +28,8 @@ Builder = Callable[[dict[str, Any], int], OpFn]
 
 # 2-D convolutions run in torch's channels-last layout (oneDNN's NHWC kernels) and Clip with
 # constant bounds clamps by Python scalars (a cheaper backward than tensor bounds): together a
-# training step (forward + backward, batch 32, 2 threads) took 0.66x the time on PP-OCR rec and
-# 0.75x on PP-OCR cls (benchmarks/bench_distill.py --part steps). False: the plain forms.
+# training step (forward + backward, batch 32, 2 threads) took 0.60-0.67x the time on PP-OCR rec
+# and 0.74-0.75x on PP-OCR cls in two runs (benchmarks/bench_distill_steps.py). False: the plain forms.
 FAST_PATHS = True
 
 

@@ -173,7 +173,7 @@ def output_metrics(
         if labels is not None and len(labels) == len(top_ref):
             metrics.ref_accuracy = float(np.mean(top_ref == labels))
             metrics.cand_accuracy = float(np.mean(top_cand == labels))
-    elif all(_is_sequence_probabilities(r) for r in ref):
+    elif all(isinstance(r, np.ndarray) and r.ndim == 3 and is_probability(r) for r in ref):
         # [N, positions, classes] softmax (a CTC recogniser): a sample agrees where its top class
         # agrees at every position, i.e. its greedy decoding is the same text.
         same = [np.all(np.argmax(r, axis=-1) == np.argmax(c, axis=-1), axis=1) for r, c in zip(ref, cand, strict=True)]
@@ -208,11 +208,20 @@ def _max(x: float, y: float) -> float:
     return x if math.isnan(x) else (y if math.isnan(y) else max(x, y))
 
 
-def _is_sequence_probabilities(r: object) -> bool:
-    """Float [N, positions, classes] whose last axis sums to 1 (float32 rounding over thousands of classes)."""
-    if not isinstance(r, np.ndarray) or r.ndim != 3 or r.shape[-1] < 2 or not np.issubdtype(r.dtype, np.floating):
+def is_probability(t: object) -> bool:
+    """Whether ``t`` ([N, classes] or [N, positions, classes]) holds probabilities over its last
+    axis (softmax output) rather than logits or features.
+
+    The distill pass tempers such outputs as log-probabilities (tempering probabilities as if they
+    were logits flattens them to near-uniform targets; PP-OCR's classifier and recogniser end in
+    Softmax), and a 3-D one is a sequence of class decisions. The row-sum tolerance is float32
+    rounding of a softmax over a few thousand classes (PP-OCR rec: 6,625).
+    """
+    if not isinstance(t, np.ndarray) or t.ndim not in (2, 3) or t.shape[-1] < 2 or not t.size:
         return False
-    return bool(r.size) and r.min() >= 0 and bool(np.allclose(r.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
+    if not np.issubdtype(t.dtype, np.floating) or t.min() < 0:
+        return False
+    return bool(np.allclose(t.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def _shape(x: Any) -> Any:
