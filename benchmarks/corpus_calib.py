@@ -1,4 +1,4 @@
-"""Write a larger calibration set for an encoder: English sentences from Python's own docstrings.
+"""Write a larger calibration set for an encoder: English sentences from Python's own docstrings or WordNet.
 
 The activation-aware low-rank split fits a [K, K] second moment per layer (K up to 1536 in a
 BERT FFN); the 16 calibration sentences of ``export_encoder.py --data`` give ~250 token rows, fewer
@@ -9,6 +9,11 @@ prose (8-25 words, no code characters), tokenizes them with the model's tokenize
 feed per sentence (batch 1, padded to the longest kept sentence, at most ``--max-tokens``) in the
 ``.npz`` format ``onnxopt.runtime.data.load_data`` reads. No sentence of the held-out
 ``eval.npz`` set can appear (those are written by hand in ``export_encoder.py``).
+
+``--source wordnet`` takes the usage examples of WordNet 3.0 instead (the quoted sentences in the
+glosses of ``/usr/share/wordnet/data.{noun,verb,adj,adv}``, Debian's ``wordnet-base`` package:
+``apt-get install wordnet-base``): about 48,000 everyday sentences over the whole vocabulary, a far
+broader sample of English than docstrings (kept: 5-40 words, no digits).
 
 Usage (in the venv with transformers and the wheels, as ``export_encoder.py``)::
 
@@ -58,6 +63,27 @@ def sentences(limit_files: int | None = None) -> list[str]:
     return out
 
 
+WORDNET = pathlib.Path("/usr/share/wordnet")
+
+
+def wordnet_sentences(root: pathlib.Path = WORDNET) -> list[str]:
+    """WordNet's quoted usage examples, in file order, each once."""
+    if not (root / "data.noun").is_file():
+        raise SystemExit(f"{root}/data.noun not found: apt-get install wordnet-base")
+    seen: set[str] = set()
+    out: list[str] = []
+    for part in ("noun", "verb", "adj", "adv"):
+        for line in (root / f"data.{part}").read_text(encoding="latin-1").splitlines():
+            if line.startswith("  ") or "| " not in line:  # the license header, or no gloss
+                continue
+            for quoted in re.findall(r'"([^"]+)"', line.split("| ", 1)[1]):
+                text = " ".join(quoted.split())
+                if 5 <= len(text.split()) <= 40 and not re.search(r"\d", text) and text not in seen:
+                    seen.add(text)
+                    out.append(text[0].upper() + text[1:])
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=("minilm", "splade-tiny", "mpnet"))
@@ -65,6 +91,7 @@ def main() -> int:
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", choices=("docstrings", "wordnet"), default="docstrings")
     parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path("/tmp/onnxopt-checkpoints"))
     args = parser.parse_args()
 
@@ -74,7 +101,7 @@ def main() -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path(args.model, args.cache))
     names = tuple(n for n in NAMES if n in tokenizer.model_input_names)
-    pool = [s for s in sentences() if s not in HELD_OUT]
+    pool = [s for s in (wordnet_sentences() if args.source == "wordnet" else sentences()) if s not in HELD_OUT]
     random.Random(args.seed).shuffle(pool)
     kept = [s for s in pool if len(tokenizer(s)["input_ids"]) <= args.max_tokens][: args.sentences]
     if len(kept) < args.sentences:
@@ -83,8 +110,10 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.output, **{n: tok[n].astype(np.int64)[:, None, :] for n in names})
     rows = int(tok["attention_mask"].sum())
+    origin = (f"{WORDNET} usage examples" if args.source == "wordnet"
+              else f"{sysconfig.get_paths()['stdlib']} docstrings")
     print(f"wrote {args.output}: {len(kept)} sentences, {rows} tokens ({tok['input_ids'].shape[1]} per feed "
-          f"with padding), from {sysconfig.get_paths()['stdlib']} docstrings; first: {kept[0]!r}")
+          f"with padding), from {origin}; first: {kept[0]!r}")
     return 0
 
 
