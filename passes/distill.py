@@ -54,6 +54,8 @@ class DistillConfig:
     )
     include: str = option("", "regular expression: train only initializers whose name matches")
     exclude: str = option("", "regular expression: never train initializers whose name matches")
+    tables: bool = option(True, "train embedding tables (initializers read only as a Gather's data); false "
+                          "keeps them, and the lowrank pass's table factors, as they are")
     freeze_first: float = option(
         0.0, "share of the Conv/Gemm/MatMul layers, first in graph order, whose weights and biases are "
         "not trained (0: none)"
@@ -161,7 +163,7 @@ class DistillPass(OptPass[DistillConfig]):
         report = self.new_report(model)
         cfg = self.config
         teacher = _io.load_model(cfg.teacher) if cfg.teacher else self.context.teacher
-        names, skipped = distill_data.select_trainable(model, cfg.include, cfg.exclude)
+        names, skipped = distill_data.select_trainable(model, cfg.include, cfg.exclude, cfg.tables)
         frozen = distill_data.first_layers_parameters(model, cfg.freeze_first)
         skipped.update({name: "frozen (freeze_first)" for name in names if name in frozen})
         names = [name for name in names if name not in frozen]

@@ -152,12 +152,16 @@ def first_layers_parameters(model: ir.Model, share: float) -> set[str]:
             if v is not None and v.is_initializer()}
 
 
-def select_trainable(model: ir.Model, include: str, exclude: str) -> tuple[list[str], dict[str, str]]:
+def select_trainable(
+    model: ir.Model, include: str, exclude: str, tables: bool = True
+) -> tuple[list[str], dict[str, str]]:
     """Initializers to train and, for the float ones left alone, why.
 
     A parameter is a float32 initializer of rank >= 1 that some node of the main graph reads
     (BatchNorm running mean/variance excluded), whose name matches ``include`` (if given) and
-    not ``exclude`` (if given).
+    not ``exclude`` (if given); with ``tables=False`` not one read only as a Gather's data (an
+    embedding table, or the factors of one that the lowrank pass split: rows the training data
+    never reads would get no gradient, and a [V, D] table's gradient is the largest of the model).
     """
     users: dict[str, list[tuple[str, int]]] = {}
     for node in model.graph:
@@ -174,6 +178,8 @@ def select_trainable(model: ir.Model, include: str, exclude: str) -> tuple[list[
             skipped[name] = "scalar constant"
         elif all(i in _NOT_PARAMETERS.get(op, ()) for op, i in users[name]):
             skipped[name] = "normalisation statistic"
+        elif not tables and all(op == "Gather" and i == 0 for op, i in users[name]):
+            skipped[name] = "embedding table (tables=false)"
         elif include and not re.search(include, name):
             skipped[name] = "not matched by include"
         elif exclude and re.search(exclude, name):

@@ -184,3 +184,39 @@ def test_teacher_outputs_fill_one_row_per_sample_across_uneven_batches(rng):
     flat = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     with pytest.raises(DataError, match="teacher output 'total': batch at sample 0 has shape"):
         distill_data.teacher_outputs(flat, {"x": np.ones((5, 3), np.float32)}, 2, quiet=True)
+
+
+def test_tables_false_keeps_embedding_tables_and_their_lowrank_factors(rng):
+    """After the lowrank pass splits a table (exact rows + factors), ``tables=False`` leaves every
+    tensor read only as a Gather's data untrained, and still trains the table's V factor and the
+    MatMul after it; the default trains them all."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxopt.passes.lowrank import LowRankConfig, LowRankPass
+
+    from onnxopt.distill.data import select_trainable
+
+    v, d = 512, 32
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["e"], name="emb"),
+         helper.make_node("MatMul", ["e", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", d])],
+        [numpy_helper.from_array(rng.standard_normal((v, d)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.from_proto(proto)
+    calib = data.Dataset.from_feeds([{"ids": np.arange(64, dtype=np.int64).reshape(4, 16)}])
+    cfg = LowRankConfig(rank_mode="ratio", rank_ratio=0.25, min_elements=0, op_types=frozenset({"Gather"}))
+    LowRankPass(cfg, PassContext(calibration=calib, quiet=True))(model)
+    gathered = {n.inputs[0].name for n in model.graph if n.op_type == "Gather"
+                and n.inputs[0].dtype == ir.DataType.FLOAT}
+    assert len(gathered) == 2  # the factored cold rows and the exact hot rows
+
+    kept, skipped = select_trainable(model, "", "", tables=False)
+    assert not gathered & set(kept)
+    assert {skipped[name] for name in gathered} == {"embedding table (tables=false)"}
+    assert "W" in kept and any(name.endswith("lr_v") for name in kept)
+    everything, _ = select_trainable(model, "", "")
+    assert gathered < set(everything) and set(kept) < set(everything)
