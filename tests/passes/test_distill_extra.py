@@ -220,3 +220,12 @@ def test_tables_false_keeps_embedding_tables_and_their_lowrank_factors(rng):
     assert "W" in kept and any(name.endswith("lr_v") for name in kept)
     everything, _ = select_trainable(model, "", "")
     assert gathered < set(everything) and set(kept) < set(everything)
+
+
+def test_lowrank_distill_recipe_splits_matmuls_for_speed_and_tables_for_size_then_trains():
+    steps = recipes.get_recipe("lowrank-distill").steps
+    assert [s.name for s in steps] == ["teacher", "simplify", "lowrank", "lowrank", "distill"]
+    assert steps[2].options["target_metric"] == "flops" and "Gather" not in steps[2].options["op_types"]
+    assert steps[3].options["op_types"] == "[Gather]"
+    assert steps[4].options["tables"] is False
+    recipes.build(steps, PassContext())  # every option valid
