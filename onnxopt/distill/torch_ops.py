@@ -379,6 +379,19 @@ def _constant_of_shape(a: dict[str, Any], o: int) -> OpFn:
     return lambda x: [torch.full(_ints(x[0]), value.item(), dtype=value.dtype)]
 
 
+
+def _cumsum(a: dict[str, Any], o: int) -> OpFn:
+    """CumSum along the axis given as an input; ``exclusive`` shifts by one, ``reverse`` runs from the end."""
+    def run(x: Sequence[Any]) -> list[Any]:
+        v, axis = x[0], int(x[1].item())
+        if a.get("reverse", 0):
+            v = v.flip(axis)
+        out = torch.cumsum(v, dim=axis)
+        if a.get("exclusive", 0):  # shifted rather than out - v: exact for floats too
+            out = torch.cat([torch.zeros_like(v.narrow(axis, 0, 1)), out.narrow(axis, 0, v.shape[axis] - 1)], dim=axis)
+        return [out.flip(axis) if a.get("reverse", 0) else out]
+    return run
+
 OPS: dict[str, Builder] = {
     "Identity": _unary(lambda v: v),
     "Dropout": lambda a, o: lambda x: [x[0]],
@@ -434,6 +447,7 @@ OPS: dict[str, Builder] = {
     "Shape": lambda a, o: lambda x: [torch.tensor(x[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64)],
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
+    "CumSum": _cumsum,
     "Range": lambda a, o: lambda x: [torch.arange(x[0].item(), x[1].item(), x[2].item(), dtype=x[0].dtype)],
     "Equal": _binary(torch.eq),
     "Less": _binary(torch.lt),

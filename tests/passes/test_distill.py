@@ -542,3 +542,20 @@ def test_augmented_hinted_distillation_reports_agreement_and_keeps_constraints()
         w = result.model.graph.initializers[rec["item"]].const_value.numpy()
         groups = w.reshape(1, -1) if rec["axis"] is None else np.moveaxis(w, rec["axis"], 0).reshape(w.shape[rec["axis"]], -1)
         assert max(len(np.unique(g)) for g in groups) <= 16
+
+
+@pytest.mark.parametrize(("exclusive", "reverse"), [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_torch_graph_cumsum_matches_onnxruntime(exclusive, reverse):
+    """CumSum (MPNet exports number positions with it) on int64 and float, axis from an input."""
+    mk = onnx.helper.make_node
+    consts = {"ax": np.array(1, np.int64), "neg": np.array(-2, np.int64)}
+    nodes = [mk("CumSum", ["m", "ax"], ["ci"], exclusive=exclusive, reverse=reverse),
+             mk("CumSum", ["x", "neg"], ["cf"], exclusive=exclusive, reverse=reverse)]
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, consts, [info("m", onnx.TensorProto.INT64, [2, 5]), info("x", onnx.TensorProto.FLOAT, [3, 4, 2])],
+                         [info("ci", onnx.TensorProto.INT64, None), info("cf", onnx.TensorProto.FLOAT, None)])
+    feeds = {"m": np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], np.int64),
+             "x": np.arange(24, dtype=np.float32).reshape(3, 4, 2) / 8}
+    for got, want in zip(_torch(model, feeds), _ort(model, feeds), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)  # sums of multiples of 1/8: exact in float32
