@@ -344,7 +344,7 @@ def _train(
         if len(val_index):
             row["val_loss"], row["val_agreement"] = evaluate(val_index)
         history.append(row)
-        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+        bar.set_postfix({k: f"{v:.1e}" if k == "lr" else round(v, 4) for k, v in row.items() if k != "epoch"})
         if on_epoch is not None:
             on_epoch(row)
         if not math.isfinite(row.get("val_loss", 0.0)) or not math.isfinite(row["train_loss"]):
