@@ -257,7 +257,7 @@ class LowRankPass(OptPass[LowRankConfig]):
 
         def flush(key: tuple) -> None:
             # One X^T X over many feeds' rows: a sentence gives ~20 rows, and a [20, K] product
-            # into a [K, K] sum is bound by memory traffic (MPNet: 1.3 feeds/s); stacked, it is BLAS-bound.
+            # into a [K, K] sum is bound by memory traffic (MPNet ran at 1.3 feeds/s); stacked, it is BLAS-bound.
             x = np.concatenate(pending[key]) if len(pending[key]) > 1 else pending[key][0]
             pending[key] = []
             grams[key] = grams[key] + x.T @ x if key in grams else x.T @ x

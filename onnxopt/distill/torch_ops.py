@@ -379,7 +379,6 @@ def _constant_of_shape(a: dict[str, Any], o: int) -> OpFn:
     return lambda x: [torch.full(_ints(x[0]), value.item(), dtype=value.dtype)]
 
 
-
 def _cumsum(a: dict[str, Any], o: int) -> OpFn:
     """CumSum along the axis given as an input; ``exclusive`` shifts by one, ``reverse`` runs from the end."""
     def run(x: Sequence[Any]) -> list[Any]:
@@ -391,6 +390,7 @@ def _cumsum(a: dict[str, Any], o: int) -> OpFn:
             out = torch.cat([torch.zeros_like(v.narrow(axis, 0, 1)), out.narrow(axis, 0, v.shape[axis] - 1)], dim=axis)
         return [out.flip(axis) if a.get("reverse", 0) else out]
     return run
+
 
 OPS: dict[str, Builder] = {
     "Identity": _unary(lambda v: v),
