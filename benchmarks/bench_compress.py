@@ -962,8 +962,9 @@ def main() -> None:
     if args.part == "rec":
         rows = part_rec(pathlib.Path(args.feeds), args)
         result["rec"] = rows
-        print("\n## PP-OCR rec: prune + distill steps, cluster, pack (agreement: every position's top class vs FP32; "
-              "accuracy: rendered lines vs their texts; zip: deflate level 9)\n")
+        print("\n## PP-OCR rec: prune + distill steps, cluster, pack (agree: the same text as FP32 after greedy CTC "
+              "decoding; positions: every position's top class as FP32's; accuracy: rendered lines vs their texts; "
+              "zip: deflate level 9)\n")
         print(_table(rows, ["step", "zip_bytes", "zip_ratio", "agree_rendered", "positions_rendered", "lines_rendered",
                             "agree_pipeline", "positions_pipeline", "lines_pipeline", "line_acc", "char_acc",
                             "train_before", "train_after", "seconds"]))

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 import tqdm
 
-from onnxopt.distill.data import is_probability
 from onnxopt.distill.torch_graph import TorchGraph
+from onnxopt.runtime.validation import is_probability
 
 __all__ = [
     "ConstrainedParam",
