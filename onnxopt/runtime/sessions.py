@@ -267,9 +267,14 @@ def capture(
 
     The model is instrumented in memory (values exposed as extra outputs on a clone); nothing
     is written to disk for models under the protobuf limit. One session serves every feed, and
-    only one feed's tensors are alive at a time, so memory stays bounded by the model.
+    only one feed's tensors are alive at a time, so memory stays bounded by the model. When only
+    graph inputs are asked for, they are read off the feeds and no session is built.
     """
     wanted = list(dict.fromkeys(names))
+    if set(wanted) <= {v.name for v in model.graph.inputs}:  # only inputs (an embedding's ids): nothing to run
+        for feed in feeds:
+            yield {n: feed[n] for n in wanted if n in feed}
+        return
     instrumented = with_outputs(model, wanted)
     kw = {"threads": threads, "opt_level": opt_level, "priority_order": priority_order}
     with session(instrumented, provider, **kw) as handle:

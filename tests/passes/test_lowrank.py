@@ -729,6 +729,32 @@ def test_embedding_rows_read_by_calibration_stay_exact(rng):
     assert np.abs(got[0, 3] - want[0, 3]).max() > 0.1  # and the truncation does change them
 
 
+def test_embedding_rows_are_read_off_the_feeds_without_running_the_model(rng):
+    """A Gather-only split needs only the token ids, a graph input: they are taken from the feeds,
+    so a model onnxruntime cannot even load (an op of an unknown domain after the table) still
+    gets its exact rows, the ones the calibration ids read."""
+    v, d = 256, 16
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["e"], name="emb"),
+         helper.make_node("Mystery", ["e"], ["y"], domain="no.such.domain")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", d])],
+        [numpy_helper.from_array(rng.standard_normal((v, d)).astype(np.float32), "E")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("no.such.domain", 1)])
+    proto.ir_version = 8
+    model = ir.from_proto(proto)
+    with pytest.raises(Exception):  # noqa: B017 - whatever onnxruntime raises for the unknown op
+        with runtime.session(model):
+            pass
+    calib = [{"ids": np.array([[3, 3, 7, 200]], dtype=np.int64)}, {"ids": np.array([[7, 9, -1, 3]], dtype=np.int64)}]
+    context = PassContext(calibration=data.Dataset.from_feeds(calib), quiet=True)
+    cfg = LowRankConfig(rank_mode="ratio", rank_ratio=0.25, min_elements=0, op_types=frozenset({"Gather"}))
+    (record,) = LowRankPass(cfg, context)(model).records
+    assert record["exact_rows"] == 5  # rows 3, 7, 9, 200 and 255 (-1)
+    assert record["K"] == v - 5
+
+
 def test_budget_sees_the_rows_the_calibration_data_did_not_read(rng):
     """Check data = calibration data (no --eval): every row it reads is exact, so only the extra
     check feeds with unread rows can show what factoring the rest costs. A full-rank Gaussian
