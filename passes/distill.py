@@ -55,7 +55,7 @@ class DistillConfig:
     include: str = option("", "regular expression: train only initializers whose name matches")
     exclude: str = option("", "regular expression: never train initializers whose name matches")
     tables: bool = option(True, "train embedding tables (initializers read only as a Gather's data); false "
-                          "keeps them, and the lowrank pass's table factors, as they are")
+                          "keeps them, and the lowrank pass's gathered table factors, as they are")
     freeze_first: float = option(
         0.0, "share of the Conv/Gemm/MatMul layers, first in graph order, whose weights and biases are "
         "not trained (0: none)"
