@@ -160,7 +160,7 @@ def select_trainable(
     A parameter is a float32 initializer of rank >= 1 that some node of the main graph reads
     (BatchNorm running mean/variance excluded), whose name matches ``include`` (if given) and
     not ``exclude`` (if given); with ``tables=False`` not one read only as a Gather's data (an
-    embedding table, or the factors of one that the lowrank pass split: rows the training data
+    embedding table, or the gathered factors of one the lowrank pass split: rows the training data
     never reads would get no gradient, and a [V, D] table's gradient is the largest of the model).
     """
     users: dict[str, list[tuple[str, int]]] = {}

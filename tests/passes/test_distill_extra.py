@@ -186,7 +186,7 @@ def test_teacher_outputs_fill_one_row_per_sample_across_uneven_batches(rng):
         distill_data.teacher_outputs(flat, {"x": np.ones((5, 3), np.float32)}, 2, quiet=True)
 
 
-def test_tables_false_keeps_embedding_tables_and_their_lowrank_factors(rng):
+def test_tables_false_keeps_embedding_tables_and_their_gathered_lowrank_factors(rng):
     """After the lowrank pass splits a table (exact rows + factors), ``tables=False`` leaves every
     tensor read only as a Gather's data untrained, and still trains the table's V factor and the
     MatMul after it; the default trains them all."""
