@@ -289,12 +289,20 @@ def _slice(a: dict[str, Any], o: int) -> OpFn:
         starts, ends = _ints(x[1]), _ints(x[2])
         axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
         steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
-        index: list[Any] = [slice(None)] * x[0].dim()
+        y = x[0]
+        index: list[Any] = [slice(None)] * y.dim()
         for s, e, ax, st in zip(starts, ends, axes, steps, strict=True):
-            if st <= 0:
-                raise _UnsupportedError("non-positive steps are not supported")
-            index[ax % x[0].dim()] = slice(s, min(e, x[0].shape[ax]), st)
-        return [x[0][tuple(index)]]
+            if st == 0:
+                raise _UnsupportedError("a zero step is not allowed")
+            n = y.shape[ax]
+            if st > 0:
+                index[ax % y.dim()] = slice(s, min(e, n), st)
+                continue
+            # negative step (torch slices cannot): ONNX's clamping, then the positions gathered
+            s, e = s + n if s < 0 else s, e + n if e < 0 else e
+            positions = torch.arange(min(max(s, 0), n - 1), min(max(e, -1), n - 1), st)
+            y = torch.index_select(y, ax % y.dim(), positions)
+        return [y[tuple(index)]]
 
     return run
 
@@ -379,6 +387,51 @@ def _constant_of_shape(a: dict[str, Any], o: int) -> OpFn:
     return lambda x: [torch.full(_ints(x[0]), value.item(), dtype=value.dtype)]
 
 
+def _pad_index(n: int, begin: int, end: int, mode: str) -> Any:
+    """Source positions of an axis of length ``n`` padded by ``begin``/``end`` (>= 0) in ``mode``."""
+    i = torch.arange(-begin, n + end)
+    if mode == "edge":
+        return i.clamp(0, n - 1)
+    if mode == "wrap":
+        return i.remainder(n)
+    if n == 1:  # reflect of one element: ONNX repeats it
+        return torch.zeros_like(i)
+    i = i.remainder(2 * n - 2)
+    return torch.where(i >= n, 2 * n - 2 - i, i)
+
+
+def _pad(a: dict[str, Any], o: int) -> OpFn:
+    """Pad (opset 11+ inputs: pads, constant_value, axes; opset 2: attributes); negative pads crop.
+
+    Constant padding is F.pad; reflect, edge and wrap gather source positions axis by axis
+    (F.pad's other modes take only the last 1-3 axes of a batched tensor).
+    """
+    mode = a.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise _UnsupportedError(f"mode={mode!r} is not supported")
+
+    def run(x: Sequence[Any]) -> list[Any]:
+        y, rank = x[0], x[0].dim()
+        pads = _ints(x[1]) if len(x) > 1 and x[1] is not None else list(a.get("pads", [0] * 2 * rank))
+        value = x[2] if len(x) > 2 and x[2] is not None else a.get("value", 0.0)
+        value = float(value.reshape(()).item()) if isinstance(value, torch.Tensor) else float(value)
+        axes = [ax % rank for ax in _ints(x[3])] if len(x) > 3 and x[3] is not None else list(range(rank))
+        if mode == "constant":
+            torch_pads = [0] * (2 * rank)
+            for i, ax in enumerate(axes):
+                torch_pads[2 * (rank - 1 - ax)], torch_pads[2 * (rank - 1 - ax) + 1] = pads[i], pads[i + len(axes)]
+            return [F.pad(y, torch_pads, value=value)]
+        for i, ax in enumerate(axes):
+            begin, end = pads[i], pads[i + len(axes)]
+            y = y.narrow(ax, max(-begin, 0), y.shape[ax] - max(-begin, 0) - max(-end, 0))  # crops first
+            if begin > 0 or end > 0:
+                y = torch.index_select(y, ax, _pad_index(y.shape[ax], max(begin, 0), max(end, 0), mode))
+        return [y]
+
+    return run
+
+
 def _cumsum(a: dict[str, Any], o: int) -> OpFn:
     """CumSum along the axis given as an input; ``exclusive`` shifts by one, ``reverse`` runs from the end."""
     def run(x: Sequence[Any]) -> list[Any]:
@@ -448,6 +501,7 @@ OPS: dict[str, Builder] = {
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
     "CumSum": _cumsum,
+    "Pad": _pad,
     "Range": lambda a, o: lambda x: [torch.arange(x[0].item(), x[1].item(), x[2].item(), dtype=x[0].dtype)],
     "Equal": _binary(torch.eq),
     "Less": _binary(torch.lt),

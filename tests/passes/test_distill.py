@@ -23,10 +23,12 @@ from onnxopt.runtime import sessions as runtime
 from tests.conftest import load_model, model_path
 
 
-def _graph_model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], inputs: list, outputs: list) -> ir.Model:
+def _graph_model(
+    nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], inputs: list, outputs: list, opset: int = 17
+) -> ir.Model:
     inits = [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()]
     graph = onnx.helper.make_graph(nodes, "g", inputs, outputs, inits)
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=9)
     return ir.from_proto(proto)
 
 
@@ -175,6 +177,50 @@ def test_torch_graph_matches_onnxruntime_on_more_ops(rng):
     for got, want in zip(_torch(model, feeds), _ort(model, feeds), strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+def test_pad_matches_onnxruntime_in_every_mode(rng, mode):
+    """Pad as CREPE's export uses it (constant, asymmetric, on H of NCHW), the other modes, and a crop."""
+    mk = onnx.helper.make_node
+    nodes = [
+        mk("Pad", ["x", "p1", "v"], ["a"], mode=mode),  # all four axes' pads given
+        mk("Pad", ["a", "p2", "", "ax"], ["y"], mode=mode),  # axes input (opset 18), a negative pad crops
+    ]
+    weights = {
+        "p1": np.array([0, 0, 2, 0, 0, 0, 3, 1], np.int64), "v": np.array(1.5, np.float32),
+        "p2": np.array([1, -1], np.int64), "ax": np.array([-1], np.int64),
+    }
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, weights, [info("x", onnx.TensorProto.FLOAT, [2, 3, 5, 4])],
+                         [info("y", onnx.TensorProto.FLOAT, None)], opset=19)  # axes: 18, wrap: 19
+    feeds = {"x": rng.standard_normal((2, 3, 5, 4)).astype(np.float32)}
+    got, want = _torch(model, feeds)[0], _ort(model, feeds)[0]
+    assert got.shape == want.shape == (2, 3, 10, 5)
+    np.testing.assert_array_equal(got, want)  # padding copies values: exact
+
+
+def test_slice_with_negative_steps_matches_onnxruntime(rng):
+    """Reversed slices (torch's exporter writes F.pad's pad list reversal as Slice with step -1)."""
+    mk = onnx.helper.make_node
+    big = np.iinfo(np.int64)
+    nodes = [
+        mk("Slice", ["x", "s1", "e1", "a1", "st1"], ["a"]),  # whole axis reversed, open end
+        mk("Slice", ["a", "s2", "e2", "a2", "st2"], ["y"]),  # step -2 from past the end, and a plain axis
+    ]
+    weights = {
+        "s1": np.array([-1], np.int64), "e1": np.array([big.min], np.int64), "a1": np.array([1], np.int64),
+        "st1": np.array([-1], np.int64),
+        "s2": np.array([100, 1], np.int64), "e2": np.array([0, 4], np.int64), "a2": np.array([2, 0], np.int64),
+        "st2": np.array([-2, 2], np.int64),
+    }
+    info = onnx.helper.make_tensor_value_info
+    model = _graph_model(nodes, weights, [info("x", onnx.TensorProto.FLOAT, [5, 4, 7])],
+                         [info("y", onnx.TensorProto.FLOAT, None)])
+    feeds = {"x": rng.standard_normal((5, 4, 7)).astype(np.float32)}
+    got, want = _torch(model, feeds)[0], _ort(model, feeds)[0]
+    assert got.shape == want.shape == (2, 4, 3)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_fast_paths_match_onnxruntime_and_the_plain_forms_gradients(rng, monkeypatch):
