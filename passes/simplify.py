@@ -119,8 +119,18 @@ class SimplifyPass(OptPass[SimplifyConfig]):
 
 
 def _fold(model: ir.Model, max_elements: int) -> None:
+    def should_fold(node: ir.Node) -> bool | None:
+        # onnxscript keeps every ConstantOfShape (it may make a large tensor from a small one); a
+        # constant shape of at most max_elements is folded, so a chain that computes Pad's pads
+        # from constants (torch's F.pad export) becomes one constant and shape inference sees it.
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+            return None
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        return True if shape is not None and int(np.prod(shape.numpy())) <= max_elements else None
+
     fold_constants(
-        model, onnx_shape_inference=False, input_size_limit=max_elements, output_size_limit=max_elements
+        model, onnx_shape_inference=False, input_size_limit=max_elements, output_size_limit=max_elements,
+        should_fold=should_fold,
     )
 
 

@@ -216,3 +216,48 @@ def test_constant_folding_that_would_copy_a_weight_read_elsewhere_is_skipped(rng
     report = SimplifyPass()(model)
     assert any("constant folding skipped" in r for r in report.skipped)
     assert sum(v.const_value.nbytes for v in model.graph.initializers.values()) <= w.nbytes + 8
+
+
+def _pad_chain_model() -> onnx.ModelProto:
+    """Pad whose pads are computed from constants through ConstantOfShape, as torch exports F.pad."""
+    mk = onnx.helper.make_node
+    consts = {
+        "six": np.array([6], np.int64), "head": np.array([0, 0], np.int64),
+        "w": np.ones((2, 1, 3, 1), np.float32),
+    }
+    nodes = [
+        mk("ConstantOfShape", ["six"], ["zeros"], value=onnx.numpy_helper.from_array(np.array([0], np.int64))),
+        mk("Concat", ["head", "zeros"], ["flat"], axis=0),  # [0, 0, 0, 0, 0, 0, 0, 0]
+        mk("Add", ["flat", "bump"], ["pads"]),  # + [0, 0, 2, 0, 0, 0, 1, 0]: H padded by 2 and 1
+        mk("Pad", ["x", "pads"], ["p"]),
+        mk("Conv", ["p", "w"], ["y"]),
+    ]
+    consts["bump"] = np.array([0, 0, 2, 0, 0, 0, 1, 0], np.int64)
+    inits = [onnx.numpy_helper.from_array(v, k) for k, v in consts.items()]
+    info = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(nodes, "g", [info("x", onnx.TensorProto.FLOAT, ["N", 1, 16, 1])],
+                                   [info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_pads_computed_from_constants_fold_so_shapes_and_flops_are_known(rng):
+    from onnxopt.compress import flops
+
+    proto = _pad_chain_model()
+    model = ir.from_proto(proto)
+    report = SimplifyPass()(model)
+    assert report.status == "ok"
+    ops = [n.op_type for n in model.graph]
+    assert ops == ["Pad", "Conv"], ops
+    np.testing.assert_array_equal(model.graph.node(0).inputs[1].const_value.numpy(), [0, 0, 2, 0, 0, 0, 1, 0])
+    # Conv over H = 16 + 3 padded rows, kernel 3: 17 output rows x 2 channels x 3 MACs, x 2 for FLOPs
+    assert flops.total_flops(model) == 2 * 17 * 2 * 3
+    feeds = {"x": rng.standard_normal((2, 1, 16, 1)).astype(np.float32)}
+    with runtime.session(ir.from_proto(proto)) as a, runtime.session(model) as b:
+        np.testing.assert_array_equal(a.run(feeds)["y"], b.run(feeds)["y"])  # folding integer pads: exact
+
+
+def test_constant_of_shape_larger_than_the_fold_limit_stays():
+    model = ir.from_proto(_pad_chain_model())
+    SimplifyPass(SimplifyConfig(max_fold_elements=4))(model)
+    assert "ConstantOfShape" in [n.op_type for n in model.graph]
