@@ -50,7 +50,9 @@ class DistillConfig:
     patience: int = option(5, "stop after this many epochs without held-out improvement (0: never)")
     val_fraction: float = option(0.2, "share of the samples held out for early stopping, in [0, 0.5]")
     loss: Literal["auto", "kl", "mse", "cosine"] = option(
-        "auto", "output loss: auto (KL for [N, classes] outputs, else MSE), kl, mse, cosine"
+        "auto",
+        "output loss: auto (KL for [N, classes] logits or softmax outputs; MSE for sigmoid scores in "
+        "[0, 1] and other outputs), kl, mse, cosine",
     )
     include: str = option("", "regular expression: train only initializers whose name matches")
     exclude: str = option("", "regular expression: never train initializers whose name matches")

@@ -147,12 +147,20 @@ def _kinds(teacher: Sequence[np.ndarray], loss: LossKind) -> list[str]:
     """Loss per output; ``kl_prob`` where the model already ends in a softmax."""
     if loss == "auto":
         # [N, classes] scores, or [N, positions, classes] probabilities (a CTC recogniser's
-        # per-step softmax): KL per row / position. Other 3-D outputs (hidden states) stay MSE.
-        kinds = ["kl" if (t.ndim == 2 and t.shape[1] >= 2) or (t.ndim == 3 and is_probability(t)) else "mse"
+        # per-step softmax): KL per row / position. Other 3-D outputs (hidden states) stay MSE, and
+        # so do independent per-class probabilities (sigmoid scores: all in [0, 1], rows not summing
+        # to 1, e.g. CREPE's 360 pitch bins), which a softmax over them would flatten to near-uniform.
+        kinds = ["kl" if ((t.ndim == 2 and t.shape[1] >= 2 and not _independent_probabilities(t))
+                          or (t.ndim == 3 and is_probability(t))) else "mse"
                  for t in teacher]
     else:
         kinds = [loss] * len(teacher)
     return ["kl_prob" if k == "kl" and is_probability(t) else k for k, t in zip(kinds, teacher, strict=True)]
+
+
+def _independent_probabilities(t: np.ndarray) -> bool:
+    """Scores in [0, 1] that are not a distribution over the last axis (a sigmoid output)."""
+    return bool(t.size) and float(t.min()) >= 0.0 and float(t.max()) <= 1.0 and not is_probability(t)
 
 
 def distill_loss(

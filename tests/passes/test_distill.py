@@ -466,6 +466,18 @@ def test_softmax_outputs_are_trained_as_log_probabilities(rng):
     assert on_probs.item() == pytest.approx(on_logits.item(), rel=1e-4)
 
 
+def test_sigmoid_scores_are_trained_with_mse_not_a_softmax_over_them(rng):
+    """Independent per-class probabilities (CREPE's 360 sigmoid pitch bins): a softmax over values in
+    [0, 1] is near-uniform whatever the scores, so auto picks MSE; logits and softmax outputs keep KL."""
+    scores = 1 / (1 + np.exp(-rng.standard_normal((16, 360)).astype(np.float32) * 4))
+    assert not distill_torch.is_probability(scores)
+    assert distill_torch._kinds([scores], "auto") == ["mse"]
+    assert distill_torch._kinds([scores], "kl") == ["kl"]  # asked for: as asked
+    logits = rng.standard_normal((16, 5)).astype(np.float32) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert distill_torch._kinds([logits, probs], "auto") == ["kl", "kl_prob"]
+
+
 def test_sequence_softmax_outputs_get_a_kl_term_per_position_and_a_sequence_agreement(rng):
     """[N, positions, classes] probabilities (a CTC recogniser's output) are distributions per position."""
     from onnxopt.distill import data as distill_data
