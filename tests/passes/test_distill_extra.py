@@ -84,6 +84,17 @@ def test_gradual_recipe_prunes_in_growing_steps_with_distillation_between():
     recipes.build(steps, PassContext())  # every option valid
 
 
+def test_deep_compression_distill_recipe_trains_back_each_cut_and_the_centroids():
+    steps = recipes.get_recipe("deep-compression-distill").steps
+    names = [s.name for s in steps]
+    assert names == ["teacher", "simplify", "prune", "distill", "prune", "distill", "cluster", "distill", "cluster"]
+    cuts = [s.options["sparsity"] for s in steps if s.name == "prune"]
+    assert cuts == sorted(cuts) and all(s.options["scope"] == "global" for s in steps if s.name == "prune")
+    assert steps[-1].options["pack"] is True and "pack" not in steps[-3].options  # centroids train unpacked
+    assert recipes.get_recipe("deep-compression-distill").needs_calibration
+    recipes.build(steps, PassContext())  # every option valid
+
+
 @pytest.mark.skipif(HAS_TORCH, reason="checks the message shown where torch is not installed")
 def test_without_torch_the_error_says_how_to_install_it():
     from onnxopt.passes.distill import DistillDependencyError
