@@ -55,15 +55,14 @@ Parts (``--part``; all by default), every number measured in this run:
                target B: the ``deep-compression-distill`` recipe's steps one at a time (global
                magnitude pruning to 70 % then 84 %, each trained back by distillation, MSE on the
                360 sigmoid scores, on ``--crepe-data``/calib.npz; 16 clusters per tensor, zero
-               kept, centroids trained; 4-bit packing). Frames with
-               known f0 come from ``benchmarks/crepe_data.py``. Scored after every step on the
-               held-out frames: zip ratio to FP32's zip, raw pitch accuracy (within 50 cents of the
-               true f0) and its drop in points, agreement with FP32's pitch (within 50 cents; and
-               the same top bin), and with ``speech.npz`` (``crepe_data.py --speech N``) the
-               agreement on espeak-ng speech frames FP32 calls voiced. Rows before the steps:
-               onnxruntime's ``quantize_static`` (the
-               peer) and the last sparsity + 16 clusters without training. ``--score FILE``
-               scores files instead. Needs torch.
+               kept, centroids trained; 4-bit packing). The frames with known f0 come from
+               ``benchmarks/crepe_data.py``. After every step, on the held-out frames: zip ratio to
+               FP32's zip, raw pitch accuracy (within 50 cents of the true f0) and its drop in
+               points, agreement with FP32's pitch (within 50 cents; and the same top bin); with
+               ``speech.npz`` (``crepe_data.py --speech N``) also the agreement on the espeak-ng
+               speech frames FP32 calls voiced. Rows before the steps: onnxruntime's
+               ``quantize_static`` (the peer) and the last cut + 16 clusters without training.
+               ``--score FILE`` scores files instead. Needs torch.
 ``codebooks``  4-bit codebooks on real weights -- linear (16 evenly spaced levels), k-means (16
                centroids) and logarithmic (sign + 3-bit exponent, 15 levels) -- per tensor and
                per output channel: relative weight error sqrt(sum |W - W'|^2 / sum |W|^2) over
@@ -1016,7 +1015,7 @@ def main() -> None:
     parser.add_argument("--prefix-codebooks", choices=["tensor", "channel"], default="tensor",
                         help="--part gradual: codebooks of the untrained layers before --cut")
     parser.add_argument("--fp16-biases", action="store_true", help="--part gradual: also pack with float16 biases")
-    parser.add_argument("--save", default=None, help="--part gradual: write the packed model(s) here")
+    parser.add_argument("--save", default=None, help="--part gradual, rec, crepe: write the packed model(s) here")
     parser.add_argument("--score", nargs="+", default=[], help="--part score: PP-OCR cls .onnx files (recipe outputs)")
     parser.add_argument("--rec-schedule", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.87", help="--part rec: sparsity after each pruning step")
     parser.add_argument("--rec-eval", type=int, default=500, help="--part rec: held-out rendered lines (seed 4242)")

@@ -181,6 +181,7 @@ add_recipe(Recipe("deep-compression-distill", "teacher, then Deep Compression wi
                    Step("cluster", {"clusters": 16, "pack": True, "min_elements": 0})),
                   needs_calibration=True))
 
+
 def get_recipe(name_or_path: str) -> Recipe:
     """A built-in recipe by name, or a recipe read from a ``.toml`` file.
 
