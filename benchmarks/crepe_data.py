@@ -57,16 +57,17 @@ def synthesize(n: int, seed: int, fmin: float = 60.0, fmax: float = 1200.0) -> t
     depth = rng.uniform(0.0, 40.0, n) * rng.integers(0, 2, n)  # cents; half the frames steady
     rate = rng.uniform(4.0, 7.0, n)
     vphase = rng.uniform(0, 2 * np.pi, n)
-    # instantaneous f0(t) = f0 * 2^(depth/1200 * sin(2 pi rate t + vphase)), centre value f0 when
-    # the sine is 0 there; phase is its integral (small-depth approximation, exact at t = 0).
+    # Vibrato: instantaneous frequency f(t) = b * (1 + v * sin(2 pi rate t + vphase)) with v the
+    # depth as a log ratio; the phase is its integral. The base b puts f(0) at the drawn f0, the
+    # label, to within v^2 / 2 (0.7 cents at 40 cents of depth).
     vib = depth / 1200.0 * np.log(2.0)
-    centre_shift = np.sin(vphase)
-    f0 = f0 / np.exp(vib * centre_shift)  # so that f0 at t = 0 is the drawn value times 1
-    phase0 = 2 * np.pi * f0[:, None] * (
+    label = f0
+    base = f0 / np.exp(vib * np.sin(vphase))
+    phase0 = 2 * np.pi * base[:, None] * (
         t[None, :] - (vib / (2 * np.pi * rate))[:, None]
         * (np.cos(2 * np.pi * rate[:, None] * t[None, :] + vphase[:, None]) - np.cos(vphase)[:, None])
     )
-    label = f0 * np.exp(vib * centre_shift)
+    f0 = base
     tilt = rng.uniform(0.3, 2.0, n)
     odd_only = rng.random(n) < 0.2
     formants = rng.uniform(300, 3500, (n, 2))
