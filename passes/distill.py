@@ -193,15 +193,15 @@ class DistillPass(OptPass[DistillConfig]):
         val_index = np.sort(rng.permutation(n)[:n_val])
         train_only = np.setdiff1d(np.arange(n), val_index)
         copies = cfg.augment
-        if cfg.augment_to and copies:
+        images = distill_data.image_inputs(inputs) if copies else []
+        if copies and not images:
+            report.note("augmentation off: no input is an image batch (float [N, C<=4, H>=8, W>=8])")
+        if images and cfg.augment_to:
             copies = min(copies, max(0, -(-cfg.augment_to // max(len(train_only), 1)) - 1))
             if copies < cfg.augment:
                 report.note(f"augmentation: {copies} copies per sample, not {cfg.augment}: "
                             f"{len(train_only)} training samples, augment_to={cfg.augment_to}")
-        images = distill_data.image_inputs(inputs) if copies else []
-        if copies and not images:
-            report.note("augmentation off: no input is an image batch (float [N, C<=4, H>=8, W>=8])")
-        elif images:
+        if images and copies:
             # Copies of the training samples only, so the held-out samples stay unseen.
             extra = distill_data.augment_images(
                 {k: v[train_only] for k, v in inputs.items()}, copies, rng,

@@ -543,6 +543,18 @@ def test_augment_to_caps_the_copies_at_a_training_set_size(share, copies):
     assert any(f"augmentation: {copies} copies per sample, not 8" in note for note in report.notes)
 
 
+def test_augment_to_says_nothing_of_copies_where_nothing_is_augmented():
+    """Rows of 64 features are not images: the one note is that augmentation is off."""
+    calib = data.load_data(model_path("digits_mlp_calib.npz"))
+    ctx = PassContext(calibration=calib, quiet=True)
+    steps = [recipes.Step("teacher"), recipes.Step("prune", {"sparsity": 0.5}),
+             recipes.Step("distill", {"epochs": 1, "threads": 1, "augment": 8, "augment_to": 16, "hints": "none"})]
+    report = pipeline.run(load_model("digits_mlp.onnx"), recipes.build(steps, ctx)).reports[2]
+    notes = [note for note in report.notes if note.startswith("augmentation")]
+    assert notes == ["augmentation off: no input is an image batch (float [N, C<=4, H>=8, W>=8])"]
+    assert next(r for r in report.records if r["item"] == "training")["augmented"] == 0
+
+
 def test_freeze_first_leaves_the_first_layers_untrained():
     calib = data.load_data(model_path("digits_cnn_calib.npz"))
     ctx = PassContext(calibration=calib, quiet=True)
